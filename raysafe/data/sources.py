@@ -1,0 +1,189 @@
+"""Read rows for a data contract from a bundled fixture, a local file, or a Hugging Face dataset, and validate them.
+
+``load_table(spec, contract)`` returns a pyarrow Table with the contract's columns (optional ones when present) and a
+``row_id`` column (0..n-1 in source order), or raises :class:`DataError` naming the file, row, field or language.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from raysafe.config import SourceSpec
+from raysafe.data.languages import is_known
+from raysafe.data.schemas import Contract
+from raysafe.errors import DataError
+
+FIXTURES = ("safety_prompts", "detox_pairs", "concept_pairs", "preference_pairs", "judge_labelled")
+
+
+def fixture_path(name: str) -> Path:
+    """Path of a bundled fixture JSONL file."""
+    if name not in FIXTURES:
+        raise DataError(f"unknown fixture {name!r}", where="data.name", fix=f"use one of {', '.join(FIXTURES)}")
+    return Path(str(resources.files("raysafe.data").joinpath("fixtures", f"{name}.jsonl")))
+
+
+def _read_file(path: Path) -> pl.DataFrame:
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", where="data.path", fix="give an existing Parquet/JSONL/CSV file or directory")
+    suffix = path.suffix.lower()
+    try:
+        if path.is_dir():
+            return pl.read_parquet(str(path / "**" / "*.parquet"))
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return pl.DataFrame(json.loads(path.read_text(encoding="utf-8")), strict=False)
+        if suffix in (".csv", ".tsv"):
+            return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
+    except (pl.exceptions.PolarsError, json.JSONDecodeError, OSError) as e:
+        raise DataError(f"cannot read {path}: {e}", where=str(path), fix="check the file's format") from None
+    raise DataError(f"unsupported file type {suffix!r}", where=str(path), fix="use .parquet, .jsonl, .json, .csv or .tsv")
+
+
+def _read_jsonl(path: Path) -> pl.DataFrame:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"line {i} is not valid JSON: {e.msg}", where=f"{path}:{i}", fix="fix or remove that line") from None
+    return pl.DataFrame(rows, strict=False, infer_schema_length=None)
+
+
+def _read_hub(spec: SourceSpec) -> pl.DataFrame:
+    import datasets
+
+    def one(subset: str | None) -> pl.DataFrame:
+        try:
+            ds = datasets.load_dataset(spec.path, subset, split=spec.split or "train")
+        except Exception as e:  # datasets raises many types (connection, missing config, ...)
+            raise DataError(
+                f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {spec.split!r}): {str(e).splitlines()[0]}",
+                where="data.path",
+                fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
+            ) from None
+        return pl.from_arrow(ds.data.table)
+
+    if spec.subsets_by_lang:
+        frames = [one(sub).with_columns(pl.lit(lang).alias("lang")) for lang, sub in spec.subsets_by_lang.items()]
+        return pl.concat(frames, how="diagonal_relaxed")
+    return one(spec.subset)
+
+
+def _source_label(spec: SourceSpec) -> str:
+    return f"fixture {spec.name}" if spec.kind == "fixture" else str(spec.path)
+
+
+def read_source(spec: SourceSpec) -> pl.DataFrame:
+    """Raw rows of a source, columns renamed per ``spec.columns``, constant language applied, filters applied."""
+    if spec.kind == "fixture":
+        df = _read_jsonl(fixture_path(spec.name))
+    elif spec.kind == "file":
+        df = _read_file(Path(spec.path).expanduser())
+    else:
+        df = _read_hub(spec)
+    if spec.columns:
+        missing = [c for c in spec.columns if c not in df.columns]
+        if missing:
+            raise DataError(
+                f"columns {missing} named in data.columns are not in the source (it has {df.columns})",
+                where=_source_label(spec),
+                fix="map existing source columns to contract columns",
+            )
+        df = df.rename(spec.columns)
+    if spec.lang is not None:
+        df = df.with_columns(pl.lit(spec.lang).alias("lang"))
+    if spec.label_map and "label" in df.columns:
+        df = df.with_columns(pl.col("label").cast(pl.String).replace_strict(spec.label_map, default=None, return_dtype=pl.Int64))
+    if spec.languages and "lang" in df.columns:
+        df = df.filter(pl.col("lang").is_in(spec.languages))
+    if spec.limit_per_lang and "lang" in df.columns:
+        df = df.with_row_index("_i").filter(pl.int_range(pl.len()).over("lang") < spec.limit_per_lang).drop("_i")
+    return df
+
+
+def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
+    """Check ``df`` against ``contract``; return it with contract types and a ``row_id``. Raises DataError."""
+    missing = [c for c in contract.required if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{contract.name}: missing column(s) {missing}; the source has {df.columns}",
+            where=where,
+            fix="map source columns with data.columns (e.g. {sentence: text}) or set data.lang for a one-language source",
+        )
+    if df.height == 0:
+        raise DataError(f"{contract.name}: the source has no rows (after filters)", where=where, fix="check data.languages / limits")
+    df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+
+    def rows_desc(bad: pl.DataFrame) -> str:
+        cols = [c for c in ("row_id", "group_id", "lang") if c in bad.columns]
+        return "; ".join(", ".join(f"{c}={r[c]!r}" for c in cols) for r in bad.head(5).select(cols).iter_rows(named=True))
+
+    for field in contract.text_fields:
+        if df.schema[field] not in (pl.String, pl.Null):
+            raise DataError(f"{contract.name}: field {field!r} holds {df.schema[field]}, not text", where=f"{where}, field {field}",
+                            fix="make that column a string column")
+        bad = df.filter(pl.col(field).is_null() | (pl.col(field).str.strip_chars() == ""))
+        if bad.height:
+            raise DataError(
+                f"{contract.name}: {bad.height} row(s) have an empty or missing {field!r}",
+                where=f"{where}: {rows_desc(bad)}",
+                fix="remove or fill those rows",
+            )
+    for col in ("group_id", "lang"):
+        if col in df.columns:
+            df = df.with_columns(pl.col(col).cast(pl.String))
+            bad = df.filter(pl.col(col).is_null())
+            if bad.height:
+                raise DataError(f"{contract.name}: {bad.height} row(s) have no {col}", where=f"{where}: {rows_desc(bad)}",
+                                fix=f"give every row a {col}")
+    if "lang" in df.columns:
+        unknown = sorted({c for c in df["lang"].unique().to_list() if not is_known(c)})
+        if unknown:
+            bad = df.filter(pl.col("lang").is_in(unknown))
+            raise DataError(
+                f"{contract.name}: unknown language code(s) {unknown}",
+                where=f"{where}: {rows_desc(bad)}",
+                fix="use ISO 639-1 codes (en, zh, sw, ...), or list extra codes in RAYSAFE_EXTRA_LANGS",
+            )
+    if "label" in df.columns:
+        try:
+            df = df.with_columns(pl.col("label").cast(pl.Int64, strict=True))
+        except pl.exceptions.PolarsError:
+            raise DataError(f"{contract.name}: field 'label' must hold integers", where=f"{where}, field label",
+                            fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})") from None
+    keep = ["row_id"] + [c for c in contract.columns if c in df.columns]
+    extra = [c for c in ("category", "concept", "split", "source") if c in df.columns and c not in keep]
+    return df.select(keep + extra)
+
+
+def load_table(spec: SourceSpec, contract: Contract) -> pl.DataFrame:
+    """Read and validate a source for ``contract``."""
+    return validate(read_source(spec), contract, _source_label(spec))
+
+
+def to_text_rows(df: pl.DataFrame, contract_name: str) -> pl.DataFrame:
+    """Flatten paired contracts to one text per row for extraction, with ``label`` = 1 for the first side.
+
+    detox pairs → (toxic: 1, neutral: 0); concept pairs → (positive: 1, negative: 0); prompt variants pass through.
+    """
+    pairs = {"parallel detox pairs": ("toxic", "neutral"), "concept pairs": ("positive", "negative")}
+    if contract_name not in pairs:
+        return df
+    first, second = pairs[contract_name]
+    keep = [c for c in df.columns if c not in (first, second, "row_id")]
+    a = df.select(keep + [pl.col(first).alias("text"), pl.lit(1, pl.Int64).alias("label")])
+    b = df.select(keep + [pl.col(second).alias("text"), pl.lit(0, pl.Int64).alias("label")])
+    out = pl.concat([a, b]).sort(["group_id", "lang", "label"], descending=[False, False, True], maintain_order=True)
+    return out.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))

@@ -1,0 +1,90 @@
+"""Pooled hidden states of chosen layers from one batched forward of the decoder body.
+
+The LM head is never run and the forward stops after the deepest requested layer (a forward hook raises once that
+layer's output is pooled), so asking for early layers costs only those layers. Pooling happens on the model's
+device; only the pooled [batch, hidden] vectors are returned, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raysafe.models.layers import (
+    decoder_body,
+    decoder_layers,
+    embedding,
+    final_norm,
+    last_token_index,
+    position_ids_from_mask,
+)
+
+POSITIONS = ("last", "mean")
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested layer to skip the rest of the network."""
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor, last_idx: torch.Tensor, position: str) -> torch.Tensor:
+    if position == "last":
+        return h[torch.arange(h.shape[0], device=h.device), last_idx].float()
+    m = mask.to(h.dtype).unsqueeze(-1)
+    # Sum in float32 so that bf16 activations do not lose precision across long sequences.
+    return (h.float() * m.float()).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1).float()
+
+
+@torch.inference_mode()
+def pooled_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: list[int],
+    positions: tuple[str, ...] | list[str] = ("last",),
+    last_index: torch.Tensor | None = None,
+) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, position): [batch, hidden] float32} for the requested layers (HF hidden_states numbering).
+
+    ``last_index`` overrides the row's last real token as the ``last`` position (e.g. the end of the prompt).
+    """
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    wanted = sorted(set(layers))
+    deepest = wanted[-1]
+    if last_index is None:
+        last_index = last_token_index(attention_mask)
+    out: dict[tuple[int, str], torch.Tensor] = {}
+    norm = final_norm(model)
+
+    def capture(layer: int, h: torch.Tensor) -> None:
+        if layer == n and norm is not None:
+            h = norm(h)
+        for p in positions:
+            out[(layer, p)] = _pool(h, attention_mask, last_index, p)
+        if layer == deepest:
+            raise _StopForward
+
+    handles = []
+    try:
+        if 0 in wanted:
+            handles.append(embedding(model).register_forward_hook(lambda _m, _i, o: capture(0, o)))
+        for layer in wanted:
+            if layer >= 1:
+                handles.append(
+                    blocks[layer - 1].register_forward_hook(
+                        lambda _m, _i, o, layer=layer: capture(layer, o[0] if isinstance(o, tuple) else o)
+                    )
+                )
+        try:
+            decoder_body(model)(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out

@@ -1,0 +1,155 @@
+"""The two Ray Data stages of extraction, as callable classes (one tokenizer / one model load per actor).
+
+``TokenizeStage`` (CPU) turns an input shard's texts into token ids; ``ExtractorStage`` (GPU or CPU actor) runs the
+decoder body up to the deepest requested layer in length-sorted token-budget batches, pools on the device, and writes
+the shard's per-layer Parquet files and its done-marker atomically. Both take and return one row per shard, so the
+shard stays the unit of atomic writes and of resume whatever block sizes Ray Data chooses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raysafe.config import ExtractSpec, ModelSpec
+from raysafe.errors import DataError
+from raysafe.extract.batching import pad_batch, plan_batches
+from raysafe.extract.hidden import pooled_hidden_states
+from raysafe.extract.store import META_COLUMNS, ActivationStore, atomic_write_json, atomic_write_parquet, vectors_to_arrow
+
+
+def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None) -> tuple[list[list[int]], int]:
+    """Token ids per text (chat template applied when asked) and the number truncated to ``spec.max_length``.
+
+    Truncation keeps a leading BOS and the last ``max_length - 1`` tokens, so the prompt's end (where the ``last``
+    position reads) survives. With ``on_overflow='error'`` a long text raises DataError naming its row.
+    """
+    if spec.chat_template:
+        if not getattr(tok, "chat_template", None):
+            raise DataError("extract.chat_template is on but the tokenizer has no chat template",
+                            where="extract.chat_template", fix="turn it off for base models, or use an instruct model")
+        ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for t in texts]
+        ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    else:
+        ids = tok(texts, add_special_tokens=True)["input_ids"]
+    n_trunc = 0
+    out = []
+    bos = tok.bos_token_id
+    for i, x in enumerate(ids):
+        if len(x) > spec.max_length:
+            if spec.on_overflow == "error":
+                where = f"row {i}"
+                if meta is not None:
+                    r = meta.slice(i, 1).to_pylist()[0]
+                    where = f"row_id {r.get('row_id')}, group_id {r.get('group_id')!r}, lang {r.get('lang')!r}"
+                raise DataError(f"text has {len(x)} tokens, over extract.max_length={spec.max_length}", where=where,
+                                fix="raise extract.max_length, shorten the text, or set extract.on_overflow=truncate")
+            n_trunc += 1
+            x = ([bos] + x[-(spec.max_length - 1):]) if (bos is not None and x[0] == bos) else x[-spec.max_length:]
+        out.append(list(x))
+    return out, n_trunc
+
+
+class TokenizeStage:
+    """Ray Data stage: {shard_id} → {shard_id, ids (list of token lists), n_truncated}."""
+
+    def __init__(self, model: dict, extract: dict, store_root: str):
+        from raysafe.models.loading import load_tokenizer, resolve
+
+        spec = ModelSpec(**model)
+        self.tok = load_tokenizer(spec, resolve(spec))
+        self.spec = ExtractSpec(**extract)
+        self.store = ActivationStore(store_root)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shard_ids, all_ids, truncs = [], [], []
+        for k in batch["shard_id"]:
+            t = pq.read_table(self.store.input_path(int(k)))
+            ids, n_trunc = tokenize_texts(self.tok, t.column("text").to_pylist(), self.spec, t)
+            shard_ids.append(int(k))
+            all_ids.append(ids)
+            truncs.append(n_trunc)
+        ids_col = np.empty(len(all_ids), dtype=object)
+        ids_col[:] = all_ids
+        return {"shard_id": np.array(shard_ids), "ids": ids_col, "n_truncated": np.array(truncs)}
+
+
+class Extractor:
+    """Pooled hidden states for token-id lists; the model is loaded once. Used by the Ray stage and by plain loops."""
+
+    def __init__(self, model: dict, extract: dict, layers: list[int], device: str | None = None,
+                 torch_threads: int | None = None):
+        from raysafe.models.loading import load_model, resolve
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        spec = ModelSpec(**model)
+        self.spec = ExtractSpec(**extract)
+        self.model, self.tok = load_model(spec, device, resolve(spec))
+        self.device = next(self.model.parameters()).device
+        self.layers = layers
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def extract(self, ids: list[list[int]]) -> dict[tuple[int, str], np.ndarray]:
+        """{(layer, position): [n, hidden] float32 numpy} in the order of ``ids``."""
+        n = len(ids)
+        plan = plan_batches([len(x) for x in ids], self.spec.max_tokens_per_batch, self.spec.max_rows_per_batch)
+        out: dict[tuple[int, str], np.ndarray] = {}
+        for rows in plan:
+            input_ids, mask = pad_batch([ids[i] for i in rows], self.pad_id, self.spec.padding_side)
+            pooled = pooled_hidden_states(self.model, input_ids.to(self.device), mask.to(self.device), self.layers,
+                                          self.spec.positions)
+            idx = np.asarray(rows)
+            for key, v in pooled.items():
+                if key not in out:
+                    out[key] = np.empty((n, v.shape[1]), dtype=np.float32)
+                out[key][idx] = v.cpu().numpy()
+        return out
+
+
+class ExtractorStage(Extractor):
+    """Ray Data stage: {shard_id, ids, n_truncated} → one summary row per shard, after writing the shard's files."""
+
+    def __init__(self, model: dict, extract: dict, layers: list[int], store_root: str, model_label: str,
+                 torch_threads: int | None = None):
+        super().__init__(model, extract, layers, None, torch_threads)
+        self.store = ActivationStore(store_root)
+        self.label = model_label
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        summaries: dict[str, list] = {"shard_id": [], "rows": [], "tokens": [], "seconds": [], "n_truncated": []}
+        for k, ids, n_trunc in zip(batch["shard_id"], batch["ids"], batch["n_truncated"]):
+            ids = [list(x) for x in ids]
+            t0 = time.perf_counter()
+            vectors = self.extract(ids)
+            seconds = time.perf_counter() - t0
+            self.write_shard(int(k), vectors, ids, int(n_trunc), seconds)
+            for key, v in (("shard_id", int(k)), ("rows", len(ids)), ("tokens", sum(map(len, ids))),
+                           ("seconds", seconds), ("n_truncated", int(n_trunc))):
+                summaries[key].append(v)
+        return {k: np.asarray(v) for k, v in summaries.items()}
+
+    def write_shard(self, k: int, vectors: dict[tuple[int, str], np.ndarray], ids: list[list[int]], n_trunc: int,
+                    seconds: float) -> None:
+        inputs = pq.read_table(self.store.input_path(k))
+        meta = inputs.select([c for c in META_COLUMNS if c in inputs.column_names])
+        n = meta.num_rows
+        n_tokens = pa.array([len(x) for x in ids], pa.int32())
+        for (layer, position), x in vectors.items():
+            table = meta.append_column("model", pa.array([self.label] * n, pa.string()))
+            table = table.append_column("layer", pa.array(np.full(n, layer, np.int32)))
+            table = table.append_column("position", pa.array([position] * n, pa.string()))
+            table = table.append_column("n_tokens", n_tokens)
+            table = table.append_column("vector", vectors_to_arrow(x, self.spec.store_dtype))
+            atomic_write_parquet(self.store.layer_dir(self.label, layer, position) / f"shard-{k:05d}.parquet", table)
+        langs = Counter(meta.column("lang").to_pylist())
+        atomic_write_json(self.store.done_path(self.label, k), {
+            "rows": n, "tokens": int(sum(map(len, ids))), "seconds": seconds, "n_truncated": n_trunc,
+            "rows_per_lang": dict(langs),
+        })

@@ -1,0 +1,34 @@
+"""Starting or joining Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raysafe.config import RaySpec
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(spec: RaySpec) -> None:
+    """Join the cluster at ``spec.address`` / RAY_ADDRESS, or start a local instance (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = spec.address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    log.info("ray resources: %s", ray.cluster_resources())
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars are replaced by one bar per flow; keep its logs to warnings."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
