@@ -52,7 +52,7 @@ class SourceSpec(Strict):
         preference_pairs, judge_labelled);
       - ``file``: local Parquet / JSONL / CSV (``path``; a directory of Parquet files works too);
       - ``hub``: a Hugging Face dataset by id (``path``), with ``subset``/``split``, or one subset per language
-        (``subsets_by_lang``).
+        (``subsets_by_lang``) or one split per language (``splits_by_lang``).
     ``columns`` maps the source's column names to the contract's (``{"sentence": "text"}``); ``lang`` sets a constant
     language when the source has no language column; ``label_map`` maps raw label values to ints.
     """
@@ -66,6 +66,7 @@ class SourceSpec(Strict):
     subset: str | None = None
     split: str | None = None
     subsets_by_lang: dict[str, str] | None = None
+    splits_by_lang: dict[str, str] | None = Field(None, description="hub sets that keep one split per language")
     columns: dict[str, str] = Field(default_factory=dict)
     lang: str | None = None
     label_map: dict[str, int] | None = None

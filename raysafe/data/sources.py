@@ -64,12 +64,13 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
 def _read_hub(spec: SourceSpec) -> pl.DataFrame:
     import datasets
 
-    def one(subset: str | None) -> pl.DataFrame:
+    def one(subset: str | None, split: str | None = None) -> pl.DataFrame:
+        split = split or spec.split or "train"
         try:
-            ds = datasets.load_dataset(spec.path, subset, split=spec.split or "train")
+            ds = datasets.load_dataset(spec.path, subset, split=split)
         except Exception as e:  # datasets raises many types (connection, missing config, ...)
             raise DataError(
-                f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {spec.split!r}): {str(e).splitlines()[0]}",
+                f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {split!r}): {str(e).splitlines()[0]}",
                 where="data.path",
                 fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
             ) from None
@@ -77,6 +78,9 @@ def _read_hub(spec: SourceSpec) -> pl.DataFrame:
 
     if spec.subsets_by_lang:
         frames = [one(sub).with_columns(pl.lit(lang).alias("lang")) for lang, sub in spec.subsets_by_lang.items()]
+        return pl.concat(frames, how="diagonal_relaxed")
+    if spec.splits_by_lang:
+        frames = [one(spec.subset, split).with_columns(pl.lit(lang).alias("lang")) for lang, split in spec.splits_by_lang.items()]
         return pl.concat(frames, how="diagonal_relaxed")
     return one(spec.subset)
 

@@ -86,6 +86,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every actor and user of the node
             os.replace(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""Extraction equals a plain one-example-at-a-time transformers forward with output_hidden_states=True."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MULTISCRIPT
+from raysafe.extract.hidden import pooled_hidden_states
+from raysafe.extract.stages import Extractor
+
+TEXTS = [t for texts in MULTISCRIPT.values() for t in texts[:2]]
+
+
+def reference(model, tok, texts, layers):
+    """{(layer, position): [n, hidden]} from unbatched HF forwards."""
+    out = {}
+    for t in texts:
+        enc = tok([t], return_tensors="pt")
+        with torch.no_grad():
+            hs = model(**enc, output_hidden_states=True).hidden_states
+        for layer in layers:
+            out.setdefault((layer, "last"), []).append(hs[layer][0, -1])
+            out.setdefault((layer, "mean"), []).append(hs[layer][0].mean(0))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def max_rel_err(got, ref):
+    return max(((got[k] - ref[k]).norm(dim=-1) / ref[k].norm(dim=-1)).max().item() for k in ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pooled_states_match_unbatched_forward(arch, side):
+    from raysafe.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model(arch), tiny_tokenizer(padding_side=side)
+    layers = list(range(model.config.num_hidden_layers + 1))
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any(), "the test needs padded rows"
+    got = pooled_hidden_states(model, enc.input_ids, enc.attention_mask, layers, ["last", "mean"])
+    assert max_rel_err(got, reference(model, tok, TEXTS, layers)) < 1e-4
+
+
+def test_forward_stops_at_the_deepest_requested_layer():
+    from raysafe.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama", num_layers=6), tiny_tokenizer()
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_a, i=i: ran.append(i)) for i, layer in enumerate(model.model.layers)]
+    head = model.lm_head.register_forward_hook(lambda *_a: ran.append("head"))
+    enc = tok(TEXTS[:3], return_tensors="pt", padding=True)
+    pooled_hidden_states(model, enc.input_ids, enc.attention_mask, [1, 3], ["last"])
+    for h in hooks + [head]:
+        h.remove()
+    assert ran == [0, 1, 2]  # decoder layers 1..3 ran, nothing after, never the LM head
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_extractor_token_budget_batches_are_exact(tiny_gemma_dir, side):
+    """Length-sorted token-budget batches (several of them) scatter back to input order exactly."""
+    ext = Extractor({"path": str(tiny_gemma_dir)}, {"max_tokens_per_batch": 64, "padding_side": side,
+                                                      "positions": ["last", "mean"]}, layers=[0, 2, 4])
+    ids = [ext.tok(t)["input_ids"] for t in TEXTS]
+    got = {k: torch.from_numpy(v) for k, v in ext.extract(ids).items()}
+    ref = reference(ext.model, ext.tok, TEXTS, [0, 2, 4])
+    assert max_rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gemma3_270m_matches_unbatched_forward(side):
+    """The packaged Gemma 3 270M: 6+ scripts, every 3rd layer and the last (after the final norm)."""
+    ext = Extractor({"path": "gemma3-270m"}, {"padding_side": side, "positions": ["last", "mean"]},
+                    layers=[0, 3, 9, 17, 18])
+    texts = [MULTISCRIPT[lang][0] for lang in MULTISCRIPT]
+    ids = [ext.tok(t)["input_ids"] for t in texts]
+    got = {k: torch.from_numpy(v) for k, v in ext.extract(ids).items()}
+    ref = reference(ext.model, ext.tok, texts, [0, 3, 9, 17, 18])
+    assert max_rel_err(got, ref) < 1e-4
