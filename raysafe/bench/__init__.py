@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-BENCHES = {"extract": "raysafe.bench.extract"}
+BENCHES = {
+    "extract": "raysafe.bench.extract",
+    "losses": "raysafe.bench.losses",
+}
 
 
 def run_bench(name: str, argv: list[str]) -> int:

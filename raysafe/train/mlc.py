@@ -1,0 +1,263 @@
+"""The Multi-Lingual Consistency (MLC) loss of Bu et al. (ICLR 2026), its projection head, schedule and diagnostics.
+
+For each preference item the hidden states of its ``m`` prompt variants (one per language) at one layer are
+projected by :class:`MLCHead` (hidden → d, with bias) into ``z [B, m, d]``. :func:`mlc_loss` L2-normalises the
+rows of each ``Z_b`` (m × d), takes its singular values ``σ₁ ≥ … ≥ σ_k`` (k = min(m, d)) in float32 and minimises a
+cross-entropy that puts ``σ₁`` first: the loss is smallest when the m rows are collinear (rank 1, all languages
+mapped to one direction) and largest when they are orthonormal. See docs/losses.md for the formulas.
+
+Singular values come from :func:`singular_values`, whose backward is ``U diag(g) Vᵀ`` restricted to the singular
+values above a rank tolerance: finite for repeated or zero singular values and for m > d, and at rank-deficient
+inputs (identical rows) it is the minimum-norm subgradient, which agrees with finite differences.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raysafe.errors import ConfigError, ModelError
+from raysafe.train.losses import LossOutput
+
+HEAD_WEIGHTS = "mlc_head.safetensors"
+HEAD_CONFIG = "mlc_head.json"
+MLC_FORMS = ("released", "plain")
+
+
+# ----------------------------------------------------------------------------------------------- singular values
+class _SingularValues(torch.autograd.Function):
+    """Singular values of a batch of matrices [..., m, d] with a backward that is safe at rank deficiency."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        u, s, vh = torch.linalg.svd(z, full_matrices=False)
+        ctx.save_for_backward(u, s, vh)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad_s: torch.Tensor):  # type: ignore[override]
+        u, s, vh = ctx.saved_tensors
+        m, d = u.shape[-2], vh.shape[-1]
+        tol = s[..., :1] * (max(m, d) * torch.finfo(s.dtype).eps)
+        g = torch.where(s > tol, grad_s, torch.zeros_like(grad_s))
+        return (u * g.unsqueeze(-2)) @ vh
+
+
+def singular_values(z: torch.Tensor) -> torch.Tensor:
+    """Descending singular values ``[..., min(m, d)]`` of ``z [..., m, d]``, in float32 (float64 stays float64).
+
+    Same values as ``torch.linalg.svdvals``. Gradient: ``Σ_i g_i u_i v_iᵀ`` over singular values above the rank
+    tolerance ``σ₁ · max(m, d) · eps``; zero singular values contribute no gradient (their exact derivative does
+    not exist; zero is the minimum-norm subgradient of a loss increasing in them).
+    """
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    return _SingularValues.apply(z)
+
+
+def normalise_rows(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of ``z [..., m, d]`` scaled to unit L2 norm (a zero row stays zero), in float32 or float64."""
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    return F.normalize(z, p=2.0, dim=-1, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------- the losses
+def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 1e-6, form: str = "released") -> LossOutput:
+    """MLC loss of projected variant representations ``z [B, m, d]`` (m ≥ 2), averaged over the batch.
+
+    With rows L2-normalised and ``σ`` the singular values of each ``Z_b``:
+
+    - ``released``: ``−log( exp(σ₁/(τ·sg(σ₁))) / Σ_j exp(σ_j/(τ·sg(σ₁) + ε)) )`` (sg = stop-gradient, the form of
+      the authors' released code: logits divided by the detached top singular value);
+    - ``plain``: ``−log softmax(σ/τ)₁`` (the paper's equation).
+
+    Metrics: ``mlc/loss``, ``mlc/sigma1`` (mean σ₁), ``mlc/rank1_energy`` (mean σ₁²/Σσ²).
+    """
+    if z.dim() != 3 or z.shape[1] < 2:
+        raise ValueError(f"z must be [B, m, d] with m >= 2, got {tuple(z.shape)}")
+    if form not in MLC_FORMS:
+        raise ConfigError(f"unknown MLC form {form!r}", where="mlc.form", fix=f"use one of {MLC_FORMS}")
+    if tau <= 0:
+        raise ConfigError(f"tau must be > 0, got {tau}", where="mlc.tau")
+    sigma = singular_values(normalise_rows(z))
+    s1 = sigma[:, 0]
+    if form == "released":
+        scale = tau * s1.detach()
+        log_num = s1 / scale
+        log_den = torch.logsumexp(sigma / (scale + eps).unsqueeze(-1), dim=-1)
+        per_item = log_den - log_num
+    else:
+        per_item = -torch.log_softmax(sigma / tau, dim=-1)[:, 0]
+    loss = per_item.mean()
+    energy = sigma.detach() ** 2
+    metrics: dict[str, float | torch.Tensor] = {
+        "mlc/loss": loss.detach(),
+        "mlc/sigma1": s1.detach().mean(),
+        "mlc/rank1_energy": (energy[:, 0] / energy.sum(-1).clamp(min=1e-30)).mean(),
+    }
+    return LossOutput(loss, metrics)
+
+
+def _mean_offdiag_cosine(x: torch.Tensor) -> torch.Tensor:
+    """Per-item mean cosine similarity over the ``m(m−1)`` ordered pairs of distinct rows of ``x [B, m, d]``."""
+    xn = normalise_rows(x)
+    gram = xn @ xn.transpose(-1, -2)
+    m = x.shape[-2]
+    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return off / (m * (m - 1))
+
+
+def pairwise_cosine_loss(z: torch.Tensor) -> LossOutput:
+    """Ablation baseline to MLC: ``1 − mean over items and distinct row pairs of cos(z_i, z_j)`` for ``z [B, m, d]``."""
+    if z.dim() != 3 or z.shape[1] < 2:
+        raise ValueError(f"z must be [B, m, d] with m >= 2, got {tuple(z.shape)}")
+    loss = 1.0 - _mean_offdiag_cosine(z).mean()
+    return LossOutput(loss, {"cosine/loss": loss.detach()})
+
+
+def consistency_loss(z: torch.Tensor, config: MLCConfig) -> LossOutput:
+    """The consistency term chosen by ``config.kind``: :func:`mlc_loss` or :func:`pairwise_cosine_loss`."""
+    if config.kind == "mlc":
+        return mlc_loss(z, tau=config.tau, eps=config.eps, form=config.form)
+    return pairwise_cosine_loss(z)
+
+
+@torch.no_grad()
+def mlc_diagnostics(z: torch.Tensor, hidden: torch.Tensor | None = None) -> dict[str, float | list[float]]:
+    """Cross-lingual consistency diagnostics of one batch of variant representations.
+
+    ``z [B, m, d]`` projected (rows normalised here), ``hidden [B, m, H]`` raw hidden states (optional):
+
+    - ``spectrum``: singular values of the normalised ``Z_b``, averaged over the batch (descending);
+    - ``rank1_energy``: mean over items of ``σ₁² / Σ_j σ_j²`` (1 = all languages collinear, 1/m = orthogonal);
+    - ``cosine_z``: mean pairwise cosine between languages on ``z``;
+    - ``cosine_hidden``: the same on the raw hidden states (only when ``hidden`` is given).
+    """
+    sigma = torch.linalg.svdvals(normalise_rows(z))
+    energy = sigma**2
+    out: dict[str, float | list[float]] = {
+        "spectrum": sigma.mean(0).tolist(),
+        "rank1_energy": float((energy[:, 0] / energy.sum(-1).clamp(min=1e-30)).mean()),
+        "cosine_z": float(_mean_offdiag_cosine(z).mean()),
+    }
+    if hidden is not None:
+        out["cosine_hidden"] = float(_mean_offdiag_cosine(hidden).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- head and config
+class MLCHead(nn.Module):
+    """The trainable extractor of the MLC loss: ``Linear(hidden → d, bias=True)``, stored beside the model."""
+
+    def __init__(self, hidden: int, d: int = 512):
+        super().__init__()
+        if hidden < 1 or d < 1:
+            raise ConfigError(f"MLC head sizes must be positive, got hidden={hidden}, d={d}", where="mlc.d")
+        self.hidden = hidden
+        self.d = d
+        self.proj = nn.Linear(hidden, d, bias=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Project hidden states ``[..., hidden]`` to ``[..., d]`` (input cast to the head's dtype)."""
+        return self.proj(h.to(self.proj.weight.dtype))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``mlc_head.safetensors`` and ``mlc_head.json`` ({hidden, d}) into ``directory``; return the weights path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / HEAD_WEIGHTS))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"hidden": self.hidden, "d": self.d}))
+        return directory / HEAD_WEIGHTS
+
+    @staticmethod
+    def exists(directory: str | Path) -> bool:
+        """Whether ``directory`` holds a saved MLC head."""
+        directory = Path(directory)
+        return (directory / HEAD_WEIGHTS).is_file() and (directory / HEAD_CONFIG).is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> MLCHead:
+        """Rebuild a head saved with :meth:`save` (raises :class:`ModelError` when files are missing or disagree)."""
+        directory = Path(directory)
+        if not cls.exists(directory):
+            raise ModelError(
+                "no MLC head found",
+                where=str(directory),
+                fix=f"expected {HEAD_WEIGHTS} and {HEAD_CONFIG}; train with the MLC loss enabled or disable it",
+            )
+        meta = json.loads((directory / HEAD_CONFIG).read_text())
+        head = cls(int(meta["hidden"]), int(meta["d"]))
+        state = load_file(str(directory / HEAD_WEIGHTS), device=str(map_location))
+        expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != found:
+            raise ModelError(
+                f"MLC head weights {found} do not match its config {expected}", where=str(directory / HEAD_WEIGHTS)
+            )
+        head.load_state_dict(state)
+        return head.to(map_location)
+
+
+@dataclass(frozen=True)
+class MLCSchedule:
+    """Apply the MLC term every ``every_k``-th optimiser step (steps counted from 0, so step 0 is active)."""
+
+    every_k: int = 2
+
+    def __post_init__(self) -> None:
+        if self.every_k < 1:
+            raise ConfigError(f"every_k must be >= 1, got {self.every_k}", where="mlc.every_k")
+
+    def active(self, step: int) -> bool:
+        """Whether the MLC term is added at optimiser step ``step``."""
+        return step % self.every_k == 0
+
+
+class MLCConfig(BaseModel):
+    """Settings of the consistency term added to the alignment loss: ``L = L_align + weight · L_mlc``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int | float = Field(
+        0.5, description="decoder layer whose output is used: an int (1-based, 0 = embeddings) or a depth fraction"
+    )
+    pooling: Literal["last", "mean"] = "last"
+    d: int = Field(512, ge=1, description="width of the projection head")
+    tau: float = Field(0.2, gt=0)
+    eps: float = Field(1e-6, ge=0)
+    form: Literal["released", "plain"] = "released"
+    every_k: int = Field(2, ge=1)
+    weight: float = Field(0.8, ge=0, description="λ")
+    kind: Literal["mlc", "cosine"] = "mlc"
+
+    def resolve_layer(self, num_layers: int) -> int:
+        """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
+        if isinstance(self.layer, float):
+            if not 0.0 < self.layer <= 1.0:
+                raise ConfigError(
+                    f"a fractional MLC layer must lie in (0, 1], got {self.layer}",
+                    where="mlc.layer",
+                    fix="give a depth fraction such as 0.5 or an integer layer index",
+                )
+            return max(1, round(self.layer * num_layers))
+        if not 0 <= self.layer <= num_layers:
+            raise ConfigError(
+                f"MLC layer {self.layer} is out of range for a model with {num_layers} layers",
+                where="mlc.layer",
+                fix=f"use 0 (embeddings) to {num_layers}",
+            )
+        return self.layer
+
+    def schedule(self) -> MLCSchedule:
+        """The step schedule of this configuration."""
+        return MLCSchedule(self.every_k)
