@@ -9,19 +9,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
 
 from raysafe.errors import RaysafeError
 
-FLOWS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {}
+#: flow name -> (help, "module:ConfigClass", "module:run_function"). Each run function takes the validated config and
+#: returns a result object with a ``summary() -> str`` method; ``jobs/`` and the tests call the same functions.
+FLOWS: dict[str, tuple[str, str, str]] = {
+    "extract": ("stream texts through a model actor pool and store pooled hidden states per layer (Parquet)",
+                "raysafe.config:ExtractConfig", "raysafe.extract.pipeline:run_extract"),
+    "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
+              "raysafe.config:TrainConfig", "raysafe.train.flow:run_train"),
+}
+BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 
 
-def flow(name: str, help_text: str):
-    def register(fn):
-        FLOWS[name] = (help_text, fn)
-        return fn
+def _resolve(ref: str):
+    import importlib
 
-    return register
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _config(args, cls):
@@ -30,27 +36,17 @@ def _config(args, cls):
     return load_config(cls, args.config, args.set)
 
 
-@flow("extract", "stream texts through a model actor pool and store pooled hidden states per layer (Parquet)")
-def _extract(args) -> int:
-    from raysafe.config import ExtractConfig
-    from raysafe.extract.pipeline import run_extract
+def run_flow(name: str, args) -> int:
+    _, cfg_ref, run_ref = FLOWS[name]
+    cfg = _config(args, _resolve(cfg_ref))
+    if getattr(args, "print_config", False):
+        from raysafe.config import dump_config
 
-    cfg = _config(args, ExtractConfig)
-    res = run_extract(cfg)
-    print(f"activations in {res.output_dir}  (dataset {res.dataset_fingerprint}, rows per language {res.rows_per_lang})")
-    for m in res.models.values():
-        print(f"  {m.label}: {m.shards_extracted}/{m.shards_total} shards extracted now, {m.tokens:,} tokens, "
-              f"{m.tokens_per_s:,.0f} tokens/s, {m.n_truncated} truncated")
-    if res.mlflow_run_id:
-        print(f"MLflow run {res.mlflow_run_id}")
+        print(dump_config(cfg))
+        return 0
+    result = _resolve(run_ref)(cfg)
+    print(result.summary())
     return 0
-
-
-@flow("bench", "benchmarks (scripts, not tests): `raysafe bench extract --help`")
-def _bench(args) -> int:
-    from raysafe.bench import run_bench
-
-    return run_bench(args.config, args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,17 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = p.add_subparsers(dest="flow", metavar="FLOW", required=True)
-    for name, (help_text, _) in FLOWS.items():
+    for name, (help_text, _, _) in FLOWS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "bench":
-            sp.add_argument("config", metavar="NAME", help="which benchmark: extract")
-            sp.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
-            sp.set_defaults(set=[])
-            continue
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set ray.num_actors=4 (repeatable; values parse as YAML)")
         sp.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+    from raysafe.bench import BENCHES
+
+    sp = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
+    sp.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
     return p
 
 
@@ -84,26 +80,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    _, fn = FLOWS[args.flow]
     try:
-        if getattr(args, "print_config", False):
-            from raysafe.config import dump_config
+        if args.flow == "bench":
+            from raysafe.bench import run_bench
 
-            cls = _config_class(args.flow)
-            print(dump_config(_config(args, cls)))
-            return 0
-        return fn(args)
+            return run_bench(args.name, args.rest)
+        return run_flow(args.flow, args)
     except RaysafeError as e:
         if args.debug:
             raise
         print(f"raysafe {args.flow}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _config_class(flow_name: str):
-    import raysafe.config as c
-
-    return {"extract": c.ExtractConfig}[flow_name]
 
 
 if __name__ == "__main__":

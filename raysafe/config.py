@@ -71,7 +71,7 @@ class SourceSpec(Strict):
     lang: str | None = None
     label_map: dict[str, int] | None = None
     languages: list[str] | None = Field(None, description="keep only these languages")
-    limit_per_lang: int | None = Field(None, gt=0, description="keep at most this many rows per language")
+    limit_per_lang: int | None = Field(None, gt=0, description="keep at most this many rows per language (the first rows when the source has no language column)")
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceSpec":
@@ -250,3 +250,109 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 def dump_config(cfg: BaseModel) -> str:
     """The config as YAML (what was actually run), for logs and MLflow."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+from raysafe.train.mlc import MLCConfig  # noqa: E402  (the MLC term's settings live beside the loss)
+
+
+class MixtureSpec(Strict):
+    """Which languages form the m prompt variants of each pair, with what sampling weights."""
+
+    languages: list[str] = ["en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"]
+    weights: list[float] | None = None
+    m: int = Field(10, ge=2, description="variants per prompt (the anchor included)")
+    anchor: str = "en"
+    preset: Literal["none", "dominant_balanced"] = "none"
+    dominant: str | None = Field(None, description="the dominant language of the dominant_balanced preset")
+    dominant_share: float = Field(0.5, gt=0, lt=1)
+
+
+class LossSpec(Strict):
+    name: Literal["dpo", "simpo", "orpo", "sft"] = "dpo"
+    kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    gamma: float = Field(0.5, ge=0, description="SimPO margin")
+
+    def params(self) -> dict:
+        if self.name == "dpo":
+            return {"beta": self.beta, "label_smoothing": self.label_smoothing, "kind": self.kind}
+        if self.name == "simpo":
+            return {"beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
+        if self.name == "orpo":
+            return {"beta": self.beta}
+        return {}
+
+
+class OptimSpec(Strict):
+    lr: float = Field(6e-7, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    micro_batch: int = Field(1, ge=1, description="pairs per worker per micro-step")
+    grad_accum: int = Field(4, ge=1)
+    clip: float = Field(1.0, gt=0)
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class LoraSpec(Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainDataSpec(Strict):
+    pairs: SourceSpec = SourceSpec(kind="fixture", name="preference_pairs")
+    variants: SourceSpec = SourceSpec(kind="fixture", name="safety_prompts")
+    split: str | None = Field("train", description="keep pairs of this split (None: all)")
+    max_length: int = Field(1024, ge=8)
+    max_prompt_length: int = Field(512, ge=4)
+    chat_template: Literal["auto", "on", "off"] = "auto"
+
+
+class CheckpointSpec(Strict):
+    every_n_steps: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+    storage_path: str = Field("outputs/train", description="Ray Train storage (shared path or s3:// URI)")
+    name: str | None = Field(None, description="run directory name under storage_path (default: derived from the model)")
+    resume_from: str | None = Field(None, description="a checkpoint directory to start from, or 'latest' in this run")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class TrainRaySpec(Strict):
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class TrainConfig(Strict):
+    """`raysafe train`: MLC-augmented preference optimisation with Ray Train + DeepSpeed ZeRO."""
+
+    model: ModelSpec
+    reference: ModelSpec | None = Field(None, description="reference model (default: the policy's initial weights)")
+    precompute_reference: Literal["auto", "on", "off"] = "auto"
+    data: TrainDataSpec = TrainDataSpec()
+    mixture: MixtureSpec = MixtureSpec()
+    loss: LossSpec = LossSpec()
+    mlc: MLCConfig = MLCConfig()
+    optim: OptimSpec = OptimSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    lora: LoraSpec = LoraSpec()
+    gradient_checkpointing: bool = False
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    ray: TrainRaySpec = TrainRaySpec()
+    tracking: TrackingSpec = TrackingSpec()
+    seed: int = 0

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from raysafe.config import SourceSpec
 from raysafe.data.languages import is_known
 from raysafe.data.schemas import Contract
 from raysafe.errors import DataError
+
+log = logging.getLogger(__name__)
 
 FIXTURES = ("safety_prompts", "detox_pairs", "concept_pairs", "preference_pairs", "judge_labelled")
 
@@ -114,6 +117,8 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
         df = df.filter(pl.col("lang").is_in(spec.languages))
     if spec.limit_per_lang and "lang" in df.columns:
         df = df.with_row_index("_i").filter(pl.int_range(pl.len()).over("lang") < spec.limit_per_lang).drop("_i")
+    elif spec.limit_per_lang:  # a single-language source (e.g. English preference pairs): the first rows
+        df = df.head(spec.limit_per_lang)
     return df
 
 
@@ -173,8 +178,17 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
 
 
 def load_table(spec: SourceSpec, contract: Contract) -> pl.DataFrame:
-    """Read and validate a source for ``contract``."""
-    return validate(read_source(spec), contract, _source_label(spec))
+    """Read and validate a source for ``contract``.
+
+    A source with a ``lang`` column but no ``group_id`` (the textdetox toxicity and ParaDetox sets have none) gets
+    one per row, ``<lang>-<position within the language>``: its rows are then not linked across languages."""
+    df = read_source(spec)
+    if "group_id" in contract.required and "group_id" not in df.columns and "lang" in df.columns:
+        log.warning("%s has no group_id column: numbering its rows per language (<lang>-<i>); map an id column with "
+                    "data.columns to link translations", _source_label(spec))
+        df = df.with_columns((pl.col("lang").cast(pl.String) + "-"
+                              + pl.int_range(pl.len()).over("lang").cast(pl.String)).alias("group_id"))
+    return validate(df, contract, _source_label(spec))
 
 
 def to_text_rows(df: pl.DataFrame, contract_name: str) -> pl.DataFrame:

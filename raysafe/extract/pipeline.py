@@ -62,6 +62,16 @@ class ExtractResult:
     def store(self) -> ActivationStore:
         return ActivationStore(self.output_dir)
 
+    def summary(self) -> str:
+        lines = [f"activations in {self.output_dir}  (dataset {self.dataset_fingerprint}, rows per language "
+                 f"{self.rows_per_lang})"]
+        for m in self.models.values():
+            lines.append(f"  {m.label}: {m.shards_extracted}/{m.shards_total} shards extracted now, {m.tokens:,} "
+                         f"tokens, {m.tokens_per_s:,.0f} tokens/s, {m.n_truncated} truncated")
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run {self.mlflow_run_id}")
+        return "\n".join(lines)
+
 
 def contract_name(cfg: ExtractConfig) -> str:
     if cfg.data.contract != "auto":

@@ -87,3 +87,12 @@ def save_tiny(path: str | Path, arch: str = "llama", **kwargs) -> Path:
     tiny_model(arch, **kwargs).save_pretrained(path)
     tiny_tokenizer(chat_template=True).save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":  # python -m raysafe.models.tiny DIR [llama|gemma3]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m raysafe.models.tiny DIR [llama|gemma3]  — write a tiny random model + tokenizer to DIR")
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
+    print(save_tiny(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "llama"))

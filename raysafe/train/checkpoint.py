@@ -1,0 +1,125 @@
+"""Training checkpoints: DeepSpeed shards for resuming, a Hugging Face directory for every other flow, and a probe.
+
+A checkpoint directory holds::
+
+    deepspeed/            each rank's ZeRO shard + optimiser state (DeepSpeed's format; read back only on resume)
+    model/                consolidated safetensors + tokenizer + MLC head (mlc_head.safetensors, mlc_head.json)
+    trainer_state.json    step, per-step record (group ids consumed, losses), model path, last metrics
+    probe.safetensors     the run's first micro-batch and the policy's log-probs on it when the checkpoint was taken
+
+:func:`verify_checkpoint` reloads ``model/`` as a plain model and recomputes the probe's log-probs: a checkpoint
+that does not round-trip (wrong consolidation, a LoRA merge gone wrong, a dtype change) shows up as a difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+STATE_FILE = "trainer_state.json"
+HF_DIR = "model"
+DS_DIR = "deepspeed"
+PROBE_FILE = "probe.safetensors"
+_PROBE_TENSORS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+@torch.no_grad()
+def probe_logps(policy: nn.Module, probe: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Chosen/rejected answer log-probs of the probe batch under the current weights (collective under ZeRO-3)."""
+    from raysafe.train.forward import policy_forward
+
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in probe.items()}
+    was_training = policy.training
+    policy.eval()
+    try:
+        out = policy_forward(policy, batch, None)
+    finally:
+        policy.train(was_training)
+    return {"chosen_logps": out.chosen_logps.float().cpu(), "rejected_logps": out.rejected_logps.float().cpu()}
+
+
+def save_probe(path: Path, probe: dict, expected: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: probe[k].contiguous().cpu() for k in _PROBE_TENSORS}
+    tensors.update({f"expected.{k}": v.contiguous() for k, v in expected.items()})
+    save_file(tensors, str(path), metadata={"n_pairs": str(int(probe["n_pairs"])), "m": str(int(probe["m"]))})
+
+
+def load_probe(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    expected = {k.removeprefix("expected."): v for k, v in tensors.items() if k.startswith("expected.")}
+    probe = {k: tensors[k] for k in _PROBE_TENSORS}
+    probe.update(n_pairs=int(meta["n_pairs"]), m=int(meta["m"]))
+    return probe, expected
+
+
+def verify_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> float:
+    """Reload ``model/`` as a plain model and return the largest |Δ log-prob| on the stored probe batch."""
+    from raysafe.config import ModelSpec
+    from raysafe.models.loading import load_model
+
+    ckpt_dir = Path(ckpt_dir)
+    probe, expected = load_probe(ckpt_dir / PROBE_FILE)
+    model, _ = load_model(ModelSpec(path=str(ckpt_dir / HF_DIR), dtype="float32"), torch.device(device))
+    got = probe_logps(model, probe, torch.device(device))
+    return max(float((got[k] - expected[k]).abs().max()) for k in expected)
+
+
+def save_hf(policy: nn.Module, head, tok, state_dict: dict | None, out: Path) -> None:
+    """A Hugging Face directory (safetensors) with the tokenizer and the MLC head beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = policy
+    if hasattr(policy, "merge_and_unload"):  # LoRA: export merged weights so the directory loads as a plain model
+        import copy
+
+        merged = copy.deepcopy(policy)
+        if state_dict is not None:
+            merged.load_state_dict({k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")})
+        target, state_dict = merged.merge_and_unload(), None
+    if state_dict is not None:
+        sd = {k.removeprefix("policy."): v.detach().cpu() for k, v in state_dict.items() if k.startswith("policy.")}
+        target.save_pretrained(out, state_dict=sd, safe_serialization=True)
+    else:
+        target.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    if head is not None:
+        if state_dict is not None:
+            head_sd = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
+            if head_sd:
+                head.load_state_dict(head_sd)
+        head.save(out)
+
+
+def write_checkpoint(engine, module, tok, cfg, step: int, record: list, metrics: dict, rank: int, probe: dict,
+                     expected: dict[str, torch.Tensor]) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds the HF directory, the trainer state and the probe; then
+    ``ray.train.report(checkpoint=...)`` persists the union of the ranks' files as one checkpoint."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="raysafe-ckpt-"))
+    engine.save_checkpoint(str(tmp / DS_DIR), tag="ds")
+    if cfg.deepspeed.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        save_hf(module.policy, module.head, tok, state_dict, tmp / HF_DIR)
+        save_probe(tmp / PROBE_FILE, probe, expected)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "record": record, "model": cfg.model.label,
+                                                  "model_path": cfg.model.path, "metrics": metrics}, default=float))
+    if dist.is_initialized():
+        dist.barrier()
+    ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=Checkpoint.from_directory(str(tmp)))
+    shutil.rmtree(tmp, ignore_errors=True)

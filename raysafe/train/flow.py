@@ -1,0 +1,201 @@
+"""The alignment flow: validate → (precompute reference log-probs) → Ray Train + DeepSpeed → HF checkpoint → MLflow.
+
+``run_train(cfg)`` is what ``raysafe train``, ``jobs/train_mlc.py``, the sweep and the tests call. Everything that
+can be checked before workers start is checked first: data (missing variants for a mixture language, empty
+answers), the model and the MLC layer, the ZeRO/offload/precision combination against the hardware, and a resume
+path that holds another model's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from raysafe import tracking
+from raysafe.config import TrainConfig, dump_config
+from raysafe.errors import ConfigError, OutputError
+from raysafe.train.data import epoch_order, load_samples
+from raysafe.train.ds_config import check_hardware, prepare_cpu_comm
+from raysafe.train.losses import needs_reference
+from raysafe.train.checkpoint import HF_DIR, STATE_FILE
+from raysafe.train.worker import train_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: Path
+    model_dir: Path
+    steps: int
+    metrics: dict
+    record: list[dict]
+    mlflow_run_id: str | None
+
+    def summary(self) -> str:
+        lines = [f"trained {self.steps} steps; final loss {self.metrics.get('loss/total', float('nan')):.4f}",
+                 f"checkpoint: {self.checkpoint_dir}",
+                 f"model (Hugging Face dir, usable as a model path): {self.model_dir}"]
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    if cfg.checkpoint.name:
+        return cfg.checkpoint.name
+    mlc = f"mlc{cfg.mlc.weight:g}" if cfg.mlc.weight > 0 else "nomlc"
+    return f"{cfg.model.label}-{cfg.loss.name}-{mlc}-s{cfg.seed}"
+
+
+def _check_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint to start from, after checking that it belongs to this model."""
+    path = cfg.checkpoint.resume_from
+    if path is None or path == "latest":
+        return None
+    p = Path(path)
+    state = p / STATE_FILE
+    if not state.exists():
+        raise OutputError(f"{p} is not a raysafe training checkpoint (no {STATE_FILE})", where="checkpoint.resume_from",
+                          fix="give a checkpoint directory written by `raysafe train` (.../checkpoint_*)")
+    info = json.loads(state.read_text())
+    if info.get("model_path") != cfg.model.path:
+        raise OutputError(
+            f"checkpoint {p} was trained from model {info.get('model_path')!r}, not {cfg.model.path!r}",
+            where="checkpoint.resume_from",
+            fix="resume with the model the checkpoint came from, or start a new run without resume_from",
+        )
+    return str(p)
+
+
+def _num_layers(cfg: TrainConfig) -> int:
+    from transformers import AutoConfig
+
+    from raysafe.models.loading import resolve
+
+    resolved = resolve(cfg.model)
+    hf = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code)
+    return int((getattr(hf, "text_config", None) or hf).num_hidden_layers)
+
+
+def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
+    """All checks that need no worker. Returns the samples and the checkpoint to resume from."""
+    import torch
+
+    check_hardware(cfg.deepspeed, cfg.ray.use_gpu, cfg.lora.enabled)
+    if cfg.ray.use_gpu and not torch.cuda.is_available():
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
+            raise ConfigError(f"ray.use_gpu is set but the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs for "
+                              f"{cfg.ray.num_workers} workers", where="ray.use_gpu", fix="lower ray.num_workers or add GPUs")
+    samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
+    if cfg.mlc.weight > 0:
+        cfg.mlc.resolve_layer(_num_layers(cfg))
+    resume = _check_resume(cfg)
+    per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
+    if samples.height < per_step:
+        raise ConfigError(f"{samples.height} training pairs cannot fill one optimiser step of {per_step} pairs "
+                          "(micro_batch x workers x grad_accum)", where="optim", fix="lower micro_batch or grad_accum")
+    return samples, resume
+
+
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
+    steps = (n * cfg.optim.epochs) // per_step
+    return min(steps, cfg.optim.max_steps) if cfg.optim.max_steps else steps
+
+
+def precompute_reference(cfg: TrainConfig, samples: pl.DataFrame) -> pl.DataFrame:
+    """sample_idx, ref_chosen, ref_rejected for every sample, by a Ray Data actor pass over the reference model."""
+    import ray
+
+    from raysafe.train.reference import ReferenceStage
+
+    ds = ray.data.from_arrow(samples.to_arrow())
+    out = ds.map_batches(
+        ReferenceStage,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "torch_threads": cfg.ray.torch_threads},
+        batch_size=max(1, cfg.optim.micro_batch * 2),
+        num_gpus=1 if cfg.ray.use_gpu else None,
+        num_cpus=cfg.ray.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_workers),
+    )
+    import pyarrow as pa
+
+    return pl.from_arrow(pa.concat_tables(ray.get(out.to_arrow_refs()))).select("sample_idx", "ref_chosen", "ref_rejected")
+
+
+def _reference_mode(cfg: TrainConfig) -> tuple[bool, bool]:
+    """(precompute, reference model on each worker)."""
+    if not needs_reference(cfg.loss.name):
+        return False, False
+    pre = cfg.precompute_reference in ("auto", "on")
+    return pre, not pre
+
+
+def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train ``cfg.model`` with the alignment loss + λ·MLC on Ray Train workers; return the final checkpoint."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysafe.config import RaySpec
+    from raysafe.runtime import ensure_ray, quiet_ray_data
+
+    samples, resume = validate(cfg)
+    if not cfg.ray.use_gpu:
+        prepare_cpu_comm()
+    ensure_ray(RaySpec(address=cfg.ray.address))
+    quiet_ray_data()
+    steps = total_steps(cfg, samples.height)
+    pre, ref_on_worker = _reference_mode(cfg)
+    name = run_name(cfg)
+    storage = Path(cfg.checkpoint.storage_path).resolve() if "://" not in cfg.checkpoint.storage_path else None
+    storage_path = str(storage) if storage else cfg.checkpoint.storage_path
+
+    with tracking.run(cfg.tracking, f"train {name}", tags={"raysafe.flow": "train"}) as mlrun:
+        tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
+        if pre:
+            log.info("precomputing reference log-probs for %d pairs", samples.height)
+            refs = precompute_reference(cfg, samples)
+            samples = samples.join(refs, on="sample_idx", how="left")
+        order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
+        table = order.join(samples, on="sample_idx", how="left").sort("pos")
+        ds = ray.data.from_arrow(table.to_arrow())
+        uri = tracking.resolve_uri(cfg.tracking) if mlrun is not None else None
+        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "total_steps": steps,
+                               "reference_on_worker": ref_on_worker,
+                               "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None, "mlflow_uri": uri},
+            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=storage_path,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
+            datasets={"train": ds},
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+            resume_from_checkpoint=Checkpoint.from_directory(resume) if resume else None,
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise OutputError(f"training run {name} produced no checkpoint", where=storage_path,
+                              fix="look at the worker logs above; re-running resumes from the latest checkpoint")
+        ckpt_dir = Path(result.checkpoint.path)
+        state = json.loads((ckpt_dir / STATE_FILE).read_text())
+        (ckpt_dir / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        if mlrun is not None:
+            tracking.log_params({"checkpoint": str(ckpt_dir)})
+            tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
+            tracking.log_artifact(ckpt_dir / STATE_FILE)
+            tracking.log_artifact(ckpt_dir / "train_config.yaml")
+    return TrainResult(ckpt_dir, ckpt_dir / HF_DIR, state["step"], state["metrics"], state["record"],
+                       mlrun.info.run_id if mlrun is not None else None)

@@ -1,0 +1,216 @@
+"""The Ray Train worker loop: DeepSpeed ZeRO over L_align + λ·L_mlc, checkpoints that restore, MLflow from rank 0.
+
+Data order is deterministic: every worker reads the same globally ordered stream (epochs of seeded permutations),
+takes its slice of each global micro-batch, and after a restart skips the micro-batches the checkpoint already
+covers, so no batch is lost or repeated. The checkpoint's ``trainer_state.json`` carries the per-step record
+(step, epoch, the group ids each step consumed, losses) of the run that led to it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from raysafe.config import TrainConfig
+from raysafe.train.checkpoint import DS_DIR, STATE_FILE, probe_logps, write_checkpoint
+from raysafe.train.collate import PreferenceCollator
+from raysafe.train.data import to_collator_samples
+from raysafe.train.ds_config import deepspeed_config, lr_lambda
+from raysafe.train.forward import policy_forward
+from raysafe.train.losses import alignment_loss
+from raysafe.train.mlc import MLCConfig, MLCHead, consistency_loss, mlc_diagnostics
+
+
+
+class AlignModule(nn.Module):
+    """Policy + MLC head; ``forward`` returns the total loss and detached diagnostics of one micro-batch."""
+
+    def __init__(self, policy: nn.Module, head: MLCHead | None, cfg: TrainConfig, mlc_layer: int | None):
+        super().__init__()
+        self.policy = policy
+        self.head = head
+        self.loss_name = cfg.loss.name
+        self.loss_params = cfg.loss.params()
+        self.mlc: MLCConfig = cfg.mlc
+        self.mlc_layer = mlc_layer
+
+    def forward(self, batch: dict, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
+                mlc_active: bool) -> tuple[torch.Tensor, dict]:
+        layer = self.mlc_layer if (mlc_active and self.head is not None) else None
+        out = policy_forward(self.policy, batch, layer, pooling=self.mlc.pooling, head_chunk=512)
+        align = alignment_loss(self.loss_name, chosen_logps=out.chosen_logps, rejected_logps=out.rejected_logps,
+                               chosen_ntok=out.chosen_ntok, rejected_ntok=out.rejected_ntok,
+                               chosen_nll_mean=out.chosen_nll_mean, ref_chosen_logps=ref_chosen,
+                               ref_rejected_logps=ref_rejected, **self.loss_params)
+        metrics = {f"align/{k}": v for k, v in align.metrics.items()}
+        metrics["loss/align"] = align.loss.detach()
+        loss = align.loss
+        if layer is not None:
+            z = self.head(out.variant_hidden.float())
+            cons = consistency_loss(z, self.mlc)
+            loss = loss + self.mlc.weight * cons.loss
+            metrics["loss/mlc"] = cons.loss.detach()
+            diag = mlc_diagnostics(z.detach(), out.variant_hidden.detach().float())
+            metrics["mlc/rank1_energy"] = diag["rank1_energy"]
+            metrics["mlc/cosine_z"] = diag["cosine_z"]
+            metrics["mlc/cosine_hidden"] = diag["cosine_hidden"]
+            metrics["mlc/sigma1"] = diag["spectrum"][0]
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+
+def _scalar(v) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.float().mean())
+    return float(v)
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def build_policy(cfg: TrainConfig, device: torch.device):
+    from raysafe.models.loading import load_model
+
+    model, tok = load_model(cfg.model, device)
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    return model, tok
+
+
+def make_collator(cfg: TrainConfig, tok) -> PreferenceCollator:
+    template = {"auto": "auto", "on": True, "off": False}[cfg.data.chat_template]
+    return PreferenceCollator(tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                              use_chat_template=template)
+
+
+def train_loop(config: dict) -> None:
+    """The function every Ray Train worker runs (``TorchTrainer(train_loop_per_worker=train_loop, ...)``)."""
+    import deepspeed
+    import ray.train
+
+    cfg = TrainConfig.model_validate(config["cfg"])
+    total_steps: int = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.ray.torch_threads:
+        torch.set_num_threads(cfg.ray.torch_threads)
+    on_gpu = cfg.ray.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", ray.train.torch.get_device().index or 0) if on_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+
+    policy, tok = build_policy(cfg, device)
+    from raysafe.models.layers import num_layers
+
+    n_layers = num_layers(policy.get_base_model() if hasattr(policy, "get_base_model") else policy)
+    mlc_layer = cfg.mlc.resolve_layer(n_layers) if cfg.mlc.weight > 0 else None
+    head = MLCHead(policy.config.hidden_size, cfg.mlc.d).to(device) if mlc_layer is not None else None
+    module = AlignModule(policy, head, cfg, mlc_layer)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio))
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_cfg, dist_init_required=False)
+
+    step, record = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(str(Path(d) / DS_DIR), tag="ds")
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        step, record = state["step"], state["record"]
+
+    collator = make_collator(cfg, tok)
+    schedule = cfg.mlc.schedule()
+    reference = None
+    if config["reference_on_worker"]:
+        from raysafe.models.loading import load_model
+
+        reference, _ = load_model(cfg.reference or cfg.model, device)
+        reference.eval().requires_grad_(False)
+
+    mb, ga = cfg.optim.micro_batch, cfg.optim.grad_accum
+    group = mb * world  # rows per global micro-batch
+    skip = step * ga  # global micro-batches the checkpoint covers
+    shard = ray.train.get_dataset_shard("train")
+    log_mlflow = rank == 0 and config.get("mlflow_run_id")
+    if log_mlflow:
+        import mlflow
+
+        mlflow.set_tracking_uri(config["mlflow_uri"])
+        mlflow.start_run(run_id=config["mlflow_run_id"])
+
+    acc: dict[str, list[float]] = {}
+    step_groups: list[str] = []
+    step_tokens = 0
+    t_step = time.perf_counter()
+    micro = 0
+    probe = None  # the run's first micro-batch: its log-probs are stored with every checkpoint (round-trip check)
+    for gbatch in shard.iter_batches(batch_size=group, batch_format="numpy", drop_last=True):
+        if probe is None:
+            probe = collator(to_collator_samples({k: v[:mb] for k, v in gbatch.items()}))
+        if micro < skip:
+            micro += 1
+            continue
+        if step >= total_steps:
+            break
+        lo = rank * mb
+        mine = {k: v[lo:lo + mb] for k, v in gbatch.items()}
+        batch = collator(to_collator_samples(mine))
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        ref_c = ref_r = None
+        if "ref_chosen" in mine:
+            ref_c = torch.as_tensor(mine["ref_chosen"], dtype=torch.float32, device=device)
+            ref_r = torch.as_tensor(mine["ref_rejected"], dtype=torch.float32, device=device)
+        elif reference is not None:
+            with torch.no_grad():
+                ro = policy_forward(reference, batch, None)
+            ref_c, ref_r = ro.chosen_logps.float(), ro.rejected_logps.float()
+        loss, metrics = engine(batch, ref_c, ref_r, schedule.active(step))
+        engine.backward(loss)
+        engine.step()
+        micro += 1
+        for k, v in metrics.items():
+            acc.setdefault(k, []).append(_scalar(v))
+        step_groups.extend(str(g) for g in gbatch["group_id"])
+        step_tokens += int(batch["attention_mask"].sum()) * world
+        if micro % ga:
+            continue
+        # ---- an optimiser step finished
+        dt = time.perf_counter() - t_step
+        out = {k: sum(v) / len(v) for k, v in acc.items()}
+        out.update(step=step + 1, epoch=int(gbatch["epoch"][-1]), lr=scheduler.get_last_lr()[0], step_time_s=dt,
+                   tokens_per_s=step_tokens / dt, memory_mb=_memory_mb(device), mlc_active=float(schedule.active(step)))
+        record.append({"step": step + 1, "epoch": out["epoch"], "groups": step_groups,
+                       "loss": out["loss/total"], "loss_align": out["loss/align"], "mlc_active": bool(out["mlc_active"])})
+        step += 1
+        if log_mlflow:
+            import mlflow
+
+            mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in out.items() if k != "step"}, step=step)
+        last = step >= total_steps
+        if step % cfg.checkpoint.every_n_steps == 0 or last:
+            expected = probe_logps(module.policy, probe, device)
+            write_checkpoint(engine, module, tok, cfg, step, record, out, rank, probe, expected)
+        else:
+            ray.train.report({k: float(v) for k, v in out.items()})
+        acc, step_groups, step_tokens, t_step = {}, [], 0, time.perf_counter()
+    if log_mlflow:
+        import mlflow
+
+        mlflow.end_run()
