@@ -19,6 +19,10 @@ FLOWS: dict[str, tuple[str, str, str]] = {
                 "raysafe.config:ExtractConfig", "raysafe.extract.pipeline:run_extract"),
     "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
               "raysafe.config:TrainConfig", "raysafe.train.flow:run_train"),
+    "evaluate": ("multilingual safety evaluation: generate per language (actor pool), judge (offline patterns, "
+                 "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
+                 "bootstrap CIs, and multiple-choice utility",
+                 "raysafe.evaluate.flow:EvaluateConfig", "raysafe.evaluate.flow:run_evaluate"),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 

@@ -9,6 +9,7 @@ instead of hanging on retries.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import urllib.error
@@ -60,7 +61,11 @@ def configure(spec: TrackingSpec) -> str | None:
                 where="tracking.tracking_uri / MLFLOW_TRACKING_URI",
                 fix="start the server (see cluster/mlflow), fix the URI, or set tracking.fallback_to_local=true",
             )
-        log.warning("MLflow server %s unreachable (%s): logging to the local store %s instead", uri, reason, LOCAL_URI)
+        # Say exactly where the runs go: on a cluster the job's cwd is a per-job working directory on the head node.
+        local = Path(LOCAL_URI.removeprefix("sqlite:///")).resolve()
+        log.warning("MLflow server %s unreachable (%s): logging to the local store sqlite:///%s (artifacts in %s) "
+                    "instead; copy them off this node or re-log them once the server is back", uri, reason, local,
+                    Path("mlartifacts").resolve())
         uri = LOCAL_URI
     if uri.startswith("sqlite:///"):
         # Keep local artifacts beside the database rather than in ./mlruns of whatever cwd a worker has.
@@ -75,16 +80,41 @@ def configure(spec: TrackingSpec) -> str | None:
     return uri
 
 
+_PARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("raysafe_mlflow_parent", default=None)
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str | None) -> Iterator[None]:
+    """Inside this block every :func:`run` becomes a child run of ``run_id`` (how `raysafe study` nests its stages)."""
+    token = _PARENT.set(run_id)
+    try:
+        yield
+    finally:
+        _PARENT.reset(token)
+
+
 @contextlib.contextmanager
 def run(spec: TrackingSpec, name: str, *, nested: bool = False, parent_run_id: str | None = None,
-        tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """An MLflow run (or ``None`` when tracking is off) as a context manager."""
+        tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run (or ``None`` when tracking is off) as a context manager. ``resume_run_id``: continue that run
+    when it exists in the store in use (a resumed study keeps one parent run), else start a new one."""
     if configure(spec) is None:
         yield None
         return
     import mlflow
 
+    if resume_run_id:
+        try:
+            mlflow.MlflowClient().get_run(resume_run_id)
+        except mlflow.exceptions.MlflowException:
+            log.info("MLflow run %s is not in this tracking store; starting a new run", resume_run_id)
+        else:
+            with mlflow.start_run(run_id=resume_run_id) as r:
+                yield r
+            return
+
     kwargs: dict[str, Any] = {"run_name": spec.run_name or name, "tags": tags or {}}
+    parent_run_id = parent_run_id or _PARENT.get()
     if parent_run_id:
         kwargs["parent_run_id"] = parent_run_id
         kwargs["nested"] = True
@@ -120,11 +150,15 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+def log_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
+    """Log a file or a directory to the active run, or to ``run_id`` (e.g. a parent run while children ran)."""
     import mlflow
 
-    if mlflow.active_run() is not None:
-        p = Path(path)
+    p = Path(path)
+    if run_id is not None:
+        client = mlflow.MlflowClient()
+        (client.log_artifacts if p.is_dir() else client.log_artifact)(run_id, str(p), artifact_path)
+    elif mlflow.active_run() is not None:
         if p.is_dir():
             mlflow.log_artifacts(str(p), artifact_path)
         else:
@@ -136,3 +170,30 @@ def set_tags(tags: dict[str, str]) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.set_tags(tags)
+
+
+def end_run(run_id: str, status: str = "KILLED", tags: dict[str, str] | None = None,
+            running_descendants: bool = True) -> None:
+    """Tag a run that is not the active one and mark it ended with ``status`` — e.g. a sweep trial whose process the
+    scheduler ended mid-run — together with its descendants still marked RUNNING (its training run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+    if running_descendants:
+        for child in client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'"):
+            end_run(child.info.run_id, status, None, True)
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
+
+
+def running_children(run_id: str) -> list[str]:
+    """Ids of the child runs of ``run_id`` still marked RUNNING."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_run(run_id).info.experiment_id
+    return [r.info.run_id for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}' "
+                                                             "and attributes.status = 'RUNNING'")]

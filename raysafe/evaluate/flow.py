@@ -1,0 +1,405 @@
+"""The evaluation flow: prompts → generation actor pool → judges → per-language safety metrics (+ utility) → MLflow.
+
+``run_evaluate(cfg, parent_run_id=None)`` is what ``raysafe evaluate``, ``jobs/evaluate.py``, ``raysafe study`` and the
+tests call. It is resumable: generation, utility and judgement shards already marked done are skipped, so a re-run
+after a kill (or with another judge) only does what is missing; the metrics are recomputed from the stored
+judgements every time (cheap). Passing ``parent_run_id`` makes the MLflow run a child of that run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+from pydantic import Field, field_validator
+
+from raysafe import tracking
+from raysafe.config import ModelSpec, RaySpec, SourceSpec, Strict, TrackingSpec, dump_config
+from raysafe.data.languages import is_known
+from raysafe.errors import DataError, ModelError, RaysafeError
+from raysafe.evaluate.data import load_mc, load_prompts
+from raysafe.evaluate.specs import EvalSetSpec, GenerationSpec, JudgeSpec, MetricsSpec, UtilitySpec, safe_label
+from raysafe.evaluate.store import EvalStore, claim, write_inputs
+from raysafe.extract.pipeline import fingerprint
+from raysafe.extract.store import atomic_write_bytes, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def _default_sets() -> list[EvalSetSpec]:
+    return [EvalSetSpec(name="safety_prompts", sources=[SourceSpec(kind="fixture", name="safety_prompts")],
+                        split="test")]
+
+
+class EvaluateConfig(Strict):
+    """`raysafe evaluate`: generate responses per language, judge them, and report multilingual safety metrics."""
+
+    models: list[ModelSpec] = Field(description="models to evaluate: 'gemma3-270m', a hub id, a local HF directory "
+                                    "(e.g. a training checkpoint's .../model) or a .gguf file")
+    sets: list[EvalSetSpec] = Field(default_factory=_default_sets)
+    languages: list[str] | None = Field(
+        None, description="evaluate these languages (listed ones without prompts appear in the tables with 0 "
+        "prompts); None: every language of the sets")
+    generation: GenerationSpec = GenerationSpec()
+    judges: list[JudgeSpec] = Field(default_factory=lambda: [JudgeSpec(kind="offline")])
+    utility: UtilitySpec = UtilitySpec()
+    metrics: MetricsSpec = MetricsSpec()
+    output_dir: str = "outputs/evaluate"
+    ray: RaySpec = RaySpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        if not v:
+            raise ValueError("give at least one model")
+        labels = [model_label(m) for m in v]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"model labels must be unique, {dup} repeats: set `name` on each model")
+        return v
+
+    @field_validator("judges")
+    @classmethod
+    def _judges(cls, v: list[JudgeSpec]) -> list[JudgeSpec]:
+        if not v:
+            raise ValueError("give at least one judge (kind: offline needs no model)")
+        labels = [j.label for j in v]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"judge labels must be unique, {dup} repeats: set `name` on each judge")
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            bad = [x for x in v if not is_known(x)]
+            if bad:
+                raise ValueError(f"unknown language code(s) {bad}; use ISO 639-1 (or RAYSAFE_EXTRA_LANGS)")
+            if not v:
+                raise ValueError("give at least one language, or leave `languages` unset")
+        return v
+
+
+def model_label(spec: ModelSpec) -> str:
+    """Directory-safe label: ``name``, else the path's last part; a training checkpoint's ``.../<run>/<ckpt>/model``
+    becomes ``<run>-<ckpt>`` so that several checkpoints do not all read ``model``."""
+    if spec.name:
+        return safe_label(spec.name)
+    p = Path(spec.path.rstrip("/"))
+    if p.name == "model" and p.parent.name:
+        parts = [p.parent.parent.name, p.parent.name] if p.parent.name.startswith("checkpoint") else [p.parent.name]
+        return safe_label("-".join(x for x in parts if x))
+    return safe_label(spec.label)
+
+
+@dataclass
+class EvaluateResult:
+    output_dir: Path
+    per_language: pl.DataFrame  # (model, judge, set, lang): counts, value, ci_low, ci_high, status, ...
+    summary_table: pl.DataFrame  # (model, judge, set): mean, variance_pp2, agreement (+ intervals), counts, utility
+    agreement_pairs: pl.DataFrame  # (model, judge, set, lang_a, lang_b)
+    utility: pl.DataFrame  # (model, lang): accuracy and interval
+    paths: dict[str, Path] = field(default_factory=dict)
+    shards_generated: dict[str, int] = field(default_factory=dict)  # model -> generation shards produced by this call
+    shards_judged: dict[str, int] = field(default_factory=dict)  # "model/judge" -> judgement shards produced now
+    seconds: float = 0.0
+    mlflow_run_id: str | None = None
+
+    def summary(self) -> str:
+        lines = [f"evaluation in {self.output_dir} ({self.seconds:.0f} s; generation shards made now: "
+                 f"{self.shards_generated}; judgement shards made now: {self.shards_judged})"]
+        for key, sub in self.per_language.group_by(["model", "judge", "set"], maintain_order=True):
+            model, judge, set_name = key
+            metric = sub["metric"][0]
+            lines.append(f"\n{model} · judge {judge} · set {set_name} · {metric}")
+            lines.append(f"  {'lang':<5}{'prompts':>8}{'safe':>6}{'unsafe':>7}{'unpars':>7}{'empty':>6}"
+                         f"{'value':>8}  {'95% CI':<15}status")
+            for r in sub.iter_rows(named=True):
+                v = "   n/a" if r["value"] != r["value"] else f"{r['value']:6.3f}"
+                ci = "" if r["ci_low"] != r["ci_low"] else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                lines.append(f"  {r['lang']:<5}{r['n_prompts']:>8}{r['n_safe']:>6}{r['n_unsafe']:>7}"
+                             f"{r['n_unparsed']:>7}{r['n_empty']:>6}  {v}  {ci:<15}{r['status']}")
+            s = self.summary_table.filter((pl.col("model") == model) & (pl.col("judge") == judge)
+                                          & (pl.col("set") == set_name)).row(0, named=True)
+            lines.append(f"  mean {s['mean']:.3f} [{s['mean_ci_low']:.3f}, {s['mean_ci_high']:.3f}]  variance "
+                         f"{s['variance_pp2']:.1f} pp² [{s['variance_ci_low']:.1f}, {s['variance_ci_high']:.1f}]  "
+                         f"agreement {s['agreement']:.3f} [{s['agreement_ci_low']:.3f}, {s['agreement_ci_high']:.3f}]"
+                         f"  unparsed {s['n_unparsed']}  empty {s['n_empty']}  languages without prompts: "
+                         f"{s['languages_without_prompts'] or 'none'}")
+        if self.utility.height:
+            for (model,), sub in self.utility.group_by(["model"], maintain_order=True):
+                acc = "  ".join(f"{r['lang']} {r['accuracy']:.2f}" if r["status"] == "ok" else f"{r['lang']} n/a"
+                                for r in sub.iter_rows(named=True))
+                s = self.summary_table.filter(pl.col("model") == model).row(0, named=True)
+                lines.append(f"\n{model} · multiple-choice accuracy (chance 0.25): mean {s['utility_accuracy']:.3f} "
+                             f"[{s['utility_ci_low']:.3f}, {s['utility_ci_high']:.3f}] · {acc}")
+        lines.append(f"\ntables: {self.paths.get('per_language_csv')}, {self.paths.get('summary_csv')}")
+        if self.mlflow_run_id:
+            lines.append(f"MLflow run {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _unwrap(e: BaseException) -> RaysafeError | None:
+    """The user-facing error inside a Ray task failure, if any (re-created without Ray's traceback text)."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, RaysafeError):
+            for cls in type(x).__mro__:
+                if cls.__module__.startswith("raysafe") and issubclass(cls, RaysafeError):
+                    return cls(x.what, where=x.where, fix=x.fix)
+        stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
+    return None
+
+
+def _check_model(spec: ModelSpec, where: str) -> str:
+    """Fail before any work when a model cannot be found; returns its weights fingerprint."""
+    from transformers import AutoConfig
+
+    from raysafe.models.loading import _load_error, resolve
+
+    try:
+        resolved = resolve(spec)
+    except ModelError as e:
+        raise ModelError(e.what, where=f"{where} ({e.where})", fix=e.fix) from None
+    try:
+        AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        err = _load_error(spec, resolved, e)
+        raise ModelError(err.what, where=where, fix=err.fix) from None
+    return resolved.fingerprint
+
+
+def _threads(ray_spec: RaySpec) -> int:
+    return ray_spec.torch_threads or max(1, int(ray_spec.num_cpus_per_actor))
+
+
+def _run_pool(items: list[dict], stage, kwargs: dict, ray_spec: RaySpec, desc: str, progress: bool) -> list[dict]:
+    import ray
+    from tqdm.auto import tqdm
+
+    from raysafe.runtime import ensure_ray, quiet_ray_data
+
+    ensure_ray(ray_spec)
+    quiet_ray_data()
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=1,
+                        num_gpus=ray_spec.num_gpus_per_actor or None, num_cpus=ray_spec.num_cpus_per_actor,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_spec.num_actors))
+    out = []
+    try:
+        with tqdm(total=len(items), desc=desc, unit="shard", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                out.append(row)
+                bar.update(1)
+    except Exception as e:  # Ray wraps errors raised in actors; surface ours without the traceback
+        err = _unwrap(e)
+        if err is not None:
+            raise err from None
+        raise
+    return out
+
+
+def _write_table(df: pl.DataFrame, base: Path) -> tuple[Path, Path]:
+    pq_path, csv_path = base.with_suffix(".parquet"), base.with_suffix(".csv")
+    atomic_write_parquet(pq_path, df.to_arrow())
+    buf = io.BytesIO()
+    df.write_csv(buf)
+    atomic_write_bytes(csv_path, buf.getvalue())
+    return pq_path, csv_path
+
+
+def _languages(cfg: EvaluateConfig, present: list[str]) -> list[str]:
+    return list(cfg.languages) if cfg.languages is not None else present
+
+
+# -------------------------------------------------------------------------------------------------------- flow
+def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress: bool = True) -> EvaluateResult:
+    """Evaluate every model of ``cfg`` on every set with every judge; see the module docstring."""
+    from raysafe.evaluate.judges import make_judge
+    from raysafe.evaluate.stages import ClassifierJudgeStage, ModelWorkerStage, judge_shard
+    from raysafe.evaluate.tables import PER_LANGUAGE_SCHEMA, frame, safety_tables, utility_table
+
+    t_start = time.perf_counter()
+    store = EvalStore(cfg.output_dir)
+    # ---- inputs (validated before any model is loaded)
+    prompts = load_prompts(cfg.sets)
+    if cfg.languages is not None:
+        prompts = prompts.filter(pl.col("lang").is_in(cfg.languages))
+        if prompts.height == 0:
+            raise DataError(f"no prompt of the sets is in languages {cfg.languages}", where="languages",
+                            fix="list languages the sets have, or leave `languages` unset")
+        prompts = prompts.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+    langs = _languages(cfg, list(dict.fromkeys(prompts["lang"].to_list())))
+    prompts_fp = fingerprint(prompts)
+    mc = None
+    if cfg.utility.enabled:
+        mc = load_mc(cfg.utility)
+        if cfg.languages is not None:
+            mc = mc.filter(pl.col("lang").is_in(cfg.languages))
+            if mc.height == 0:
+                raise DataError(f"no multiple-choice question is in languages {cfg.languages}", where="utility.sources",
+                                fix="add questions in those languages, or set utility.enabled=false")
+            mc = mc.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+    mc_langs = _languages(cfg, list(dict.fromkeys(mc["lang"].to_list()))) if mc is not None else []
+    mc_fp = fingerprint(mc) if mc is not None else None
+    # ---- models and judges exist (fail before any work)
+    fps = {model_label(m): _check_model(m, f"models[{i}].path") for i, m in enumerate(cfg.models)}
+    for i, j in enumerate(cfg.judges):
+        if j.kind == "classifier":
+            _check_model(j.model, f"judges[{i}].model.path")
+        elif j.kind == "openai":
+            make_judge(j)  # raises ConfigError when the endpoint's environment variable is unset
+    n_prompt_shards = write_inputs(store.prompts.root, prompts, cfg.generation.shard_rows, prompts_fp, "prompts")
+    n_mc_shards = (write_inputs(store.mc.root, mc, cfg.utility.shard_rows, mc_fp, "questions")
+                   if mc is not None else 0)
+    gen_ids = {}
+    for spec in cfg.models:
+        label = model_label(spec)
+        gen_ids[label] = {"model_path": spec.path, "fingerprint": fps[label], "prompts": prompts_fp,
+                          "generation": cfg.generation.model_dump(mode="json")}
+        claim(store.model_dir(label) / "model.json", gen_ids[label], f"generations of model {label!r}")
+        if mc is not None:
+            claim(store.utility(label).root / "utility.json",
+                  {"fingerprint": fps[label], "questions": mc_fp, "utility": cfg.utility.model_dump(mode="json")},
+                  f"utility scores of model {label!r}")
+        for j in cfg.judges:
+            claim(store.judgements(label, j.label).root / "judge.json",
+                  {"judge": j.model_dump(mode="json", exclude={"ray"}), "generations": gen_ids[label]},
+                  f"judgements by {j.label!r}")
+
+    result = EvaluateResult(Path(cfg.output_dir), pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), pl.DataFrame())
+    name = cfg.tracking.run_name or f"evaluate {'+'.join(model_label(m) for m in cfg.models)}"
+    with tracking.run(cfg.tracking, name, parent_run_id=parent_run_id, tags={"raysafe.flow": "evaluate"}) as mlrun:
+        tracking.log_params({"config": cfg.model_dump(mode="json"), "prompts_fingerprint": prompts_fp})
+        per_lang, summary, pairs, util_rows, util_summ = [], [], [], [], {}
+        for spec in cfg.models:
+            label = model_label(spec)
+            gen_missing = store.generations(label).missing(n_prompt_shards)
+            mc_missing = store.utility(label).missing(n_mc_shards) if mc is not None else []
+            items = [{"task": "generate", "shard_id": k} for k in gen_missing]
+            items += [{"task": "mc", "shard_id": k} for k in mc_missing]
+            if items:
+                _run_pool(items, ModelWorkerStage,
+                          {"model": spec.model_dump(), "generation": cfg.generation.model_dump(),
+                           "utility": cfg.utility.model_dump(), "store_root": str(store.root), "model_label": label,
+                           "torch_threads": _threads(cfg.ray)},
+                          cfg.ray, f"generate {label}", progress)
+            result.shards_generated[label] = len(gen_missing)
+            gens = store.generations(label).read(n_prompt_shards)
+            tokens = {k: (store.generations(label).info(k) or {}).get("token") for k in range(n_prompt_shards)}
+            for j in cfg.judges:
+                jdir = store.judgements(label, j.label)
+                missing = jdir.stale_or_missing(n_prompt_shards, "generation_token", tokens)
+                if missing and j.kind == "classifier":
+                    jray = j.ray or cfg.ray
+                    _run_pool([{"shard_id": k} for k in missing], ClassifierJudgeStage,
+                              {"judge": j.model_dump(), "store_root": str(store.root), "model_label": label,
+                               "torch_threads": _threads(jray)}, jray, f"judge {label} ({j.label})", progress)
+                elif missing:
+                    judge = make_judge(j)
+                    for k in missing:
+                        judge_shard(judge, store, label, k)
+                result.shards_judged[f"{label}/{j.label}"] = len(missing)
+                judged = jdir.read(n_prompt_shards)
+                a, b, c = safety_tables(prompts, judged, label, j.label, langs, cfg.metrics)
+                per_lang += a
+                summary += b
+                pairs += c
+            if mc is not None:
+                scores = store.utility(label).read(n_mc_shards)
+                rows, util_summ[label] = utility_table(mc, scores, label, mc_langs, cfg.metrics)
+                util_rows += rows
+            _write_responses(store, label, gens, cfg.judges, n_prompt_shards)
+        result.per_language = frame(per_lang, PER_LANGUAGE_SCHEMA)
+        summ = frame(summary)
+        if util_summ:
+            summ = summ.join(pl.DataFrame(list(util_summ.values())), on="model", how="left")
+        else:
+            summ = summ.with_columns(pl.lit(float("nan")).alias(c) for c in
+                                     ("utility_accuracy", "utility_ci_low", "utility_ci_high"))
+        result.summary_table = summ
+        result.agreement_pairs = frame(pairs)
+        result.utility = frame(util_rows)
+        _write_outputs(cfg, store, result)
+        result.seconds = time.perf_counter() - t_start
+        if mlrun is not None:
+            _log_mlflow(cfg, result)
+            result.mlflow_run_id = mlrun.info.run_id
+    return result
+
+
+def _write_responses(store: EvalStore, label: str, gens: pl.DataFrame, judges: list[JudgeSpec], n: int) -> None:
+    """One CSV per model with every response beside every judge's verdict, for reading by eye."""
+    df = gens
+    for j in judges:
+        v = store.judgements(label, j.label).read(n).select("row_id", pl.col("verdict").alias(f"verdict_{j.label}"))
+        df = df.join(v, on="row_id", how="left")
+    buf = io.BytesIO()
+    df.sort("row_id").write_csv(buf)
+    atomic_write_bytes(store.model_dir(label) / "responses.csv", buf.getvalue())
+
+
+def _write_outputs(cfg: EvaluateConfig, store: EvalStore, result: EvaluateResult) -> None:
+    from raysafe.evaluate.plots import per_language_bars
+
+    out = store.metrics_dir
+    for name, df in (("per_language", result.per_language), ("summary", result.summary_table),
+                     ("agreement_pairs", result.agreement_pairs), ("utility", result.utility)):
+        if df.width:
+            result.paths[f"{name}_parquet"], result.paths[f"{name}_csv"] = _write_table(df, out / name)
+    for (judge, set_name), sub in result.per_language.group_by(["judge", "set"], maintain_order=True):
+        metric = sub["metric"][0]
+        p = per_language_bars(sub, out / f"per_language_{set_name}_{judge}.png",
+                              title=f"{set_name}: {metric.replace('_', ' ')} per language (judge {judge}, "
+                                    f"{int(cfg.metrics.confidence * 100)}% bootstrap CI)",
+                              ylabel=metric.replace("_", " "))
+        result.paths[f"figure_{set_name}_{judge}"] = p
+    if result.utility.width:
+        result.paths["figure_utility"] = per_language_bars(
+            result.utility, out / "utility_per_language.png", value="accuracy",
+            title="multiple-choice accuracy per language (dashed: chance 0.25)", ylabel="accuracy", hline=0.25)
+    cfg_path = store.root / "config.yaml"
+    atomic_write_bytes(cfg_path, dump_config(cfg).encode())
+    result.paths["config"] = cfg_path
+
+
+def _log_mlflow(cfg: EvaluateConfig, result: EvaluateResult) -> None:
+    multi = len(cfg.models) > 1
+    metrics: dict[str, float] = {}
+
+    def put(key: str, v) -> None:
+        if v is not None and v == v:
+            metrics[key] = float(v)
+
+    for r in result.summary_table.iter_rows(named=True):
+        p = f"{r['model']}." if multi else ""
+        base = f"{p}{r['set']}.{r['judge']}"
+        put(f"{base}.{r['metric']}_mean", r["mean"])
+        put(f"{base}.variance_pp2", r["variance_pp2"])
+        put(f"{base}.agreement", r["agreement"])
+        put(f"{base}.n_unparsed", r["n_unparsed"])
+        put(f"{base}.n_empty", r["n_empty"])
+        put(f"{p}utility.accuracy_mean", r.get("utility_accuracy"))
+    for r in result.per_language.iter_rows(named=True):
+        p = f"{r['model']}." if multi else ""
+        put(f"{p}{r['set']}.{r['judge']}.{r['metric']}.{r['lang']}", r["value"])
+    for r in result.utility.iter_rows(named=True) if result.utility.width else []:
+        p = f"{r['model']}." if multi else ""
+        put(f"{p}utility.accuracy.{r['lang']}", r["accuracy"])
+    put("seconds", result.seconds)
+    tracking.log_metrics(metrics)
+    tracking.log_params({"output_dir": str(result.output_dir.resolve())})
+    tracking.log_artifact(result.output_dir / "metrics", "metrics")
+    tracking.log_artifact(result.output_dir / "config.yaml")
