@@ -203,7 +203,9 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel], source:
         if "expected" in ctx:
             allowed = f" (allowed: {ctx['expected']})"
         shown = repr(value) if not isinstance(value, dict) else "{...}"
-        if e["type"] == "extra_forbidden":
+        if not loc:  # a check across fields (model validator): its message says where
+            lines.append(f"- {msg.removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"- {loc}: unknown field (value {shown}); check its spelling against `raysafe {cls.__name__}`")
         elif e["type"] == "missing":
             lines.append(f"- {loc}: required field is missing")
@@ -312,6 +314,11 @@ class LoraSpec(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def _on_off(v):
+    """YAML 1.1 reads unquoted on/off as booleans; accept them for the on/off/auto switches."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class TrainDataSpec(Strict):
     pairs: SourceSpec = SourceSpec(kind="fixture", name="preference_pairs")
     variants: SourceSpec = SourceSpec(kind="fixture", name="safety_prompts")
@@ -319,6 +326,8 @@ class TrainDataSpec(Strict):
     max_length: int = Field(1024, ge=8)
     max_prompt_length: int = Field(512, ge=4)
     chat_template: Literal["auto", "on", "off"] = "auto"
+
+    _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: _on_off(v)))
 
 
 class CheckpointSpec(Strict):
@@ -356,3 +365,5 @@ class TrainConfig(Strict):
     ray: TrainRaySpec = TrainRaySpec()
     tracking: TrackingSpec = TrackingSpec()
     seed: int = 0
+
+    _switch = field_validator("precompute_reference", mode="before")(classmethod(lambda cls, v: _on_off(v)))

@@ -72,7 +72,8 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
-def _num_layers(cfg: TrainConfig) -> int:
+def model_depth(cfg: TrainConfig) -> int:
+    """Number of decoder layers of the policy, read from its config (no weights loaded)."""
     from transformers import AutoConfig
 
     from raysafe.models.loading import resolve
@@ -95,7 +96,7 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
                               f"{cfg.ray.num_workers} workers", where="ray.use_gpu", fix="lower ray.num_workers or add GPUs")
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if cfg.mlc.weight > 0:
-        cfg.mlc.resolve_layer(_num_layers(cfg))
+        cfg.mlc.resolve_layer(model_depth(cfg))
     resume = _check_resume(cfg)
     per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
     if samples.height < per_step:
@@ -161,11 +162,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     with tracking.run(cfg.tracking, f"train {name}", tags={"raysafe.flow": "train"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
-        if pre:
-            log.info("precomputing reference log-probs for %d pairs", samples.height)
-            refs = precompute_reference(cfg, samples)
-            samples = samples.join(refs, on="sample_idx", how="left")
         order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
+        per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
+        order = order.filter(pl.col("pos") < steps * per_step)  # only what the run will consume
+        if pre:
+            needed = samples.filter(pl.col("sample_idx").is_in(order["sample_idx"].unique().implode()))
+            log.info("precomputing reference log-probs for the %d pairs the run consumes", needed.height)
+            refs = precompute_reference(cfg, needed)
+            samples = samples.join(refs, on="sample_idx", how="left")
         table = order.join(samples, on="sample_idx", how="left").sort("pos")
         ds = ray.data.from_arrow(table.to_arrow())
         uri = tracking.resolve_uri(cfg.tracking) if mlrun is not None else None
