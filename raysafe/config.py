@@ -82,6 +82,14 @@ class SourceSpec(Strict):
         return self
 
 
+def require_unique(labels: list[str], what: str, scope: str = "") -> None:
+    """Raise ValueError naming the repeated labels: outputs are keyed by label, so two models (or judges) with one
+    label would overwrite each other."""
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"{what} labels must be unique{scope}, {dup} repeats: set `name` on each {what}")
+
+
 # ------------------------------------------------------------------------------------------------------ ray
 class RaySpec(Strict):
     """Ray resources. ``address`` None: use RAY_ADDRESS if set, else start a local instance."""
@@ -153,10 +161,7 @@ class ExtractConfig(Strict):
     def _unique_models(cls, v):
         if not v:
             raise ValueError("give at least one model")
-        labels = [m.label for m in v]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"model labels must be unique, {dup} repeats: set `name` on each model")
+        require_unique([m.label for m in v], "model")
         return v
 
 

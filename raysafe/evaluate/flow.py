@@ -18,7 +18,7 @@ import polars as pl
 from pydantic import Field, field_validator
 
 from raysafe import tracking
-from raysafe.config import ModelSpec, RaySpec, SourceSpec, Strict, TrackingSpec, dump_config
+from raysafe.config import ModelSpec, RaySpec, SourceSpec, Strict, TrackingSpec, dump_config, require_unique
 from raysafe.data.languages import is_known
 from raysafe.errors import DataError, ModelError, RaysafeError
 from raysafe.evaluate.data import load_mc, load_prompts
@@ -57,10 +57,7 @@ class EvaluateConfig(Strict):
     def _models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
         if not v:
             raise ValueError("give at least one model")
-        labels = [model_label(m) for m in v]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"model labels must be unique, {dup} repeats: set `name` on each model")
+        require_unique([model_label(m) for m in v], "model")
         return v
 
     @field_validator("judges")
@@ -68,10 +65,7 @@ class EvaluateConfig(Strict):
     def _judges(cls, v: list[JudgeSpec]) -> list[JudgeSpec]:
         if not v:
             raise ValueError("give at least one judge (kind: offline needs no model)")
-        labels = [j.label for j in v]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"judge labels must be unique, {dup} repeats: set `name` on each judge")
+        require_unique([j.label for j in v], "judge")
         return v
 
     @field_validator("languages")
