@@ -19,6 +19,13 @@ FLOWS: dict[str, tuple[str, str, str]] = {
                 "raysafe.config:ExtractConfig", "raysafe.extract.pipeline:run_extract"),
     "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
               "raysafe.config:TrainConfig", "raysafe.train.flow:run_train"),
+    "separation": ("per-language separation of toxic vs benign hidden states, base vs aligned model, per layer "
+                   "(PCA, Bhattacharyya, silhouette, probe; alignment shift; detox displacement)",
+                   "raysafe.analysis.separation_flow:SeparationConfig",
+                   "raysafe.analysis.separation_flow:run_separation"),
+    "concepts": ("multilingual value concepts: recognition, cross-lingual consistency, URIEL distance, transfer and "
+                 "steering (cross-lingual control)",
+                 "raysafe.analysis.concepts_flow:ConceptsConfig", "raysafe.analysis.concepts_flow:run_concepts"),
     "evaluate": ("multilingual safety evaluation: generate per language (actor pool), judge (offline patterns, "
                  "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
                  "bootstrap CIs, and multiple-choice utility",

@@ -5,6 +5,7 @@ from __future__ import annotations
 BENCHES = {
     "extract": "raysafe.bench.extract",
     "losses": "raysafe.bench.losses",
+    "separation": "raysafe.bench.separation",
 }
 
 
