@@ -15,6 +15,9 @@ from raysafe.errors import RaysafeError
 #: flow name -> (help, "module:ConfigClass", "module:run_function"). Each run function takes the validated config and
 #: returns a result object with a ``summary() -> str`` method; ``jobs/`` and the tests call the same functions.
 FLOWS: dict[str, tuple[str, str, str]] = {
+    "study": ("the closed loop: analyse the base model, train with MLC (and the λ = 0 control), analyse the "
+              "checkpoints, report before/after (the main job)", "raysafe.study.config:StudyConfig",
+              "raysafe.study.flow:run_study"),
     "extract": ("stream texts through a model actor pool and store pooled hidden states per layer (Parquet)",
                 "raysafe.config:ExtractConfig", "raysafe.extract.pipeline:run_extract"),
     "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
