@@ -26,6 +26,7 @@ def flow_config(tmp, base_dir, aligned_dir, **over) -> SeparationConfig:
         "options": {"k": 4, "bootstrap": 20, "probe_folds": 3,
                     "metrics": ["bhattacharyya", "silhouette_euclidean", "between_var_ratio", "probe_accuracy"]},
         "scatter_points_per_class": 20,
+        "torch_threads": 1,
         "extract": {"shard_rows": 512, "max_length": 48},
         "ray": {"num_actors": 1, "torch_threads": 1},
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "separation-test"},

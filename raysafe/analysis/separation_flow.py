@@ -97,6 +97,9 @@ class SeparationConfig(Strict):
         "best", description="layers of the PCA scatter plots; best: where the last model separates English most")
     scatter_points_per_class: int = Field(300, ge=10, description="points per language and class in a scatter plot")
     options: SeparationOptions = SeparationOptions()
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads of the analysis (default: torch's, one per core); 1 is "
+        "faster for small cells and on a busy machine (docs/separation.md, Cost)")
     extract: ExtractSpec = ExtractSpec()
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -454,6 +457,19 @@ def run_separation(cfg: SeparationConfig, progress: bool = True) -> SeparationRe
 
     Families (base + aligned models) are analysed one after the other, each on the union of its models' layers,
     one layer of one model in memory at a time."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _run(cfg, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
+    """:func:`run_separation` with the thread setting applied."""
     from raysafe.analysis.separation_report import best_layers, write_separation_report
 
     t_start = time.perf_counter()

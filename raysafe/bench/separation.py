@@ -184,6 +184,10 @@ def run_sklearn(cfg: dict, queue: mp.Queue) -> None:
     from raysafe.analysis.separation import stratified_folds
     from raysafe.analysis.separation_tables import cell_seed
 
+    if cfg["threads"]:  # the same thread budget as the torch side, for numpy/scipy BLAS and OpenMP
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(cfg["threads"])
     store = SyntheticActivations(cfg["items"], cfg["dim"], cfg["layers"], cfg["languages"], cfg["seed"])
     point_s = boot_s = point_cpu = boot_cpu = 0.0
     points = []
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="resamples the baseline really runs per cell (its time is extrapolated to --resamples)")
     ap.add_argument("--skip-point-only", action="store_true", help="do not also time raysafe without bootstrap")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads, and BLAS/OpenMP threads of the baseline (0: the libraries' defaults)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this JSON file")
     a = ap.parse_args(argv)
