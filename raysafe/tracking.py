@@ -109,7 +109,7 @@ def run(spec: TrackingSpec, name: str, *, nested: bool = False, parent_run_id: s
         except mlflow.exceptions.MlflowException:
             log.info("MLflow run %s is not in this tracking store; starting a new run", resume_run_id)
         else:
-            with mlflow.start_run(run_id=resume_run_id) as r:
+            with mlflow.start_run(run_id=resume_run_id) as r, _killed_on_exit(r):
                 yield r
             return
 
@@ -120,8 +120,22 @@ def run(spec: TrackingSpec, name: str, *, nested: bool = False, parent_run_id: s
         kwargs["nested"] = True
     elif nested:
         kwargs["nested"] = True
-    with mlflow.start_run(**kwargs) as r:
+    with mlflow.start_run(**kwargs) as r, _killed_on_exit(r):
         yield r
+
+
+@contextlib.contextmanager
+def _killed_on_exit(active: Any) -> Iterator[None]:
+    """A run whose process is being stopped (Ctrl-C, a Tune scheduler's stop, ``sys.exit``) ends KILLED, not
+    FAILED: it did not fail, and a resumed flow continues it."""
+    import mlflow
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        if any(r.info.run_id == active.info.run_id for r in [mlflow.active_run()] if r is not None):
+            mlflow.end_run("KILLED")
+        raise
 
 
 def flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
