@@ -33,6 +33,9 @@ FLOWS: dict[str, tuple[str, str, str]] = {
                  "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
                  "bootstrap CIs, and multiple-choice utility",
                  "raysafe.evaluate.flow:EvaluateConfig", "raysafe.evaluate.flow:run_evaluate"),
+    "sweep": ("Ray Tune sweep over λ, β, τ, the MLC layer, lr and the language mixture: each trial trains, "
+              "evaluates and is scored; MLflow parent/child runs, results table, Pareto plot, best train config",
+              "raysafe.tune.flow:SweepConfig", "raysafe.tune.flow:run_sweep"),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 
