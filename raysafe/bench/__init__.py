@@ -6,6 +6,7 @@ BENCHES = {
     "extract": "raysafe.bench.extract",
     "losses": "raysafe.bench.losses",
     "separation": "raysafe.bench.separation",
+    "train": "raysafe.bench.train",
 }
 
 
