@@ -38,6 +38,17 @@ FLOWS: dict[str, tuple[str, str, str]] = {
               "raysafe.tune.flow:SweepConfig", "raysafe.tune.flow:run_sweep"),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
+PREPARE_HELP = ("convert models to the cached safetensors form once, before any job (a .gguf file or the packaged "
+                "'gemma3-270m': the GGUF dequantisation takes minutes on a CPU); prints each model's directory")
+
+
+def run_prepare(models: list[str]) -> int:
+    from raysafe.config import ModelSpec
+    from raysafe.models.loading import resolve
+
+    for path in models:
+        print(f"{path}: {resolve(ModelSpec(path=path)).path}")
+    return 0
 
 
 def _resolve(ref: str):
@@ -87,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
     sp.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
+    sp = sub.add_parser("prepare", help=PREPARE_HELP, description=PREPARE_HELP)
+    sp.add_argument("models", nargs="*", default=["gemma3-270m"], help="model paths or aliases (default: gemma3-270m)")
     return p
 
 
@@ -102,12 +115,21 @@ def main(argv: list[str] | None = None) -> int:
             from raysafe.bench import run_bench
 
             return run_bench(args.name, args.rest)
+        if args.flow == "prepare":
+            return run_prepare(args.models)
         return run_flow(args.flow, args)
     except RaysafeError as e:
         if args.debug:
             raise
         print(f"raysafe {args.flow}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # Shards, stages, checkpoints and trials are written atomically as they finish: nothing finished is lost.
+        print(f"raysafe {args.flow}: interrupted. What finished is kept (shards, stages, checkpoints, trials); run "
+              "the same command again to continue from there.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

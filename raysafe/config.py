@@ -72,6 +72,10 @@ class SourceSpec(Strict):
     label_map: dict[str, int] | None = None
     languages: list[str] | None = Field(None, description="keep only these languages")
     limit_per_lang: int | None = Field(None, gt=0, description="keep at most this many rows per language (the first rows when the source has no language column)")
+    items_per_class: int | None = Field(
+        None, gt=0, description="keep the first N items (group_ids) of every class — each (label or concept, split) "
+        "combination the source has — in every language: a smaller set with the classes balanced and the items "
+        "still parallel across languages (limit_per_lang keeps the first rows, whatever their class)")
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceSpec":

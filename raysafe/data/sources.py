@@ -119,7 +119,24 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
         df = df.with_row_index("_i").filter(pl.int_range(pl.len()).over("lang") < spec.limit_per_lang).drop("_i")
     elif spec.limit_per_lang:  # a single-language source (e.g. English preference pairs): the first rows
         df = df.head(spec.limit_per_lang)
+    if spec.items_per_class:
+        df = _items_per_class(df, spec.items_per_class, _source_label(spec))
     return df
+
+
+def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
+    """Rows of the first ``n`` group_ids of each class (label or concept, and split), in source order: the same items
+    in every language, so a subset of a parallel set stays parallel."""
+    if "group_id" not in df.columns:
+        raise DataError("items_per_class needs a group_id column (one id per item across its translations)",
+                        where=where, fix="map the item id column to group_id in data.columns, or use limit_per_lang")
+    strata = [c for c in ("label", "concept", "split") if c in df.columns]
+    items = df.select("group_id", *strata).unique(subset="group_id", keep="first", maintain_order=True)
+    if strata:
+        items = items.filter(pl.int_range(pl.len()).over(strata) < n)
+    else:
+        items = items.head(n)
+    return df.join(items.select("group_id"), on="group_id", how="semi", maintain_order="left")
 
 
 def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
