@@ -53,11 +53,16 @@ def rows_file(tmp_path):
     return p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A local Ray instance per test module. Per module, not per session: a Ray Train run driven from this process
+    leaves its controller actor alive after ``fit()`` returns (Ray's SIGINT handler keeps its handle), and such
+    leftovers from one module must not hold the 2 CPUs that the next module's workers wait for."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    if ray.is_initialized():  # started by a test of an earlier module that called ray.init itself
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

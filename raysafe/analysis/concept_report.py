@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe.analysis.concept_plots import plot_concepts
+from raysafe.tables import write_table
 
 
 def markdown_table(df: pl.DataFrame, digits: int = 3, max_rows: int = 60) -> str:
@@ -55,17 +56,6 @@ def consistency_overview(summary: pl.DataFrame) -> pl.DataFrame:
             .agg(mean_max_cosine=pl.col("max_cosine").mean(),
                  mean_cosine_at_concept_layer=pl.col("cosine_at_concept_layer").mean(), n_pairs=pl.len())
             .sort("concept"))
-
-
-def write_table(df: pl.DataFrame, tables_dir: str | Path, name: str) -> Path:
-    """``name.parquet`` and, without its list columns (the vectors), ``name.csv``; returns the Parquet path."""
-    d = Path(tables_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}.parquet"
-    df.write_parquet(path)
-    flat = [c for c, t in df.schema.items() if not isinstance(t, (pl.List, pl.Array, pl.Struct))]
-    df.select(flat).write_csv(d / f"{name}.csv")
-    return path
 
 
 def write_concept_report(tables: dict[str, pl.DataFrame], out_dir: str | Path, *,

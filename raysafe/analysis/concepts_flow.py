@@ -402,7 +402,8 @@ def _with_status(tables: dict[str, pl.DataFrame], rows: list[dict], model: str) 
 def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: list[int], pairs: pl.DataFrame,
                   neutral: pl.DataFrame | None, out: ModelConcepts, seconds: dict[str, float]) -> None:
     """Analysis, outputs, steering and logging of one model (fills ``out``)."""
-    from raysafe.analysis.concept_report import write_concept_report, write_table
+    from raysafe.analysis.concept_report import write_concept_report
+    from raysafe.tables import write_table
     from raysafe.extract.store import ActivationStore
 
     label = spec.label
@@ -457,7 +458,8 @@ def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: l
 
 def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
     """``summary.parquet`` / ``.csv`` (model, metric, value) and an index ``report.md`` linking each model's."""
-    from raysafe.analysis.concept_report import markdown_table, write_table
+    from raysafe.analysis.concept_report import markdown_table
+    from raysafe.tables import write_table
 
     rows = [{"model": m.label, "metric": k, "value": v} for m in result.models.values() for k, v in m.headline.items()]
     summary = pl.DataFrame(rows, schema={"model": pl.String, "metric": pl.String, "value": pl.Float64})

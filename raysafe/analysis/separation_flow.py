@@ -22,9 +22,7 @@ tables' ``status``/``message`` columns and listed in the report; the rest of the
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +43,8 @@ from raysafe.analysis.separation_tables import (
 )
 from raysafe.config import ExtractConfig, ExtractSpec, ModelSpec, RaySpec, SourceSpec, Strict, TrackingSpec, dump_config
 from raysafe.errors import ConfigError, ModelError, OutputError
-from raysafe.extract.store import ActivationStore, atomic_write_parquet
+from raysafe.extract.store import ActivationStore
+from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -400,22 +399,6 @@ def _logged_reader(read: Callable, stage: str, total: int) -> ReadLayer:
 
 
 # ================================================================================================ outputs
-def write_table(df: pl.DataFrame, out_dir: Path, name: str) -> Path:
-    """``<out_dir>/<name>.parquet`` and ``.csv``, each written atomically; returns the Parquet path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pq_path = out_dir / f"{name}.parquet"
-    atomic_write_parquet(pq_path, df.to_arrow())
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.csv.", dir=out_dir)
-    os.close(fd)
-    try:
-        df.write_csv(tmp)
-        os.replace(tmp, out_dir / f"{name}.csv")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return pq_path
-
-
 def _metric_key(*parts: str) -> str:
     """An MLflow metric name from parts (characters MLflow rejects become '_')."""
     return re.sub(r"[^A-Za-z0-9_.\- /]", "_", ".".join(parts))
@@ -519,10 +502,10 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         result.table = table
         result.languages = sorted((set(table["lang"].to_list()) - {"*"}) if table.height else set(),
                                   key=lambda lg: (lg != cfg.english, lg))
-        result.tables["separation"] = write_table(table, tables_dir, "separation")
+        result.tables["separation"] = write_table(table, tables_dir, "separation")[0]
         best = best_layers(table, cfg.english)
         result.best = best
-        result.tables["best_layers"] = write_table(best, tables_dir, "best_layers")
+        result.tables["best_layers"] = write_table(best, tables_dir, "best_layers")[0]
         log_layer_metrics(table, "value", lambda r: _metric_key(r["metric"], r["model"], r["lang"]))
         tracking.log_metrics({_metric_key("best", r["metric"], r["model"], r["lang"]): r["value"]
                               for r in best.iter_rows(named=True)})
@@ -534,7 +517,7 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         if pairs:
             log.info("separation [3/5]: alignment shift of %s", ", ".join(f"{a} − {b}" for b, a in pairs))
             result.shift = pl.concat([alignment_shift(table, b, a, cfg.english) for b, a in pairs])
-            result.tables["shift"] = write_table(result.shift, tables_dir, "shift")
+            result.tables["shift"] = write_table(result.shift, tables_dir, "shift")[0]
             log_layer_metrics(result.shift, "shift",
                               lambda r: _metric_key("shift", r["metric"], r["aligned_model"], r["lang"]))
         else:
@@ -548,7 +531,7 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
                 detox_displacement(dreader, read_safety, [f.base.label] + [a.label for a in f.aligned],
                                    layers_of[f.base.label], cfg.english, options=o, progress=False)
                 for f in families])
-            result.tables["detox"] = write_table(result.detox, tables_dir, "detox")
+            result.tables["detox"] = write_table(result.detox, tables_dir, "detox")[0]
             log_layer_metrics(result.detox, "value", lambda r: _metric_key(r["metric"], r["model"], r["lang"]))
         else:
             log.info("separation [4/5]: no detox pairs configured: skipped")

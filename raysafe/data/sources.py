@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
 from raysafe.config import SourceSpec
 from raysafe.data.languages import is_known

@@ -25,7 +25,8 @@ from raysafe.evaluate.data import load_mc, load_prompts
 from raysafe.evaluate.specs import EvalSetSpec, GenerationSpec, JudgeSpec, MetricsSpec, UtilitySpec, safe_label
 from raysafe.evaluate.store import EvalStore, claim, write_inputs
 from raysafe.extract.pipeline import fingerprint
-from raysafe.extract.store import atomic_write_bytes, atomic_write_parquet
+from raysafe.extract.store import atomic_write_bytes
+from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +206,6 @@ def _run_pool(items: list[dict], stage, kwargs: dict, ray_spec: RaySpec, desc: s
     return out
 
 
-def _write_table(df: pl.DataFrame, base: Path) -> tuple[Path, Path]:
-    pq_path, csv_path = base.with_suffix(".parquet"), base.with_suffix(".csv")
-    atomic_write_parquet(pq_path, df.to_arrow())
-    buf = io.BytesIO()
-    df.write_csv(buf)
-    atomic_write_bytes(csv_path, buf.getvalue())
-    return pq_path, csv_path
-
-
 def _languages(cfg: EvaluateConfig, present: list[str]) -> list[str]:
     return list(cfg.languages) if cfg.languages is not None else present
 
@@ -352,7 +344,7 @@ def _write_outputs(cfg: EvaluateConfig, store: EvalStore, result: EvaluateResult
     for name, df in (("per_language", result.per_language), ("summary", result.summary_table),
                      ("agreement_pairs", result.agreement_pairs), ("utility", result.utility)):
         if df.width:
-            result.paths[f"{name}_parquet"], result.paths[f"{name}_csv"] = _write_table(df, out / name)
+            result.paths[f"{name}_parquet"], result.paths[f"{name}_csv"] = write_table(df, out, name)
     for (judge, set_name), sub in result.per_language.group_by(["judge", "set"], maintain_order=True):
         metric = sub["metric"][0]
         p = per_language_bars(sub, out / f"per_language_{set_name}_{judge}.png",

@@ -29,6 +29,7 @@ from raysafe import tracking
 from raysafe.config import ModelSpec, dump_config
 from raysafe.extract.store import atomic_write_json
 from raysafe.study.config import StudyConfig
+from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,7 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     table = consistency_table(store.reader("last"), models, layers, langs, cfg.consistency_split)
     out = cfg.root / "consistency"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "consistency.parquet"
-    table.write_parquet(path)
-    table.write_csv(out / "consistency.csv")
+    path = write_table(table, out, "consistency")[0]
     with tracking.run(cfg.tracking, "consistency", tags={"raysafe.flow": "consistency"}) as r:
         if r is not None:
             at = table.filter(pl.col("layer") == mlc_layer)

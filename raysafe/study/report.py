@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 
 from raysafe.config import ModelSpec
+from raysafe.tables import write_table
 
 SEPARATION_METRICS = ("probe_accuracy", "silhouette_euclidean", "bhattacharyya")
 
@@ -151,9 +152,7 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
     table, summary = build_tables(cfg, base, trained, stages)
     paths = {}
     for name, df in (("per_language", table), ("per_model", summary)):
-        df.write_parquet(out / f"{name}.parquet")
-        df.write_csv(out / f"{name}.csv")
-        paths[name] = out / f"{name}.parquet"
+        paths[name] = write_table(df, out, name)[0]
     figures: list[tuple[str, Path]] = []
     if table.height and "safety" in table.columns:
         bars = table.filter(pl.col("safety").is_not_null())

@@ -46,6 +46,7 @@ from raysafe.tune import metrics as M
 from raysafe.tune.heldout import ConsistencySpec
 from raysafe.tune.objective import ObjectiveSpec
 from raysafe.tune.space import SearchSpace, grid_size, param_space, trial_train_config, validate_space
+from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -521,7 +522,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
                         "raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"})
         table = R.results_table(rows, cfg.objective, param_keys)
         paths: dict[str, Path] = {}
-        paths["results_parquet"], paths["results_csv"] = R.write_table(table, sweep_dir / "results")
+        paths["results_parquet"], paths["results_csv"] = write_table(table, sweep_dir, "results")
         paths["pareto_plot"] = R.pareto_plot(table, cfg.objective, sweep_dir / "pareto.png",
                                              f"sweep {cfg.name}: {table.height} trials, Pareto front over "
                                              f"{', '.join(t.metric for t in cfg.objective.pareto)}", param_keys)

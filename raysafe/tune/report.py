@@ -6,7 +6,6 @@ stopped, its last intermediate ones), ``objective``/``feasible``/``pareto``/``be
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import polars as pl
 
 from raysafe.config import TrainConfig, dump_config
-from raysafe.extract.store import atomic_write_bytes, atomic_write_parquet
 from raysafe.tune.objective import ObjectiveSpec, best_index, pareto_front
 
 FIRST_COLUMNS = ("trial_id", "status", "objective", "feasible", "pareto", "best")
@@ -46,15 +44,6 @@ def results_table(rows: list[dict[str, Any]], objective: ObjectiveSpec, param_ke
     if "objective" in df.columns:
         df = df.sort("objective", descending=True, nulls_last=True)
     return df
-
-
-def write_table(df: pl.DataFrame, base: Path) -> tuple[Path, Path]:
-    pq_path, csv_path = base.with_suffix(".parquet"), base.with_suffix(".csv")
-    atomic_write_parquet(pq_path, df.to_arrow())
-    buf = io.BytesIO()
-    df.write_csv(buf)
-    atomic_write_bytes(csv_path, buf.getvalue())
-    return pq_path, csv_path
 
 
 def pareto_plot(df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: str,
