@@ -44,6 +44,7 @@ from raysafe.config import (
     Strict,
     TrackingSpec,
     dump_config,
+    require_unique,
 )
 from raysafe.errors import ConfigError, RaysafeError
 
@@ -111,10 +112,7 @@ class ConceptsConfig(Strict):
     def _unique_models(cls, v):
         if not v:
             raise ValueError("give at least one model")
-        labels = [m.label for m in v]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ValueError(f"model labels must be unique, {dup} repeats: set `name` on each model")
+        require_unique([m.label for m in v], "model")
         return v
 
     @field_validator("layers")
