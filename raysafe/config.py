@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,6 +129,9 @@ class ExtractSpec(Strict):
     padding_side: Literal["right", "left"] = "right"
     max_tokens_per_batch: int = Field(8192, ge=16, description="token budget of one padded batch (rows x longest)")
     max_rows_per_batch: int = Field(256, ge=1)
+    batch_overhead_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="cost of one more forward call, in tokens: the batch planner minimises padded tokens + "
+        "this x batches; auto = 32 on CPU (a forward costs little beyond its tokens), 256 on GPU (launch overhead)")
     shard_rows: int = Field(512, ge=1, description="rows per output shard: the unit of atomic writes and resume")
 
     @field_validator("layers")
@@ -313,6 +316,8 @@ class DeepSpeedSpec(Strict):
     offload_optimizer: bool = False
     offload_params: bool = False
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    reduce_bucket_size: int = Field(50_000_000, ge=1, description="elements per gradient reduce bucket (stages 2-3)")
+    prefetch_bucket_size: int = Field(50_000_000, ge=1, description="elements prefetched ahead of use (stage 3)")
 
 
 class LoraSpec(Strict):

@@ -26,20 +26,41 @@ def reference(model, tok, texts, layers):
 
 
 def max_rel_err(got, ref):
-    return max(((got[k] - ref[k]).norm(dim=-1) / ref[k].norm(dim=-1)).max().item() for k in ref)
+    assert got, "nothing extracted"
+    return max(((got[k] - ref[k]).norm(dim=-1) / ref[k].norm(dim=-1)).max().item() for k in got)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_pooled_states_match_unbatched_forward(arch, side):
+@pytest.mark.parametrize("positions", [["last", "mean"], ["last"]])  # last only: the deepest MLP runs on last tokens
+def test_pooled_states_match_unbatched_forward(arch, side, positions):
     from raysafe.models.tiny import tiny_model, tiny_tokenizer
 
     model, tok = tiny_model(arch), tiny_tokenizer(padding_side=side)
     layers = list(range(model.config.num_hidden_layers + 1))
     enc = tok(TEXTS, return_tensors="pt", padding=True)
     assert (enc.attention_mask == 0).any(), "the test needs padded rows"
-    got = pooled_hidden_states(model, enc.input_ids, enc.attention_mask, layers, ["last", "mean"])
+    got = pooled_hidden_states(model, enc.input_ids, enc.attention_mask, layers, positions)
+    assert {p for _, p in got} == set(positions)
     assert max_rel_err(got, reference(model, tok, TEXTS, layers)) < 1e-4
+
+
+@pytest.mark.parametrize("deepest", [2, 4])
+def test_last_only_runs_the_deepest_mlp_on_one_token_per_row(deepest):
+    from raysafe.models.tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("gemma3", num_layers=4), tiny_tokenizer()
+    mlps = [layer.mlp for layer in model.model.layers]
+    rows_seen = {}
+    hooks = [m.register_forward_hook(lambda _m, i, _o, k=k: rows_seen.__setitem__(k, i[0].shape[:2]))
+             for k, m in enumerate(mlps)]
+    enc = tok(TEXTS[:5], return_tensors="pt", padding=True)
+    pooled_hidden_states(model, enc.input_ids, enc.attention_mask, [1, deepest], ["last"])
+    for h in hooks:
+        h.remove()
+    width = enc.input_ids.shape[1]
+    assert rows_seen == {**{k: (5, width) for k in range(deepest - 1)}, deepest - 1: (5, 1)}
+    assert [layer.mlp for layer in model.model.layers] == mlps  # the stand-in is removed again
 
 
 def test_forward_stops_at_the_deepest_requested_layer():
@@ -68,10 +89,11 @@ def test_extractor_token_budget_batches_are_exact(tiny_gemma_dir, side):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_gemma3_270m_matches_unbatched_forward(side):
+@pytest.mark.parametrize(("side", "positions"), [("right", ["last", "mean"]), ("left", ["last", "mean"]),
+                                                 ("right", ["last"])])
+def test_gemma3_270m_matches_unbatched_forward(side, positions):
     """The packaged Gemma 3 270M: 6+ scripts, every 3rd layer and the last (after the final norm)."""
-    ext = Extractor({"path": "gemma3-270m"}, {"padding_side": side, "positions": ["last", "mean"]},
+    ext = Extractor({"path": "gemma3-270m"}, {"padding_side": side, "positions": positions},
                     layers=[0, 3, 9, 17, 18])
     texts = [MULTISCRIPT[lang][0] for lang in MULTISCRIPT]
     ids = [ext.tok(t)["input_ids"] for t in texts]

@@ -32,7 +32,8 @@ def tiny_config(model_dir, out, **over) -> TrainConfig:
         "mixture": {"languages": ["en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"], "m": 4},
         "mlc": {"weight": 0.8, "layer": 2, "d": 32, "every_k": 2},
         "optim": {"lr": 2e-3, "epochs": 6, "micro_batch": 2, "grad_accum": 1, "warmup_ratio": 0.0, "max_steps": 8},
-        "deepspeed": {"zero_stage": 3},
+        # small buckets, as docs/training.md advises for small models: DeepSpeed must take them
+        "deepspeed": {"zero_stage": 3, "reduce_bucket_size": 2_000_000, "prefetch_bucket_size": 2_000_000},
         "checkpoint": {"every_n_steps": 4, "storage_path": str(out)},
         "ray": {"num_workers": 2, "torch_threads": 1},
     }
@@ -79,6 +80,17 @@ def test_zero3_two_workers_loss_goes_down_and_checkpoint_round_trips(ray_local, 
     assert [m.step for m in history] == list(range(1, 9))
     for key in ("loss_mlc", "mlc_rank1_energy", "align_rewards_accuracy", "tokens_per_s", "memory_mb"):
         assert key in run.data.metrics, key
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_bucket_sizes_reach_the_deepspeed_config(tiny_llama_dir, tmp_path, stage):
+    from raysafe.train.ds_config import deepspeed_config
+
+    cfg = tiny_config(tiny_llama_dir, tmp_path, **{"deepspeed.zero_stage": stage})
+    zero = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu=False)["zero_optimization"]
+    assert zero["stage"] == stage
+    assert zero.get("reduce_bucket_size") == (2_000_000 if stage >= 2 else None)
+    assert zero.get("stage3_prefetch_bucket_size") == (2_000_000 if stage == 3 else None)
 
 
 def _session_train_workers() -> list[int]:

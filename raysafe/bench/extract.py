@@ -65,18 +65,22 @@ def matmul_peak_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def forward_flops(model, ids: list[list[int]], upto: int) -> float:
-    """Matmul FLOPs of the decoder up to layer ``upto``: 2 x layer weights per token + causal attention scores."""
+def forward_flops(model, ids: list[list[int]], upto: int, last_only: bool = True) -> float:
+    """Useful matmul FLOPs of the decoder up to layer ``upto`` on the real tokens (padding not counted):
+    2 x layer weights per token + causal attention scores. With ``last_only`` the deepest block's MLP counts once per
+    row, as the extractor runs it (only the last position is pooled)."""
     from raysafe.models.layers import decoder_layers
 
     layers = decoder_layers(model)[:upto]
     weights = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2)
+    mlp = getattr(layers[-1], "mlp", None) if last_only else None
+    mlp_weights = sum(p.numel() for p in mlp.parameters() if p.dim() == 2) if mlp is not None else 0
     cfg = model.config
     attn_dim = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     total = 0.0
     for x in ids:
         t = len(x)
-        total += 2 * weights * t + upto * 2 * 2 * attn_dim * t * (t + 1) / 2  # QK^T and AV, causal half
+        total += 2 * (weights - mlp_weights) * t + 2 * mlp_weights + upto * 2 * 2 * attn_dim * t * (t + 1) / 2
     return total
 
 
@@ -101,11 +105,11 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raysafe.config import ExtractConfig, load_config
+    from raysafe.config import ExtractConfig, ModelSpec, load_config
+    from raysafe.extract.batching import padding_efficiency, plan_token_batches
     from raysafe.extract.pipeline import run_extract
     from raysafe.extract.stages import Extractor, tokenize_texts
     from raysafe.extract.store import ActivationStore
-    from raysafe.config import ModelSpec
     from raysafe.models.loading import resolve
 
     rows = corpus_texts(args.per_lang)
@@ -119,13 +123,13 @@ def run(args) -> dict:
         "data": {"kind": "file", "path": str(data)},
         "output_dir": str(work / "acts"),
         "extract": {"layers": "all", "positions": ["last"], "max_length": 256, "shard_rows": args.shard_rows,
-                    "max_tokens_per_batch": args.max_tokens},
+                    "max_tokens_per_batch": args.max_tokens, "batch_overhead_tokens": args.batch_overhead_tokens},
         "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": args.threads},
         "tracking": {"enabled": False},
     })
     torch.set_num_threads(args.threads)
     resolved = resolve(ModelSpec(path=args.model))
-    results: dict = {"texts": len(rows), "threads": args.threads}
+    results: dict = {"texts": len(rows), "threads": args.threads, "batch_overhead_tokens": args.batch_overhead_tokens}
 
     # 1. naive
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32).eval()
@@ -169,7 +173,8 @@ def run(args) -> dict:
             ext.extract(s)
         return time.perf_counter() - t
 
-    plain(list(range(n_layers + 1)))  # warm-up
+    ext.layers = list(range(n_layers + 1))
+    ext.extract(ids[0])  # warm-up
     all_secs = plain(list(range(n_layers + 1)))
     half_secs = plain(list(range(n_layers // 2 + 1)))
     tokens = sum(len(x) for s in ids for x in s)
@@ -178,8 +183,19 @@ def run(args) -> dict:
     flops = forward_flops(ext.model, [x for s in ids for x in s], n_layers)
     results["gflops"] = flops / all_secs / 1e9
     results["peak_gflops"] = matmul_peak_gflops(args.threads)
+    flat = [len(x) for s in ids for x in s]
+    results["naive_padding_efficiency"] = padding_efficiency(flat, [list(range(i, min(i + 16, len(flat))))
+                                                                    for i in range(0, len(flat), 16)])
+    spec = cfg.extract
+    padded = 0
+    for ls in ([len(x) for x in s] for s in ids):
+        plan = plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch, ext.overhead_tokens)
+        padded += sum(len(b) * max(ls[i] for i in b) for b in plan)
+    results["pipeline_padding_efficiency"] = sum(flat) / padded
     print(f"same Extractor, plain loop, all {n_layers + 1} layers: {results['plain_tok_s']:,.0f} tok/s")
     print(f"layers 0..{n_layers // 2} vs all: {half_secs:.2f} s / {all_secs:.2f} s = {results['half_over_all']:.2f}x")
+    print(f"real / padded tokens: naive {results['naive_padding_efficiency']:.0%}, "
+          f"raysafe token-budget batches {results['pipeline_padding_efficiency']:.0%}")
     print(f"achieved {results['gflops']:.1f} GFLOP/s vs fp32 matmul peak {results['peak_gflops']:.1f} GFLOP/s "
           f"= {results['gflops'] / results['peak_gflops']:.0%}")
     print()
@@ -240,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads for every measurement")
     p.add_argument("--shard-rows", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
+    p.add_argument("--batch-overhead-tokens", default="auto",
+                   help="the batch planner's cost of one more forward, in tokens (default auto: 32 on CPU)")
     p.add_argument("--driver-memory", action="store_true", help="measure driver peak RSS for N and 10N rows instead")
     p.add_argument("--rows", type=int, default=2000, help="N for --driver-memory")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")

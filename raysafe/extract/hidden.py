@@ -1,8 +1,9 @@
 """Pooled hidden states of chosen layers from one batched forward of the decoder body.
 
 The LM head is never run and the forward stops after the deepest requested layer (a forward hook raises once that
-layer's output is pooled), so asking for early layers costs only those layers. Pooling happens on the model's
-device; only the pooled [batch, hidden] vectors are returned, in float32.
+layer's output is pooled), so asking for early layers costs only those layers. When only the ``last`` position is
+pooled, the deepest block's MLP runs on the last token of each row alone: no other position of that block's output is
+ever read. Pooling happens on the model's device; only the pooled [batch, hidden] vectors are returned, in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,29 @@ POSITIONS = ("last", "mean")
 
 class _StopForward(Exception):
     """Raised by the hook on the deepest requested layer to skip the rest of the network."""
+
+
+class _LastRowsOnly(nn.Module):
+    """Stands in for the deepest block's MLP: runs it on each row's pooled token only, zeros elsewhere.
+
+    The zeros never reach a result: the forward stops at this block and only ``last`` positions are pooled.
+    """
+
+    def __init__(self, mlp: nn.Module, last_index: torch.Tensor):
+        super().__init__()
+        self.mlp = mlp
+        self.last_index = last_index
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if x.dim() != 3:
+            return self.mlp(x, *args, **kwargs)
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = self.mlp(x[rows, self.last_index].unsqueeze(1), *args, **kwargs)
+        if not isinstance(y, torch.Tensor):  # e.g. an MoE block that also returns router logits
+            return self.mlp(x, *args, **kwargs)
+        out = x.new_zeros(x.shape[:2] + y.shape[2:])
+        out[rows, self.last_index] = y[:, 0]
+        return out
 
 
 def _pool(h: torch.Tensor, mask: torch.Tensor, last_idx: torch.Tensor, position: str) -> torch.Tensor:
@@ -65,6 +89,11 @@ def pooled_hidden_states(
             raise _StopForward
 
     handles = []
+    trimmed = blocks[deepest - 1] if deepest >= 1 and set(positions) == {"last"} else None
+    if trimmed is not None and isinstance(getattr(trimmed, "mlp", None), nn.Module):
+        trimmed.mlp = _LastRowsOnly(trimmed.mlp, last_index)
+    else:
+        trimmed = None
     try:
         if 0 in wanted:
             handles.append(embedding(model).register_forward_hook(lambda _m, _i, o: capture(0, o)))
@@ -87,4 +116,6 @@ def pooled_hidden_states(
     finally:
         for h in handles:
             h.remove()
+        if trimmed is not None:
+            trimmed.mlp = trimmed.mlp.mlp
     return out

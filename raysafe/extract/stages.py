@@ -18,9 +18,15 @@ import torch
 
 from raysafe.config import ExtractSpec, ModelSpec
 from raysafe.errors import DataError
-from raysafe.extract.batching import pad_batch, plan_batches
+from raysafe.extract.batching import pad_batch, plan_token_batches
 from raysafe.extract.hidden import pooled_hidden_states
-from raysafe.extract.store import META_COLUMNS, ActivationStore, atomic_write_json, atomic_write_parquet, vectors_to_arrow
+from raysafe.extract.store import (
+    META_COLUMNS,
+    ActivationStore,
+    atomic_write_json,
+    atomic_write_parquet,
+    vectors_to_arrow,
+)
 
 
 def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None) -> tuple[list[list[int]], int]:
@@ -54,6 +60,13 @@ def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | No
             x = ([bos] + x[-(spec.max_length - 1):]) if (bos is not None and x[0] == bos) else x[-spec.max_length:]
         out.append(list(x))
     return out, n_trunc
+
+
+def batch_overhead_tokens(spec: ExtractSpec, device: torch.device) -> int:
+    """The planner's per-forward cost: the configured value, or 32 tokens on CPU and 256 on an accelerator."""
+    if spec.batch_overhead_tokens != "auto":
+        return spec.batch_overhead_tokens
+    return 32 if device.type == "cpu" else 256
 
 
 class TokenizeStage:
@@ -95,11 +108,13 @@ class Extractor:
         self.device = next(self.model.parameters()).device
         self.layers = layers
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.overhead_tokens = batch_overhead_tokens(self.spec, self.device)
 
     def extract(self, ids: list[list[int]]) -> dict[tuple[int, str], np.ndarray]:
         """{(layer, position): [n, hidden] float32 numpy} in the order of ``ids``."""
         n = len(ids)
-        plan = plan_batches([len(x) for x in ids], self.spec.max_tokens_per_batch, self.spec.max_rows_per_batch)
+        plan = plan_token_batches([len(x) for x in ids], self.spec.max_tokens_per_batch, self.spec.max_rows_per_batch,
+                                  self.overhead_tokens)
         out: dict[tuple[int, str], np.ndarray] = {}
         for rows in plan:
             input_ids, mask = pad_batch([ids[i] for i in rows], self.pad_id, self.spec.padding_side)

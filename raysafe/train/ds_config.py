@@ -47,9 +47,10 @@ def deepspeed_config(spec: DeepSpeedSpec, optim: OptimSpec, on_gpu: bool) -> dic
     """The DeepSpeed JSON config (micro-batch per worker, accumulation, clipping, ZeRO stage, precision, offload)."""
     zero: dict = {"stage": spec.zero_stage}
     if spec.zero_stage >= 2:
-        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=5e7)
+        zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=spec.reduce_bucket_size)
     if spec.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e4)
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e4,
+                    stage3_prefetch_bucket_size=spec.prefetch_bucket_size)
     if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if spec.offload_params:
