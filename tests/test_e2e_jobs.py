@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent          # the venv: `ray`, `mlflow` and the `python` jobs run with

@@ -58,6 +58,7 @@ def study_tree(model_dir, out) -> dict:
     }
 
 
+@pytest.mark.heavy
 def test_study_interrupted_then_continued_under_one_parent_run(ray_local, tiny_llama_dir, tmp_path, monkeypatch):
     """Start `raysafe study` in a subprocess, kill it once the base model's stages are done, run it again: the
     finished stages are reused, the rest runs, every stage is a child of the same MLflow parent run, and the

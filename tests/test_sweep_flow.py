@@ -82,6 +82,7 @@ def _loss_at(sweep_dir: Path, trial_id: str, step: int) -> float:
     return next(r["train_loss_align"] for r in rows if r.get("train_step") == float(step))
 
 
+@pytest.mark.heavy
 def test_sweep_killed_and_resumed_with_asha_tracking_pareto_and_best_config(tiny_llama_dir, tmp_path, ray_local,
                                                                           mlflow_local):
     import ray

@@ -111,6 +111,7 @@ def _session_train_workers() -> list[int]:
     return pids
 
 
+@pytest.mark.heavy
 def test_worker_killed_mid_run_resumes_without_lost_or_repeated_batches(ray_local, mlflow_local, tiny_llama_dir, tmp_path):
     cfg = tiny_config(tiny_llama_dir, tmp_path / "train", **{"optim.max_steps": 9, "checkpoint.every_n_steps": 3,
                                                               "checkpoint.max_failures": 1, "mlc.every_k": 1})
