@@ -37,8 +37,9 @@ def plan_token_batches(lengths: list[int], max_tokens: int, max_rows: int, overh
 
     The optimum cuts the length-sorted rows into contiguous runs (swapping two rows across batches never lowers the
     cost), so a dynamic programme over cut points finds it: ``best[j]`` is the cheapest plan for the j longest rows.
-    A greedy cut that fills the budget from the longest row down pads badly when the budget is large: with 100
-    mixed-script rows and 8192 tokens it keeps 72 % of the padded tokens real, against 97 % here.
+    A greedy cut that fills the budget from the longest row down pads badly when the budget is large: on the
+    extraction benchmark's 100-row mixed-script shards with 4096 tokens it keeps 80 % of the computed tokens real,
+    this plan 93 % with a 128-token overhead.
     """
     n = len(lengths)
     if n == 0:
