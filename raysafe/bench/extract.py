@@ -106,7 +106,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raysafe.config import ExtractConfig, ModelSpec, load_config
-    from raysafe.extract.batching import padding_efficiency, plan_token_batches
+    from raysafe.extract.batching import padded_tokens, padding_efficiency, plan_token_batches
     from raysafe.extract.pipeline import run_extract
     from raysafe.extract.stages import Extractor, tokenize_texts
     from raysafe.extract.store import ActivationStore
@@ -187,10 +187,9 @@ def run(args) -> dict:
     results["naive_padding_efficiency"] = padding_efficiency(flat, [list(range(i, min(i + 16, len(flat))))
                                                                     for i in range(0, len(flat), 16)])
     spec = cfg.extract
-    padded = 0
-    for ls in ([len(x) for x in s] for s in ids):
-        plan = plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch, ext.overhead_tokens)
-        padded += sum(len(b) * max(ls[i] for i in b) for b in plan)
+    padded = sum(padded_tokens(ls, plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch,
+                                                      ext.overhead_tokens))
+                 for ls in ([len(x) for x in s] for s in ids))
     results["pipeline_padding_efficiency"] = sum(flat) / padded
     print(f"same Extractor, plain loop, all {n_layers + 1} layers: {results['plain_tok_s']:,.0f} tok/s")
     print(f"layers 0..{n_layers // 2} vs all: {half_secs:.2f} s / {all_secs:.2f} s = {results['half_over_all']:.2f}x")

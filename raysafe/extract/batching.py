@@ -78,8 +78,11 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     return ids, mask
 
 
+def padded_tokens(lengths: list[int], batches: list[list[int]]) -> int:
+    """Tokens a batch plan computes: rows x longest row, summed over its batches."""
+    return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
 def padding_efficiency(lengths: list[int], batches: list[list[int]]) -> float:
     """Real tokens / padded tokens over a batch plan (1.0 = no padding)."""
-    real = sum(lengths)
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
-    return real / max(padded, 1)
+    return sum(lengths) / max(padded_tokens(lengths, batches), 1)

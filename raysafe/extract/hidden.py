@@ -89,11 +89,10 @@ def pooled_hidden_states(
             raise _StopForward
 
     handles = []
-    trimmed = blocks[deepest - 1] if deepest >= 1 and set(positions) == {"last"} else None
-    if trimmed is not None and isinstance(getattr(trimmed, "mlp", None), nn.Module):
+    block = blocks[deepest - 1] if deepest >= 1 else None
+    trimmed = block if set(positions) == {"last"} and isinstance(getattr(block, "mlp", None), nn.Module) else None
+    if trimmed is not None:
         trimmed.mlp = _LastRowsOnly(trimmed.mlp, last_index)
-    else:
-        trimmed = None
     try:
         if 0 in wanted:
             handles.append(embedding(model).register_forward_hook(lambda _m, _i, o: capture(0, o)))
