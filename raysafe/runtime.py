@@ -32,3 +32,12 @@ def quiet_ray_data() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def actor_remote_args(spec: RaySpec) -> dict:
+    """Ray remote args for a model actor pool: its OpenMP wait policy (``spec.omp_wait_policy``), set through the
+    actor's runtime_env because OpenMP reads it once, when torch loads in the worker process. Ray merges it with a
+    job's own runtime_env (``ray job submit --runtime-env-json``)."""
+    if spec.omp_wait_policy == "inherit":
+        return {}
+    return {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": spec.omp_wait_policy.upper()}}}

@@ -55,6 +55,10 @@ def test_two_models_one_layer_readable_alone(ray_local, mlflow_local, rows_file,
     direct = ext.extract(ids)[(2, "mean")]
     np.testing.assert_allclose(x, direct, rtol=2e-3, atol=2e-3)
 
+    # The model actors ran with the configured torch threads and passive OpenMP waiting (ray.omp_wait_policy).
+    marker = json.loads(store.done_path("base", 0).read_text())
+    assert marker["omp_wait_policy"] == "PASSIVE" and marker["torch_threads"] == 1 and marker["device"] == "cpu"
+
     # Reading one layer touches only that layer's files.
     files = list((store.model_dir("base") / "layer=2" / "position=mean").glob("*.parquet"))
     assert len(files) == 3
@@ -67,6 +71,17 @@ def test_two_models_one_layer_readable_alone(ray_local, mlflow_local, rows_file,
     # A second run finds everything done and extracts nothing.
     again = run_extract(cfg, progress=False)
     assert all(m.shards_extracted == 0 for m in again.models.values())
+
+
+def test_omp_wait_policy_reaches_actors_through_runtime_env_or_is_left_alone():
+    from raysafe.config import RaySpec
+    from raysafe.runtime import actor_remote_args
+
+    assert actor_remote_args(RaySpec()) == {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
+    assert actor_remote_args(RaySpec(omp_wait_policy="active"))["runtime_env"]["env_vars"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert actor_remote_args(RaySpec(omp_wait_policy="inherit")) == {}
+    with pytest.raises(ValueError, match="omp_wait_policy"):
+        RaySpec(omp_wait_policy="spin")
 
 
 KILL_SCRIPT = """

@@ -124,12 +124,14 @@ def run(args) -> dict:
         "output_dir": str(work / "acts"),
         "extract": {"layers": "all", "positions": ["last"], "max_length": 256, "shard_rows": args.shard_rows,
                     "max_tokens_per_batch": args.max_tokens, "batch_overhead_tokens": args.batch_overhead_tokens},
-        "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": args.threads},
+        "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": args.threads,
+                "omp_wait_policy": args.omp_wait_policy},
         "tracking": {"enabled": False},
     })
     torch.set_num_threads(args.threads)
     resolved = resolve(ModelSpec(path=args.model))
-    results: dict = {"texts": len(rows), "threads": args.threads, "batch_overhead_tokens": args.batch_overhead_tokens}
+    results: dict = {"texts": len(rows), "threads": args.threads, "batch_overhead_tokens": args.batch_overhead_tokens,
+                     "omp_wait_policy": args.omp_wait_policy}
 
     # 1. naive
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32).eval()
@@ -257,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
     p.add_argument("--batch-overhead-tokens", default="auto",
                    help="the batch planner's cost of one more forward, in tokens (default auto: 32 on CPU)")
+    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
+                   help="ray.omp_wait_policy of the pipeline's model actor (passive: +9 %% on 2 cores, see "
+                        "docs/benchmarks.md)")
     p.add_argument("--driver-memory", action="store_true", help="measure driver peak RSS for N and 10N rows instead")
     p.add_argument("--rows", type=int, default=2000, help="N for --driver-memory")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")

@@ -184,14 +184,15 @@ def _run_pool(items: list[dict], stage, kwargs: dict, ray_spec: RaySpec, desc: s
     import ray
     from tqdm.auto import tqdm
 
-    from raysafe.runtime import ensure_ray, quiet_ray_data
+    from raysafe.runtime import actor_remote_args, ensure_ray, quiet_ray_data
 
     ensure_ray(ray_spec)
     quiet_ray_data()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=1,
                         num_gpus=ray_spec.num_gpus_per_actor or None, num_cpus=ray_spec.num_cpus_per_actor,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_spec.num_actors))
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_spec.num_actors),
+                        **actor_remote_args(ray_spec))
     out = []
     try:
         with tqdm(total=len(items), desc=desc, unit="shard", disable=not progress) as bar:

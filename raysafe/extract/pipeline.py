@@ -171,7 +171,7 @@ def extract_model(cfg: ExtractConfig, spec: ModelSpec, layers: list[int], store:
     from tqdm.auto import tqdm
 
     from raysafe.extract.stages import ExtractorStage, TokenizeStage
-    from raysafe.runtime import ensure_ray, quiet_ray_data
+    from raysafe.runtime import actor_remote_args, ensure_ray, quiet_ray_data
 
     ensure_ray(cfg.ray)
     quiet_ray_data()
@@ -195,6 +195,7 @@ def extract_model(cfg: ExtractConfig, spec: ModelSpec, layers: list[int], store:
         num_gpus=cfg.ray.num_gpus_per_actor or None,
         num_cpus=cfg.ray.num_cpus_per_actor,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_actors),
+        **actor_remote_args(cfg.ray),
     )
     summaries = []
     with tqdm(total=len(missing), desc=f"extract {spec.label}", unit="shard", disable=not progress) as bar:

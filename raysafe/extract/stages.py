@@ -8,6 +8,7 @@ shard stays the unit of atomic writes and of resume whatever block sizes Ray Dat
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 
@@ -166,5 +167,6 @@ class ExtractorStage(Extractor):
         langs = Counter(meta.column("lang").to_pylist())
         atomic_write_json(self.store.done_path(self.label, k), {
             "rows": n, "tokens": int(sum(map(len, ids))), "seconds": seconds, "n_truncated": n_trunc,
-            "rows_per_lang": dict(langs),
+            "rows_per_lang": dict(langs), "device": str(self.device), "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         })
