@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -149,30 +150,33 @@ def flat_params(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_params(params: dict[str, Any]) -> None:
-    import mlflow
+def _active_mlflow() -> Any:
+    """The mlflow module when a run is active, else None — without importing mlflow (3 s) when tracking is off: no
+    run can be active in a process that never imported it."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
-    if mlflow.active_run() is not None:
+
+def log_params(params: dict[str, Any]) -> None:
+    if (mlflow := _active_mlflow()) is not None:
         mlflow.log_params(flat_params(params))
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_mlflow()) is not None:
         clean = {k.replace("/", "_").replace(" ", "_").replace("=", "_"): float(v) for k, v in metrics.items()}
         mlflow.log_metrics(clean, step=step)
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
     """Log a file or a directory to the active run, or to ``run_id`` (e.g. a parent run while children ran)."""
-    import mlflow
-
     p = Path(path)
     if run_id is not None:
+        import mlflow
+
         client = mlflow.MlflowClient()
         (client.log_artifacts if p.is_dir() else client.log_artifact)(run_id, str(p), artifact_path)
-    elif mlflow.active_run() is not None:
+    elif (mlflow := _active_mlflow()) is not None:
         if p.is_dir():
             mlflow.log_artifacts(str(p), artifact_path)
         else:
@@ -180,9 +184,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None, run_id: str
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
+    if (mlflow := _active_mlflow()) is not None:
         mlflow.set_tags(tags)
 
 

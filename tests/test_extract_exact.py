@@ -100,3 +100,32 @@ def test_gemma3_270m_matches_unbatched_forward(side, positions):
     got = {k: torch.from_numpy(v) for k, v in ext.extract(ids).items()}
     ref = reference(ext.model, ext.tok, texts, [0, 3, 9, 17, 18])
     assert max_rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_extractor_loads_no_tokenizer_and_the_pad_id_does_not_change_vectors(tiny_gemma_dir, side):
+    """The model actor gets token ids: it never loads the tokenizer (4 s for Gemma 3's 262k vocabulary), and the id
+    that fills padded positions, masked out and never pooled, leaves every vector as it is."""
+    import numpy as np
+
+    ext = Extractor({"path": str(tiny_gemma_dir)}, {"max_tokens_per_batch": 64, "padding_side": side,
+                                                      "positions": ["last", "mean"]}, layers=[0, 2, 4])
+    ids = [list(range(3, 3 + n)) for n in (5, 9, 2, 7, 12)]
+    first = ext.extract(ids)
+    ext.pad_id = 17
+    second = ext.extract(ids)
+    assert "tok" not in vars(ext)
+    for key in first:
+        np.testing.assert_allclose(second[key], first[key], rtol=1e-5, atol=1e-6)
+
+
+def test_pad_token_id_falls_back_to_zero_outside_the_vocabulary():
+    from types import SimpleNamespace
+
+    from raysafe.extract.stages import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=5, vocab_size=10)) == 5
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, vocab_size=10)) == 0
+    assert pad_token_id(SimpleNamespace(pad_token_id=-1, vocab_size=10)) == 0
+    nested = SimpleNamespace(text_config=SimpleNamespace(pad_token_id=3, vocab_size=10), pad_token_id=None)
+    assert pad_token_id(nested) == 3

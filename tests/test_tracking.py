@@ -42,3 +42,20 @@ def test_resumed_run_keeps_its_id_and_ends_killed_on_interrupt(mlflow_local):
             assert r2.info.run_id == rid
             raise KeyboardInterrupt
     assert _status(mlflow_local, rid) == "KILLED"
+
+
+def test_logging_without_tracking_does_not_import_mlflow(tmp_path):
+    """With tracking off, the log calls are no-ops that leave mlflow (3 s to import) unimported."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    code = ("import sys\nfrom raysafe import tracking\nfrom raysafe.config import TrackingSpec\n"
+            "with tracking.run(TrackingSpec(enabled=False), 'off') as r:\n"
+            "    assert r is None\n"
+            "    tracking.log_params({'a': 1}); tracking.log_metrics({'x': 1.0}); tracking.set_tags({'t': 'v'})\n"
+            f"    tracking.log_artifact({str(f)!r})\n"
+            "print('mlflow' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

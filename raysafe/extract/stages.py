@@ -8,6 +8,7 @@ shard stays the unit of atomic writes and of resume whatever block sizes Ray Dat
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import Counter
@@ -63,6 +64,14 @@ def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | No
     return out, n_trunc
 
 
+def pad_token_id(config) -> int:
+    """The id that fills padded positions: the config's pad id when it is in the vocabulary, else 0. Padded positions
+    are masked out of attention and never pooled, so any in-vocabulary id gives the same vectors."""
+    text = getattr(config, "text_config", None) or config
+    pad = getattr(text, "pad_token_id", None)
+    return pad if isinstance(pad, int) and 0 <= pad < text.vocab_size else 0
+
+
 def batch_overhead_tokens(spec: ExtractSpec, device: torch.device) -> int:
     """The planner's per-forward cost: the configured value, or 32 tokens on CPU and 256 on an accelerator."""
     if spec.batch_overhead_tokens != "auto":
@@ -99,17 +108,25 @@ class Extractor:
 
     def __init__(self, model: dict, extract: dict, layers: list[int], device: str | None = None,
                  torch_threads: int | None = None):
-        from raysafe.models.loading import load_model, resolve
+        from raysafe.models.loading import load_causal_lm, resolve
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        spec = ModelSpec(**model)
+        self.model_spec = ModelSpec(**model)
+        self.resolved = resolve(self.model_spec)
         self.spec = ExtractSpec(**extract)
-        self.model, self.tok = load_model(spec, device, resolve(spec))
+        self.model = load_causal_lm(self.model_spec, device, self.resolved)
         self.device = next(self.model.parameters()).device
         self.layers = layers
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(self.model.config)
         self.overhead_tokens = batch_overhead_tokens(self.spec, self.device)
+
+    @functools.cached_property
+    def tok(self):
+        """The tokenizer, loaded on first use: the model actor gets token ids and never needs it."""
+        from raysafe.models.loading import load_tokenizer
+
+        return load_tokenizer(self.model_spec, self.resolved)
 
     def extract(self, ids: list[list[int]]) -> dict[tuple[int, str], np.ndarray]:
         """{(layer, position): [n, hidden] float32 numpy} in the order of ``ids``."""

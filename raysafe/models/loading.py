@@ -146,11 +146,18 @@ def load_tokenizer(spec: ModelSpec, resolved: ResolvedModel | None = None):
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None, resolved: ResolvedModel | None = None):
     """(model in eval mode on ``device``, tokenizer). dtype from the spec (auto: bf16 on GPU, fp32 on CPU)."""
+    resolved = resolved or resolve(spec)
+    tok = load_tokenizer(spec, resolved)
+    return load_causal_lm(spec, device, resolved), tok
+
+
+def load_causal_lm(spec: ModelSpec, device: str | torch.device | None = None, resolved: ResolvedModel | None = None):
+    """The model alone, in eval mode on ``device`` (a large-vocabulary tokenizer costs seconds to load: Gemma 3's
+    262k-entry one takes 4 s on one CPU core, longer than its 270M weights)."""
     from transformers import AutoModelForCausalLM
 
     dev = pick_device(str(device) if device is not None else None)
     resolved = resolved or resolve(spec)
-    tok = load_tokenizer(spec, resolved)
     attn = spec.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -162,7 +169,7 @@ def load_model(spec: ModelSpec, device: str | torch.device | None = None, resolv
         )
     except OSError as e:
         raise _load_error(spec, resolved, e) from None
-    return model.to(dev).eval(), tok
+    return model.to(dev).eval()
 
 
 def _load_error(spec: ModelSpec, resolved: ResolvedModel, e: Exception) -> ModelError:
