@@ -96,9 +96,9 @@ def _policy(args, device):
 
     if args.model:
         from raysafe.config import ModelSpec
-        from raysafe.models.loading import load_model
+        from raysafe.models.loading import load_causal_lm
 
-        model, _ = load_model(ModelSpec(path=args.model, dtype="float32", attn_implementation=args.attn), device)
+        model = load_causal_lm(ModelSpec(path=args.model, dtype="float32", attn_implementation=args.attn), device)
         return model.train(), args.model
     from raysafe.models.tiny import tiny_config
 

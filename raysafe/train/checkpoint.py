@@ -66,11 +66,11 @@ def load_probe(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def verify_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> float:
     """Reload ``model/`` as a plain model and return the largest |Δ log-prob| on the stored probe batch."""
     from raysafe.config import ModelSpec
-    from raysafe.models.loading import load_model
+    from raysafe.models.loading import load_causal_lm
 
     ckpt_dir = Path(ckpt_dir)
     probe, expected = load_probe(ckpt_dir / PROBE_FILE)
-    model, _ = load_model(ModelSpec(path=str(ckpt_dir / HF_DIR), dtype="float32"), torch.device(device))
+    model = load_causal_lm(ModelSpec(path=str(ckpt_dir / HF_DIR), dtype="float32"), torch.device(device))
     got = probe_logps(model, probe, torch.device(device))
     return max(float((got[k] - expected[k]).abs().max()) for k in expected)
 

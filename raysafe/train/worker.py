@@ -139,9 +139,9 @@ def train_loop(config: dict) -> None:
     schedule = cfg.mlc.schedule()
     reference = None
     if config["reference_on_worker"]:
-        from raysafe.models.loading import load_model
+        from raysafe.models.loading import load_causal_lm
 
-        reference, _ = load_model(cfg.reference or cfg.model, device)
+        reference = load_causal_lm(cfg.reference or cfg.model, device)
         reference.eval().requires_grad_(False)
 
     mb, ga = cfg.optim.micro_batch, cfg.optim.grad_accum
