@@ -225,6 +225,7 @@ def num_decoder_layers(spec: ModelSpec) -> int:
     """The model's number of decoder layers, from its config (no weights are loaded)."""
     from transformers import AutoConfig
 
+    from raysafe.models.layers import text_config
     from raysafe.models.loading import _load_error, resolve
 
     resolved = resolve(spec)
@@ -233,8 +234,7 @@ def num_decoder_layers(spec: ModelSpec) -> int:
                                         trust_remote_code=spec.trust_remote_code)
     except OSError as e:
         raise _load_error(spec, resolved, e) from None
-    text = getattr(hf, "text_config", None) or hf
-    return int(text.num_hidden_layers)
+    return int(text_config(hf).num_hidden_layers)
 
 
 def plan_layers(requested: list[int] | str, n_layers: int) -> tuple[list[int], list[int]]:

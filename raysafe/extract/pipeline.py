@@ -23,7 +23,7 @@ from raysafe.data import schemas
 from raysafe.data.sources import load_table, to_text_rows
 from raysafe.errors import ConfigError, OutputError
 from raysafe.extract.store import ActivationStore, atomic_write_json, atomic_write_parquet
-from raysafe.models.layers import resolve_layers
+from raysafe.models.layers import resolve_layers, text_config
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[di
         from raysafe.models.loading import _load_error
 
         raise _load_error(spec, resolved, e) from None
-    text = getattr(hf, "text_config", None) or hf
+    text = text_config(hf)
     n_layers = int(text.num_hidden_layers)
     layers = resolve_layers(cfg.extract.layers, n_layers, spec.label)
     info = {

@@ -29,6 +29,7 @@ from raysafe.extract.store import (
     atomic_write_parquet,
     vectors_to_arrow,
 )
+from raysafe.models.layers import text_config
 
 
 def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None) -> tuple[list[list[int]], int]:
@@ -67,7 +68,7 @@ def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | No
 def pad_token_id(config) -> int:
     """The id that fills padded positions: the config's pad id when it is in the vocabulary, else 0. Padded positions
     are masked out of attention and never pooled, so any in-vocabulary id gives the same vectors."""
-    text = getattr(config, "text_config", None) or config
+    text = text_config(config)
     pad = getattr(text, "pad_token_id", None)
     return pad if isinstance(pad, int) and 0 <= pad < text.vocab_size else 0
 

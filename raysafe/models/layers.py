@@ -12,6 +12,11 @@ from torch import nn
 from raysafe.errors import ModelError
 
 
+def text_config(config):
+    """The language model's part of a Hugging Face config (``text_config`` of multimodal configs such as Gemma 3's)."""
+    return getattr(config, "text_config", None) or config
+
+
 def decoder_body(model: nn.Module) -> nn.Module:
     """The decoder without the LM head (``model.model`` for Llama/Gemma/Qwen/Mistral)."""
     if hasattr(model, "get_decoder"):

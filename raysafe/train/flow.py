@@ -76,11 +76,12 @@ def model_depth(cfg: TrainConfig) -> int:
     """Number of decoder layers of the policy, read from its config (no weights loaded)."""
     from transformers import AutoConfig
 
+    from raysafe.models.layers import text_config
     from raysafe.models.loading import resolve
 
     resolved = resolve(cfg.model)
     hf = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code)
-    return int((getattr(hf, "text_config", None) or hf).num_hidden_layers)
+    return int(text_config(hf).num_hidden_layers)
 
 
 def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
