@@ -19,23 +19,23 @@ FLOWS: dict[str, tuple[str, str, str]] = {
               "checkpoints, report before/after (the main job)", "raysafe.study.config:StudyConfig",
               "raysafe.study.flow:run_study"),
     "extract": ("stream texts through a model actor pool and store pooled hidden states per layer (Parquet)",
-                "raysafe.config:ExtractConfig", "raysafe.extract.pipeline:run_extract"),
+                "raysafe.extract.config:ExtractConfig", "raysafe.extract.flow:run_extract"),
     "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
-              "raysafe.config:TrainConfig", "raysafe.train.flow:run_train"),
+              "raysafe.train.config:TrainConfig", "raysafe.train.flow:run_train"),
     "separation": ("per-language separation of toxic vs benign hidden states, base vs aligned model, per layer "
                    "(PCA, Bhattacharyya, silhouette, probe; alignment shift; detox displacement)",
-                   "raysafe.analysis.separation_flow:SeparationConfig",
-                   "raysafe.analysis.separation_flow:run_separation"),
+                   "raysafe.separation.config:SeparationConfig",
+                   "raysafe.separation.flow:run_separation"),
     "concepts": ("multilingual value concepts: recognition, cross-lingual consistency, URIEL distance, transfer and "
                  "steering (cross-lingual control)",
-                 "raysafe.analysis.concepts_flow:ConceptsConfig", "raysafe.analysis.concepts_flow:run_concepts"),
+                 "raysafe.concepts.config:ConceptsConfig", "raysafe.concepts.flow:run_concepts"),
     "evaluate": ("multilingual safety evaluation: generate per language (actor pool), judge (offline patterns, "
                  "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
                  "bootstrap CIs, and multiple-choice utility",
-                 "raysafe.evaluate.flow:EvaluateConfig", "raysafe.evaluate.flow:run_evaluate"),
+                 "raysafe.evaluate.config:EvaluateConfig", "raysafe.evaluate.flow:run_evaluate"),
     "sweep": ("Ray Tune sweep over λ, β, τ, the MLC layer, lr and the language mixture: each trial trains, "
               "evaluates and is scored; MLflow parent/child runs, results table, Pareto plot, best train config",
-              "raysafe.tune.flow:SweepConfig", "raysafe.tune.flow:run_sweep"),
+              "raysafe.sweep.config:SweepConfig", "raysafe.sweep.flow:run_sweep"),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 PREPARE_HELP = ("convert models to the cached safetensors form once, before any job (a .gguf file or the packaged "

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from raysafe.errors import ConfigError
 
@@ -124,58 +130,8 @@ class TrackingSpec(Strict):
     )
 
 
-# -------------------------------------------------------------------------------------------------- extract
-class ExtractSpec(Strict):
-    layers: list[int] | Literal["all"] = "all"
-    positions: list[Literal["last", "mean"]] = ["last"]
-    store_dtype: Literal["float16", "float32"] = "float32"
-    max_length: int = Field(512, ge=2, description="tokens per text after the chat template")
-    on_overflow: Literal["truncate", "error"] = "truncate"
-    chat_template: bool = Field(False, description="wrap each text as a user turn and read the generation prompt's last token")
-    padding_side: Literal["right", "left"] = "right"
-    max_tokens_per_batch: int = Field(8192, ge=16, description="token budget of one padded batch (rows x longest)")
-    max_rows_per_batch: int = Field(256, ge=1)
-    batch_overhead_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="cost of one more forward call, in tokens: the batch planner minimises padded tokens + "
-        "this x batches; auto = 32 on CPU (a forward costs little beyond its tokens), 256 on GPU (launch overhead)")
-    shard_rows: int = Field(512, ge=1, description="rows per output shard: the unit of atomic writes and resume")
-
-    @field_validator("layers")
-    @classmethod
-    def _layers_nonneg(cls, v):
-        if v != "all":
-            if not v:
-                raise ValueError("give at least one layer, or 'all'")
-            bad = [x for x in v if x < 0]
-            if bad:
-                raise ValueError(f"layer indices are >= 0 (0 = embeddings, L = output of decoder layer L); got {bad}")
-        return v
-
-    @field_validator("positions")
-    @classmethod
-    def _positions_nonempty(cls, v):
-        if not v:
-            raise ValueError("give at least one position: last, mean")
-        return list(dict.fromkeys(v))
 
 
-class ExtractConfig(Strict):
-    """`raysafe extract`: stream text rows through a model actor pool and write pooled hidden states."""
-
-    models: list[ModelSpec]
-    data: SourceSpec
-    output_dir: str = "outputs/activations"
-    extract: ExtractSpec = ExtractSpec()
-    ray: RaySpec = RaySpec()
-    tracking: TrackingSpec = TrackingSpec()
-
-    @field_validator("models")
-    @classmethod
-    def _unique_models(cls, v):
-        if not v:
-            raise ValueError("give at least one model")
-        require_unique([m.label for m in v], "model")
-        return v
 
 
 # --------------------------------------------------------------------------------------------- load/merge
@@ -272,118 +228,26 @@ def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-# ---------------------------------------------------------------------------------------------------- train
-from raysafe.train.mlc import MLCConfig  # noqa: E402  (the MLC term's settings live beside the loss)
 
 
-class MixtureSpec(Strict):
-    """Which languages form the m prompt variants of each pair, with what sampling weights."""
-
-    languages: list[str] = ["en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"]
-    weights: list[float] | None = None
-    m: int = Field(10, ge=2, description="variants per prompt (the anchor included)")
-    anchor: str = "en"
-    preset: Literal["none", "dominant_balanced"] = "none"
-    dominant: str | None = Field(None, description="the dominant language of the dominant_balanced preset")
-    dominant_share: float = Field(0.5, gt=0, lt=1)
 
 
-class LossSpec(Strict):
-    name: Literal["dpo", "simpo", "orpo", "sft"] = "dpo"
-    kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    gamma: float = Field(0.5, ge=0, description="SimPO margin")
-
-    def params(self) -> dict:
-        if self.name == "dpo":
-            return {"beta": self.beta, "label_smoothing": self.label_smoothing, "kind": self.kind}
-        if self.name == "simpo":
-            return {"beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
-        if self.name == "orpo":
-            return {"beta": self.beta}
-        return {}
 
 
-class OptimSpec(Strict):
-    lr: float = Field(6e-7, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(3, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    micro_batch: int = Field(1, ge=1, description="pairs per worker per micro-step")
-    grad_accum: int = Field(4, ge=1)
-    clip: float = Field(1.0, gt=0)
 
 
-class DeepSpeedSpec(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    reduce_bucket_size: int = Field(50_000_000, ge=1, description="elements per gradient reduce bucket (stages 2-3)")
-    prefetch_bucket_size: int = Field(50_000_000, ge=1, description="elements prefetched ahead of use (stage 3)")
 
 
-class LoraSpec(Strict):
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _on_off(v):
+def on_off(v):
     """YAML 1.1 reads unquoted on/off as booleans; accept them for the on/off/auto switches."""
     return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
-class TrainDataSpec(Strict):
-    pairs: SourceSpec = SourceSpec(kind="fixture", name="preference_pairs")
-    variants: SourceSpec = SourceSpec(kind="fixture", name="safety_prompts")
-    split: str | None = Field("train", description="keep pairs of this split (None: all)")
-    max_length: int = Field(1024, ge=8)
-    max_prompt_length: int = Field(512, ge=4)
-    chat_template: Literal["auto", "on", "off"] = "auto"
-
-    _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: _on_off(v)))
 
 
-class CheckpointSpec(Strict):
-    every_n_steps: int = Field(50, ge=1)
-    keep: int = Field(2, ge=1)
-    storage_path: str = Field("outputs/train", description="Ray Train storage (shared path or s3:// URI)")
-    name: str | None = Field(None, description="run directory name under storage_path (default: derived from the model)")
-    resume_from: str | None = Field(None, description="a checkpoint directory to start from, or 'latest' in this run")
-    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
 
 
-class TrainRaySpec(Strict):
-    address: str | None = None
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    torch_threads: int | None = Field(None, ge=1)
 
 
-class TrainConfig(Strict):
-    """`raysafe train`: MLC-augmented preference optimisation with Ray Train + DeepSpeed ZeRO."""
-
-    model: ModelSpec
-    reference: ModelSpec | None = Field(None, description="reference model (default: the policy's initial weights)")
-    precompute_reference: Literal["auto", "on", "off"] = "auto"
-    data: TrainDataSpec = TrainDataSpec()
-    mixture: MixtureSpec = MixtureSpec()
-    loss: LossSpec = LossSpec()
-    mlc: MLCConfig = MLCConfig()
-    optim: OptimSpec = OptimSpec()
-    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
-    lora: LoraSpec = LoraSpec()
-    gradient_checkpointing: bool = False
-    checkpoint: CheckpointSpec = CheckpointSpec()
-    ray: TrainRaySpec = TrainRaySpec()
-    tracking: TrackingSpec = TrackingSpec()
-    seed: int = 0
-
-    _switch = field_validator("precompute_reference", mode="before")(classmethod(lambda cls, v: _on_off(v)))

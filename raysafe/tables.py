@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from raysafe.extract.store import atomic_write_bytes, atomic_write_parquet
+from raysafe.atomic import atomic_write_bytes, atomic_write_parquet
 
 
 def write_table(df: pl.DataFrame, out_dir: str | Path, name: str) -> tuple[Path, Path]:

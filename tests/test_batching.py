@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from raysafe.extract.batching import (
+from raysafe.models.batching import (
     pad_batch,
     padding_efficiency,
     plan_batches,

@@ -308,9 +308,9 @@ def test_job_command_check_rejects_missing_script_config_and_bad_override(capsys
     with pytest.raises(AssertionError, match="does not exist"):
         check_job_command(["python", "jobs/no_such_flow.py", "jobs/configs/extract_cluster.yaml"])
     with pytest.raises(AssertionError, match="config jobs/configs/nope.yaml does not exist"):
-        check_job_command(["python", "jobs/extract_activations.py", "jobs/configs/nope.yaml"])
+        check_job_command(["python", "jobs/extract.py", "jobs/configs/nope.yaml"])
     with pytest.raises(AssertionError, match="--print-config failed"):
-        check_job_command(["python", "jobs/extract_activations.py", "jobs/configs/extract_cluster.yaml",
+        check_job_command(["python", "jobs/extract.py", "jobs/configs/extract_cluster.yaml",
                            "--set", "extract.store_dtype=int8"])
     assert "extract.store_dtype = 'int8'" in capsys.readouterr().err
 

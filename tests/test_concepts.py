@@ -10,8 +10,12 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from raysafe.analysis import concepts as C
-from raysafe.analysis.concept_tables import ConceptOptions, analyse_concepts, select_concept_vectors
+from raysafe.concepts import vectors as C
+from raysafe.concepts.tables import (
+    ConceptOptions,
+    analyse_concepts,
+    select_concept_vectors,
+)
 from raysafe.errors import ConfigError, DataError, ModelError
 
 D = 16
@@ -200,7 +204,7 @@ def test_consistency_tables(planted):
 
 
 def test_consistency_summary_max_over_layers_and_selected_layer():
-    from raysafe.analysis.concept_tables import consistency_summary
+    from raysafe.concepts.tables import consistency_summary
 
     cons = pl.DataFrame({"model": ["m"] * 6, "concept": ["c"] * 3 + ["k"] * 3, "layer": [3, 1, 2] * 2,
                          "lang_a": ["de"] * 6, "lang_b": ["en"] * 6, "cosine": [0.1, 0.5, 0.9, 0.3, 0.7, 0.2]})
@@ -254,7 +258,7 @@ def test_planted_asymmetric_transfer_shows_with_the_right_sign():
 
 def test_distance_correlation_recovers_planted_relation():
     """Concept vectors whose pairwise cosines equal 1 - syntactic distance correlate perfectly with it."""
-    from raysafe.analysis.language_distance import language_distances
+    from raysafe.concepts.language_distance import language_distances
 
     langs = ["en", "de", "fr", "es", "ru", "ja", "hi"]
     dist = language_distances(langs, ("syntactic",)).table
@@ -371,7 +375,7 @@ def test_select_concept_vectors_names_missing_layers(planted):
 def test_report_writes_tables_figures_and_markdown(tmp_path):
     from PIL import Image
 
-    from raysafe.analysis.concept_report import write_concept_report
+    from raysafe.concepts.report import write_concept_report
 
     langs = ["en", "de", "sw"]
     store = SyntheticStore({"toxicity": dict(zip(langs, orthonormal(3, seed=11)))}, {1: 0.5, 2: 2.0})

@@ -8,7 +8,8 @@ import json
 import polars as pl
 import pytest
 
-from raysafe.analysis.concepts_flow import ConceptsConfig, ensure_activations, run_concepts
+from raysafe.concepts.config import ConceptsConfig
+from raysafe.concepts.flow import ensure_activations, run_concepts
 from raysafe.config import load_config
 from raysafe.data.sources import fixture_path
 from raysafe.errors import ConfigError, OutputError

@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from raysafe.analysis.consistency import consistency, consistency_table, stack_items
+from raysafe.consistency import consistency, consistency_table, stack_items
 from raysafe.errors import DataError
 
 

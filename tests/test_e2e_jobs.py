@@ -240,7 +240,7 @@ def extract_config(services, tiny_model, name: str) -> Path:
 @pytest.fixture(scope="module")
 def extract_job(services, tiny_model):
     cfg = extract_config(services, tiny_model, "main")
-    return cfg, services.submit("jobs/extract_activations.py", str(cfg))
+    return cfg, services.submit("jobs/extract.py", str(cfg))
 
 
 def test_job_api_refuses_requests_without_the_token(services):
@@ -305,7 +305,7 @@ def test_resubmit_resumes_and_fallback_logs_locally_and_says_so(services, extrac
     cfg_path, first = extract_job
     assert first.status == "SUCCEEDED", first.explain()
     dead = f"http://127.0.0.1:{free_port()}"
-    job = services.submit("jobs/extract_activations.py", str(cfg_path), "--set", f"tracking.tracking_uri={dead}",
+    job = services.submit("jobs/extract.py", str(cfg_path), "--set", f"tracking.tracking_uri={dead}",
                           "--set", "tracking.fallback_to_local=true")
     assert job.status == "SUCCEEDED", job.explain()
     assert "tiny-llama: 0/3 shards extracted now" in job.logs, job.explain()
@@ -321,7 +321,7 @@ def test_resubmit_resumes_and_fallback_logs_locally_and_says_so(services, extrac
 def test_mlflow_down_fails_fast_naming_the_uri(services, tiny_model):
     cfg = extract_config(services, tiny_model, "down")
     dead = f"http://127.0.0.1:{free_port()}"
-    job = services.submit("jobs/extract_activations.py", str(cfg), "--set", f"tracking.tracking_uri={dead}",
+    job = services.submit("jobs/extract.py", str(cfg), "--set", f"tracking.tracking_uri={dead}",
                           timeout=180)
     assert job.status == "FAILED" and job.submit.returncode != 0, job.explain()
     assert f"MLflow tracking server {dead} is unreachable" in job.logs, job.explain()
@@ -335,7 +335,7 @@ def test_mlflow_down_fails_fast_naming_the_uri(services, tiny_model):
 
 def test_broken_config_fails_fast_with_the_error_in_the_job_logs(services, tiny_model):
     cfg = extract_config(services, tiny_model, "broken")
-    job = services.submit("jobs/extract_activations.py", str(cfg), "--set", "extract.store_dtype=int8", timeout=180)
+    job = services.submit("jobs/extract.py", str(cfg), "--set", "extract.store_dtype=int8", timeout=180)
     assert job.status == "FAILED" and job.submit.returncode != 0, job.explain()
     assert "exit code 2" in job.message
     logs = services.ray_cli("job", "logs", job.sid, "--address", services.dashboard).stdout   # as a user reads them
@@ -349,7 +349,7 @@ def test_train_job_succeeds_with_checkpoint_and_mlflow_run(services, tiny_model)
 
     storage = services.tmp / "train"
     job = services.submit(
-        "jobs/train_mlc.py", "jobs/configs/train_tiny.yaml",
+        "jobs/train.py", "jobs/configs/train_tiny.yaml",
         "--set", f"model.path={tiny_model}", "--set", "optim.max_steps=2", "--set", "checkpoint.every_n_steps=1",
         "--set", f"checkpoint.storage_path={storage}", "--set", f"tracking.experiment={EXPERIMENT}",
         "--set", "ray.cpus_per_worker=0.5", timeout=400)

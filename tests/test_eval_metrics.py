@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from raysafe.evaluate import metrics as M
-from raysafe.evaluate.specs import MetricsSpec
+from raysafe.evaluate.config import MetricsSpec
 from raysafe.evaluate.tables import safety_tables, utility_table
 
 nan = float("nan")

@@ -13,8 +13,9 @@ import torch
 from polars.testing import assert_frame_equal
 
 from raysafe.errors import ConfigError, DataError, ModelError, OutputError
+from raysafe.evaluate.config import EvaluateConfig
 from raysafe.evaluate.data import load_prompts, normalize_mc
-from raysafe.evaluate.flow import EvaluateConfig, model_label, run_evaluate
+from raysafe.evaluate.flow import model_label, run_evaluate
 from raysafe.evaluate.generate import Generator, cut_at_stop, generate_ids
 from raysafe.evaluate.utility import continuation_logprobs, next_token_logprobs
 
@@ -205,8 +206,8 @@ def test_stop_strings_and_finish_reasons(tiny_gemma_dir):
 
 
 def test_loglikelihood_with_padding_matches_unpadded(tiny_gemma_dir):
-    from raysafe.models.loading import load_model
     from raysafe.config import ModelSpec
+    from raysafe.models.loading import load_model
 
     model, tok = load_model(ModelSpec(path=str(tiny_gemma_dir)), "cpu")
     ctx = [list(tok("Question: 2+2?\nAnswer:")["input_ids"]), list(tok("Swali?")["input_ids"])]

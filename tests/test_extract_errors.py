@@ -7,9 +7,10 @@ import json
 import pytest
 
 from raysafe.cli import main
-from raysafe.config import ExtractConfig, load_config
+from raysafe.config import load_config
 from raysafe.errors import ConfigError, DataError, ModelError, OutputError
-from raysafe.extract.pipeline import load_text_rows, run_extract
+from raysafe.extract.config import ExtractConfig
+from raysafe.extract.flow import load_text_rows, run_extract
 from raysafe.extract.stages import tokenize_texts
 
 
@@ -56,7 +57,7 @@ def test_invalid_json_line_is_located(tmp_path):
 
 
 def test_over_length_text_truncated_or_refused():
-    from raysafe.config import ExtractSpec
+    from raysafe.extract.config import ExtractSpec
     from raysafe.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -81,7 +82,7 @@ def test_missing_model_and_bad_layer(tmp_path, rows_file, tiny_llama_dir):
 
 
 def test_output_dir_of_another_model_is_refused(tmp_path, rows_file, tiny_llama_dir, tiny_gemma_dir):
-    from raysafe.extract.pipeline import model_info
+    from raysafe.extract.flow import model_info
     from raysafe.extract.store import ActivationStore
 
     cfg = cfg_for(rows_file, tiny_llama_dir, output_dir=str(tmp_path / "o"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import MULTISCRIPT
+
 from raysafe.extract.hidden import pooled_hidden_states
 from raysafe.extract.stages import Extractor
 

@@ -11,10 +11,11 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import multiscript_rows
-from raysafe.config import ExtractConfig, load_config
-from raysafe.extract.pipeline import run_extract
+
+from raysafe.config import load_config
+from raysafe.extract.config import ExtractConfig
+from raysafe.extract.flow import run_extract
 from raysafe.extract.stages import Extractor, tokenize_texts
 from raysafe.extract.store import ActivationStore
 
@@ -87,7 +88,7 @@ def test_omp_wait_policy_reaches_actors_through_runtime_env_or_is_left_alone():
 KILL_SCRIPT = """
 import sys
 from raysafe.config import ExtractConfig, load_config
-from raysafe.extract.pipeline import run_extract
+from raysafe.extract.flow import run_extract
 cfg = load_config(ExtractConfig, sys.argv[1])
 run_extract(cfg, progress=False)
 """

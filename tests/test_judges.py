@@ -10,6 +10,7 @@ import pytest
 
 from raysafe.data.sources import fixture_path
 from raysafe.errors import ConfigError, ModelError
+from raysafe.evaluate.config import JudgeSpec
 from raysafe.evaluate.judges import (
     ClassifierJudge,
     JudgeInput,
@@ -21,7 +22,6 @@ from raysafe.evaluate.judges import (
     parse_verdict,
 )
 from raysafe.evaluate.patterns import LANGUAGES
-from raysafe.evaluate.specs import JudgeSpec
 
 FLOOR_PER_LANGUAGE = 0.95  # measured: 1.00 in every language (40 rows each); see docs/evaluation.md
 

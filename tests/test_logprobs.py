@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raysafe.train.logprobs import default_chunk_positions, mean_logprobs, sequence_logprobs, token_logprobs
+from raysafe.train.logprobs import (
+    default_chunk_positions,
+    mean_logprobs,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 
 def naive_sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):

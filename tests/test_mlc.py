@@ -8,15 +8,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from raysafe.consistency import mlc_diagnostics, normalise_rows
 from raysafe.errors import ConfigError, ModelError
+from raysafe.train.config import MLCConfig
 from raysafe.train.mlc import (
-    MLCConfig,
     MLCHead,
     MLCSchedule,
     consistency_loss,
-    mlc_diagnostics,
     mlc_loss,
-    normalise_rows,
     pairwise_cosine_loss,
     singular_values,
 )

@@ -7,10 +7,11 @@ import polars as pl
 import pytest
 import yaml
 
-from raysafe.analysis.separation_flow import SeparationConfig, run_separation
 from raysafe.cli import main
 from raysafe.config import load_config
 from raysafe.errors import ConfigError, OutputError
+from raysafe.separation.config import SeparationConfig
+from raysafe.separation.flow import run_separation
 
 LANGS = ["en", "ru", "zh"]
 

@@ -1,4 +1,4 @@
-"""Known-answer tests of the pure separation metrics (raysafe.analysis.separation)."""
+"""Known-answer tests of the pure separation metrics (raysafe.separation.metrics)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.model_selection import PredefinedSplit, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from raysafe.analysis.separation import (
+from raysafe.separation.metrics import (
     SEPARATION_METRICS,
     between_class_variance_ratio,
     bhattacharyya_distance,

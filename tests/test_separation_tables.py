@@ -13,10 +13,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from raysafe.analysis.separation import SEPARATION_METRICS
-from raysafe.analysis.separation_plots import plot_layer_curves, plot_pca_scatter, plot_shift_heatmap
-from raysafe.analysis.separation_report import best_layers, write_separation_report
-from raysafe.analysis.separation_tables import (
+from raysafe.errors import DataError, OutputError
+from raysafe.separation.metrics import SEPARATION_METRICS
+from raysafe.separation.plots import (
+    plot_layer_curves,
+    plot_pca_scatter,
+    plot_shift_heatmap,
+)
+from raysafe.separation.report import best_layers, write_separation_report
+from raysafe.separation.tables import (
     DETOX_METRICS,
     SHIFT_SCHEMA,
     TABLE_SCHEMA,
@@ -26,7 +31,6 @@ from raysafe.analysis.separation_tables import (
     detox_displacement,
     pca_scatter_points,
 )
-from raysafe.errors import DataError, OutputError
 
 LANGS = ("en", "de", "zh")
 LAYERS = (0, 1, 2, 3)
@@ -155,7 +159,7 @@ def test_language_with_one_class_is_skipped_and_others_computed(caplog):
         return meta.filter(pl.Series(keep)), X[keep]
 
     store.edit = only_benign_de
-    with caplog.at_level(logging.WARNING, logger="raysafe.analysis.separation_tables"):
+    with caplog.at_level(logging.WARNING, logger="raysafe.separation.tables"):
         t = analyse_separation(store, ["aligned"], [1], FAST, progress=False)
     de = _cell(t, "aligned", "de", 1)
     assert set(de["status"]) == {"skipped"} and de["value"].is_null().all()
@@ -237,7 +241,7 @@ def test_unreadable_layer_and_broken_reads_are_skipped_rows(caplog):
         return meta, X
 
     store.edit = broken
-    with caplog.at_level(logging.WARNING, logger="raysafe.analysis.separation_tables"):
+    with caplog.at_level(logging.WARNING, logger="raysafe.separation.tables"):
         t = analyse_separation(store, ["aligned", "missing-layer-model"], [0, 1, 2, 3], FAST, progress=False)
     gone = t.filter((pl.col("model") == "missing-layer-model") & (pl.col("layer") == 2))
     assert gone.height == len(LANGS) * len(SEPARATION_METRICS)

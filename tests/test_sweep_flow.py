@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysafe.config import TrainConfig, load_config
-from raysafe.tune.flow import SweepConfig, run_sweep
-from raysafe.tune.objective import score
+from raysafe.config import load_config
+from raysafe.sweep.config import SweepConfig
+from raysafe.sweep.flow import run_sweep
+from raysafe.sweep.objective import score
+from raysafe.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

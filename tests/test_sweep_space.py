@@ -9,19 +9,28 @@ import numpy as np
 import polars as pl
 import pytest
 
-from raysafe.config import TrainConfig, load_config
+from raysafe.config import load_config
 from raysafe.errors import ConfigError, DataError
-from raysafe.tune import metrics as M
-from raysafe.tune.objective import Constraint, ObjectiveSpec, Term, best_index, dominates, pareto_front, score, violations
-from raysafe.tune.space import (
+from raysafe.sweep import metrics as M
+from raysafe.sweep.objective import (
+    Constraint,
+    ObjectiveSpec,
+    Term,
+    best_index,
+    dominates,
+    pareto_front,
+    score,
+    violations,
+)
+from raysafe.sweep.space import (
     SearchSpace,
-    expand_mixture,
     grid_size,
     mixtures,
     param_space,
     trial_train_config,
     validate_space,
 )
+from raysafe.train.config import TrainConfig
 
 LANGS = ["en", "zh", "ru", "ja", "ar"]
 
@@ -78,7 +87,7 @@ def test_fractional_and_integer_layers_within_depth_pass():
 
 
 def test_sweep_config_refuses_objective_metric_its_trials_do_not_report(tmp_path):
-    from raysafe.tune.flow import SweepConfig
+    from raysafe.sweep.config import SweepConfig
 
     tree = {"train": {"model": {"path": "x"}}, "evaluation": {"enabled": False},
             "objective": {"primary": {"metric": "safety_mean"}}}
@@ -95,7 +104,7 @@ def test_sweep_config_refuses_objective_metric_its_trials_do_not_report(tmp_path
 
 
 def test_sweep_config_reads_the_base_train_config_from_a_yaml_path(tmp_path):
-    from raysafe.tune.flow import SweepConfig
+    from raysafe.sweep.config import SweepConfig
 
     p = tmp_path / "train.yaml"
     p.write_text("model: {path: tiny}\nmixture: {languages: [en, zh, ru], m: 3}\n")
@@ -229,7 +238,7 @@ def test_metric_names_and_eval_metrics_hand_case():
 
 # ------------------------------------------------------------------------------------------- before any trial
 def _sweep(tiny_llama_dir, tmp_path, **space_kw):
-    from raysafe.tune.flow import SweepConfig
+    from raysafe.sweep.config import SweepConfig
 
     return load_config(SweepConfig, data={
         "name": "refused", "output_dir": str(tmp_path / "sweeps"),
@@ -247,7 +256,7 @@ def _sweep(tiny_llama_dir, tmp_path, **space_kw):
     ({"mixture": [{"name": "with-de", "languages": ["en", "zh", "de"]}]}, DataError, "space.mixture=with-de", "de"),
 ])
 def test_run_sweep_refuses_before_any_trial(tiny_llama_dir, tmp_path, space_kw, err, where, bad):
-    from raysafe.tune.flow import run_sweep
+    from raysafe.sweep.flow import run_sweep
 
     cfg = _sweep(tiny_llama_dir, tmp_path, **space_kw)
     with pytest.raises(err) as e:
@@ -263,7 +272,7 @@ def test_intermediate_steps_come_from_checkpoints_and_the_step_record(tmp_path):
     away; a state file still being written is skipped."""
     import json
 
-    from raysafe.tune.trial import new_steps
+    from raysafe.sweep.trial import new_steps
 
     record = [{"step": s, "epoch": 0, "groups": [], "loss": 1.0 - s / 10, "loss_align": 0.7 - s / 10,
                "mlc_active": True} for s in range(1, 5)]
@@ -289,7 +298,7 @@ def test_intermediate_steps_come_from_checkpoints_and_the_step_record(tmp_path):
 
 
 def test_sweep_config_refuses_an_evaluation_set_or_judge_it_does_not_run():
-    from raysafe.tune.flow import SweepConfig
+    from raysafe.sweep.config import SweepConfig
 
     base = {"train": {"model": {"path": "x"}}}
     with pytest.raises(ConfigError, match=r"evaluation.set 'multijail' is not one of the evaluation's sets \['safety_prompts'\]"):
@@ -308,7 +317,7 @@ def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from raysafe.tune.scheduler import ResumableASHA
+    from raysafe.sweep.scheduler import ResumableASHA
 
     state = tmp_path / "asha_state.json"
 
@@ -344,7 +353,7 @@ def test_heldout_consistency_matches_a_direct_computation(tiny_llama_dir):
 
     from raysafe.config import ModelSpec, SourceSpec
     from raysafe.models.loading import load_model
-    from raysafe.tune.heldout import heldout_rows, measure
+    from raysafe.sweep.heldout import heldout_rows, measure
 
     langs = ["en", "zh", "ru"]
     rows = heldout_rows(SourceSpec(kind="fixture", name="safety_prompts"), "test", langs, max_items=3)
@@ -378,7 +387,7 @@ def test_a_sweep_directory_of_another_sweep_is_refused_before_ray_starts(tiny_ll
     import json
 
     from raysafe.errors import OutputError
-    from raysafe.tune.flow import run_sweep
+    from raysafe.sweep.flow import run_sweep
 
     cfg = _sweep(tiny_llama_dir, tmp_path, weight=[0.0, 0.8])
     d = tmp_path / "sweeps" / "refused"
@@ -393,12 +402,12 @@ def test_a_sweep_directory_of_another_sweep_is_refused_before_ray_starts(tiny_ll
 def test_lambda_zero_beside_mixture_keys_is_flagged(tiny_llama_dir, tmp_path, caplog):
     import logging
 
-    from raysafe.tune.flow import prepare
+    from raysafe.sweep.flow import prepare
 
     cfg = _sweep(tiny_llama_dir, tmp_path, weight=[0.0, 0.8],
                  mixture=[{"name": "a", "languages": ["en", "zh", "ru"]},
                           {"name": "b", "languages": ["en", "zh", "ru"], "weights": [1, 3, 1]}])
-    with caplog.at_level(logging.WARNING, logger="raysafe.tune.flow"):
+    with caplog.at_level(logging.WARNING, logger="raysafe.sweep.flow"):
         out = prepare(cfg)
     assert out["total_steps"] >= 1 and list(out["named"]) == ["a", "b"] and out["depth"] == 4
     assert any("λ = 0" in r.message and "space.mixture" in r.message for r in caplog.records)

@@ -10,13 +10,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from raysafe.config import TrainConfig, load_config
+from raysafe.config import load_config
 from raysafe.errors import ConfigError, DataError, OutputError
 from raysafe.train.checkpoint import STATE_FILE, verify_checkpoint
+from raysafe.train.config import TrainConfig
 from raysafe.train.data import epoch_order, load_samples
 from raysafe.train.flow import run_train, validate
 

@@ -20,7 +20,7 @@ from raysafe.data.languages import is_known
 from raysafe.data.schemas import PREFERENCE_PAIRS, PROMPT_VARIANTS
 from raysafe.data.sources import load_table, read_source, validate
 from raysafe.errors import DataError
-from raysafe.evaluate.specs import EvalSetSpec, UtilitySpec
+from raysafe.evaluate.config import EvalSetSpec, UtilitySpec
 
 EVAL_FIXTURES = ("mc_questions",)
 PROMPT_COLUMNS = ["row_id", "set", "metric", "group_id", "lang", "text", "label", "harmful", "split", "category",

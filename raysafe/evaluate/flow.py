@@ -15,82 +15,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from pydantic import Field, field_validator
 
 from raysafe import tracking
-from raysafe.config import ModelSpec, RaySpec, SourceSpec, Strict, TrackingSpec, dump_config, require_unique
-from raysafe.data.languages import is_known
+from raysafe.atomic import atomic_write_bytes
+from raysafe.config import (
+    ModelSpec,
+    RaySpec,
+    dump_config,
+)
 from raysafe.errors import DataError, ModelError, RaysafeError
+from raysafe.evaluate.config import (
+    EvaluateConfig,
+    JudgeSpec,
+    model_label,
+)
 from raysafe.evaluate.data import load_mc, load_prompts
-from raysafe.evaluate.specs import EvalSetSpec, GenerationSpec, JudgeSpec, MetricsSpec, UtilitySpec, safe_label
 from raysafe.evaluate.store import EvalStore, claim, write_inputs
-from raysafe.extract.pipeline import fingerprint
-from raysafe.extract.store import atomic_write_bytes
+from raysafe.identity import fingerprint
 from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
 
 
-def _default_sets() -> list[EvalSetSpec]:
-    return [EvalSetSpec(name="safety_prompts", sources=[SourceSpec(kind="fixture", name="safety_prompts")],
-                        split="test")]
 
 
-class EvaluateConfig(Strict):
-    """`raysafe evaluate`: generate responses per language, judge them, and report multilingual safety metrics."""
-
-    models: list[ModelSpec] = Field(description="models to evaluate: 'gemma3-270m', a hub id, a local HF directory "
-                                    "(e.g. a training checkpoint's .../model) or a .gguf file")
-    sets: list[EvalSetSpec] = Field(default_factory=_default_sets)
-    languages: list[str] | None = Field(
-        None, description="evaluate these languages (listed ones without prompts appear in the tables with 0 "
-        "prompts); None: every language of the sets")
-    generation: GenerationSpec = GenerationSpec()
-    judges: list[JudgeSpec] = Field(default_factory=lambda: [JudgeSpec(kind="offline")])
-    utility: UtilitySpec = UtilitySpec()
-    metrics: MetricsSpec = MetricsSpec()
-    output_dir: str = "outputs/evaluate"
-    ray: RaySpec = RaySpec()
-    tracking: TrackingSpec = TrackingSpec()
-
-    @field_validator("models")
-    @classmethod
-    def _models(cls, v: list[ModelSpec]) -> list[ModelSpec]:
-        if not v:
-            raise ValueError("give at least one model")
-        require_unique([model_label(m) for m in v], "model")
-        return v
-
-    @field_validator("judges")
-    @classmethod
-    def _judges(cls, v: list[JudgeSpec]) -> list[JudgeSpec]:
-        if not v:
-            raise ValueError("give at least one judge (kind: offline needs no model)")
-        require_unique([j.label for j in v], "judge")
-        return v
-
-    @field_validator("languages")
-    @classmethod
-    def _languages(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            bad = [x for x in v if not is_known(x)]
-            if bad:
-                raise ValueError(f"unknown language code(s) {bad}; use ISO 639-1 (or RAYSAFE_EXTRA_LANGS)")
-            if not v:
-                raise ValueError("give at least one language, or leave `languages` unset")
-        return v
 
 
-def model_label(spec: ModelSpec) -> str:
-    """Directory-safe label: ``name``, else the path's last part; a training checkpoint's ``.../<run>/<ckpt>/model``
-    becomes ``<run>-<ckpt>`` so that several checkpoints do not all read ``model``."""
-    if spec.name:
-        return safe_label(spec.name)
-    p = Path(spec.path.rstrip("/"))
-    if p.name == "model" and p.parent.name:
-        parts = [p.parent.parent.name, p.parent.name] if p.parent.name.startswith("checkpoint") else [p.parent.name]
-        return safe_label("-".join(x for x in parts if x))
-    return safe_label(spec.label)
 
 
 @dataclass
@@ -215,8 +165,17 @@ def _languages(cfg: EvaluateConfig, present: list[str]) -> list[str]:
 def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress: bool = True) -> EvaluateResult:
     """Evaluate every model of ``cfg`` on every set with every judge; see the module docstring."""
     from raysafe.evaluate.judges import make_judge
-    from raysafe.evaluate.stages import ClassifierJudgeStage, ModelWorkerStage, judge_shard
-    from raysafe.evaluate.tables import PER_LANGUAGE_SCHEMA, frame, safety_tables, utility_table
+    from raysafe.evaluate.stages import (
+        ClassifierJudgeStage,
+        ModelWorkerStage,
+        judge_shard,
+    )
+    from raysafe.evaluate.tables import (
+        PER_LANGUAGE_SCHEMA,
+        frame,
+        safety_tables,
+        utility_table,
+    )
 
     t_start = time.perf_counter()
     store = EvalStore(cfg.output_dir)
@@ -339,7 +298,7 @@ def _write_responses(store: EvalStore, label: str, gens: pl.DataFrame, judges: l
 
 
 def _write_outputs(cfg: EvaluateConfig, store: EvalStore, result: EvaluateResult) -> None:
-    from raysafe.evaluate.plots import per_language_bars
+    from raysafe.plots import per_language_bars
 
     out = store.metrics_dir
     for name, df in (("per_language", result.per_language), ("summary", result.summary_table),

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from raysafe.errors import ConfigError
-from raysafe.evaluate.specs import GenerationSpec
-from raysafe.extract.batching import pad_batch, plan_batches
+from raysafe.evaluate.config import GenerationSpec
+from raysafe.models.batching import pad_batch, plan_batches
 
 
 @dataclass(frozen=True)

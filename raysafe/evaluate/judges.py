@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from raysafe.errors import ConfigError, ModelError
+from raysafe.evaluate.config import JudgeSpec
 from raysafe.evaluate.patterns import APOLOGY_WINDOW, first_match, patterns_for
-from raysafe.evaluate.specs import JudgeSpec
 
 VERDICTS = ("safe", "unsafe", "unparsed")
 

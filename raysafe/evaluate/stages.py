@@ -109,8 +109,8 @@ class ModelWorkerStage:
 
     def __init__(self, model: dict, generation: dict, utility: dict, store_root: str, model_label: str,
                  torch_threads: int | None = None):
+        from raysafe.evaluate.config import UtilitySpec
         from raysafe.evaluate.generate import Generator
-        from raysafe.evaluate.specs import UtilitySpec
 
         self.gen = Generator(model, generation, None, torch_threads)
         self.utility = UtilitySpec(**utility)
@@ -131,8 +131,8 @@ class ClassifierJudgeStage:
     """Ray Data stage: {shard_id} → one summary per judged generation shard (classifier model loaded once)."""
 
     def __init__(self, judge: dict, store_root: str, model_label: str, torch_threads: int | None = None):
+        from raysafe.evaluate.config import JudgeSpec
         from raysafe.evaluate.judges import ClassifierJudge
-        from raysafe.evaluate.specs import JudgeSpec
 
         self.judge = ClassifierJudge(JudgeSpec(**judge), None, torch_threads)
         self.store = EvalStore(store_root)

@@ -20,7 +20,7 @@ import polars as pl
 
 from raysafe.errors import OutputError
 from raysafe.evaluate import metrics as M
-from raysafe.evaluate.specs import MetricsSpec
+from raysafe.evaluate.config import MetricsSpec
 
 PER_LANGUAGE_SCHEMA = {
     "model": pl.String, "judge": pl.String, "set": pl.String, "metric": pl.String, "lang": pl.String,

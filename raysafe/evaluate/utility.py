@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raysafe.evaluate.specs import UtilitySpec
-from raysafe.extract.batching import pad_batch, plan_batches
+from raysafe.evaluate.config import UtilitySpec
+from raysafe.models.batching import pad_batch, plan_batches
 from raysafe.models.layers import position_ids_from_mask
 
 LETTERS = ("A", "B", "C", "D")

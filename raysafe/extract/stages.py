@@ -18,17 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raysafe.config import ExtractSpec, ModelSpec
+from raysafe.atomic import atomic_write_json, atomic_write_parquet
+from raysafe.config import ModelSpec
 from raysafe.errors import DataError
-from raysafe.extract.batching import pad_batch, plan_token_batches
+from raysafe.extract.config import ExtractSpec
 from raysafe.extract.hidden import pooled_hidden_states
-from raysafe.extract.store import (
-    META_COLUMNS,
-    ActivationStore,
-    atomic_write_json,
-    atomic_write_parquet,
-    vectors_to_arrow,
-)
+from raysafe.extract.store import META_COLUMNS, ActivationStore, vectors_to_arrow
+from raysafe.models.batching import pad_batch, plan_token_batches
 from raysafe.models.layers import text_config
 
 

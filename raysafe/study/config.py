@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from raysafe.config import ModelSpec, RaySpec, Strict, TrackingSpec, TrainConfig
+from raysafe.config import ModelSpec, RaySpec, Strict, TrackingSpec
+from raysafe.train.config import TrainConfig
 
 STAGES = ("separation", "concepts", "evaluate", "train", "consistency", "report")
 
@@ -91,7 +92,7 @@ class StudyConfig(Strict):
         return {**section, "ray": ray, "tracking": self.tracking.model_dump()}
 
     def separation_config(self, base: ModelSpec, aligned: list[ModelSpec]):
-        from raysafe.analysis.separation_flow import SeparationConfig
+        from raysafe.separation.config import SeparationConfig
 
         tree = {**self._common(self.separation), "base": base.model_dump(),
                 "aligned": [m.model_dump() for m in aligned],
@@ -100,7 +101,7 @@ class StudyConfig(Strict):
         return self._build(SeparationConfig, "separation", tree)
 
     def concepts_config(self, models: list[ModelSpec], phase: str):
-        from raysafe.analysis.concepts_flow import ConceptsConfig
+        from raysafe.concepts.config import ConceptsConfig
 
         tree = {**self._common(self.concepts), "models": [m.model_dump() for m in models],
                 "activations_dir": str(self.root / "activations" / "concepts"),
@@ -108,7 +109,7 @@ class StudyConfig(Strict):
         return self._build(ConceptsConfig, "concepts", tree)
 
     def evaluate_config(self, models: list[ModelSpec], phase: str):
-        from raysafe.evaluate.flow import EvaluateConfig
+        from raysafe.evaluate.config import EvaluateConfig
 
         tree = {**self._common(self.evaluate), "models": [m.model_dump() for m in models],
                 "output_dir": str(self.root / f"evaluate_{phase}")}

@@ -26,8 +26,8 @@ from typing import Any, Callable
 import polars as pl
 
 from raysafe import tracking
+from raysafe.atomic import atomic_write_json
 from raysafe.config import ModelSpec, dump_config
-from raysafe.extract.store import atomic_write_json
 from raysafe.study.config import StudyConfig
 from raysafe.tables import write_table
 
@@ -124,9 +124,9 @@ def plan(cfg: StudyConfig) -> list[str]:
 
 def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     """Run (or continue) the study of ``cfg``; see the module docstring."""
-    from raysafe.analysis.concepts_flow import run_concepts
-    from raysafe.analysis.separation_flow import run_separation
+    from raysafe.concepts.flow import run_concepts
     from raysafe.evaluate.flow import run_evaluate
+    from raysafe.separation.flow import run_separation
     from raysafe.train.flow import run_train
 
     cfg.root.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def _train(run, tcfg) -> dict[str, Any]:
 def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) -> dict[str, Any]:
     """Rank-1 energy and cross-language cosine of held-out safety prompts' last-prompt-token states, every layer
     extracted, for the base and each trained model (the activations of the separation stages)."""
-    from raysafe.analysis.consistency import consistency_table
+    from raysafe.consistency import consistency_table
     from raysafe.extract.store import ActivationStore
     from raysafe.train.flow import model_depth
 

@@ -145,7 +145,7 @@ def _match(name: str, models: list[str]) -> str | None:
 
 
 def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -> dict[str, Any]:
-    from raysafe.evaluate.plots import per_language_bars
+    from raysafe.plots import per_language_bars
 
     out = cfg.root / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from raysafe.config import MixtureSpec, TrainDataSpec
 from raysafe.data import schemas
 from raysafe.data.mixture import LanguageMixture
 from raysafe.data.sources import load_table
 from raysafe.errors import DataError
+from raysafe.train.config import MixtureSpec, TrainDataSpec
 
 
 def build_mixture(spec: MixtureSpec, seed: int) -> LanguageMixture:

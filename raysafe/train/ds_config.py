@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from raysafe.config import DeepSpeedSpec, OptimSpec
 from raysafe.errors import ConfigError
+from raysafe.train.config import DeepSpeedSpec, OptimSpec
 
 
 def use_bf16(spec: DeepSpeedSpec, on_gpu: bool) -> bool:

@@ -1,6 +1,6 @@
 """The alignment flow: validate → (precompute reference log-probs) → Ray Train + DeepSpeed → HF checkpoint → MLflow.
 
-``run_train(cfg)`` is what ``raysafe train``, ``jobs/train_mlc.py``, the sweep and the tests call. Everything that
+``run_train(cfg)`` is what ``raysafe train``, ``jobs/train.py``, the sweep and the tests call. Everything that
 can be checked before workers start is checked first: data (missing variants for a mixture language, empty
 answers), the model and the MLC layer, the ZeRO/offload/precision combination against the hardware, and a resume
 path that holds another model's checkpoint.
@@ -16,12 +16,13 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.config import TrainConfig, dump_config
+from raysafe.config import dump_config
 from raysafe.errors import ConfigError, OutputError
+from raysafe.train.checkpoint import HF_DIR, STATE_FILE
+from raysafe.train.config import TrainConfig
 from raysafe.train.data import epoch_order, load_samples
 from raysafe.train.ds_config import check_hardware, prepare_cpu_comm
 from raysafe.train.losses import needs_reference
-from raysafe.train.checkpoint import HF_DIR, STATE_FILE
 from raysafe.train.worker import train_loop
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,14 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     """Train ``cfg.model`` with the alignment loss + λ·MLC on Ray Train workers; return the final checkpoint."""
     import ray
     from ray.data import ExecutionOptions
-    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        Checkpoint,
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from raysafe.config import RaySpec

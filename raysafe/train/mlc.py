@@ -16,15 +16,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from raysafe.consistency import mean_offdiag_cosine, normalise_rows
 from raysafe.errors import ConfigError, ModelError
+from raysafe.train.config import MLCConfig
 from raysafe.train.losses import LossOutput
 
 HEAD_WEIGHTS = "mlc_head.safetensors"
@@ -63,11 +62,6 @@ def singular_values(z: torch.Tensor) -> torch.Tensor:
     return _SingularValues.apply(z)
 
 
-def normalise_rows(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Rows of ``z [..., m, d]`` scaled to unit L2 norm (a zero row stays zero), in float32 or float64."""
-    if z.dtype not in (torch.float32, torch.float64):
-        z = z.float()
-    return F.normalize(z, p=2.0, dim=-1, eps=eps)
 
 
 # ----------------------------------------------------------------------------------------------------- the losses
@@ -107,20 +101,13 @@ def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 1e-6, form: str = "
     return LossOutput(loss, metrics)
 
 
-def _mean_offdiag_cosine(x: torch.Tensor) -> torch.Tensor:
-    """Per-item mean cosine similarity over the ``m(m−1)`` ordered pairs of distinct rows of ``x [B, m, d]``."""
-    xn = normalise_rows(x)
-    gram = xn @ xn.transpose(-1, -2)
-    m = x.shape[-2]
-    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return off / (m * (m - 1))
 
 
 def pairwise_cosine_loss(z: torch.Tensor) -> LossOutput:
     """Ablation baseline to MLC: ``1 − mean over items and distinct row pairs of cos(z_i, z_j)`` for ``z [B, m, d]``."""
     if z.dim() != 3 or z.shape[1] < 2:
         raise ValueError(f"z must be [B, m, d] with m >= 2, got {tuple(z.shape)}")
-    loss = 1.0 - _mean_offdiag_cosine(z).mean()
+    loss = 1.0 - mean_offdiag_cosine(z).mean()
     return LossOutput(loss, {"cosine/loss": loss.detach()})
 
 
@@ -131,27 +118,6 @@ def consistency_loss(z: torch.Tensor, config: MLCConfig) -> LossOutput:
     return pairwise_cosine_loss(z)
 
 
-@torch.no_grad()
-def mlc_diagnostics(z: torch.Tensor, hidden: torch.Tensor | None = None) -> dict[str, float | list[float]]:
-    """Cross-lingual consistency diagnostics of one batch of variant representations.
-
-    ``z [B, m, d]`` projected (rows normalised here), ``hidden [B, m, H]`` raw hidden states (optional):
-
-    - ``spectrum``: singular values of the normalised ``Z_b``, averaged over the batch (descending);
-    - ``rank1_energy``: mean over items of ``σ₁² / Σ_j σ_j²`` (1 = all languages collinear, 1/m = orthogonal);
-    - ``cosine_z``: mean pairwise cosine between languages on ``z``;
-    - ``cosine_hidden``: the same on the raw hidden states (only when ``hidden`` is given).
-    """
-    sigma = torch.linalg.svdvals(normalise_rows(z))
-    energy = sigma**2
-    out: dict[str, float | list[float]] = {
-        "spectrum": sigma.mean(0).tolist(),
-        "rank1_energy": float((energy[:, 0] / energy.sum(-1).clamp(min=1e-30)).mean()),
-        "cosine_z": float(_mean_offdiag_cosine(z).mean()),
-    }
-    if hidden is not None:
-        out["cosine_hidden"] = float(_mean_offdiag_cosine(hidden).mean())
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- head and config
@@ -223,41 +189,3 @@ class MLCSchedule:
         return step % self.every_k == 0
 
 
-class MLCConfig(BaseModel):
-    """Settings of the consistency term added to the alignment loss: ``L = L_align + weight · L_mlc``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    layer: int | float = Field(
-        0.5, description="decoder layer whose output is used: an int (1-based, 0 = embeddings) or a depth fraction"
-    )
-    pooling: Literal["last", "mean"] = "last"
-    d: int = Field(512, ge=1, description="width of the projection head")
-    tau: float = Field(0.2, gt=0)
-    eps: float = Field(1e-6, ge=0)
-    form: Literal["released", "plain"] = "released"
-    every_k: int = Field(2, ge=1)
-    weight: float = Field(0.8, ge=0, description="λ")
-    kind: Literal["mlc", "cosine"] = "mlc"
-
-    def resolve_layer(self, num_layers: int) -> int:
-        """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
-        if isinstance(self.layer, float):
-            if not 0.0 < self.layer <= 1.0:
-                raise ConfigError(
-                    f"a fractional MLC layer must lie in (0, 1], got {self.layer}",
-                    where="mlc.layer",
-                    fix="give a depth fraction such as 0.5 or an integer layer index",
-                )
-            return max(1, round(self.layer * num_layers))
-        if not 0 <= self.layer <= num_layers:
-            raise ConfigError(
-                f"MLC layer {self.layer} is out of range for a model with {num_layers} layers",
-                where="mlc.layer",
-                fix=f"use 0 (embeddings) to {num_layers}",
-            )
-        return self.layer
-
-    def schedule(self) -> MLCSchedule:
-        """The step schedule of this configuration."""
-        return MLCSchedule(self.every_k)

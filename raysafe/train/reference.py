@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raysafe.config import TrainConfig
+from raysafe.train.config import TrainConfig
 from raysafe.train.data import to_collator_samples
 
 

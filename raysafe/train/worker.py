@@ -16,15 +16,15 @@ import psutil
 import torch
 from torch import nn
 
-from raysafe.config import TrainConfig
+from raysafe.consistency import mlc_diagnostics
 from raysafe.train.checkpoint import DS_DIR, STATE_FILE, probe_logps, write_checkpoint
 from raysafe.train.collate import PreferenceCollator
+from raysafe.train.config import MLCConfig, TrainConfig
 from raysafe.train.data import to_collator_samples
 from raysafe.train.ds_config import deepspeed_config, lr_lambda
 from raysafe.train.forward import policy_forward
 from raysafe.train.losses import alignment_loss
-from raysafe.train.mlc import MLCConfig, MLCHead, consistency_loss, mlc_diagnostics
-
+from raysafe.train.mlc import MLCHead, consistency_loss
 
 
 class AlignModule(nn.Module):

@@ -1,8 +1,0 @@
-"""Ray job entrypoint: `ray job submit -- python jobs/extract_activations.py CONFIG [--set k=v ...]`."""
-
-import sys
-
-from raysafe.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["extract", *sys.argv[1:]]))

@@ -1,8 +1,0 @@
-"""Ray job entrypoint: `ray job submit -- python jobs/safety_space.py CONFIG [--set k=v ...]`."""
-
-import sys
-
-from raysafe.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["separation", *sys.argv[1:]]))

@@ -1,8 +1,0 @@
-"""Ray job entrypoint: `ray job submit -- python jobs/train_mlc.py CONFIG [--set k=v ...]`."""
-
-import sys
-
-from raysafe.cli import main
-
-if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))

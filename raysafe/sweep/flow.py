@@ -1,0 +1,439 @@
+"""The sweep flow: Ray Tune over the align + evaluate config (λ, β, τ, MLC layer, lr, language mixture, m).
+
+``run_sweep(cfg)`` is what ``raysafe sweep``, ``jobs/sweep.py`` and the tests call:
+
+1. validate everything before any trial starts: the search space against the model's depth and the known
+   languages, every (mixture, m) combination against the data (the train flow's own checks), the evaluation and
+   objective settings, and the trial resources against the cluster;
+2. open one MLflow parent run (continued when the sweep resumes) and evaluate the base model once (for
+   ``utility_drop`` / ``safety_gain``);
+3. run the trials with Ray Tune (``raysafe.sweep.trial``: train → evaluate → held-out consistency), grid or random
+   search (``BasicVariantGenerator``), optionally ASHA on an intermediate training metric (its rung records kept
+   across a resume, ``raysafe.sweep.scheduler``), at most
+   ``max_concurrent_trials`` at once (default: as many as the cluster's CPUs/GPUs fit);
+4. write the results table, the Pareto plot and ``best_train_config.yaml`` and log them to the parent run.
+
+Re-running the same config resumes the sweep (``Tuner.restore``): finished trials are kept, unfinished ones run
+again (their training resumes from its own last checkpoint). Layout under ``output_dir/name``::
+
+    sweep_config.yaml  sweep_state.json   the config and the MLflow parent run id
+    asha_state.json                        ASHA's rung records (read back when the sweep resumes)
+    tune/                                  the Tune experiment (what Tuner.restore reads)
+    train/trial_<id>/                      each trial's Ray Train run (checkpoints, model/)
+    trials/<id>/                           train_config.yaml, attempts.jsonl, evaluate/, result.json
+    baseline/evaluate/                     the base model's evaluation
+    results.parquet results.csv pareto.png best_train_config.yaml summary.txt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from raysafe import tracking
+from raysafe.config import TrackingSpec, dump_config, load_config
+from raysafe.errors import ConfigError, OutputError, RaysafeError
+from raysafe.sweep import metrics as M
+from raysafe.sweep.config import (
+    SweepConfig,
+)
+from raysafe.sweep.objective import ObjectiveSpec
+from raysafe.sweep.space import (
+    grid_size,
+    param_space,
+    trial_train_config,
+    validate_space,
+)
+from raysafe.tables import write_table
+from raysafe.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------------------------------- result
+@dataclass
+class SweepResult:
+    sweep_dir: Path
+    table: pl.DataFrame
+    best: dict | None
+    paths: dict[str, Path] = field(default_factory=dict)
+    planned_trials: int = 0
+    resumed: bool = False
+    seconds: float = 0.0
+    mlflow_run_id: str | None = None
+    objective: ObjectiveSpec | None = None
+    param_keys: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        from raysafe.sweep.report import fmt
+
+        n = self.table.height
+        counts = dict(self.table.group_by("status").len().iter_rows()) if n else {}
+        lines = [f"sweep {self.sweep_dir} ({'resumed, ' if self.resumed else ''}{self.seconds:.0f} s): "
+                 f"{n}/{self.planned_trials} trials — " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
+        obj = self.objective
+        shown = ["trial_id", "status", *self.param_keys, "objective"]
+        if obj is not None:
+            shown += [t.metric for t in (obj.primary, *obj.terms, *obj.pareto)] + [c.metric for c in obj.constraints]
+        shown += ["feasible", "pareto", "best"]
+        shown = [c for c in dict.fromkeys(shown) if c in self.table.columns]
+        if n:
+            widths = {c: max(len(c), *(len(fmt(v)) for v in self.table[c].to_list())) for c in shown}
+            lines.append("  " + "  ".join(c.rjust(widths[c]) for c in shown))
+            for r in self.table.select(shown).iter_rows(named=True):
+                lines.append("  " + "  ".join(fmt(r[c]).rjust(widths[c]) for c in shown))
+        if self.best is not None:
+            params = ", ".join(f"{k}={fmt(self.best.get(k))}" for k in self.param_keys)
+            lines.append(f"best: trial {self.best['trial_id']} ({params}), objective {fmt(self.best['objective'])}")
+            lines.append(f"  ready-to-run config: raysafe train {self.paths.get('best_config')}")
+        else:
+            lines.append("best: none — no evaluated trial met the constraints (see the table's violations column)")
+        for key in ("results_csv", "results_parquet", "pareto_plot"):
+            if key in self.paths:
+                lines.append(f"{key.replace('_', ' ')}: {self.paths[key]}")
+        if self.mlflow_run_id:
+            lines.append(f"MLflow parent run {self.mlflow_run_id}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _absolute(tree: Any) -> Any:
+    """A copy of a config tree with every relative ``path`` that exists locally made absolute (trials and their
+    Train workers may run with another working directory)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            if k == "path" and isinstance(v, str) and not Path(v).is_absolute() and Path(v).exists():
+                out[k] = str(Path(v).resolve())
+            else:
+                out[k] = _absolute(v)
+        return out
+    if isinstance(tree, list):
+        return [_absolute(x) for x in tree]
+    return tree
+
+
+def _tracking_spec(spec: TrackingSpec) -> dict:
+    """The sweep's tracking settings with the store URI pinned (a relative SQLite path made absolute)."""
+    uri = tracking.resolve_uri(spec)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return {**spec.model_dump(mode="json"), "tracking_uri": uri, "run_name": None}
+
+
+def _wrap(e: RaysafeError, key: str) -> RaysafeError:
+    return type(e)(e.what, where=f"{key} → {e.where}" if e.where else key, fix=e.fix)
+
+
+def _fingerprint(cfg: SweepConfig) -> str:
+    """What defines the trials (base config, space, search, scheduler, objective, evaluation): a sweep directory
+    holding another fingerprint belongs to another sweep. Resources, tracking and retries may change on resume."""
+    tree = cfg.model_dump(mode="json", include={"space", "scheduler", "objective", "evaluation"})
+    tree["evaluation"]["evaluate"].pop("ray", None)  # resources, not results
+    for key in ("cpus", "gpus", "torch_threads"):
+        tree["evaluation"]["consistency"].pop(key, None)
+    tree["train"] = cfg.base.model_dump(mode="json")
+    tree["train"].pop("ray", None)  # the trials' train resources come from `resources`
+    tree["search"] = {"algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples,
+                      "seed": cfg.search.seed}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
+    """Refuse trials the cluster can never run; returns the number of trials to run at once."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    r = cfg.resources
+    need_cpu = r.num_workers * r.cpus_per_worker
+    if need_cpu > cpus + 1e-9:
+        raise ConfigError(f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster "
+                          f"has {cpus:g}", where="resources.num_workers / resources.cpus_per_worker",
+                          fix="lower them, or run on a bigger cluster (RAY_ADDRESS)")
+    if r.use_gpu and r.num_workers > gpus:
+        raise ConfigError(f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
+                          where="resources.num_workers / resources.use_gpu", fix="lower num_workers or add GPUs")
+    if evaluate_cfg is not None and evaluate_cfg.ray.num_cpus_per_actor > cpus:
+        raise ConfigError(f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has "
+                          f"{cpus:g}", where="evaluation.evaluate.ray.num_cpus_per_actor", fix="lower it")
+    c = cfg.evaluation.consistency
+    if cfg.evaluation.consistency.enabled and (c.cpus > cpus or c.gpus > gpus):
+        raise ConfigError(f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has "
+                          f"{cpus:g} / {gpus:g}", where="evaluation.consistency.cpus / gpus", fix="lower them")
+    fits = math.floor((cpus + 1e-9) / need_cpu)
+    if r.use_gpu:
+        fits = min(fits, math.floor(gpus / r.num_workers))
+    if cfg.search.max_concurrent_trials is not None:
+        if cfg.search.max_concurrent_trials > fits:
+            log.warning("max_concurrent_trials=%d but the cluster fits %d trial(s) at once: the others wait for "
+                        "resources", cfg.search.max_concurrent_trials, fits)
+        return cfg.search.max_concurrent_trials
+    return max(1, fits)
+
+
+def _status(metrics: dict, error: Any) -> str:
+    if error is not None:
+        return "error"
+    if metrics.get("final") == 1.0:
+        return "finished"
+    if "train_step" in metrics:
+        return "stopped"
+    return "not run"
+
+
+_METRIC_PREFIXES = ("train_", "safety_", "utility_", "consistency_")
+
+
+def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
+    from raysafe.sweep.trial import RESULT_FILE, RUN_FILE, trial_dir
+
+    rows = []
+    for res in results:
+        trial_id = Path(res.path).name.removeprefix("trial_")
+        m = dict(res.metrics or {})
+        row: dict[str, Any] = {"trial_id": trial_id, "status": _status(m, res.error)}
+        for k in param_keys:
+            row[k] = (res.config or {}).get(k)
+        for k, v in m.items():
+            if (k.startswith(_METRIC_PREFIXES) or k in ("objective", "feasible")) and isinstance(v, (int, float)):
+                row[k] = float(v)
+        tdir = trial_dir(sweep_dir, trial_id)
+        if (tdir / RUN_FILE).exists():
+            row["mlflow_run_id"] = json.loads((tdir / RUN_FILE).read_text())["run_id"]
+        if row["status"] == "finished" and (tdir / RESULT_FILE).exists():
+            d = json.loads((tdir / RESULT_FILE).read_text())
+            row.update(violations="; ".join(d["violations"]), checkpoint_dir=d["checkpoint_dir"],
+                       model_dir=d["model_dir"])
+        if res.error is not None:
+            row["error"] = str(res.error).strip().splitlines()[-1][:500] if str(res.error).strip() else repr(res.error)
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+# ---------------------------------------------------------------------------------------------------- flow
+def prepare(cfg: SweepConfig) -> dict[str, Any]:
+    """Every check that needs no trial: space vs model depth and languages, data per (mixture, m), evaluation
+    and held-out sets. Returns what the driver needs (the named mixtures, total steps, held-out rows, ...)."""
+    from raysafe.train.flow import model_depth, total_steps, validate
+
+    base = TrainConfig.model_validate(_absolute(cfg.base.model_dump(mode="json")))
+    try:
+        depth = model_depth(base)
+    except RaysafeError as e:
+        raise _wrap(e, "train.model") from None
+    named = validate_space(cfg.space, base, depth)
+    mlc_only = [k for k in ("mixture", "m", "tau", "layer") if getattr(cfg.space, k) is not None]
+    if cfg.space.weight is not None and 0 in cfg.space.weight.values and mlc_only:
+        log.warning("space.weight includes λ = 0: those trials train the alignment loss alone and ignore %s, so "
+                    "they are equivalent across those values (one λ = 0 control is enough: `raysafe train` with "
+                    "mlc.weight=0)", ", ".join(f"space.{k}" for k in mlc_only))
+    ms = cfg.space.m.values if cfg.space.m is not None else [base.mixture.m]
+    combos = [(name, m) for name in named for m in ms] if cfg.space.mixture is not None else [(None, m) for m in ms]
+    steps = None
+    first = {k: a.values[0] for k, a in cfg.space.axes().items()}
+    for name, m in combos:
+        params = {**first, "m": m, **({"mixture": name} if name is not None else {})}
+        if "layer" in params and cfg.space.layer is not None and cfg.space.layer.kind == "uniform":
+            params["layer"] = float(params["layer"])
+        tcfg = trial_train_config(base, params, named, {"ray.num_workers": cfg.resources.num_workers,
+                                                         "ray.use_gpu": cfg.resources.use_gpu,
+                                                         "ray.cpus_per_worker": cfg.resources.cpus_per_worker})
+        try:
+            samples, _ = validate(tcfg)
+        except RaysafeError as e:
+            where = f"space.mixture={name}, m={m}" if name is not None else f"train.mixture, m={m}"
+            raise _wrap(e, where) from None
+        if steps is None:
+            steps = total_steps(tcfg, samples.height)
+    sch = cfg.scheduler
+    if sch.kind == "asha":
+        if sch.grace_period >= steps:
+            raise ConfigError(f"ASHA grace period {sch.grace_period} is not below the trials' {steps} training steps",
+                              where="scheduler.grace_period", fix=f"use a grace period below {steps}")
+        if sch.report_every_n_steps >= steps:
+            raise ConfigError(f"trials report every {sch.report_every_n_steps} steps but train only {steps}: ASHA "
+                              "would never see an intermediate result", where="scheduler.report_every_n_steps",
+                              fix=f"report more often than every {steps} steps")
+    out: dict[str, Any] = {"base": base, "named": named, "depth": depth, "total_steps": steps, "consistency": None}
+    c = cfg.evaluation.consistency
+    if c.enabled:
+        from raysafe.sweep.heldout import heldout_rows
+
+        langs = c.languages or list(base.mixture.languages)
+        layer_spec = c.layer if c.layer is not None else base.mlc.layer
+        try:
+            layer = base.mlc.model_copy(update={"layer": layer_spec}).resolve_layer(depth)
+        except RaysafeError as e:
+            raise _wrap(e, "evaluation.consistency.layer") from None
+        variants = c.variants or base.data.variants
+        variants = type(variants).model_validate(_absolute(variants.model_dump(mode="json")))
+        try:
+            rows = heldout_rows(variants, c.split, langs, c.max_items)
+        except RaysafeError as e:
+            raise _wrap(e, "evaluation.consistency") from None
+        out["consistency"] = {"spec": c.model_dump(mode="json"), "rows": rows.to_dicts(), "languages": langs,
+                              "layer": layer}
+    return out
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
+    """Validate, run (or resume) the sweep with Ray Tune, and report it; see the module docstring."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raysafe.config import RaySpec
+    from raysafe.runtime import ensure_ray
+    from raysafe.sweep import report as R
+    from raysafe.sweep.scheduler import ResumableASHA
+    from raysafe.sweep.trial import TrialContext, run_trial
+
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    base: TrainConfig = prep["base"]
+    sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
+    tspec = _tracking_spec(cfg.tracking)
+    ev_template = None
+    if cfg.evaluation.enabled:
+        ev_template = cfg.evaluate_config(base.model.model_dump(mode="json"), str(sweep_dir / "baseline" / "evaluate"),
+                                          f"base-{base.model.label}", tspec)
+    # ---- the sweep directory belongs to this sweep
+    state_path = sweep_dir / "sweep_state.json"
+    fp = _fingerprint(cfg)
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state and state.get("fingerprint") != fp:
+        raise OutputError(f"{sweep_dir} holds another sweep (its search space, base config, scheduler, objective or "
+                          "evaluation differ)", where="output_dir / name",
+                          fix="give the sweep a new `name`, or delete that directory to start over")
+    ensure_ray(RaySpec(address=cfg.ray.address))
+    concurrent = _check_resources(cfg, ev_template)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    named = prep["named"]
+    param_keys = list(cfg.space.axes()) + (["mixture"] if cfg.space.mixture is not None else [])
+    planned = grid_size(cfg.space, named, cfg.search.algorithm) * cfg.search.num_samples
+    exp_path = sweep_dir / "tune"
+    resumed = tune.Tuner.can_restore(str(exp_path))
+    spec = TrackingSpec.model_validate(tspec)
+
+    with tracking.run(spec, f"sweep {cfg.name}", tags={"raysafe.flow": "sweep"},
+                      resume_run_id=state.get("parent_run_id")) as parent:
+        parent_id = parent.info.run_id if parent is not None else None
+        state.update(fingerprint=fp, parent_run_id=parent_id, planned_trials=planned)
+        state_path.write_text(json.dumps(state))
+        tracking.log_params({"config": cfg.model_dump(mode="json"), "planned_trials": planned,
+                             "total_steps": prep["total_steps"], "model_depth": prep["depth"]})
+        baseline: dict[str, float] = dict(state.get("baseline") or {})
+        if cfg.evaluation.enabled and cfg.evaluation.baseline and not baseline:  # once per sweep, kept on resume
+            from raysafe.evaluate.flow import run_evaluate
+
+            ev = run_evaluate(ev_template, parent_run_id=parent_id, progress=progress)
+            baseline = M.eval_metrics(ev.per_language, ev.summary_table, cfg.evaluation.set, cfg.evaluation.judge)
+            tracking.log_metrics({f"baseline_{k}": v for k, v in baseline.items() if not math.isnan(v)})
+            state["baseline"] = baseline
+            state_path.write_text(json.dumps(state))
+        r = cfg.resources
+        fixed: dict[str, Any] = {"ray.num_workers": r.num_workers, "ray.cpus_per_worker": r.cpus_per_worker,
+                                 "ray.use_gpu": r.use_gpu, "ray.address": None,
+                                 "checkpoint.storage_path": str(sweep_dir / "train"), "tracking": tspec}
+        if r.torch_threads is not None:
+            fixed["ray.torch_threads"] = r.torch_threads
+        if cfg.scheduler.kind == "asha":
+            fixed["checkpoint.every_n_steps"] = cfg.scheduler.report_every_n_steps
+        ctx = TrialContext(
+            base=base.model_dump(mode="json"), named=named, fixed=fixed, sweep_dir=str(sweep_dir), tracking=tspec,
+            parent_run_id=parent_id, objective=cfg.objective.model_dump(mode="json"),
+            evaluate=({k: v for k, v in ev_template.model_dump(mode="json").items()
+                       if k not in ("models", "output_dir", "tracking")} if ev_template is not None else None),
+            eval_set=cfg.evaluation.set, eval_judge=cfg.evaluation.judge, baseline=baseline,
+            consistency=prep["consistency"], total_steps=prep["total_steps"], depth=prep["depth"])
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {"CPU": r.driver_cpus, "memory": r.driver_memory_mb * 2**20})
+        if resumed:
+            log.info("resuming the sweep in %s: finished trials are kept, unfinished ones run again", exp_path)
+            tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
+                                       restart_errored=cfg.retry_errored)
+        else:
+            scheduler = None
+            asha_state = sweep_dir / "asha_state.json"
+            asha_state.unlink(missing_ok=True)  # a new Tune experiment starts with empty rungs
+            if cfg.scheduler.kind == "asha":
+                s = cfg.scheduler
+                scheduler = ResumableASHA(str(asha_state), time_attr="train_step", metric=s.metric, mode=s.mode,
+                                          max_t=prep["total_steps"], grace_period=s.grace_period,
+                                          reduction_factor=s.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(cfg.space, named, cfg.search.algorithm),
+                tune_config=tune.TuneConfig(
+                    num_samples=cfg.search.num_samples, scheduler=scheduler,
+                    # the generator itself caps the trials in flight (Tune ignores TuneConfig.max_concurrent_trials
+                    # when it is given a SearchGenerator such as this one)
+                    search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent),
+                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+                run_config=tune.RunConfig(name=exp_path.name, storage_path=str(sweep_dir),
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                          verbose=1 if progress else 0),
+            )
+        results = tuner.fit()
+
+        # ---- report
+        rows = _rows(results, sweep_dir, param_keys)
+        if parent is not None:
+            for row in rows:  # the scheduler ended these trials' processes mid-run: close their runs here
+                if row["status"] == "stopped" and row.get("mlflow_run_id"):
+                    tracking.end_run(row["mlflow_run_id"], "KILLED", {
+                        "raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"})
+        table = R.results_table(rows, cfg.objective, param_keys)
+        paths: dict[str, Path] = {}
+        paths["results_parquet"], paths["results_csv"] = write_table(table, sweep_dir, "results")
+        paths["pareto_plot"] = R.pareto_plot(table, cfg.objective, sweep_dir / "pareto.png",
+                                             f"sweep {cfg.name}: {table.height} trials, Pareto front over "
+                                             f"{', '.join(t.metric for t in cfg.objective.pareto)}", param_keys)
+        best = table.filter(pl.col("best")).row(0, named=True) if table.height and table["best"].any() else None
+        if best is not None:
+            from raysafe.sweep.trial import trial_dir
+
+            trial_cfg = load_config(TrainConfig, trial_dir(sweep_dir, best["trial_id"]) / "train_config.yaml")
+            text = R.best_train_config(trial_cfg, f"{cfg.name}-best", base.checkpoint.storage_path,
+                                       cfg.base.tracking.model_dump(mode="json"))
+            paths["best_config"] = sweep_dir / "best_train_config.yaml"
+            header = (f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
+                      f"run: raysafe train {paths['best_config']}\n")
+            paths["best_config"].write_text(header + text, encoding="utf-8")
+        result = SweepResult(sweep_dir, table, best, paths, planned, resumed, time.perf_counter() - t0, parent_id,
+                             cfg.objective, param_keys)
+        (sweep_dir / "summary.txt").write_text(result.summary() + "\n", encoding="utf-8")
+        paths["summary"] = sweep_dir / "summary.txt"
+        if parent is not None:
+            counts = dict(table.group_by("status").len().iter_rows()) if table.height else {}
+            tracking.log_metrics({f"trials_{k.replace(' ', '_')}": float(v) for k, v in counts.items()})
+            if best is not None:
+                tracking.log_metrics({"best_objective": float(best["objective"])})
+                tracking.set_tags({"raysafe.best_trial": best["trial_id"]})
+            for key in ("results_parquet", "results_csv", "pareto_plot", "best_config", "summary"):
+                if key in paths:
+                    tracking.log_artifact(paths[key])
+            tracking.log_artifact(sweep_dir / "sweep_config.yaml")
+    return result
+

@@ -1,0 +1,210 @@
+"""One trial of a sweep, as a Ray Tune function trainable: train → evaluate → held-out consistency → report.
+
+The trial process is only a driver (it reserves little CPU): ``run_train`` starts Ray Train workers with the
+trial's resources, ``run_evaluate`` its own actor pool, the consistency measure a Ray task. While training runs
+(in a thread of this process), every step that the run's checkpoints cover (``trainer_state.json``: the checkpoint's
+metrics and the per-step record of losses) is reported to Tune as an intermediate result (``train_step`` +
+``train_*`` metrics), which is what ASHA prunes on; when ASHA stops the trial, Tune ends this process and, with it,
+the Train run it owns.
+
+The Train run is named after the Tune trial id (``trial_<id>`` under ``<sweep>/train``), so a trial restarted by
+``Tuner.restore`` resumes its training from its own latest checkpoint. MLflow: one child run of the sweep's
+parent per trial (its params, intermediate and final metrics), with the trial's training and evaluation runs as
+its children; a restarted trial continues the same child run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysafe import tracking
+from raysafe.config import TrackingSpec, dump_config
+from raysafe.errors import OutputError
+from raysafe.sweep import metrics as M
+from raysafe.sweep.objective import ObjectiveSpec, score, violations
+from raysafe.sweep.space import trial_train_config
+from raysafe.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+ATTEMPTS_FILE = "attempts.jsonl"
+RUN_FILE = "mlflow_run.json"
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs besides its params (passed once through the object store)."""
+
+    base: dict  # the base TrainConfig (JSON), paths absolute
+    named: dict[str, dict]  # mixture name -> MixtureSpec fields
+    fixed: dict[str, Any]  # dotted TrainConfig overrides shared by all trials (resources, storage, checkpointing)
+    sweep_dir: str
+    tracking: dict  # TrackingSpec (JSON), URI absolute
+    parent_run_id: str | None
+    objective: dict  # ObjectiveSpec (JSON)
+    evaluate: dict | None = None  # EvaluateConfig fields except models / output_dir / tracking; None: no evaluation
+    eval_set: str | None = None
+    eval_judge: str | None = None
+    baseline: dict[str, float] = field(default_factory=dict)  # the base model's eval metrics (for deltas)
+    consistency: dict | None = None  # {"spec": ConsistencySpec JSON, "rows": [...], "languages": [...], "layer": int}
+    total_steps: int = 0
+    depth: int = 0  # decoder layers of the policy (for the resolved MLC layer in the params)
+    poll_s: float = 2.0
+
+
+def trial_dir(sweep_dir: str | Path, trial_id: str) -> Path:
+    return Path(sweep_dir) / "trials" / trial_id
+
+
+def new_steps(run_dir: Path, after: int) -> list[tuple[int, dict]]:
+    """(step, step metrics) for every training step past ``after`` that the run's checkpoints cover, by step.
+
+    The newest readable ``trainer_state.json`` carries the per-step record of the whole run (``loss_align``,
+    ``loss``), so steps whose own checkpoint was already rotated away (``checkpoint.keep``) are still reported with
+    the two loss metrics; a step that still has its checkpoint gets that checkpoint's full metrics. A checkpoint
+    being copied into place (state file missing or partly written) is skipped; the next poll picks it up.
+    """
+    states: dict[int, dict] = {}
+    for p in run_dir.glob("checkpoint_*/trainer_state.json"):
+        try:
+            state = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        states[int(state.get("step", 0))] = state
+    if not states or max(states) <= after:
+        return []
+    out = []
+    for rec in states[max(states)].get("record", []):
+        step = int(rec["step"])
+        if step <= after:
+            continue
+        if step in states:
+            out.append((step, states[step]["metrics"]))
+        else:
+            out.append((step, {"loss/align": rec["loss_align"], "loss/total": rec["loss"]}))
+    return out
+
+
+def _train_thread(cfg: TrainConfig, parent: str | None, box: dict) -> None:
+    from raysafe.train.flow import run_train
+
+    try:
+        with tracking.parent_run(parent):
+            box["result"] = run_train(cfg, progress=False)
+    except BaseException as e:  # handed to the trial thread, which raises it
+        box["error"] = e
+
+
+def _report(metrics: dict[str, float], step: int | None = None) -> None:
+    from ray import tune
+
+    tracking.log_metrics({k: v for k, v in metrics.items() if k != "final"}, step=step)
+    tune.report(metrics)
+
+
+def _child_run_id(tdir: Path) -> str | None:
+    p = tdir / RUN_FILE
+    return json.loads(p.read_text())["run_id"] if p.exists() else None
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """The Tune function trainable (``tune.with_parameters(run_trial, ctx=...)``)."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    tdir = trial_dir(ctx.sweep_dir, trial_id)
+    tdir.mkdir(parents=True, exist_ok=True)
+    with open(tdir / ATTEMPTS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"started": time.time(), "params": config}) + "\n")
+    params = dict(config)
+    fixed = {**ctx.fixed, "checkpoint.name": f"trial_{trial_id}"}
+    cfg = trial_train_config(TrainConfig.model_validate(ctx.base), params, ctx.named, fixed)
+    (tdir / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    objective = ObjectiveSpec.model_validate(ctx.objective)
+    spec = TrackingSpec.model_validate(ctx.tracking)
+    label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    with tracking.run(spec, f"trial {trial_id} ({label})", parent_run_id=ctx.parent_run_id,
+                      tags={"raysafe.flow": "sweep-trial", "raysafe.trial_id": trial_id},
+                      resume_run_id=_child_run_id(tdir)) as child:
+        child_id = child.info.run_id if child is not None else None
+        if child_id:
+            if (tdir / RUN_FILE).exists():  # a restarted trial: runs of the attempt that was cut short
+                for stale in tracking.running_children(child_id):
+                    tracking.end_run(stale, "KILLED", {"raysafe.note": "attempt cut short; the trial was restarted"})
+            (tdir / RUN_FILE).write_text(json.dumps({"run_id": child_id}))
+            tracking.log_params({"trial_id": trial_id, **{f"param.{k}": v for k, v in params.items()},
+                                 "mixture.languages": ",".join(cfg.mixture.languages),
+                                 "mixture.weights": cfg.mixture.weights, "mixture.m": cfg.mixture.m,
+                                 "mlc.layer": cfg.mlc.layer,
+                                 "mlc.layer_resolved": cfg.mlc.resolve_layer(ctx.depth) if ctx.depth else None})
+        final = _train_and_watch(cfg, ctx, child_id)
+        res = final["result"]
+        out = M.train_metrics(res.metrics, res.steps)
+        if ctx.evaluate is not None:
+            out.update(_evaluate(res.model_dir, ctx, tdir, trial_id, child_id))
+            if ctx.baseline:
+                out.update(M.baseline_deltas(out, ctx.baseline))
+        if ctx.consistency is not None:
+            from raysafe.sweep.heldout import ConsistencySpec, measure_remote
+
+            c = ctx.consistency
+            out.update(measure_remote(str(res.model_dir), c["rows"], c["languages"], c["layer"],
+                                      ConsistencySpec.model_validate(c["spec"])))
+        out["objective"] = score(out, objective.primary, objective.terms)
+        broken = violations(out, objective.constraints)
+        out["feasible"] = 0.0 if broken else 1.0
+        if child_id:
+            tracking.set_tags({"raysafe.violations": "; ".join(broken) or "none",
+                               "raysafe.checkpoint": str(res.checkpoint_dir)})
+        (tdir / RESULT_FILE).write_text(json.dumps({
+            "trial_id": trial_id, "params": params, "metrics": out, "violations": broken,
+            "checkpoint_dir": str(res.checkpoint_dir), "model_dir": str(res.model_dir),
+            "train_run_id": res.mlflow_run_id, "mlflow_run_id": child_id}, default=float, indent=1))
+        tracking.log_metrics(out, step=res.steps)
+    # Reported after the trial's MLflow run is closed: at the last step ASHA answers STOP (the trial is at max_t or
+    # at a rung), which ends this function with SystemExit; the trial is complete by then.
+    tune.report({**out, "final": 1.0})
+
+
+def _train_and_watch(cfg: TrainConfig, ctx: TrialContext, child_id: str | None) -> dict:
+    """Train in a thread; report each new checkpoint's metrics to Tune (and the child run) while it runs."""
+    run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
+    box: dict = {}
+    th = threading.Thread(target=_train_thread, args=(cfg, child_id, box), name="raysafe-train", daemon=True)
+    th.start()
+    seen = 0
+    # When the scheduler stops the trial, tune.report raises SystemExit here and Tune ends this process (and the
+    # Train run it owns) at once; the driver then tags and closes the trial's MLflow runs.
+    while True:
+        th.join(timeout=ctx.poll_s)
+        alive = th.is_alive()
+        for step, metrics in new_steps(run_dir, seen):
+            seen = step
+            if step < ctx.total_steps:  # the last step is reported once, with the evaluation, as the final result
+                _report({**M.train_metrics(metrics, step), "final": 0.0}, step=step)
+        if not alive:
+            break
+    if "error" in box:
+        raise box["error"]
+    if "result" not in box:
+        raise OutputError("the training thread ended without a result", where=str(run_dir),
+                          fix="look at the trial's log above; re-running the sweep resumes it")
+    return box
+
+
+def _evaluate(model_dir: Path, ctx: TrialContext, tdir: Path, trial_id: str, child_id: str | None) -> dict:
+    from raysafe.evaluate.config import EvaluateConfig
+    from raysafe.evaluate.flow import run_evaluate
+
+    ecfg = EvaluateConfig.model_validate({**ctx.evaluate, "models": [{"path": str(model_dir), "name": f"trial-{trial_id}"}],
+                                          "output_dir": str(tdir / "evaluate"),
+                                          "tracking": {**ctx.tracking, "run_name": None}})
+    ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False)
+    return M.eval_metrics(ev.per_language, ev.summary_table, ctx.eval_set, ctx.eval_judge)

@@ -1,0 +1,173 @@
+"""The training flow's typed config: model, data, language mixture, loss, MLC term, optimiser, DeepSpeed, LoRA, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+
+from raysafe.config import (
+    ModelSpec,
+    SourceSpec,
+    Strict,
+    TrackingSpec,
+    on_off,
+)
+from raysafe.errors import ConfigError
+
+
+class MLCConfig(BaseModel):
+    """Settings of the consistency term added to the alignment loss: ``L = L_align + weight · L_mlc``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layer: int | float = Field(
+        0.5, description="decoder layer whose output is used: an int (1-based, 0 = embeddings) or a depth fraction"
+    )
+    pooling: Literal["last", "mean"] = "last"
+    d: int = Field(512, ge=1, description="width of the projection head")
+    tau: float = Field(0.2, gt=0)
+    eps: float = Field(1e-6, ge=0)
+    form: Literal["released", "plain"] = "released"
+    every_k: int = Field(2, ge=1)
+    weight: float = Field(0.8, ge=0, description="λ")
+    kind: Literal["mlc", "cosine"] = "mlc"
+
+    def resolve_layer(self, num_layers: int) -> int:
+        """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
+        if isinstance(self.layer, float):
+            if not 0.0 < self.layer <= 1.0:
+                raise ConfigError(
+                    f"a fractional MLC layer must lie in (0, 1], got {self.layer}",
+                    where="mlc.layer",
+                    fix="give a depth fraction such as 0.5 or an integer layer index",
+                )
+            return max(1, round(self.layer * num_layers))
+        if not 0 <= self.layer <= num_layers:
+            raise ConfigError(
+                f"MLC layer {self.layer} is out of range for a model with {num_layers} layers",
+                where="mlc.layer",
+                fix=f"use 0 (embeddings) to {num_layers}",
+            )
+        return self.layer
+
+    def schedule(self) -> "MLCSchedule":  # noqa: F821  (imported when called: parsing a config loads no torch)
+        """The step schedule of this configuration."""
+        from raysafe.train.mlc import MLCSchedule
+
+        return MLCSchedule(self.every_k)
+
+
+class MixtureSpec(Strict):
+    """Which languages form the m prompt variants of each pair, with what sampling weights."""
+
+    languages: list[str] = ["en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"]
+    weights: list[float] | None = None
+    m: int = Field(10, ge=2, description="variants per prompt (the anchor included)")
+    anchor: str = "en"
+    preset: Literal["none", "dominant_balanced"] = "none"
+    dominant: str | None = Field(None, description="the dominant language of the dominant_balanced preset")
+    dominant_share: float = Field(0.5, gt=0, lt=1)
+
+
+class LossSpec(Strict):
+    name: Literal["dpo", "simpo", "orpo", "sft"] = "dpo"
+    kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    gamma: float = Field(0.5, ge=0, description="SimPO margin")
+
+    def params(self) -> dict:
+        if self.name == "dpo":
+            return {"beta": self.beta, "label_smoothing": self.label_smoothing, "kind": self.kind}
+        if self.name == "simpo":
+            return {"beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
+        if self.name == "orpo":
+            return {"beta": self.beta}
+        return {}
+
+
+class OptimSpec(Strict):
+    lr: float = Field(6e-7, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    micro_batch: int = Field(1, ge=1, description="pairs per worker per micro-step")
+    grad_accum: int = Field(4, ge=1)
+    clip: float = Field(1.0, gt=0)
+
+
+class DeepSpeedSpec(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    reduce_bucket_size: int = Field(50_000_000, ge=1, description="elements per gradient reduce bucket (stages 2-3)")
+    prefetch_bucket_size: int = Field(50_000_000, ge=1, description="elements prefetched ahead of use (stage 3)")
+
+
+class LoraSpec(Strict):
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainDataSpec(Strict):
+    pairs: SourceSpec = SourceSpec(kind="fixture", name="preference_pairs")
+    variants: SourceSpec = SourceSpec(kind="fixture", name="safety_prompts")
+    split: str | None = Field("train", description="keep pairs of this split (None: all)")
+    max_length: int = Field(1024, ge=8)
+    max_prompt_length: int = Field(512, ge=4)
+    chat_template: Literal["auto", "on", "off"] = "auto"
+
+    _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: on_off(v)))
+
+
+class CheckpointSpec(Strict):
+    every_n_steps: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+    storage_path: str = Field("outputs/train", description="Ray Train storage (shared path or s3:// URI)")
+    name: str | None = Field(None, description="run directory name under storage_path (default: derived from the model)")
+    resume_from: str | None = Field(None, description="a checkpoint directory to start from, or 'latest' in this run")
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class TrainRaySpec(Strict):
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class TrainConfig(Strict):
+    """`raysafe train`: MLC-augmented preference optimisation with Ray Train + DeepSpeed ZeRO."""
+
+    model: ModelSpec
+    reference: ModelSpec | None = Field(None, description="reference model (default: the policy's initial weights)")
+    precompute_reference: Literal["auto", "on", "off"] = "auto"
+    data: TrainDataSpec = TrainDataSpec()
+    mixture: MixtureSpec = MixtureSpec()
+    loss: LossSpec = LossSpec()
+    mlc: MLCConfig = MLCConfig()
+    optim: OptimSpec = OptimSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    lora: LoraSpec = LoraSpec()
+    gradient_checkpointing: bool = False
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    ray: TrainRaySpec = TrainRaySpec()
+    tracking: TrackingSpec = TrackingSpec()
+    seed: int = 0
+
+    _switch = field_validator("precompute_reference", mode="before")(classmethod(lambda cls, v: on_off(v)))
+
+
