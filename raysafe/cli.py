@@ -15,31 +15,53 @@ from raysafe.errors import RaysafeError
 #: flow name -> (help, "module:ConfigClass", "module:run_function"). Each run function takes the validated config and
 #: returns a result object with a ``summary() -> str`` method; ``jobs/`` and the tests call the same functions.
 FLOWS: dict[str, tuple[str, str, str]] = {
-    "study": ("the closed loop: analyse the base model, train with MLC (and the λ = 0 control), analyse the "
-              "checkpoints, report before/after (the main job)", "raysafe.study.config:StudyConfig",
-              "raysafe.study.flow:run_study"),
-    "extract": ("stream texts through a model actor pool and store pooled hidden states per layer (Parquet)",
-                "raysafe.extract.config:ExtractConfig", "raysafe.extract.flow:run_extract"),
-    "train": ("MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
-              "raysafe.train.config:TrainConfig", "raysafe.train.flow:run_train"),
-    "separation": ("per-language separation of toxic vs benign hidden states, base vs aligned model, per layer "
-                   "(PCA, Bhattacharyya, silhouette, probe; alignment shift; detox displacement)",
-                   "raysafe.separation.config:SeparationConfig",
-                   "raysafe.separation.flow:run_separation"),
-    "concepts": ("multilingual value concepts: recognition, cross-lingual consistency, URIEL distance, transfer and "
-                 "steering (cross-lingual control)",
-                 "raysafe.concepts.config:ConceptsConfig", "raysafe.concepts.flow:run_concepts"),
-    "evaluate": ("multilingual safety evaluation: generate per language (actor pool), judge (offline patterns, "
-                 "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
-                 "bootstrap CIs, and multiple-choice utility",
-                 "raysafe.evaluate.config:EvaluateConfig", "raysafe.evaluate.flow:run_evaluate"),
-    "sweep": ("Ray Tune sweep over λ, β, τ, the MLC layer, lr and the language mixture: each trial trains, "
-              "evaluates and is scored; MLflow parent/child runs, results table, Pareto plot, best train config",
-              "raysafe.sweep.config:SweepConfig", "raysafe.sweep.flow:run_sweep"),
+    "study": (
+        "the closed loop: analyse the base model, train with MLC (and the λ = 0 control), analyse the "
+        "checkpoints, report before/after (the main job)",
+        "raysafe.study.config:StudyConfig",
+        "raysafe.study.flow:run_study",
+    ),
+    "extract": (
+        "stream texts through a model actor pool and store pooled hidden states per layer (Parquet)",
+        "raysafe.extract.config:ExtractConfig",
+        "raysafe.extract.flow:run_extract",
+    ),
+    "train": (
+        "MLC-augmented preference optimisation (DPO, SimPO, ORPO, SFT + λ·L_mlc) on Ray Train + DeepSpeed ZeRO",
+        "raysafe.train.config:TrainConfig",
+        "raysafe.train.flow:run_train",
+    ),
+    "separation": (
+        "per-language separation of toxic vs benign hidden states, base vs aligned model, per layer "
+        "(PCA, Bhattacharyya, silhouette, probe; alignment shift; detox displacement)",
+        "raysafe.separation.config:SeparationConfig",
+        "raysafe.separation.flow:run_separation",
+    ),
+    "concepts": (
+        "multilingual value concepts: recognition, cross-lingual consistency, URIEL distance, transfer and "
+        "steering (cross-lingual control)",
+        "raysafe.concepts.config:ConceptsConfig",
+        "raysafe.concepts.flow:run_concepts",
+    ),
+    "evaluate": (
+        "multilingual safety evaluation: generate per language (actor pool), judge (offline patterns, "
+        "safety classifier or OpenAI-compatible endpoint), safety rate / variance / agreement with "
+        "bootstrap CIs, and multiple-choice utility",
+        "raysafe.evaluate.config:EvaluateConfig",
+        "raysafe.evaluate.flow:run_evaluate",
+    ),
+    "sweep": (
+        "Ray Tune sweep over λ, β, τ, the MLC layer, lr and the language mixture: each trial trains, "
+        "evaluates and is scored; MLflow parent/child runs, results table, Pareto plot, best train config",
+        "raysafe.sweep.config:SweepConfig",
+        "raysafe.sweep.flow:run_sweep",
+    ),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
-PREPARE_HELP = ("convert models to the cached safetensors form once, before any job (a .gguf file or the packaged "
-                "'gemma3-270m': the GGUF dequantisation takes minutes on a CPU); prints each model's directory")
+PREPARE_HELP = (
+    "convert models to the cached safetensors form once, before any job (a .gguf file or the packaged "
+    "'gemma3-270m': the GGUF dequantisation takes minutes on a CPU); prints each model's directory"
+)
 
 
 def run_prepare(models: list[str]) -> int:
@@ -90,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _, _) in FLOWS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("config", help="YAML config file")
-        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set ray.num_actors=4 (repeatable; values parse as YAML)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set ray.num_actors=4 (repeatable; values parse as YAML)",
+        )
         sp.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
     from raysafe.bench import BENCHES
 
@@ -106,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("httpx", "urllib3", "filelock", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -127,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         # Shards, stages, checkpoints and trials are written atomically as they finish: nothing finished is lost.
-        print(f"raysafe {args.flow}: interrupted. What finished is kept (shards, stages, checkpoints, trials); run "
-              "the same command again to continue from there.", file=sys.stderr)
+        print(
+            f"raysafe {args.flow}: interrupted. What finished is kept (shards, stages, checkpoints, trials); run "
+            "the same command again to continue from there.",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -77,11 +77,18 @@ class SourceSpec(Strict):
     lang: str | None = None
     label_map: dict[str, int] | None = None
     languages: list[str] | None = Field(None, description="keep only these languages")
-    limit_per_lang: int | None = Field(None, gt=0, description="keep at most this many rows per language (the first rows when the source has no language column)")
+    limit_per_lang: int | None = Field(
+        None,
+        gt=0,
+        description="keep at most this many rows per language (the first rows when the source has no language column)",
+    )
     items_per_class: int | None = Field(
-        None, gt=0, description="keep the first N items (group_ids) of every class — each (label or concept, split) "
+        None,
+        gt=0,
+        description="keep the first N items (group_ids) of every class — each (label or concept, split) "
         "combination the source has — in every language: a smaller set with the classes balanced and the items "
-        "still parallel across languages (limit_per_lang keeps the first rows, whatever their class)")
+        "still parallel across languages (limit_per_lang keeps the first rows, whatever their class)",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceSpec":
@@ -130,10 +137,6 @@ class TrackingSpec(Strict):
     )
 
 
-
-
-
-
 # --------------------------------------------------------------------------------------------- load/merge
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -156,7 +159,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=c`` → ("a.b", c) with c parsed as YAML (numbers, booleans, lists ``[1,2]``, null)."""
     if "=" not in text:
         raise ConfigError(
-            f"override {text!r} has no '='", where="--set", fix="write overrides as key.path=value, e.g. ray.num_actors=2"
+            f"override {text!r} has no '='",
+            where="--set",
+            fix="write overrides as key.path=value, e.g. ray.num_actors=2",
         )
     key, raw = text.split("=", 1)
     try:
@@ -192,8 +197,9 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel], source:
     )
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                data: dict | None = None) -> T:
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None, data: dict | None = None
+) -> T:
     """Read YAML ``path`` (or ``data``), apply ``key=value`` overrides, validate into ``cls``."""
     tree: dict = {}
     source = "<defaults>"
@@ -201,7 +207,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         p = Path(path)
         source = str(p)
         if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist", where=str(p), fix="pass the path of a YAML config, e.g. jobs/configs/extract_local.yaml")
+            raise ConfigError(
+                f"config file {p} does not exist",
+                where=str(p),
+                fix="pass the path of a YAML config, e.g. jobs/configs/extract_local.yaml",
+            )
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -215,7 +225,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         try:
             _set_path(tree, key, value)
         except (IndexError, ValueError, TypeError, AttributeError):
-            raise ConfigError(f"cannot apply override {ov!r}", where="--set", fix="check the key path against the config") from None
+            raise ConfigError(
+                f"cannot apply override {ov!r}", where="--set", fix="check the key path against the config"
+            ) from None
         source = f"{source} with --set {' '.join(overrides or [])}"
     try:
         return cls.model_validate(tree)
@@ -228,26 +240,6 @@ def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def on_off(v):
     """YAML 1.1 reads unquoted on/off as booleans; accept them for the on/off/auto switches."""
     return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
-
-
-
-
-
-
-

@@ -19,11 +19,13 @@ from raysafe.errors import DataError
 
 ReadLayer = Callable[[str, int], tuple[pl.DataFrame, np.ndarray]]
 
+
 def normalise_rows(z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows of ``z [..., m, d]`` scaled to unit L2 norm (a zero row stays zero), in float32 or float64."""
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
     return F.normalize(z, p=2.0, dim=-1, eps=eps)
+
 
 def mean_offdiag_cosine(x: torch.Tensor) -> torch.Tensor:
     """Per-item mean cosine similarity over the ``m(m−1)`` ordered pairs of distinct rows of ``x [B, m, d]``."""
@@ -32,6 +34,7 @@ def mean_offdiag_cosine(x: torch.Tensor) -> torch.Tensor:
     m = x.shape[-2]
     off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
     return off / (m * (m - 1))
+
 
 @torch.no_grad()
 def mlc_diagnostics(z: torch.Tensor, hidden: torch.Tensor | None = None) -> dict[str, float | list[float]]:
@@ -56,8 +59,9 @@ def mlc_diagnostics(z: torch.Tensor, hidden: torch.Tensor | None = None) -> dict
     return out
 
 
-def stack_items(meta: pl.DataFrame, X: np.ndarray, languages: Sequence[str] | None = None,
-                split: str | None = "test") -> tuple[np.ndarray, list[str], list[str]]:
+def stack_items(
+    meta: pl.DataFrame, X: np.ndarray, languages: Sequence[str] | None = None, split: str | None = "test"
+) -> tuple[np.ndarray, list[str], list[str]]:
     """[items, m, hidden] for the items that have every language, with the item ids and the language order."""
     keep = np.ones(meta.height, dtype=bool)
     if split is not None and "split" in meta.columns:
@@ -68,8 +72,11 @@ def stack_items(meta: pl.DataFrame, X: np.ndarray, languages: Sequence[str] | No
     complete = sub.group_by("group_id").agg(pl.col("lang").n_unique().alias("k")).filter(pl.col("k") == len(langs))
     sub = sub.join(complete.select("group_id"), on="group_id").sort(["group_id", "lang"])
     if sub.height == 0:
-        raise DataError(f"no item has a state in every one of the languages {langs}",
-                        where=f"split {split!r}", fix="choose languages that every item was translated into")
+        raise DataError(
+            f"no item has a state in every one of the languages {langs}",
+            where=f"split {split!r}",
+            fix="choose languages that every item was translated into",
+        )
     order = {lang: i for i, lang in enumerate(langs)}
     items = sub["group_id"].unique(maintain_order=True).to_list()
     out = np.empty((len(items), len(langs), X.shape[1]), dtype=np.float32)
@@ -86,8 +93,13 @@ def consistency(states: np.ndarray) -> dict[str, float]:
     return {"rank1_energy": float(d["rank1_energy"]), "mean_cosine": float(d["cosine_hidden"])}
 
 
-def consistency_table(read_layer: ReadLayer, models: Sequence[str], layers: Sequence[int],
-                      languages: Sequence[str] | None = None, split: str | None = "test") -> pl.DataFrame:
+def consistency_table(
+    read_layer: ReadLayer,
+    models: Sequence[str],
+    layers: Sequence[int],
+    languages: Sequence[str] | None = None,
+    split: str | None = "test",
+) -> pl.DataFrame:
     """model, layer, n_items, m, rank1_energy, mean_cosine — one layer of one model in memory at a time."""
     rows = []
     for model in models:

@@ -20,10 +20,20 @@ import polars as pl  # noqa: E402
 DPI = 150
 
 
-def per_language_bars(table: pl.DataFrame, path: str | Path, *, value: str = "value", lo: str = "ci_low",
-                      hi: str = "ci_high", series: str = "model", lang: str = "lang", title: str = "",
-                      ylabel: str = "", ylim: tuple[float, float] | None = (0.0, 1.0),
-                      hline: float | None = None) -> Path:
+def per_language_bars(
+    table: pl.DataFrame,
+    path: str | Path,
+    *,
+    value: str = "value",
+    lo: str = "ci_low",
+    hi: str = "ci_high",
+    series: str = "model",
+    lang: str = "lang",
+    title: str = "",
+    ylabel: str = "",
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+    hline: float | None = None,
+) -> Path:
     """Grouped bars of ``value`` per ``lang`` and ``series`` with [lo, hi] error bars (and an optional reference
     line at ``hline``, e.g. chance); returns the PNG path."""
     path = Path(path)
@@ -48,8 +58,9 @@ def per_language_bars(table: pl.DataFrame, path: str | Path, *, value: str = "va
             vals.append(v)
             err_lo.append(0.0 if low is None or math.isnan(low) else max(v - low, 0.0))
             err_hi.append(0.0 if high is None or math.isnan(high) else max(high - v, 0.0))
-        bars = ax.bar(xs, vals, width * 0.95, label=str(name), yerr=[err_lo, err_hi], capsize=2,
-                      error_kw={"elinewidth": 0.8})
+        bars = ax.bar(
+            xs, vals, width * 0.95, label=str(name), yerr=[err_lo, err_hi], capsize=2, error_kw={"elinewidth": 0.8}
+        )
         colour = bars.patches[0].get_facecolor() if bars.patches else None
         for pos in missing:
             ax.text(pos, 0.02 if ylim else 0.0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color=colour)

@@ -64,9 +64,14 @@ def configure(spec: TrackingSpec) -> str | None:
             )
         # Say exactly where the runs go: on a cluster the job's cwd is a per-job working directory on the head node.
         local = Path(LOCAL_URI.removeprefix("sqlite:///")).resolve()
-        log.warning("MLflow server %s unreachable (%s): logging to the local store sqlite:///%s (artifacts in %s) "
-                    "instead; copy them off this node or re-log them once the server is back", uri, reason, local,
-                    Path("mlartifacts").resolve())
+        log.warning(
+            "MLflow server %s unreachable (%s): logging to the local store sqlite:///%s (artifacts in %s) "
+            "instead; copy them off this node or re-log them once the server is back",
+            uri,
+            reason,
+            local,
+            Path("mlartifacts").resolve(),
+        )
         uri = LOCAL_URI
     if uri.startswith("sqlite:///"):
         # Keep local artifacts beside the database rather than in ./mlruns of whatever cwd a worker has.
@@ -95,8 +100,15 @@ def parent_run(run_id: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run(spec: TrackingSpec, name: str, *, nested: bool = False, parent_run_id: str | None = None,
-        tags: dict[str, str] | None = None, resume_run_id: str | None = None) -> Iterator[Any]:
+def run(
+    spec: TrackingSpec,
+    name: str,
+    *,
+    nested: bool = False,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[Any]:
     """An MLflow run (or ``None`` when tracking is off) as a context manager. ``resume_run_id``: continue that run
     when it exists in the store in use (a resumed study keeps one parent run), else start a new one."""
     if configure(spec) is None:
@@ -188,8 +200,9 @@ def set_tags(tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
 
 
-def end_run(run_id: str, status: str = "KILLED", tags: dict[str, str] | None = None,
-            running_descendants: bool = True) -> None:
+def end_run(
+    run_id: str, status: str = "KILLED", tags: dict[str, str] | None = None, running_descendants: bool = True
+) -> None:
     """Tag a run that is not the active one and mark it ended with ``status`` — e.g. a sweep trial whose process the
     scheduler ended mid-run — together with its descendants still marked RUNNING (its training run)."""
     import mlflow
@@ -211,5 +224,7 @@ def running_children(run_id: str) -> list[str]:
 
     client = mlflow.MlflowClient()
     exp = client.get_run(run_id).info.experiment_id
-    return [r.info.run_id for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}' "
-                                                             "and attributes.status = 'RUNNING'")]
+    return [
+        r.info.run_id
+        for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+    ]

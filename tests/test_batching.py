@@ -41,7 +41,7 @@ def _set_partitions(items):
     for part in _set_partitions(rest):
         yield [[first]] + part
         for k in range(len(part)):
-            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+            yield part[:k] + [[first] + part[k]] + part[k + 1 :]
 
 
 def _cost(lengths, batches, overhead):
@@ -49,8 +49,9 @@ def _cost(lengths, batches, overhead):
 
 
 def _feasible(lengths, batches, max_tokens, max_rows):
-    return all(len(b) <= max_rows and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens)
-               for b in batches)
+    return all(
+        len(b) <= max_rows and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= max_tokens) for b in batches
+    )
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -63,8 +64,11 @@ def test_token_plan_is_optimal_over_every_partition(seed):
     plan = plan_token_batches(lengths, max_tokens, max_rows, overhead)
     assert sorted(i for b in plan for i in b) == list(range(n))
     assert _feasible(lengths, plan, max_tokens, max_rows)
-    best = min(_cost(lengths, p, overhead) for p in _set_partitions(list(range(n)))
-               if _feasible(lengths, p, max_tokens, max_rows))
+    best = min(
+        _cost(lengths, p, overhead)
+        for p in _set_partitions(list(range(n)))
+        if _feasible(lengths, p, max_tokens, max_rows)
+    )
     assert _cost(lengths, plan, overhead) == best
 
 

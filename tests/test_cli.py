@@ -29,8 +29,10 @@ def test_ctrl_c_says_what_is_kept_and_how_to_continue(monkeypatch, capsys, tmp_p
 
 def test_config_error_exits_2_with_field_and_fix(tmp_path, capsys):
     cfg = tmp_path / "extract.yaml"
-    cfg.write_text("models: [{name: m, path: gemma3-270m}]\ndata: {kind: fixture, name: safety_prompts}\n"
-                   "extract: {store_dtype: int8}\n")
+    cfg.write_text(
+        "models: [{name: m, path: gemma3-270m}]\ndata: {kind: fixture, name: safety_prompts}\n"
+        "extract: {store_dtype: int8}\n"
+    )
     assert cli.main(["extract", str(cfg), "--print-config"]) == 2
     err = capsys.readouterr().err
     assert "extract.store_dtype" in err and "int8" in err

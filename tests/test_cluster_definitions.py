@@ -36,8 +36,15 @@ RAYJOBS = sorted(KUBERAY.glob("rayjob-*.yaml"))
 DOCS = ROOT / "docs" / "cluster.md"
 
 # Secrets the manifests may reference (each is created by a command in docs/cluster.md).
-KNOWN_SECRETS = {"raysafe-ray-token", "raysafe-hf", "raysafe-mlflow-client", "raysafe-s3",
-                 "mlflow-db", "mlflow-s3", "mlflow-auth"}
+KNOWN_SECRETS = {
+    "raysafe-ray-token",
+    "raysafe-hf",
+    "raysafe-mlflow-client",
+    "raysafe-s3",
+    "mlflow-db",
+    "mlflow-s3",
+    "mlflow-auth",
+}
 
 
 def load(path: Path) -> dict:
@@ -105,8 +112,10 @@ def test_launcher_installs_the_pinned_torch_and_raysafe():
     assert cfg["file_mounts"]["/home/ray/raysafe"] == "."
 
 
-@pytest.mark.parametrize("breakage", ["gpu_count_as_string", "unknown_head_type", "misspelt_top_level",
-                                      "min_over_max_workers", "missing_node_config"])
+@pytest.mark.parametrize(
+    "breakage",
+    ["gpu_count_as_string", "unknown_head_type", "misspelt_top_level", "min_over_max_workers", "missing_node_config"],
+)
 def test_broken_launcher_yaml_fails_ray_validation(breakage):
     cfg = load(LAUNCHER)
     workers = cfg["available_node_types"]["ray.worker.gpu"]
@@ -180,8 +189,11 @@ def test_kuberay_manifest_follows_operator_rules(path):
             lo, hi = group["minReplicas"], group["maxReplicas"]
             assert 0 <= lo <= group.get("replicas", lo) <= hi, f"{group['groupName']}: replicas out of [min, max]"
         for name, tmpl in pod_templates(cspec):
-            params = cspec["headGroupSpec"]["rayStartParams"] if name == "head" else next(
-                g["rayStartParams"] for g in cspec["workerGroupSpecs"] if g["groupName"] == name)
+            params = (
+                cspec["headGroupSpec"]["rayStartParams"]
+                if name == "head"
+                else next(g["rayStartParams"] for g in cspec["workerGroupSpecs"] if g["groupName"] == name)
+            )
             unknown = set(params) - ray_start_flags
             assert not unknown, f"{path.name} {name}: rayStartParams {unknown} are not `ray start` options"
             ray_container = tmpl["spec"]["containers"][0]
@@ -230,9 +242,21 @@ def broken(doc: dict, how: str) -> dict:
     return doc
 
 
-@pytest.mark.parametrize("how", ["no_head_group", "no_group_name", "no_max_replicas", "misspelt_field", "bad_quantity",
-                                 "env_without_name", "no_containers", "wrong_api_version", "name_too_long",
-                                 "replicas_as_string"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "no_head_group",
+        "no_group_name",
+        "no_max_replicas",
+        "misspelt_field",
+        "bad_quantity",
+        "env_without_name",
+        "no_containers",
+        "wrong_api_version",
+        "name_too_long",
+        "replicas_as_string",
+    ],
+)
 @pytest.mark.parametrize("path", [KUBERAY / "raycluster.yaml", KUBERAY / "rayjob-train.yaml"], ids=lambda p: p.name)
 def test_broken_manifest_fails_crd_check(path, how, crd_validator):
     assert crd_errors(crd_validator, broken(load(path), how)), f"{how} was not caught"
@@ -242,7 +266,7 @@ def test_broken_manifest_fails_crd_check(path, how, crd_validator):
 def flow_of_script(script: Path) -> str:
     """The flow a jobs/ entrypoint runs: the first argument it passes to raysafe.cli.main."""
     m = re.search(r"main\(\[\s*\"(\w+)\"", script.read_text())
-    assert m, f"{script} does not call raysafe.cli.main([\"<flow>\", ...])"
+    assert m, f'{script} does not call raysafe.cli.main(["<flow>", ...])'
     return m.group(1)
 
 
@@ -276,8 +300,10 @@ def test_rayjob_entrypoint_and_config_validate(path, capsys):
     if flow not in FLOWS:
         # A flow still being added elsewhere: the manifest is checked for structure only until it is registered.
         assert flow in {"separation", "concepts", "evaluate", "sweep", "study"}, f"unknown flow {flow!r}"
-        pytest.skip(f"{path.name}: flow {flow!r} is not registered in raysafe.cli.FLOWS yet; "
-                    f"{argv[1]} and {argv[2]} are checked once it is")
+        pytest.skip(
+            f"{path.name}: flow {flow!r} is not registered in raysafe.cli.FLOWS yet; "
+            f"{argv[1]} and {argv[2]} are checked once it is"
+        )
     check_job_command(argv, flow)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed, "--print-config printed nothing"
@@ -290,7 +316,9 @@ def test_rayjob_runtime_env_is_valid(path):
     env = yaml.safe_load(load(path)["spec"]["runtimeEnvYAML"])
     assert isinstance(env, dict) and set(env) <= RuntimeEnv.known_fields
     working_dir = env.pop("working_dir")
-    assert working_dir == "/home/ray/raysafe", "the image keeps the repository at /home/ray/raysafe (cluster/Dockerfile)"
+    assert working_dir == "/home/ray/raysafe", (
+        "the image keeps the repository at /home/ray/raysafe (cluster/Dockerfile)"
+    )
     RuntimeEnv(**env)  # type-checks env_vars (str -> str), excludes (list) ...
 
 
@@ -310,8 +338,9 @@ def test_job_command_check_rejects_missing_script_config_and_bad_override(capsys
     with pytest.raises(AssertionError, match="config jobs/configs/nope.yaml does not exist"):
         check_job_command(["python", "jobs/extract.py", "jobs/configs/nope.yaml"])
     with pytest.raises(AssertionError, match="--print-config failed"):
-        check_job_command(["python", "jobs/extract.py", "jobs/configs/extract_cluster.yaml",
-                           "--set", "extract.store_dtype=int8"])
+        check_job_command(
+            ["python", "jobs/extract.py", "jobs/configs/extract_cluster.yaml", "--set", "extract.store_dtype=int8"]
+        )
     assert "extract.store_dtype = 'int8'" in capsys.readouterr().err
 
 
@@ -338,7 +367,10 @@ def test_mlflow_server_definition():
     dep, svc, netpol = docs["Deployment"], docs["Service"], docs["NetworkPolicy"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert svc["spec"]["selector"].items() <= labels.items() and netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert (
+        svc["spec"]["selector"].items() <= labels.items()
+        and netpol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    )
     assert svc["spec"]["type"] == "ClusterIP"
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
@@ -346,7 +378,9 @@ def test_mlflow_server_definition():
     assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
     assert container["args"][0] == "server"
     # The installed MLflow's own CLI parser accepts the flags (a misspelt or removed flag raises here).
-    ctx = server.make_context("server", mlflow_args(container, {"MLFLOW_BACKEND_STORE_URI": "postgresql://u:p@db/mlflow"})[1:])
+    ctx = server.make_context(
+        "server", mlflow_args(container, {"MLFLOW_BACKEND_STORE_URI": "postgresql://u:p@db/mlflow"})[1:]
+    )
     p = ctx.params
     assert p["backend_store_uri"].startswith("postgresql") and p["serve_artifacts"]
     assert p["artifacts_destination"].startswith("s3://") and p["app_name"] == "basic-auth"
@@ -358,8 +392,10 @@ def test_mlflow_server_definition():
     assert not is_allowed_host_header(hosts, "evil.example.com")
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"
-    refs = re.findall(r"secretKeyRef: \{name: ([\w-]+)|secretRef: \{name: ([\w-]+)|secretName: ([\w-]+)",
-                      (CLUSTER / "mlflow" / "mlflow.yaml").read_text())
+    refs = re.findall(
+        r"secretKeyRef: \{name: ([\w-]+)|secretRef: \{name: ([\w-]+)|secretName: ([\w-]+)",
+        (CLUSTER / "mlflow" / "mlflow.yaml").read_text(),
+    )
     assert {a or b or c for a, b, c in refs} <= KNOWN_SECRETS
 
 
@@ -378,8 +414,13 @@ def test_nothing_is_exposed_outside_the_cluster():
             if doc.get("kind") == "Service":
                 assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{path}: Service must be ClusterIP"
             spec = doc.get("spec") or {}
-            for cspec in ([spec] if doc.get("kind") == "RayCluster" else [spec.get("rayClusterSpec")] if
-                          doc.get("kind") == "RayJob" else []):
+            for cspec in (
+                [spec]
+                if doc.get("kind") == "RayCluster"
+                else [spec.get("rayClusterSpec")]
+                if doc.get("kind") == "RayJob"
+                else []
+            ):
                 assert not cspec["headGroupSpec"].get("enableIngress"), f"{path}: enableIngress exposes the dashboard"
 
 
@@ -412,8 +453,11 @@ def test_docs_submit_lines_name_real_jobs_and_valid_configs(capsys):
     # Every registered flow whose cluster config exists (its header names the jobs/ script) has a submit line.
     scripts = {flow_of_script(p): p for p in (ROOT / "jobs").glob("*.py")}
     cluster_configs = [p.read_text() for p in (ROOT / "jobs" / "configs").glob("*cluster*.yaml")]
-    expected = {"extract", "train"} | {flow for flow, script in scripts.items()
-                                       if flow in FLOWS and any(f"jobs/{script.name}" in c for c in cluster_configs)}
+    expected = {"extract", "train"} | {
+        flow
+        for flow, script in scripts.items()
+        if flow in FLOWS and any(f"jobs/{script.name}" in c for c in cluster_configs)
+    }
     assert expected <= flows_in_docs, f"docs/cluster.md shows no submit line for {expected - flows_in_docs}"
     for argv in commands:
         check_job_command(argv)

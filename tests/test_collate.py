@@ -96,8 +96,10 @@ def test_dict_of_columns_input_like_ray_batches():
     data = samples()
     columns = {k: np.array([d[k] for d in data], dtype=object) for k in ("group_id", "prompt", "chosen", "rejected")}
     columns["variants"] = np.array(
-        [np.array([{"lang": lang, "text": text} for lang, text in data[0]["variants"]], dtype=object),
-         np.array(data[1]["variants"], dtype=object)],
+        [
+            np.array([{"lang": lang, "text": text} for lang, text in data[0]["variants"]], dtype=object),
+            np.array(data[1]["variants"], dtype=object),
+        ],
         dtype=object,
     )
     a, b = col(columns), col(data)
@@ -110,8 +112,13 @@ def test_truncation_keeps_prompt_end_and_answer_start():
     col = PreferenceCollator(tok, max_length=40, max_prompt_length=24)
     long_prompt = TEXTS["bn"] * 3
     answer = "An answer that is much longer than the remaining budget of tokens."
-    sample = {"group_id": "long", "prompt": long_prompt, "chosen": answer, "rejected": "no",
-              "variants": [("bn", long_prompt), ("en", "short")]}
+    sample = {
+        "group_id": "long",
+        "prompt": long_prompt,
+        "chosen": answer,
+        "rejected": "no",
+        "variants": [("bn", long_prompt), ("en", "short")],
+    }
     b = col([sample])
     full_prompt = tok(col.prompt_text(long_prompt), add_special_tokens=False)["input_ids"]
     kept = [tok.bos_token_id] + full_prompt[-23:]

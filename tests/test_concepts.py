@@ -31,11 +31,21 @@ class SyntheticStore:
     ``strength[layer] * direction[concept][lang]`` + noise. ``noise_cov[lang]`` (optional) replaces the isotropic
     noise of the pair differences. ``read_layer(model, layer)`` has the activation store's signature."""
 
-    def __init__(self, directions: Mapping[str, Mapping[str, np.ndarray]], strength: Mapping[int, float], *,
-                 n_train: int = 60, n_test: int = 60, noise: float = 0.3, seed: int = 0, shuffle: bool = False,
-                 noise_cov: Mapping[str, np.ndarray] | None = None, sizes: Mapping[tuple[str, str], int] | None = None):
+    def __init__(
+        self,
+        directions: Mapping[str, Mapping[str, np.ndarray]],
+        strength: Mapping[int, float],
+        *,
+        n_train: int = 60,
+        n_test: int = 60,
+        noise: float = 0.3,
+        seed: int = 0,
+        shuffle: bool = False,
+        noise_cov: Mapping[str, np.ndarray] | None = None,
+        sizes: Mapping[tuple[str, str], int] | None = None,
+    ):
         rng = np.random.default_rng(seed)
-        rows, pos_rows, neg_rows = [], {}, {}
+
         self.X = {}
         meta = []
         for concept, per_lang in directions.items():
@@ -47,8 +57,11 @@ class SyntheticStore:
                     meta.append((gid, concept, lang, split, 1))
                     meta.append((gid, concept, lang, split, 0))
         self.meta = pl.DataFrame(meta, schema=["group_id", "concept", "lang", "split", "label"], orient="row")
-        self.meta = self.meta.with_columns(pl.Series("label", self.meta["label"], dtype=pl.Int64)).with_row_index(
-            "row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+        self.meta = (
+            self.meta.with_columns(pl.Series("label", self.meta["label"], dtype=pl.Int64))
+            .with_row_index("row_id")
+            .with_columns(pl.col("row_id").cast(pl.Int64))
+        )
         n_rows = self.meta.height
         base = rng.normal(size=(n_rows // 2, D))
         for layer, s in strength.items():
@@ -169,8 +182,12 @@ def test_recognition_selects_the_strong_layer_on_train_data(planted):
     rec = t["recognition"]
     assert rec.height == len(LANGS) * 3
     best = t["recognition_best"]
-    assert set(best.columns) >= {"layer_selected_on_train", "test_acc_at_train_selected_layer",
-                                 "layer_selected_on_test", "test_acc_at_test_selected_layer"}
+    assert set(best.columns) >= {
+        "layer_selected_on_train",
+        "test_acc_at_train_selected_layer",
+        "layer_selected_on_test",
+        "test_acc_at_test_selected_layer",
+    }
     assert best["layer_selected_on_train"].to_list() == [2] * len(LANGS)
     assert (best["test_acc_at_train_selected_layer"] > 0.95).all()
     assert t["concept_layers"]["layer_selected_on_train"].to_list() == [2]
@@ -180,8 +197,14 @@ def test_recognition_selects_the_strong_layer_on_train_data(planted):
 
 def test_shuffled_labels_give_chance_accuracy():
     dirs = orthonormal(len(LANGS), seed=2)
-    store = SyntheticStore({"toxicity": dict(zip(LANGS, dirs)), "fairness": dict(zip(LANGS, dirs[::-1]))},
-                           {1: 2.0, 2: 2.0}, n_train=80, n_test=150, shuffle=True, seed=5)
+    store = SyntheticStore(
+        {"toxicity": dict(zip(LANGS, dirs)), "fairness": dict(zip(LANGS, dirs[::-1]))},
+        {1: 2.0, 2: 2.0},
+        n_train=80,
+        n_test=150,
+        shuffle=True,
+        seed=5,
+    )
     t = analyse_concepts(store.read_layer, "m", [1, 2], ConceptOptions())
     at_train_layer = t["recognition_best"]["test_acc_at_train_selected_layer"]
     assert abs(at_train_layer.mean() - 0.5) < 0.05
@@ -206,8 +229,16 @@ def test_consistency_tables(planted):
 def test_consistency_summary_max_over_layers_and_selected_layer():
     from raysafe.concepts.tables import consistency_summary
 
-    cons = pl.DataFrame({"model": ["m"] * 6, "concept": ["c"] * 3 + ["k"] * 3, "layer": [3, 1, 2] * 2,
-                         "lang_a": ["de"] * 6, "lang_b": ["en"] * 6, "cosine": [0.1, 0.5, 0.9, 0.3, 0.7, 0.2]})
+    cons = pl.DataFrame(
+        {
+            "model": ["m"] * 6,
+            "concept": ["c"] * 3 + ["k"] * 3,
+            "layer": [3, 1, 2] * 2,
+            "lang_a": ["de"] * 6,
+            "lang_b": ["en"] * 6,
+            "cosine": [0.1, 0.5, 0.9, 0.3, 0.7, 0.2],
+        }
+    )
     s = consistency_summary(cons, {"c": 1, "k": 3})
     rows = {r["concept"]: r for r in s.iter_rows(named=True)}
     assert (rows["c"]["max_cosine"], rows["c"]["layer_of_max"], rows["c"]["cosine_at_concept_layer"]) == (0.9, 2, 0.5)
@@ -220,8 +251,13 @@ def test_shared_direction_gives_high_consistency():
     u, w = orthonormal(2, seed=4)
     store = SyntheticStore({"toxicity": {"en": u, "de": u, "sw": w}}, {1: 2.0, 2: 1.5})
     t = analyse_concepts(store.read_layer, "m", [1, 2], ConceptOptions())
-    s = {(a, b): c for a, b, c in t["consistency_summary"].filter(pl.col("concept") == "toxicity")
-         .select("lang_a", "lang_b", "max_cosine").iter_rows()}
+    s = {
+        (a, b): c
+        for a, b, c in t["consistency_summary"]
+        .filter(pl.col("concept") == "toxicity")
+        .select("lang_a", "lang_b", "max_cosine")
+        .iter_rows()
+    }
     assert s[("de", "en")] > 0.98
     assert abs(s[("en", "sw")]) < 0.3
 
@@ -246,8 +282,14 @@ def test_planted_asymmetric_transfer_shows_with_the_right_sign():
     heavy = np.eye(D) * 0.05 + 9.0 * np.outer(e2, e2)
     light = np.eye(D) * 0.05
     directions = {"toxicity": {"en": e1, "de": e1, "sw": e1 + e2, "am": e1 + e2}}
-    store = SyntheticStore(directions, {1: 1.0}, n_train=80, n_test=120, seed=7,
-                           noise_cov={"en": heavy, "de": heavy, "sw": light, "am": light})
+    store = SyntheticStore(
+        directions,
+        {1: 1.0},
+        n_train=80,
+        n_test=120,
+        seed=7,
+        noise_cov={"en": heavy, "de": heavy, "sw": light, "am": light},
+    )
     t = analyse_concepts(store.read_layer, "m", [1], ConceptOptions(high_resource=("en", "de")))
     asym = t["transfer_asymmetry"].filter(pl.col("concept") == "toxicity").row(0, named=True)
     assert asym["n_high_to_low"] == 4 and asym["n_low_to_high"] == 4
@@ -270,11 +312,16 @@ def test_distance_correlation_recovers_planted_relation():
     assert w.min() > 0  # a valid Gram matrix
     vecs = (V * np.sqrt(w)) @ orthonormal(len(langs), seed=8)
     store = SyntheticStore({"toxicity": dict(zip(langs, vecs))}, {1: 3.0}, n_train=400, n_test=20, noise=0.05)
-    t = analyse_concepts(store.read_layer, "m", [1], ConceptOptions(
-        distance_types=("syntactic", "genetic"), high_resource=("en", "de", "fr")))
+    t = analyse_concepts(
+        store.read_layer,
+        "m",
+        [1],
+        ConceptOptions(distance_types=("syntactic", "genetic"), high_resource=("en", "de", "fr")),
+    )
     corr = t["distance_correlation"]
-    row = corr.filter((pl.col("concept") == "toxicity") & (pl.col("distance_type") == "syntactic")
-                      & (pl.col("subset") == "all")).row(0, named=True)
+    row = corr.filter(
+        (pl.col("concept") == "toxicity") & (pl.col("distance_type") == "syntactic") & (pl.col("subset") == "all")
+    ).row(0, named=True)
     assert row["n"] == 21
     assert row["pearson_r"] > 0.99
     subsets = corr.filter((pl.col("concept") == "toxicity") & (pl.col("distance_type") == "syntactic"))
@@ -290,11 +337,12 @@ def test_distance_correlation_recovers_planted_relation():
 
 def test_bad_cells_layers_and_languages_are_reported_and_the_rest_completes():
     dirs = orthonormal(4, seed=9)
-    directions = {"toxicity": {"en": dirs[0], "de": dirs[1], "xx": dirs[2], "sw": dirs[3]},
-                  "fairness": {"en": dirs[0], "de": dirs[1]}}
+    directions = {
+        "toxicity": {"en": dirs[0], "de": dirs[1], "xx": dirs[2], "sw": dirs[3]},
+        "fairness": {"en": dirs[0], "de": dirs[1]},
+    }
     store = SyntheticStore(directions, {1: 2.0, 2: 2.0}, sizes={("toxicity", "sw"): 6, ("fairness", "de"): 6})
-    t = analyse_concepts(store.read_layer, "m", [1, 2, 7, -1, 40],
-                         ConceptOptions(min_pairs=5, num_layers=24))
+    t = analyse_concepts(store.read_layer, "m", [1, 2, 7, -1, 40], ConceptOptions(min_pairs=5, num_layers=24))
     status = t["status"]
     msgs = "\n".join(status["message"])
     assert "'sw' has too few pairs" in msgs and "'de' has too few pairs" in msgs
@@ -316,8 +364,9 @@ def test_bad_cells_layers_and_languages_are_reported_and_the_rest_completes():
 
 def test_incomplete_pairs_are_dropped_with_a_warning():
     store = SyntheticStore({"toxicity": dict(zip(["en", "de"], orthonormal(2)))}, {1: 2.0})
-    drop = store.meta.filter((pl.col("lang") == "en") & (pl.col("group_id") == "toxicity-3")
-                             & (pl.col("label") == 0))["row_id"][0]
+    drop = store.meta.filter((pl.col("lang") == "en") & (pl.col("group_id") == "toxicity-3") & (pl.col("label") == 0))[
+        "row_id"
+    ][0]
     keep = (store.meta["row_id"] != drop).to_numpy()
     meta, X = store.meta.filter(pl.Series(keep)), store.X[1][keep]
     t = analyse_concepts(lambda m, L: (meta, X), "m", [1], ConceptOptions())
@@ -379,18 +428,33 @@ def test_report_writes_tables_figures_and_markdown(tmp_path):
 
     langs = ["en", "de", "sw"]
     store = SyntheticStore({"toxicity": dict(zip(langs, orthonormal(3, seed=11)))}, {1: 0.5, 2: 2.0})
-    tables = analyse_concepts(store.read_layer, "tiny", [1, 2],
-                              ConceptOptions(distance_types=("syntactic",), high_resource=("en",)))
-    steer = pl.DataFrame({"lang": ["de", "de", "sw", "sw"], "layers": ["2"] * 4, "alpha": [0.0, 1.0] * 2,
-                          "projection_shift": [0.0, 1.0, 0.0, 0.5], "behaviour_score": [0.1, 0.2, 0.0, 0.1],
-                          "perplexity": [9.0, 9.5, 12.0, 12.4]})
+    tables = analyse_concepts(
+        store.read_layer, "tiny", [1, 2], ConceptOptions(distance_types=("syntactic",), high_resource=("en",))
+    )
+    steer = pl.DataFrame(
+        {
+            "lang": ["de", "de", "sw", "sw"],
+            "layers": ["2"] * 4,
+            "alpha": [0.0, 1.0] * 2,
+            "projection_shift": [0.0, 1.0, 0.0, 0.5],
+            "behaviour_score": [0.1, 0.2, 0.0, 0.1],
+            "perplexity": [9.0, 9.5, 12.0, 12.4],
+        }
+    )
     report = write_concept_report(tables, tmp_path, steering=steer)
     text = report.read_text()
     figures = sorted((tmp_path / "figures").glob("*.png"))
     names = {p.name for p in figures}
-    assert {"recognition_toxicity.png", "similarity_toxicity.png", "similarity_mean.png", "consistency_curve.png",
-            "similarity_vs_syntactic_mean.png", "transfer_toxicity.png", "transfer_mean.png",
-            "steering_layers_2.png"} <= names
+    assert {
+        "recognition_toxicity.png",
+        "similarity_toxicity.png",
+        "similarity_mean.png",
+        "consistency_curve.png",
+        "similarity_vs_syntactic_mean.png",
+        "transfer_toxicity.png",
+        "transfer_mean.png",
+        "steering_layers_2.png",
+    } <= names
     for p in figures:
         assert f"(figures/{p.name})" in text
         assert Image.open(p).info["dpi"][0] == pytest.approx(150, abs=0.1)

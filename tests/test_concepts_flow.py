@@ -40,12 +40,24 @@ def make_config(model_dir, pairs, tmp_path, **over) -> ConceptsConfig:
         "output_dir": str(tmp_path / "concepts"),
         "layers": [0, 2, 3, 9],  # the tiny model has 4 decoder layers: 9 is out of range
         "extract": {"shard_rows": 512, "max_length": 64},
-        "analysis": {"min_pairs": 4, "selection_folds": 3, "distance_types": ["genetic", "syntactic"],
-                     "iso3_overrides": {"sw": "qqq"},  # a code URIEL does not know
-                     "high_resource": ["en", "de"]},
-        "steering": {"concepts": ["toxicity"], "alphas": [-2.0, 0.0, 2.0], "layers": [2, [2, 3], 7],
-                     "n_pairs": 3, "n_neutral": 3, "batch_size": 8, "max_length": 48, "torch_threads": 1,
-                     "generate": {"enabled": True, "concepts": ["toxicity"], "n_prompts": 2, "max_new_tokens": 3}},
+        "analysis": {
+            "min_pairs": 4,
+            "selection_folds": 3,
+            "distance_types": ["genetic", "syntactic"],
+            "iso3_overrides": {"sw": "qqq"},  # a code URIEL does not know
+            "high_resource": ["en", "de"],
+        },
+        "steering": {
+            "concepts": ["toxicity"],
+            "alphas": [-2.0, 0.0, 2.0],
+            "layers": [2, [2, 3], 7],
+            "n_pairs": 3,
+            "n_neutral": 3,
+            "batch_size": 8,
+            "max_length": 48,
+            "torch_threads": 1,
+            "generate": {"enabled": True, "concepts": ["toxicity"], "n_prompts": 2, "max_new_tokens": 3},
+        },
         "ray": {"num_actors": 1, "torch_threads": 1},
         **over,
     }
@@ -66,9 +78,20 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
 
     # tables, Parquet and CSV
     t = {p.stem: pl.read_parquet(p) for p in (root / "tables").glob("*.parquet")}
-    for name in ("recognition", "recognition_best", "consistency_summary", "transfer_best", "transfer_asymmetry",
-                 "language_distance", "distance_correlation", "vectors", "status", "steering", "steering_judged",
-                 "steering_generations"):
+    for name in (
+        "recognition",
+        "recognition_best",
+        "consistency_summary",
+        "transfer_best",
+        "transfer_asymmetry",
+        "language_distance",
+        "distance_correlation",
+        "vectors",
+        "status",
+        "steering",
+        "steering_judged",
+        "steering_generations",
+    ):
         assert name in t, name
         assert (root / "tables" / f"{name}.csv").exists(), name
     assert set(t["recognition"]["lang"]) == set(LANGS)
@@ -106,9 +129,16 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
 
     # figures and report
     figs = {p.name for p in (root / "figures").glob("*.png")}
-    assert {"recognition_toxicity.png", "similarity_mean.png", "consistency_curve.png", "transfer_mean.png",
-            "similarity_vs_genetic_mean.png", "steering_toxicity_layers_2.png", "steering_toxicity_layers_2_3.png",
-            "steering_judged_toxicity_layers_2.png"} <= figs
+    assert {
+        "recognition_toxicity.png",
+        "similarity_mean.png",
+        "consistency_curve.png",
+        "transfer_mean.png",
+        "similarity_vs_genetic_mean.png",
+        "steering_toxicity_layers_2.png",
+        "steering_toxicity_layers_2_3.png",
+        "steering_judged_toxicity_layers_2.png",
+    } <= figs
     report = (root / "report.md").read_text()
     assert "## Cross-lingual control (steering)" in report and "layer 9 is out of range" in report
     index = res.report.read_text()
@@ -124,8 +154,9 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
     assert any(k.startswith("tiny.steering.toxicity.L2.sw.alpha2") for k in run.data.metrics)
     arts = {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="concepts/tiny")}
     assert {"concepts/tiny/report.md", "concepts/tiny/tables", "concepts/tiny/figures"} <= arts
-    assert "concepts/report.md" in {a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id,
-                                                                                   artifact_path="concepts")}
+    assert "concepts/report.md" in {
+        a.path for a in mlflow.artifacts.list_artifacts(run_id=run.info.run_id, artifact_path="concepts")
+    }
     assert "layers analysed" in res.summary() and "recognition" in res.summary()
 
     # A second run finds the activation store complete: nothing is extracted and Ray is not needed.
@@ -133,8 +164,9 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
     assert ensure_activations(cfg, [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False) == {"tiny": False}
     # Another position needs another activation directory: said before any extraction starts.
     with pytest.raises(OutputError, match="different positions"):
-        ensure_activations(cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])],
-                           progress=False)
+        ensure_activations(
+            cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False
+        )
 
 
 def test_config_errors_name_the_field(tmp_path):

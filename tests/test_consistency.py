@@ -29,14 +29,17 @@ def test_two_languages_closed_form():
 
 
 def test_items_missing_a_language_are_left_out_and_split_is_respected():
-    meta = pl.DataFrame({
-        "group_id": ["a", "a", "b", "c", "c"], "lang": ["en", "ru", "en", "en", "ru"],
-        "split": ["test", "test", "test", "train", "train"],
-    })
+    meta = pl.DataFrame(
+        {
+            "group_id": ["a", "a", "b", "c", "c"],
+            "lang": ["en", "ru", "en", "en", "ru"],
+            "split": ["test", "test", "test", "train", "train"],
+        }
+    )
     X = np.arange(10, dtype=np.float32).reshape(5, 2)
     states, items, langs = stack_items(meta, X, ["en", "ru"], "test")
     assert items == ["a"] and langs == ["en", "ru"] and np.array_equal(states[0], X[:2])
-    table = consistency_table(lambda m, l: (meta, X), ["base"], [3], ["en", "ru"], None)
+    table = consistency_table(lambda _model, _layer: (meta, X), ["base"], [3], ["en", "ru"], None)
     assert table["n_items"].to_list() == [2] and table["layer"].to_list() == [3]
     with pytest.raises(DataError, match="sw"):
         stack_items(meta, X, ["en", "sw"], "test")

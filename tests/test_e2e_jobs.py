@@ -31,7 +31,7 @@ import yaml
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent          # the venv: `ray`, `mlflow` and the `python` jobs run with
+BIN = Path(sys.executable).parent  # the venv: `ray`, `mlflow` and the `python` jobs run with
 EXPERIMENT = "raysafe-e2e"
 
 
@@ -96,9 +96,9 @@ def stop_processes(*markers: str) -> list[int]:
 @dataclass
 class Services:
     tmp: Path
-    dashboard: str          # http://127.0.0.1:PORT, the job API
-    mlflow: str             # http://127.0.0.1:PORT
-    env: dict               # environment of the `ray` CLI calls (token auth, the venv first on PATH)
+    dashboard: str  # http://127.0.0.1:PORT, the job API
+    mlflow: str  # http://127.0.0.1:PORT
+    env: dict  # environment of the `ray` CLI calls (token auth, the venv first on PATH)
     token: str
     nodes: int
 
@@ -108,8 +108,9 @@ class Services:
         return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
 
     def ray_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "ray"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "ray"), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
 
     def submit(self, *entrypoint: str, timeout: float = 300) -> "Job":
         """`ray job submit --address … --working-dir . --runtime-env cluster/runtime_env.yaml -- python …`, waiting."""
@@ -117,18 +118,35 @@ class Services:
         t0 = time.monotonic()
         client = self.client()
         try:
-            proc = self.ray_cli("job", "submit", "--address", self.dashboard, "--submission-id", sid,
-                                "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
-                                "--", "python", *entrypoint, timeout=timeout)
+            proc = self.ray_cli(
+                "job",
+                "submit",
+                "--address",
+                self.dashboard,
+                "--submission-id",
+                sid,
+                "--working-dir",
+                ".",
+                "--runtime-env",
+                "cluster/runtime_env.yaml",
+                "--",
+                "python",
+                *entrypoint,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             client.stop_job(sid)
-            raise AssertionError(f"job {sid} still running after {timeout:.0f}s (stopped it); its log:\n"
-                                 f"{client.get_job_logs(sid)[-6000:]}") from None
+            raise AssertionError(
+                f"job {sid} still running after {timeout:.0f}s (stopped it); its log:\n"
+                f"{client.get_job_logs(sid)[-6000:]}"
+            ) from None
         seconds = time.monotonic() - t0
         try:
             info = client.get_job_info(sid)
         except Exception as e:  # the submission itself failed: show what `ray job submit` said
-            raise AssertionError(f"job {sid} was not submitted ({e}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise AssertionError(
+                f"job {sid} was not submitted ({e}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            ) from e
         return Job(sid, proc, str(info.status), info.message or "", client.get_job_logs(sid), seconds)
 
 
@@ -142,24 +160,57 @@ class Job:
     seconds: float
 
     def explain(self) -> str:
-        return (f"job {self.sid}: {self.status} ({self.message}) after {self.seconds:.0f}s\n--- job logs ---\n"
-                f"{self.logs[-6000:]}\n--- ray job submit stderr ---\n{self.submit.stderr[-3000:]}")
+        return (
+            f"job {self.sid}: {self.status} ({self.message}) after {self.seconds:.0f}s\n--- job logs ---\n"
+            f"{self.logs[-6000:]}\n--- ray job submit stderr ---\n{self.submit.stderr[-3000:]}"
+        )
 
 
 def start_ray_node(env: dict, tmp: Path, *, head: bool, gcs_port: int, dashboard_port: int | None, cpus: int):
-    args = [str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0",
-            "--disable-usage-stats", "--node-manager-port", str(free_port()), "--object-manager-port",
-            str(free_port()), "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
+    args = [
+        str(BIN / "ray"),
+        "start",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        str(cpus),
+        "--num-gpus",
+        "0",
+        "--disable-usage-stats",
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+    ]
     if head:
-        args += ["--head", "--port", str(gcs_port), "--temp-dir", str(tmp / "ray"), "--dashboard-host", "127.0.0.1",
-                 "--dashboard-port", str(dashboard_port),
-                 "--include-dashboard", "true"]
+        args += [
+            "--head",
+            "--port",
+            str(gcs_port),
+            "--temp-dir",
+            str(tmp / "ray"),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--include-dashboard",
+            "true",
+        ]
     else:
         args += ["--address", f"127.0.0.1:{gcs_port}"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"`{' '.join(args)}` failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -169,33 +220,59 @@ def services():
 
     missing = get_dashboard_dependency_error()
     if missing is not None:
-        pytest.fail(f"the Ray job API (the dashboard) cannot start in this environment: {missing}. "
-                    f"Install Ray's dashboard extra: pip install 'ray[default]=={ray.__version__}' "
-                    "(raysafe's dependencies should name ray[default,train,data,tune])", pytrace=False)
+        pytest.fail(
+            f"the Ray job API (the dashboard) cannot start in this environment: {missing}. "
+            f"Install Ray's dashboard extra: pip install 'ray[default]=={ray.__version__}' "
+            "(raysafe's dependencies should name ray[default,train,data,tune])",
+            pytrace=False,
+        )
     # A short private directory: Ray's Unix socket paths live under it and must stay under 108 bytes.
     tmp = Path(tempfile.mkdtemp(prefix="rs-e2e-", dir="/tmp"))
     token = secrets.token_hex(32)
     (tmp / "auth_token").write_text(token)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
+    }
     mlflow_url = f"http://127.0.0.1:{free_port()}"
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",   # `python` in the entrypoint = this venv's python
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"),
-        "MLFLOW_TRACKING_URI": mlflow_url,                  # what the cluster's pods get from their env
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "TOKENIZERS_PARALLELISM": "false",
-    })
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in the entrypoint = this venv's python
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(tmp / "auth_token"),
+            "MLFLOW_TRACKING_URI": mlflow_url,  # what the cluster's pods get from their env
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
     mlflow_log = open(tmp / "mlflow-server.log", "w")
     mlflow_proc = None
     gcs_port, dash_port = free_port(), free_port()
     try:
         mlflow_proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-             "--artifacts-destination", str(tmp / "mlartifacts"), "--host", "127.0.0.1",
-             "--port", mlflow_url.rsplit(":", 1)[1], "--workers", "1"],
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp}/mlflow.db",
+                "--artifacts-destination",
+                str(tmp / "mlartifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                mlflow_url.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+            ],
             # No background job runner (GenAI features, 7 more processes): this server only tracks runs.
-            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=tmp, stdout=mlflow_log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            cwd=tmp,
+            stdout=mlflow_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         start_ray_node(env, tmp, head=True, gcs_port=gcs_port, dashboard_port=dash_port, cpus=2)
         nodes = 1
         # A second node (its own raylet and workers) when the machine has cores to spare, or when asked to.
@@ -247,15 +324,20 @@ def test_job_api_refuses_requests_without_the_token(services):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{services.dashboard}/api/jobs/", timeout=10)
     assert e.value.code in (401, 403)
-    with urllib.request.urlopen(urllib.request.Request(
-            f"{services.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {services.token}"}), timeout=10) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"{services.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {services.token}"}
+        ),
+        timeout=10,
+    ) as r:
         assert r.status == 200
 
 
 def test_cluster_is_up_with_its_nodes(services):
     # Ray's state API (what `ray list nodes` calls), with the token.
-    req = urllib.request.Request(f"{services.dashboard}/api/v0/nodes?limit=100",
-                                 headers={"Authorization": f"Bearer {services.token}"})
+    req = urllib.request.Request(
+        f"{services.dashboard}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {services.token}"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         nodes = json.loads(r.read())["data"]["result"]["result"]
     alive = [n for n in nodes if n["state"] == "ALIVE"]
@@ -285,7 +367,7 @@ def test_extract_job_succeeds_with_outputs_and_mlflow_run(services, extract_job)
     client = MlflowClient(tracking_uri=services.mlflow)
     exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], "tags.`raysafe.flow` = 'extract'")
-    run = next(r for r in runs if r.info.run_id in job.logs)   # the summary line names the run
+    run = next(r for r in runs if r.info.run_id in job.logs)  # the summary line names the run
     assert run.info.status == "FINISHED"
     assert run.data.metrics["rows_en"] == 8 and run.data.metrics["tiny-llama.shards_extracted"] == 3
     assert run.data.metrics["tiny-llama.tokens_per_s"] > 0
@@ -305,8 +387,14 @@ def test_resubmit_resumes_and_fallback_logs_locally_and_says_so(services, extrac
     cfg_path, first = extract_job
     assert first.status == "SUCCEEDED", first.explain()
     dead = f"http://127.0.0.1:{free_port()}"
-    job = services.submit("jobs/extract.py", str(cfg_path), "--set", f"tracking.tracking_uri={dead}",
-                          "--set", "tracking.fallback_to_local=true")
+    job = services.submit(
+        "jobs/extract.py",
+        str(cfg_path),
+        "--set",
+        f"tracking.tracking_uri={dead}",
+        "--set",
+        "tracking.fallback_to_local=true",
+    )
     assert job.status == "SUCCEEDED", job.explain()
     assert "tiny-llama: 0/3 shards extracted now" in job.logs, job.explain()
     assert f"MLflow server {dead} unreachable" in job.logs
@@ -321,8 +409,7 @@ def test_resubmit_resumes_and_fallback_logs_locally_and_says_so(services, extrac
 def test_mlflow_down_fails_fast_naming_the_uri(services, tiny_model):
     cfg = extract_config(services, tiny_model, "down")
     dead = f"http://127.0.0.1:{free_port()}"
-    job = services.submit("jobs/extract.py", str(cfg), "--set", f"tracking.tracking_uri={dead}",
-                          timeout=180)
+    job = services.submit("jobs/extract.py", str(cfg), "--set", f"tracking.tracking_uri={dead}", timeout=180)
     assert job.status == "FAILED" and job.submit.returncode != 0, job.explain()
     assert f"MLflow tracking server {dead} is unreachable" in job.logs, job.explain()
     assert "tracking.fallback_to_local=true" in job.logs and "Traceback" not in job.logs
@@ -338,7 +425,7 @@ def test_broken_config_fails_fast_with_the_error_in_the_job_logs(services, tiny_
     job = services.submit("jobs/extract.py", str(cfg), "--set", "extract.store_dtype=int8", timeout=180)
     assert job.status == "FAILED" and job.submit.returncode != 0, job.explain()
     assert "exit code 2" in job.message
-    logs = services.ray_cli("job", "logs", job.sid, "--address", services.dashboard).stdout   # as a user reads them
+    logs = services.ray_cli("job", "logs", job.sid, "--address", services.dashboard).stdout  # as a user reads them
     assert "extract.store_dtype = 'int8'" in logs and "'float16' or 'float32'" in logs, logs
     assert "where:" in logs and "fix:" in logs and "Traceback" not in logs
     assert not Path(yaml.safe_load(cfg.read_text())["output_dir"]).exists(), "outputs written before validation"
@@ -349,18 +436,31 @@ def test_train_job_succeeds_with_checkpoint_and_mlflow_run(services, tiny_model)
 
     storage = services.tmp / "train"
     job = services.submit(
-        "jobs/train.py", "jobs/configs/train_tiny.yaml",
-        "--set", f"model.path={tiny_model}", "--set", "optim.max_steps=2", "--set", "checkpoint.every_n_steps=1",
-        "--set", f"checkpoint.storage_path={storage}", "--set", f"tracking.experiment={EXPERIMENT}",
-        "--set", "ray.cpus_per_worker=0.5", timeout=400)
+        "jobs/train.py",
+        "jobs/configs/train_tiny.yaml",
+        "--set",
+        f"model.path={tiny_model}",
+        "--set",
+        "optim.max_steps=2",
+        "--set",
+        "checkpoint.every_n_steps=1",
+        "--set",
+        f"checkpoint.storage_path={storage}",
+        "--set",
+        f"tracking.experiment={EXPERIMENT}",
+        "--set",
+        "ray.cpus_per_worker=0.5",
+        timeout=400,
+    )
     assert job.status == "SUCCEEDED" and job.submit.returncode == 0, job.explain()
     assert "trained 2 steps" in job.logs, job.explain()
     ckpt = Path(next(ln for ln in job.logs.splitlines() if ln.startswith("checkpoint: ")).split(": ", 1)[1])
     assert ckpt.is_dir() and storage in ckpt.parents and (ckpt / "train_config.yaml").is_file()
     client = MlflowClient(tracking_uri=services.mlflow)
     exp = client.get_experiment_by_name(EXPERIMENT)
-    run = next(r for r in client.search_runs([exp.experiment_id], "tags.`raysafe.flow` = 'train'")
-               if r.info.run_id in job.logs)
+    run = next(
+        r for r in client.search_runs([exp.experiment_id], "tags.`raysafe.flow` = 'train'") if r.info.run_id in job.logs
+    )
     assert run.info.status == "FINISHED" and run.data.tags["raysafe.checkpoint"] == str(ckpt)
     assert any(k.startswith("loss") for k in run.data.metrics), run.data.metrics
     assert "train_config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -29,23 +29,28 @@ def test_mean_and_variance_hand_computed():
     assert M.language_variance(rates, ddof=0) == pytest.approx(800 / 3)
     assert M.language_variance(rates, ddof=1) == pytest.approx(400.0)
     x = np.array([0.5, 0.7, 0.9]) * 100
-    assert M.language_variance(rates, ddof=0) == pytest.approx(np.var(x)) and \
-        M.language_variance(rates, ddof=1) == pytest.approx(np.var(x, ddof=1))
+    assert M.language_variance(rates, ddof=0) == pytest.approx(np.var(x)) and M.language_variance(
+        rates, ddof=1
+    ) == pytest.approx(np.var(x, ddof=1))
     # the paper's scale: rates 0.66 vs 0.67 -> variance 0.25 pp^2
     assert M.language_variance(np.array([0.66, 0.67])) == pytest.approx(0.25)
 
 
 def test_pairwise_agreement_hand_computed():
     #            g0   g1   g2   g3
-    X = np.array([[1, 1, 0, 0],        # en
-                  [1, 0, 0, 0],        # zh
-                  [1, 1, 0, nan],      # ar (g3 unparsed)
-                  [nan, nan, nan, nan]])  # sw: no prompts
+    X = np.array(
+        [
+            [1, 1, 0, 0],  # en
+            [1, 0, 0, 0],  # zh
+            [1, 1, 0, nan],  # ar (g3 unparsed)
+            [nan, nan, nan, nan],
+        ]
+    )  # sw: no prompts
     overall, per_pair, pairs = M.pairwise_agreement(X)
     d = dict(zip(pairs, per_pair))
-    assert d[(0, 1)] == pytest.approx(3 / 4)   # en-zh: differ on g1
-    assert d[(0, 2)] == pytest.approx(3 / 3)   # en-ar: g0..g2 shared, all equal
-    assert d[(1, 2)] == pytest.approx(2 / 3)   # zh-ar: differ on g1
+    assert d[(0, 1)] == pytest.approx(3 / 4)  # en-zh: differ on g1
+    assert d[(0, 2)] == pytest.approx(3 / 3)  # en-ar: g0..g2 shared, all equal
+    assert d[(1, 2)] == pytest.approx(2 / 3)  # zh-ar: differ on g1
     assert math.isnan(d[(0, 3)]) and math.isnan(d[(1, 3)]) and math.isnan(d[(2, 3)])
     assert overall == pytest.approx((3 / 4 + 1 + 2 / 3) / 3)
 
@@ -140,8 +145,13 @@ def test_safety_tables_count_everything():
     judg = pl.DataFrame(J).with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
     per, summ, pairs = safety_tables(prompts, judg, "m", "offline", ["en", "zh", "sw"], MetricsSpec(bootstrap=100))
     by = {r["lang"]: r for r in per}
-    assert (by["en"]["n_prompts"], by["en"]["n_harmful"], by["en"]["n_safe"], by["en"]["n_unsafe"],
-            by["en"]["n_unparsed"]) == (4, 3, 1, 1, 1)
+    assert (
+        by["en"]["n_prompts"],
+        by["en"]["n_harmful"],
+        by["en"]["n_safe"],
+        by["en"]["n_unsafe"],
+        by["en"]["n_unparsed"],
+    ) == (4, 3, 1, 1, 1)
     assert by["en"]["safety_rate"] == pytest.approx(0.5) and by["en"]["value"] == pytest.approx(0.5)  # ASR = 1 - 0.5
     assert by["en"]["over_refusal_rate"] == 1.0 and by["en"]["n_harmless"] == 1
     assert by["zh"]["n_empty"] == 1 and by["zh"]["value"] == pytest.approx(1 / 3)
@@ -157,8 +167,9 @@ def test_safety_tables_count_everything():
 
 def test_utility_table_accuracy_per_language():
     mc = pl.DataFrame({"group_id": ["q1", "q2", "q1", "q2"], "lang": ["en", "en", "zh", "zh"]})
-    scores = pl.DataFrame({"group_id": ["q1", "q2", "q1", "q2"], "lang": ["en", "en", "zh", "zh"],
-                           "correct": [True, True, True, False]})
+    scores = pl.DataFrame(
+        {"group_id": ["q1", "q2", "q1", "q2"], "lang": ["en", "en", "zh", "zh"], "correct": [True, True, True, False]}
+    )
     rows, summ = utility_table(mc, scores, "m", ["en", "zh", "bn"], MetricsSpec(bootstrap=50))
     by = {r["lang"]: r for r in rows}
     assert by["en"]["accuracy"] == 1.0 and by["zh"]["accuracy"] == 0.5 and by["bn"]["status"] == "no questions"

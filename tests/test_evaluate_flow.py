@@ -25,13 +25,20 @@ LANGS = ["en", "zh", "ar", "sw"]  # sw is left out of the prompts: a language wi
 def _cfg(tmp_path, model_dir, guard_dir, stop: str | None, **over) -> EvaluateConfig:
     raw = {
         "models": [{"path": str(model_dir), "name": "tiny-gemma"}],
-        "sets": [{"name": "sp", "split": "test", "references": {"kind": "fixture", "name": "preference_pairs"},
-                  "sources": [{"kind": "fixture", "name": "safety_prompts", "languages": ["en", "zh", "ar"]}]}],
+        "sets": [
+            {
+                "name": "sp",
+                "split": "test",
+                "references": {"kind": "fixture", "name": "preference_pairs"},
+                "sources": [{"kind": "fixture", "name": "safety_prompts", "languages": ["en", "zh", "ar"]}],
+            }
+        ],
         "languages": LANGS,
-        "generation": {"max_new_tokens": 6, "batch_size": 6, "shard_rows": 12,
-                       "stop_strings": [stop] if stop else []},
-        "judges": [{"kind": "offline"},
-                   {"kind": "classifier", "name": "tiny-guard", "model": {"path": str(guard_dir)}, "max_new_tokens": 3}],
+        "generation": {"max_new_tokens": 6, "batch_size": 6, "shard_rows": 12, "stop_strings": [stop] if stop else []},
+        "judges": [
+            {"kind": "offline"},
+            {"kind": "classifier", "name": "tiny-guard", "model": {"path": str(guard_dir)}, "max_new_tokens": 3},
+        ],
         "utility": {"batch_size": 32},
         "metrics": {"bootstrap": 200},
         "output_dir": str(tmp_path / "eval"),
@@ -53,7 +60,7 @@ def _expected_empties(cfg: EvaluateConfig) -> tuple[str, dict[str, int]]:
         texts = []
         n = cfg.generation.shard_rows
         for k in range(0, prompts.height, n):
-            outs, _ = gen.generate(prompts["text"][k:k + n].to_list())
+            outs, _ = gen.generate(prompts["text"][k : k + n].to_list())
             texts += [o.text for o in outs]
     finally:
         torch.set_num_threads(threads)
@@ -84,11 +91,21 @@ def test_evaluate_end_to_end_resume_and_counts(tmp_path, tiny_gemma_dir, tiny_ll
     off = {r["lang"]: r for r in per.filter(pl.col("judge") == "offline").iter_rows(named=True)}
     guard = {r["lang"]: r for r in per.filter(pl.col("judge") == "tiny-guard").iter_rows(named=True)}
     gens = pl.read_parquet(tmp_path / "eval" / "tiny-gemma" / "generations" / "*.parquet")
-    assert gens.height == 36 and set(gens.columns) >= {"group_id", "lang", "prompt", "response", "n_new_tokens",
-                                                        "finish_reason"}
+    assert gens.height == 36 and set(gens.columns) >= {
+        "group_id",
+        "lang",
+        "prompt",
+        "response",
+        "n_new_tokens",
+        "finish_reason",
+    }
     for lang in ["en", "zh", "ar"]:
         # empty generations are kept, judged and counted
-        assert off[lang]["n_empty"] == expected_empty[lang] == gens.filter((pl.col("lang") == lang) & pl.col("empty")).height
+        assert (
+            off[lang]["n_empty"]
+            == expected_empty[lang]
+            == gens.filter((pl.col("lang") == lang) & pl.col("empty")).height
+        )
         assert off[lang]["n_prompts"] == 12 and off[lang]["n_safe"] + off[lang]["n_unsafe"] == 12
         # the random "classifier" never answers safe/unsafe: all unparsed, counted, none dropped
         assert guard[lang]["n_unparsed"] == 12 and guard[lang]["status"] == "no parsed judgements"
@@ -132,31 +149,51 @@ def test_evaluate_end_to_end_resume_and_counts(tmp_path, tiny_gemma_dir, tiny_ll
 
 def test_bad_inputs_fail_before_any_work(tmp_path, tiny_gemma_dir, tiny_llama_dir, monkeypatch):
     bad = tmp_path / "prompts.jsonl"
-    bad.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"group_id": "g1", "lang": "en", "text": "How do I pick a lock?", "label": 1},
-        {"group_id": "g1", "lang": "xx", "text": "??", "label": 1}]) + "\n", encoding="utf-8")
-    cfg = _cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None,
-               sets=[{"name": "mine", "sources": [{"kind": "file", "path": str(bad)}]}])
+    bad.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {"group_id": "g1", "lang": "en", "text": "How do I pick a lock?", "label": 1},
+                {"group_id": "g1", "lang": "xx", "text": "??", "label": 1},
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    cfg = _cfg(
+        tmp_path,
+        tiny_gemma_dir,
+        tiny_llama_dir,
+        None,
+        sets=[{"name": "mine", "sources": [{"kind": "file", "path": str(bad)}]}],
+    )
     with pytest.raises(DataError, match="unknown language") as e:
         run_evaluate(cfg, progress=False)
     assert "group_id='g1'" in str(e.value) and "lang='xx'" in str(e.value)
 
-    missing = _cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None,
-                   judges=[{"kind": "classifier", "model": {"path": str(tmp_path / "no-such-guard")}}])
+    missing = _cfg(
+        tmp_path,
+        tiny_gemma_dir,
+        tiny_llama_dir,
+        None,
+        judges=[{"kind": "classifier", "model": {"path": str(tmp_path / "no-such-guard")}}],
+    )
     with pytest.raises(ModelError, match="no-such-guard") as e:
         run_evaluate(missing, progress=False)
     assert "judges[0].model.path" in str(e.value)
     assert not (tmp_path / "eval").exists()  # nothing was written
 
     monkeypatch.delenv("RAYSAFE_JUDGE_URL", raising=False)
-    no_url = _cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None,
-                  judges=[{"kind": "openai", "endpoint_model": "guard"}])
+    no_url = _cfg(
+        tmp_path, tiny_gemma_dir, tiny_llama_dir, None, judges=[{"kind": "openai", "endpoint_model": "guard"}]
+    )
     with pytest.raises(ConfigError, match="RAYSAFE_JUDGE_URL"):
         run_evaluate(no_url, progress=False)
 
     (tmp_path / "eval" / "inputs" / "prompts").mkdir(parents=True)
     (tmp_path / "eval" / "inputs" / "prompts" / "_dataset.json").write_text(
-        json.dumps({"fingerprint": "other", "shard_rows": 12, "rows": 1, "shards": 1}))
+        json.dumps({"fingerprint": "other", "shard_rows": 12, "rows": 1, "shards": 1})
+    )
     with pytest.raises(OutputError, match="other inputs"):
         run_evaluate(_cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None), progress=False)
 
@@ -173,18 +210,36 @@ def test_config_errors_name_the_field(tmp_path):
 def test_model_label_of_training_checkpoints():
     from raysafe.config import ModelSpec
 
-    assert model_label(ModelSpec(path="/s/train/gemma-dpo-mlc0.8-s0/checkpoint_000003/model")) == \
-        "gemma-dpo-mlc0.8-s0-checkpoint_000003"
+    assert (
+        model_label(ModelSpec(path="/s/train/gemma-dpo-mlc0.8-s0/checkpoint_000003/model"))
+        == "gemma-dpo-mlc0.8-s0-checkpoint_000003"
+    )
     assert model_label(ModelSpec(path="gemma3-270m")) == "gemma3-270m"
     assert model_label(ModelSpec(path="Qwen/Qwen2.5-7B-Instruct")) == "Qwen2.5-7B-Instruct"
 
 
 def test_multiple_choice_rows_are_normalised_and_checked():
-    mmmlu = pl.DataFrame({"Question": ["2+2?"], "A": ["3"], "B": ["4"], "C": ["5"], "D": ["6"], "Answer": ["B"],
-                          "Subject": ["math"], "lang": ["sw"]})
+    mmmlu = pl.DataFrame(
+        {
+            "Question": ["2+2?"],
+            "A": ["3"],
+            "B": ["4"],
+            "C": ["5"],
+            "D": ["6"],
+            "Answer": ["B"],
+            "Subject": ["math"],
+            "lang": ["sw"],
+        }
+    )
     out = normalize_mc(mmmlu, "openai/MMMLU", "q")
-    assert out.row(0, named=True) == {"group_id": "q-0", "lang": "sw", "question": "2+2?",
-                                      "choices": ["3", "4", "5", "6"], "answer": 1, "subject": "math"}
+    assert out.row(0, named=True) == {
+        "group_id": "q-0",
+        "lang": "sw",
+        "question": "2+2?",
+        "choices": ["3", "4", "5", "6"],
+        "answer": 1,
+        "subject": "math",
+    }
     bad = mmmlu.with_columns(pl.lit("E").alias("Answer"))
     with pytest.raises(DataError, match="answer 'E'") as e:
         normalize_mc(bad, "openai/MMMLU", "q")
@@ -200,7 +255,7 @@ def test_stop_strings_and_finish_reasons(tiny_gemma_dir):
     stop = next(c for c in text if c.isascii() and c.isprintable()) if any(c.isascii() for c in text) else None
     if stop is not None:
         cut = generate_ids(gen.model, gen.tok, ids[:1], max_new_tokens=5, batch_size=1, stop_strings=[stop])[0]
-        assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+        assert cut.finish_reason == "stop" and cut.text == text[: text.index(stop)]
     assert cut_at_stop("abc\n\nUser: x", ["User:", "\n\n"]) == ("abc", True)
     assert cut_at_stop("abc", ["zz"]) == ("abc", False)
 
@@ -211,7 +266,10 @@ def test_loglikelihood_with_padding_matches_unpadded(tiny_gemma_dir):
 
     model, tok = load_model(ModelSpec(path=str(tiny_gemma_dir)), "cpu")
     ctx = [list(tok("Question: 2+2?\nAnswer:")["input_ids"]), list(tok("Swali?")["input_ids"])]
-    cont = [list(tok(" B", add_special_tokens=False)["input_ids"]), list(tok(" Jibu ndefu", add_special_tokens=False)["input_ids"])]
+    cont = [
+        list(tok(" B", add_special_tokens=False)["input_ids"]),
+        list(tok(" Jibu ndefu", add_special_tokens=False)["input_ids"]),
+    ]
     got = continuation_logprobs(model, ctx, cont, tok.pad_token_id, batch_size=2)
     for c, x, g in zip(ctx, cont, got):  # independent: one unpadded sequence at a time, full logits
         with torch.inference_mode():

@@ -20,19 +20,29 @@ def write_rows(path, rows):
 
 
 def cfg_for(path, model="/nonexistent", **kw):
-    return load_config(ExtractConfig, data={"models": [{"path": str(model)}], "data": {"kind": "file", "path": str(path)},
-                                            "tracking": {"enabled": False}, **kw})
+    return load_config(
+        ExtractConfig,
+        data={
+            "models": [{"path": str(model)}],
+            "data": {"kind": "file", "path": str(path)},
+            "tracking": {"enabled": False},
+            **kw,
+        },
+    )
 
 
 GOOD = {"group_id": "g1", "lang": "en", "text": "hello"}
 
 
-@pytest.mark.parametrize("bad,message,where", [
-    ({"group_id": "g2", "lang": "en", "text": "   "}, "empty or missing 'text'", "group_id='g2'"),
-    ({"group_id": "g3", "lang": "en", "text": None}, "empty or missing 'text'", "group_id='g3'"),
-    ({"group_id": "g4", "lang": "xx", "text": "hi"}, "unknown language code(s) ['xx']", "group_id='g4'"),
-    ({"group_id": "g5", "lang": None, "text": "hi"}, "have no lang", "group_id='g5'"),
-])
+@pytest.mark.parametrize(
+    "bad,message,where",
+    [
+        ({"group_id": "g2", "lang": "en", "text": "   "}, "empty or missing 'text'", "group_id='g2'"),
+        ({"group_id": "g3", "lang": "en", "text": None}, "empty or missing 'text'", "group_id='g3'"),
+        ({"group_id": "g4", "lang": "xx", "text": "hi"}, "unknown language code(s) ['xx']", "group_id='g4'"),
+        ({"group_id": "g5", "lang": None, "text": "hi"}, "have no lang", "group_id='g5'"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, bad, message, where):
     path = write_rows(tmp_path / "rows.jsonl", [GOOD, bad])
     with pytest.raises(DataError) as e:
@@ -98,16 +108,23 @@ def test_output_dir_of_another_model_is_refused(tmp_path, rows_file, tiny_llama_
 
 def test_config_errors_name_field_value_and_allowed(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(ExtractConfig, data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"},
-                                         "extract": {"store_dtype": "int8"}})
+        load_config(
+            ExtractConfig,
+            data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"}, "extract": {"store_dtype": "int8"}},
+        )
     msg = str(e.value)
     assert "extract.store_dtype = 'int8'" in msg and "'float16' or 'float32'" in msg
     with pytest.raises(ConfigError, match="extract.layerz: unknown field"):
-        load_config(ExtractConfig, data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"},
-                                         "extract": {"layerz": [1]}})
+        load_config(
+            ExtractConfig,
+            data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"}, "extract": {"layerz": [1]}},
+        )
     with pytest.raises(ConfigError, match="layer indices are >= 0"):
-        load_config(ExtractConfig, data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"}},
-                    overrides=["extract.layers=[-1]"])
+        load_config(
+            ExtractConfig,
+            data={"models": [{"path": "x"}], "data": {"name": "safety_prompts"}},
+            overrides=["extract.layers=[-1]"],
+        )
 
 
 def test_overrides_parse_yaml_values(tmp_path):

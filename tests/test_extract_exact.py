@@ -52,8 +52,10 @@ def test_last_only_runs_the_deepest_mlp_on_one_token_per_row(deepest):
     model, tok = tiny_model("gemma3", num_layers=4), tiny_tokenizer()
     mlps = [layer.mlp for layer in model.model.layers]
     rows_seen = {}
-    hooks = [m.register_forward_hook(lambda _m, i, _o, k=k: rows_seen.__setitem__(k, i[0].shape[:2]))
-             for k, m in enumerate(mlps)]
+    hooks = [
+        m.register_forward_hook(lambda _m, i, _o, k=k: rows_seen.__setitem__(k, i[0].shape[:2]))
+        for k, m in enumerate(mlps)
+    ]
     enc = tok(TEXTS[:5], return_tensors="pt", padding=True)
     pooled_hidden_states(model, enc.input_ids, enc.attention_mask, [1, deepest], ["last"])
     for h in hooks:
@@ -80,8 +82,11 @@ def test_forward_stops_at_the_deepest_requested_layer():
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_extractor_token_budget_batches_are_exact(tiny_gemma_dir, side):
     """Length-sorted token-budget batches (several of them) scatter back to input order exactly."""
-    ext = Extractor({"path": str(tiny_gemma_dir)}, {"max_tokens_per_batch": 64, "padding_side": side,
-                                                      "positions": ["last", "mean"]}, layers=[0, 2, 4])
+    ext = Extractor(
+        {"path": str(tiny_gemma_dir)},
+        {"max_tokens_per_batch": 64, "padding_side": side, "positions": ["last", "mean"]},
+        layers=[0, 2, 4],
+    )
     ids = [ext.tok(t)["input_ids"] for t in TEXTS]
     got = {k: torch.from_numpy(v) for k, v in ext.extract(ids).items()}
     ref = reference(ext.model, ext.tok, TEXTS, [0, 2, 4])
@@ -89,12 +94,12 @@ def test_extractor_token_budget_batches_are_exact(tiny_gemma_dir, side):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("side", "positions"), [("right", ["last", "mean"]), ("left", ["last", "mean"]),
-                                                 ("right", ["last"])])
+@pytest.mark.parametrize(
+    ("side", "positions"), [("right", ["last", "mean"]), ("left", ["last", "mean"]), ("right", ["last"])]
+)
 def test_gemma3_270m_matches_unbatched_forward(side, positions):
     """The packaged Gemma 3 270M: 6+ scripts, every 3rd layer and the last (after the final norm)."""
-    ext = Extractor({"path": "gemma3-270m"}, {"padding_side": side, "positions": positions},
-                    layers=[0, 3, 9, 17, 18])
+    ext = Extractor({"path": "gemma3-270m"}, {"padding_side": side, "positions": positions}, layers=[0, 3, 9, 17, 18])
     texts = [MULTISCRIPT[lang][0] for lang in MULTISCRIPT]
     ids = [ext.tok(t)["input_ids"] for t in texts]
     got = {k: torch.from_numpy(v) for k, v in ext.extract(ids).items()}
@@ -108,8 +113,11 @@ def test_extractor_loads_no_tokenizer_and_the_pad_id_does_not_change_vectors(tin
     that fills padded positions, masked out and never pooled, leaves every vector as it is."""
     import numpy as np
 
-    ext = Extractor({"path": str(tiny_gemma_dir)}, {"max_tokens_per_batch": 64, "padding_side": side,
-                                                      "positions": ["last", "mean"]}, layers=[0, 2, 4])
+    ext = Extractor(
+        {"path": str(tiny_gemma_dir)},
+        {"max_tokens_per_batch": 64, "padding_side": side, "positions": ["last", "mean"]},
+        layers=[0, 2, 4],
+    )
     ids = [list(range(3, 3 + n)) for n in (5, 9, 2, 7, 12)]
     first = ext.extract(ids)
     ext.pad_id = 17

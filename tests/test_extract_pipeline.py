@@ -23,21 +23,30 @@ pytestmark = pytest.mark.slow
 
 
 def make_config(rows_file, models, out, **extract):
-    return load_config(ExtractConfig, data={
-        "models": models,
-        "data": {"kind": "file", "path": str(rows_file)},
-        "output_dir": str(out),
-        "extract": {"shard_rows": 8, "positions": ["last", "mean"], **extract},
-        "ray": {"num_actors": 1, "torch_threads": 1},
-    })
+    return load_config(
+        ExtractConfig,
+        data={
+            "models": models,
+            "data": {"kind": "file", "path": str(rows_file)},
+            "output_dir": str(out),
+            "extract": {"shard_rows": 8, "positions": ["last", "mean"], **extract},
+            "ray": {"num_actors": 1, "torch_threads": 1},
+        },
+    )
 
 
-def test_two_models_one_layer_readable_alone(ray_local, mlflow_local, rows_file, tiny_llama_dir, tiny_gemma_dir, tmp_path):
+def test_two_models_one_layer_readable_alone(
+    ray_local, mlflow_local, rows_file, tiny_llama_dir, tiny_gemma_dir, tmp_path
+):
     import mlflow
 
-    cfg = make_config(rows_file, [{"path": str(tiny_llama_dir), "name": "base"},
-                                  {"path": str(tiny_gemma_dir), "name": "aligned"}], tmp_path / "acts",
-                      layers=[0, 2, 4], store_dtype="float16")
+    cfg = make_config(
+        rows_file,
+        [{"path": str(tiny_llama_dir), "name": "base"}, {"path": str(tiny_gemma_dir), "name": "aligned"}],
+        tmp_path / "acts",
+        layers=[0, 2, 4],
+        store_dtype="float16",
+    )
     res = run_extract(cfg, progress=False)
     store = ActivationStore(res.output_dir)
     assert store.models() == ["aligned", "base"]
@@ -79,7 +88,9 @@ def test_omp_wait_policy_reaches_actors_through_runtime_env_or_is_left_alone():
     from raysafe.runtime import actor_remote_args
 
     assert actor_remote_args(RaySpec()) == {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
-    assert actor_remote_args(RaySpec(omp_wait_policy="active"))["runtime_env"]["env_vars"] == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert actor_remote_args(RaySpec(omp_wait_policy="active"))["runtime_env"]["env_vars"] == {
+        "OMP_WAIT_POLICY": "ACTIVE"
+    }
     assert actor_remote_args(RaySpec(omp_wait_policy="inherit")) == {}
     with pytest.raises(ValueError, match="omp_wait_policy"):
         RaySpec(omp_wait_policy="spin")
@@ -103,19 +114,28 @@ def test_killed_extraction_resumes_only_missing_shards(tmp_path, tiny_llama_dir)
         import yaml
 
         p = tmp_path / f"{out}.yaml"
-        p.write_text(yaml.safe_dump({
-            "models": [{"path": str(tiny_llama_dir), "name": "tiny"}],
-            "data": {"kind": "file", "path": str(rows_file)},
-            "output_dir": str(tmp_path / out),
-            "extract": {"shard_rows": 10, "max_tokens_per_batch": 64},
-            "ray": {"torch_threads": 1},
-            "tracking": {"enabled": False},
-        }))
+        p.write_text(
+            yaml.safe_dump(
+                {
+                    "models": [{"path": str(tiny_llama_dir), "name": "tiny"}],
+                    "data": {"kind": "file", "path": str(rows_file)},
+                    "output_dir": str(tmp_path / out),
+                    "extract": {"shard_rows": 10, "max_tokens_per_batch": 64},
+                    "ray": {"torch_threads": 1},
+                    "tracking": {"enabled": False},
+                }
+            )
+        )
         return p
 
     killed = cfg_file("killed")
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(killed)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(killed)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
     store = ActivationStore(tmp_path / "killed")
     deadline = time.time() + 240
     while time.time() < deadline and len(store.done_shards("tiny")) < 5:

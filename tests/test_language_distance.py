@@ -11,15 +11,36 @@ from itertools import combinations
 
 import numpy as np
 import pytest
-from raysafe.analysis import language_distance as ld
 
+from raysafe.analysis import language_distance as ld
 from raysafe.errors import ConfigError
 
 # The language codes our data use, with the ISO 639-3 code URIEL keys them by.
 EXPECTED_ISO3 = {
-    "en": "eng", "zh": "zho", "ru": "rus", "de": "deu", "ar": "ara", "bn": "ben", "sw": "swa", "ja": "jpn",
-    "ur": "urd", "ps": "pus", "ku": "kur", "es": "spa", "fr": "fra", "hi": "hin", "uk": "ukr", "am": "amh",
-    "ko": "kor", "it": "ita", "pt": "por", "tr": "tur", "vi": "vie", "th": "tha", "id": "ind", "fa": "fas",
+    "en": "eng",
+    "zh": "zho",
+    "ru": "rus",
+    "de": "deu",
+    "ar": "ara",
+    "bn": "ben",
+    "sw": "swa",
+    "ja": "jpn",
+    "ur": "urd",
+    "ps": "pus",
+    "ku": "kur",
+    "es": "spa",
+    "fr": "fra",
+    "hi": "hin",
+    "uk": "ukr",
+    "am": "amh",
+    "ko": "kor",
+    "it": "ita",
+    "pt": "por",
+    "tr": "tur",
+    "vi": "vie",
+    "th": "tha",
+    "id": "ind",
+    "fa": "fas",
     "he": "heb",
 }
 ALL_TYPES = ("genetic", "geographic", "syntactic", "phonological", "inventory")

@@ -72,8 +72,16 @@ def test_ipo_length_normalised():
     pc, pr, rc, rr = _random()
     rng = np.random.default_rng(3)
     nc, nr = rng.integers(1, 50, 16), rng.integers(1, 50, 16)
-    out = dpo_loss(t(pc), t(pr), t(rc), t(rr), beta=0.1, kind="ipo", chosen_ntokens=torch.tensor(nc),
-                   rejected_ntokens=torch.tensor(nr))
+    out = dpo_loss(
+        t(pc),
+        t(pr),
+        t(rc),
+        t(rr),
+        beta=0.1,
+        kind="ipo",
+        chosen_ntokens=torch.tensor(nc),
+        rejected_ntokens=torch.tensor(nr),
+    )
     assert out.loss.item() == pytest.approx(ref_dpo(pc, pr, rc, rr, 0.1, 0.0, "ipo", nc, nr), abs=1e-6)
 
 
@@ -109,8 +117,10 @@ def test_simpo_matches_reference(beta, gamma, eps):
     c, r = rng.normal(-1.5, 0.7, 16), rng.normal(-1.8, 0.7, 16)
     out = simpo_loss(t(c), t(r), beta=beta, gamma=gamma, label_smoothing=eps)
     ref = np.mean(
-        [-(1 - eps) * log_sigmoid(beta * (a - b) - gamma) - eps * log_sigmoid(-(beta * (a - b) - gamma))
-         for a, b in zip(c, r)]
+        [
+            -(1 - eps) * log_sigmoid(beta * (a - b) - gamma) - eps * log_sigmoid(-(beta * (a - b) - gamma))
+            for a, b in zip(c, r)
+        ]
     )
     assert out.loss.item() == pytest.approx(ref, abs=1e-6)
     assert out.metrics["rewards/chosen"].item() == pytest.approx(beta * c.mean(), abs=1e-9)

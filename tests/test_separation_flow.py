@@ -24,8 +24,12 @@ def flow_config(tmp, base_dir, aligned_dir, **over) -> SeparationConfig:
         "detox": {"kind": "fixture", "name": "detox_pairs", "languages": LANGS, "limit_per_lang": 12},
         "activations_dir": str(tmp / "acts"),
         "output_dir": str(tmp / "out"),
-        "options": {"k": 4, "bootstrap": 20, "probe_folds": 3,
-                    "metrics": ["bhattacharyya", "silhouette_euclidean", "between_var_ratio", "probe_accuracy"]},
+        "options": {
+            "k": 4,
+            "bootstrap": 20,
+            "probe_folds": 3,
+            "metrics": ["bhattacharyya", "silhouette_euclidean", "between_var_ratio", "probe_accuracy"],
+        },
         "scatter_points_per_class": 20,
         "torch_threads": 1,
         "extract": {"shard_rows": 512, "max_length": 48},
@@ -136,8 +140,7 @@ def test_cli_rerun_reuses_the_activations(flow_run, capsys, monkeypatch):
     tmp, cfg, res = flow_run
     monkeypatch.chdir(tmp)
     path = tmp / "again.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"output_dir": str(tmp / "again")}),
-                    encoding="utf-8")
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json") | {"output_dir": str(tmp / "again")}), encoding="utf-8")
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     exp = mlflow.get_experiment_by_name("separation-test").experiment_id
     before = len(mlflow.search_runs([exp]))
@@ -155,22 +158,32 @@ def test_cli_rerun_reuses_the_activations(flow_run, capsys, monkeypatch):
 
 
 def test_missing_activations_without_extraction_say_where_and_what_to_do(tmp_path):
-    cfg = load_config(SeparationConfig, data={
-        "base": {"path": "/nonexistent/model"}, "activations_dir": str(tmp_path / "acts"),
-        "output_dir": str(tmp_path / "out"), "extract_if_missing": False, "tracking": {"enabled": False}})
+    cfg = load_config(
+        SeparationConfig,
+        data={
+            "base": {"path": "/nonexistent/model"},
+            "activations_dir": str(tmp_path / "acts"),
+            "output_dir": str(tmp_path / "out"),
+            "extract_if_missing": False,
+            "tracking": {"enabled": False},
+        },
+    )
     with pytest.raises(OutputError) as e:
         run_separation(cfg, progress=False)
     assert "safety activations are incomplete" in e.value.what and str(tmp_path / "acts" / "safety") in e.value.where
     assert "raysafe extract" in e.value.fix
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"base": {"path": "a"}, "position": "mean"}, "position 'mean' is not extracted"),
-    ({"base": {"path": "a", "name": "m"}, "aligned": [{"path": "b", "name": "m"}]}, r"\['m'\] repeats"),
-    ({"aligned": [{"path": "b"}]}, "give the base model"),
-    ({"base": {"path": "a"}, "pairs": [{"base": {"path": "b"}}]}, "not both"),
-    ({"base": {"path": "a"}, "layers": [1, 30], "extract": {"layers": [1, 2]}}, r"layers \[30\] are analysed"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"base": {"path": "a"}, "position": "mean"}, "position 'mean' is not extracted"),
+        ({"base": {"path": "a", "name": "m"}, "aligned": [{"path": "b", "name": "m"}]}, r"\['m'\] repeats"),
+        ({"aligned": [{"path": "b"}]}, "give the base model"),
+        ({"base": {"path": "a"}, "pairs": [{"base": {"path": "b"}}]}, "not both"),
+        ({"base": {"path": "a"}, "layers": [1, 30], "extract": {"layers": [1, 2]}}, r"layers \[30\] are analysed"),
+    ],
+)
 def test_config_errors_name_the_field(data, match):
     with pytest.raises(ConfigError, match=match):
         load_config(SeparationConfig, data=data)
@@ -182,9 +195,15 @@ def test_sources_without_group_id_are_numbered_per_language(tmp_path):
     from raysafe.data.schemas import PARALLEL_DETOX
     from raysafe.data.sources import load_table, to_text_rows
 
-    pl.DataFrame({"toxic_sentence": ["you idiot", "shut up"], "neutral_sentence": ["you are wrong", "please stop"]}
-                 ).write_parquet(tmp_path / "de.parquet")
-    spec = SourceSpec(kind="file", path=str(tmp_path / "de.parquet"), lang="de", contract="parallel_detox",
-                      columns={"toxic_sentence": "toxic", "neutral_sentence": "neutral"})
+    pl.DataFrame(
+        {"toxic_sentence": ["you idiot", "shut up"], "neutral_sentence": ["you are wrong", "please stop"]}
+    ).write_parquet(tmp_path / "de.parquet")
+    spec = SourceSpec(
+        kind="file",
+        path=str(tmp_path / "de.parquet"),
+        lang="de",
+        contract="parallel_detox",
+        columns={"toxic_sentence": "toxic", "neutral_sentence": "neutral"},
+    )
     rows = to_text_rows(load_table(spec, PARALLEL_DETOX), PARALLEL_DETOX.name)
     assert rows.select("group_id", "label").rows() == [("de-0", 1), ("de-0", 0), ("de-1", 1), ("de-1", 0)]

@@ -130,8 +130,9 @@ def test_bootstrap_silhouette_equals_sklearn_on_each_resample(metric):
     X, y = _two_classes(60, 40, 4, 1.0)
     gen = torch.Generator().manual_seed(5)
     i0, i1 = stratified_bootstrap(60, 40, 4, gen)
-    reps = silhouette(torch.tensor(X), torch.tensor(y), metric, W0=index_counts(i0, 60), W1=index_counts(i1, 40),
-                      chunk_rows=16)
+    reps = silhouette(
+        torch.tensor(X), torch.tensor(y), metric, W0=index_counts(i0, 60), W1=index_counts(i1, 40), chunk_rows=16
+    )
     X0, X1 = X[y == 0], X[y == 1]
     for b in range(4):
         Xb = np.concatenate([X0[i0[b].numpy()], X1[i1[b].numpy()]])
@@ -140,8 +141,7 @@ def test_bootstrap_silhouette_equals_sklearn_on_each_resample(metric):
 
 
 # -------------------------------------------------------------------------------------------------------- PCA
-@pytest.mark.parametrize("n,d,solver", [(500, 20, "covariance"), (30, 80, "gram"), (500, 20, "auto"),
-                                        (30, 80, "auto")])
+@pytest.mark.parametrize("n,d,solver", [(500, 20, "covariance"), (30, 80, "gram"), (500, 20, "auto"), (30, 80, "auto")])
 def test_pca_explained_variance_matches_sklearn(n, d, solver):
     X, _ = _two_classes(n, 0, d, 0.0, seed=7)
     X = X * np.linspace(3, 0.2, d)
@@ -223,8 +223,12 @@ def test_probe_agrees_with_sklearn_pipeline_on_the_same_folds(newton_max_dim):
     X, y = _two_classes(150, 150, 6, 1.0)
     fold = stratified_folds(torch.tensor(y), 5, torch.Generator().manual_seed(11)).numpy()
     ours = probe_cv_accuracy(torch.tensor(X), torch.tensor(y), seed=11, C=0.5, newton_max_dim=newton_max_dim)
-    ref = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=1000)),
-                          X, y, cv=PredefinedSplit(fold))
+    ref = cross_val_score(
+        make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=1000)),
+        X,
+        y,
+        cv=PredefinedSplit(fold),
+    )
     # same folds, same objective: predictions agree up to items sitting on the decision boundary
     assert ours.accuracy == pytest.approx(float(np.mean(ref)), abs=2 / 300)
 

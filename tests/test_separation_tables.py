@@ -74,9 +74,16 @@ class SyntheticStore:
             scale = STRENGTH[lg] * (layer + 1) / 4 * (0.2 if model == "base" else 1.0)
             X[:, li] += scale * y
             xs.append(X.astype(np.float32))
-            metas.append(pl.DataFrame({"row_id": [f"{lg}-{i}" for i in range(N)],
-                                       "group_id": [f"g{i // 2}" for i in range(N)],
-                                       "lang": [lg] * N, "label": y}))
+            metas.append(
+                pl.DataFrame(
+                    {
+                        "row_id": [f"{lg}-{i}" for i in range(N)],
+                        "group_id": [f"g{i // 2}" for i in range(N)],
+                        "lang": [lg] * N,
+                        "label": y,
+                    }
+                )
+            )
         meta, X = pl.concat(metas), np.concatenate(xs)
         if self.edit is not None:
             meta, X = self.edit(model, layer, meta, X)
@@ -85,8 +92,12 @@ class SyntheticStore:
 
 
 def _value(t: pl.DataFrame, model: str, lang: str, layer: int, metric: str) -> float:
-    r = t.filter((pl.col("model") == model) & (pl.col("lang") == lang) & (pl.col("layer") == layer)
-                 & (pl.col("metric") == metric))
+    r = t.filter(
+        (pl.col("model") == model)
+        & (pl.col("lang") == lang)
+        & (pl.col("layer") == layer)
+        & (pl.col("metric") == metric)
+    )
     assert r.height == 1
     return r["value"][0]
 
@@ -104,8 +115,14 @@ def test_driver_table_shape_schema_and_planted_structure(clean_table):
     assert set(t["status"].unique()) == {"ok"}
     assert set(t["pca_fit"].unique()) == {"pooled"} and set(t["k"].unique()) == {6}
     assert set(t["n_pos"].unique()) == {N // 2} and set(t["n_neg"].unique()) == {N // 2}
-    for metric in ("bhattacharyya", "silhouette_euclidean", "silhouette_cosine", "centroid_distance",
-                   "between_var_ratio", "between_var_ratio_full"):
+    for metric in (
+        "bhattacharyya",
+        "silhouette_euclidean",
+        "silhouette_cosine",
+        "centroid_distance",
+        "between_var_ratio",
+        "between_var_ratio_full",
+    ):
         en, de, zh = (_value(t, "aligned", lg, 3, metric) for lg in LANGS)
         assert en > de > zh, (metric, en, de, zh)
         assert en > _value(t, "base", "en", 3, metric)  # alignment separates English
@@ -128,11 +145,11 @@ def test_driver_streams_one_layer_of_one_model_at_a_time():
 def test_driver_is_seeded_and_per_language_fit_is_recorded(clean_table):
     again = analyse_separation(SyntheticStore(), ["base", "aligned"], list(LAYERS), FAST, progress=False)
     assert again.equals(clean_table)
-    per = analyse_separation(SyntheticStore(), ["aligned"], [3], FAST.model_copy(update={"pca_fit": "per_language"}),
-                             progress=False)
+    per = analyse_separation(
+        SyntheticStore(), ["aligned"], [3], FAST.model_copy(update={"pca_fit": "per_language"}), progress=False
+    )
     assert set(per["pca_fit"].unique()) == {"per_language"}
-    assert _value(per, "aligned", "en", 3, "bhattacharyya") != _value(clean_table, "aligned", "en", 3,
-                                                                       "bhattacharyya")
+    assert _value(per, "aligned", "en", 3, "bhattacharyya") != _value(clean_table, "aligned", "en", 3, "bhattacharyya")
     assert _value(per, "aligned", "en", 3, "bhattacharyya") > _value(per, "aligned", "zh", 3, "bhattacharyya")
 
 
@@ -266,7 +283,8 @@ def test_alignment_shift_of_the_synthetic_store(clean_table):
     assert dict(shift.schema) == SHIFT_SCHEMA
     assert shift.height == len(LANGS) * len(LAYERS) * len(SEPARATION_METRICS)
     r = shift.filter((pl.col("lang") == "en") & (pl.col("layer") == 3) & (pl.col("metric") == "bhattacharyya")).row(
-        0, named=True)
+        0, named=True
+    )
     assert r["shift"] == pytest.approx(r["aligned_value"] - r["base_value"])
     assert r["shift"] > 0 and r["shift_ratio_en"] == pytest.approx(1.0) and r["shift_diff_en"] == 0.0
     de = shift.filter((pl.col("lang") == "de") & (pl.col("layer") == 3) & (pl.col("metric") == "between_var_ratio"))
@@ -277,15 +295,34 @@ def test_alignment_shift_of_the_synthetic_store(clean_table):
 
 def test_alignment_shift_by_hand():
     def row(model, lang, value, lo, hi, status="ok", message="", n=(10, 10)):
-        return dict(model=model, lang=lang, layer=0, metric="m", value=value, ci_low=lo, ci_high=hi, n_pos=n[0],
-                    n_neg=n[1], status=status, message=message, pca_fit="pooled", k=2)
+        return dict(
+            model=model,
+            lang=lang,
+            layer=0,
+            metric="m",
+            value=value,
+            ci_low=lo,
+            ci_high=hi,
+            n_pos=n[0],
+            n_neg=n[1],
+            status=status,
+            message=message,
+            pca_fit="pooled",
+            k=2,
+        )
 
     z = 1.959963984540054
-    t = pl.DataFrame([
-        row("b", "en", 0.1, 0.1 - z * 0.03, 0.1 + z * 0.03), row("a", "en", 0.5, 0.5 - z * 0.04, 0.5 + z * 0.04),
-        row("b", "hi", 0.2, None, None), row("a", "hi", 0.3, None, None),
-        row("b", "sw", 0.2, 0.1, 0.3), row("a", "sw", None, None, None, "skipped", "one class"),
-    ], schema=TABLE_SCHEMA)
+    t = pl.DataFrame(
+        [
+            row("b", "en", 0.1, 0.1 - z * 0.03, 0.1 + z * 0.03),
+            row("a", "en", 0.5, 0.5 - z * 0.04, 0.5 + z * 0.04),
+            row("b", "hi", 0.2, None, None),
+            row("a", "hi", 0.3, None, None),
+            row("b", "sw", 0.2, 0.1, 0.3),
+            row("a", "sw", None, None, None, "skipped", "one class"),
+        ],
+        schema=TABLE_SCHEMA,
+    )
     s = alignment_shift(t, "b", "a")
     en = s.filter(pl.col("lang") == "en").row(0, named=True)
     assert en["shift"] == pytest.approx(0.4)
@@ -388,14 +425,19 @@ def test_figures_and_report(tmp_path, clean_table):
     assert [p.name for p in curves] == ["curves_base.png", "curves_aligned.png"]
     for p in scatter + curves + heat:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
-    report = write_separation_report(tmp_path, clean_table, shift=shift,
-                                     figures={"PCA scatter": scatter, "Layer curves": curves, "Shift": heat},
-                                     notes=["synthetic store"])
+    report = write_separation_report(
+        tmp_path,
+        clean_table,
+        shift=shift,
+        figures={"PCA scatter": scatter, "Layer curves": curves, "Shift": heat},
+        notes=["synthetic store"],
+    )
     text = report.read_text()
     assert "![scatter_en_layer3](scatter_en_layer3.png)" in text and "![shift_heatmap](shift_heatmap.png)" in text
     assert "| en | 3 |" in text and "×en" in text
     assert "None: every cell was computed on complete data." in text
     best = best_layers(clean_table)
-    en_best = best.filter((pl.col("model") == "aligned") & (pl.col("metric") == "between_var_ratio")
-                          & (pl.col("lang") == "en")).row(0, named=True)
+    en_best = best.filter(
+        (pl.col("model") == "aligned") & (pl.col("metric") == "between_var_ratio") & (pl.col("lang") == "en")
+    ).row(0, named=True)
     assert en_best["layer"] == 3 and en_best["ratio_en"] == 1.0

@@ -21,8 +21,15 @@ def test_items_per_class_first_items_of_each_class_in_every_language(tmp_path):
     rows = []
     for lang, order in (("en", range(6)), ("zh", reversed(range(6)))):
         for i in order:
-            rows.append({"group_id": f"g{i}", "lang": lang, "text": f"{lang} {i}", "label": int(i < 3),
-                         "split": "test" if i in (2, 5) else "train"})
+            rows.append(
+                {
+                    "group_id": f"g{i}",
+                    "lang": lang,
+                    "text": f"{lang} {i}",
+                    "label": int(i < 3),
+                    "split": "test" if i in (2, 5) else "train",
+                }
+            )
     df = read_source(SourceSpec(kind="file", path=_write(tmp_path, rows), items_per_class=1))
     # per (label, split): the first item in source order → g0 (1, train), g2 (1, test), g3 (0, train), g5 (0, test)
     assert sorted(df["group_id"].unique().to_list()) == ["g0", "g2", "g3", "g5"]

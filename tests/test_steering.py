@@ -180,8 +180,10 @@ def test_measurements_against_direct_computation(llama):
     tok = tiny_tokenizer(padding_side="left")
     v = vec(8).numpy()
     alphas = [-3.0, 0.0, 3.0]
-    held_out = {"en": [("I hate you", "I like you"), ("You are awful", "You are kind")],
-                "de": [("Ich hasse dich", "Ich mag dich")]}
+    held_out = {
+        "en": [("I hate you", "I like you"), ("You are awful", "You are kind")],
+        "de": [("Ich hasse dich", "Ich mag dich")],
+    }
     neutral = {"en": ["The weather is mild today."], "de": ["Das Wetter ist mild."]}
     df = measure_steering(llama, tok, {2: v}, alphas, held_out, neutral)
     assert df.height == 6 and set(df["lang"]) == {"en", "de"}
@@ -193,7 +195,7 @@ def test_measurements_against_direct_computation(llama):
         assert shift == pytest.approx(alpha * np.linalg.norm(v), rel=1e-4, abs=1e-4)
     # the same push moves both sides of a pair, so the gap between them does not change; the shift in gaps is the
     # shift divided by the unsteered gap
-    for lang, part in df.group_by("lang"):
+    for _lang, part in df.group_by("lang"):
         assert np.allclose(part["pair_gap"], part["pair_gap"][0], atol=1e-4)
         base_gap = part.filter(pl.col("alpha") == 0.0)["pair_gap"][0]
         np.testing.assert_allclose(part["projection_shift_in_gaps"], part["projection_shift"] / base_gap, rtol=1e-9)
@@ -215,8 +217,14 @@ def test_steering_towards_a_token_raises_its_sentences_likelihood(llama):
     emb = llama.get_input_embeddings().weight.detach()
     a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
     v = (emb[a] - emb[b]).numpy()
-    df = measure_steering(llama, tok, {N_LAYERS: v}, [0.0, 100.0, 400.0], {"xx": [("aaaaaa", "bbbbbb")]},
-                          {"xx": ["the dog is in the house"]})
+    df = measure_steering(
+        llama,
+        tok,
+        {N_LAYERS: v},
+        [0.0, 100.0, 400.0],
+        {"xx": [("aaaaaa", "bbbbbb")]},
+        {"xx": ["the dog is in the house"]},
+    )
     shifts = df.sort("alpha")["behaviour_shift"].to_list()
     assert shifts[0] == 0.0 and 0 < shifts[1] < shifts[2]
 
@@ -246,7 +254,8 @@ def test_probe_states_without_the_lm_head_match_the_full_pass(llama):
     with steering(llama, {2: vec(3)}, 2.0):
         steered = text_stats(llama, tok, TEXTS, probe_layer=2, logprobs=False)
     plain = text_stats(llama, tok, TEXTS, probe_layer=2, logprobs=False)
-    np.testing.assert_allclose(steered.last_state - plain.last_state, np.tile(2.0 * vec(3).numpy(), (len(TEXTS), 1)),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        steered.last_state - plain.last_state, np.tile(2.0 * vec(3).numpy(), (len(TEXTS), 1)), rtol=0, atol=1e-5
+    )
     with pytest.raises(ConfigError, match="probe_layer"):
         text_stats(llama, tok, TEXTS, logprobs=False)

@@ -44,8 +44,14 @@ def study_tree(model_dir, out) -> dict:
             "extract": {"layers": [1, 2, 3], "positions": ["last"], "max_length": 64},
         },
         "evaluate": {
-            "sets": [{"name": "sp", "split": "test", "harmful_only": True,
-                      "sources": [{"kind": "fixture", "name": "safety_prompts", "languages": LANGS}]}],
+            "sets": [
+                {
+                    "name": "sp",
+                    "split": "test",
+                    "harmful_only": True,
+                    "sources": [{"kind": "fixture", "name": "safety_prompts", "languages": LANGS}],
+                }
+            ],
             "generation": {"max_new_tokens": 4, "batch_size": 12, "shard_rows": 48},
             "utility": {"enabled": False},
             "metrics": {"bootstrap": 100},
@@ -68,8 +74,14 @@ def test_study_interrupted_then_continued_under_one_parent_run(ray_local, tiny_l
     cfg_path.write_text(yaml.safe_dump(study_tree(tiny_llama_dir, out)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.Popen([sys.executable, "-m", "raysafe.cli", "-q", "study", str(cfg_path)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysafe.cli", "-q", "study", str(cfg_path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     marker = out / "stages" / "evaluate_before.json"
     deadline = time.time() + 400
     while time.time() < deadline and not marker.exists() and proc.poll() is None:
@@ -86,8 +98,19 @@ def test_study_interrupted_then_continued_under_one_parent_run(ray_local, tiny_l
     res = run_study(cfg, progress=False)
 
     assert set(res.reused) == done_before
-    assert list(res.stages) == plan(cfg) == ["separation_before", "evaluate_before", "train_mlc", "separation_after",
-                                             "evaluate_after", "consistency", "report"]
+    assert (
+        list(res.stages)
+        == plan(cfg)
+        == [
+            "separation_before",
+            "evaluate_before",
+            "train_mlc",
+            "separation_after",
+            "evaluate_after",
+            "consistency",
+            "report",
+        ]
+    )
     table = res.table
     assert set(table["model"].to_list()) == {"tiny", "tiny-mlc"}
     assert set(table["lang"].to_list()) == set(LANGS)

@@ -29,17 +29,28 @@ pytestmark = pytest.mark.slow
 
 def sweep_tree(model_dir, tmp_path) -> dict:
     return {
-        "name": "e2e", "output_dir": str(tmp_path / "sweeps"),
+        "name": "e2e",
+        "output_dir": str(tmp_path / "sweeps"),
         "train": {
             "model": {"path": str(model_dir), "name": "tiny"},
             "precompute_reference": "off",  # the reference on the worker: one process start less per trial
-            "data": {"max_length": 128, "max_prompt_length": 96,
-                     "pairs": {"kind": "fixture", "name": "preference_pairs", "limit_per_lang": 2}},
+            "data": {
+                "max_length": 128,
+                "max_prompt_length": 96,
+                "pairs": {"kind": "fixture", "name": "preference_pairs", "limit_per_lang": 2},
+            },
             "mixture": {"languages": ["en", "zh", "ru"], "m": 2},
             "mlc": {"weight": 0.8, "layer": 2, "d": 16, "every_k": 1},
             # 2 pairs = one optimiser step per epoch: every step sees the same batch, so a learning trial's loss falls
-            "optim": {"lr": 2e-3, "epochs": 3, "micro_batch": 2, "grad_accum": 1, "warmup_ratio": 0.0,
-                      "schedule": "constant", "max_steps": 3},
+            "optim": {
+                "lr": 2e-3,
+                "epochs": 3,
+                "micro_batch": 2,
+                "grad_accum": 1,
+                "warmup_ratio": 0.0,
+                "schedule": "constant",
+                "max_steps": 3,
+            },
             "deepspeed": {"zero_stage": 1},
             "checkpoint": {"storage_path": str(tmp_path / "base-train"), "keep": 1},
             "ray": {"num_workers": 1, "torch_threads": 1},
@@ -48,21 +59,43 @@ def sweep_tree(model_dir, tmp_path) -> dict:
         # one at a time, in this order: A learns; B (lr ~ 0) lags A at the ASHA rung (step 2)
         "space": {"lr": [2e-3, 1e-9]},
         "search": {"max_concurrent_trials": 1},
-        "scheduler": {"kind": "asha", "metric": "train_loss_align", "mode": "min", "grace_period": 2,
-                      "reduction_factor": 2, "report_every_n_steps": 1},
+        "scheduler": {
+            "kind": "asha",
+            "metric": "train_loss_align",
+            "mode": "min",
+            "grace_period": 2,
+            "reduction_factor": 2,
+            "report_every_n_steps": 1,
+        },
         "resources": {"num_workers": 1, "cpus_per_worker": 1, "torch_threads": 1},
         "evaluation": {
-            "evaluate": {"sets": [{"name": "sp", "split": "test", "sources": [{"kind": "fixture", "name": "safety_prompts"}],
-                                   "references": {"kind": "fixture", "name": "preference_pairs"}}],
-                         "languages": ["en", "zh"], "generation": {"max_new_tokens": 4, "batch_size": 24, "shard_rows": 24},
-                         "utility": {"batch_size": 32}, "metrics": {"bootstrap": 50},
-                         "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": 1}},
-            "consistency": {"enabled": False}},  # the held-out measure has its own test (test_sweep_space.py)
-        "objective": {"primary": {"metric": "train_align_rewards_margins", "mode": "max"},
-                      "terms": [{"metric": "utility_drop", "mode": "min", "weight": 0.5}],
-                      "constraints": [{"metric": "utility_drop", "max": 1.0}],
-                      "pareto": [{"metric": "train_align_rewards_margins", "mode": "max"},
-                                 {"metric": "utility_drop", "mode": "min"}, {"metric": "safety_mean", "mode": "max"}]},
+            "evaluate": {
+                "sets": [
+                    {
+                        "name": "sp",
+                        "split": "test",
+                        "sources": [{"kind": "fixture", "name": "safety_prompts"}],
+                        "references": {"kind": "fixture", "name": "preference_pairs"},
+                    }
+                ],
+                "languages": ["en", "zh"],
+                "generation": {"max_new_tokens": 4, "batch_size": 24, "shard_rows": 24},
+                "utility": {"batch_size": 32},
+                "metrics": {"bootstrap": 50},
+                "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": 1},
+            },
+            "consistency": {"enabled": False},
+        },  # the held-out measure has its own test (test_sweep_space.py)
+        "objective": {
+            "primary": {"metric": "train_align_rewards_margins", "mode": "max"},
+            "terms": [{"metric": "utility_drop", "mode": "min", "weight": 0.5}],
+            "constraints": [{"metric": "utility_drop", "max": 1.0}],
+            "pareto": [
+                {"metric": "train_align_rewards_margins", "mode": "max"},
+                {"metric": "utility_drop", "mode": "min"},
+                {"metric": "safety_mean", "mode": "max"},
+            ],
+        },
         "tracking": {"experiment": "test-sweep"},
     }
 
@@ -85,8 +118,9 @@ def _loss_at(sweep_dir: Path, trial_id: str, step: int) -> float:
 
 
 @pytest.mark.heavy
-def test_sweep_killed_and_resumed_with_asha_tracking_pareto_and_best_config(tiny_llama_dir, tmp_path, ray_local,
-                                                                          mlflow_local):
+def test_sweep_killed_and_resumed_with_asha_tracking_pareto_and_best_config(
+    tiny_llama_dir, tmp_path, ray_local, mlflow_local
+):
     import ray
     from mlflow import MlflowClient
 
@@ -100,8 +134,13 @@ def test_sweep_killed_and_resumed_with_asha_tracking_pareto_and_best_config(tiny
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "raysafe.cli", "-q", "sweep", str(cfg_path)], cwd=tmp_path,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raysafe.cli", "-q", "sweep", str(cfg_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 900
         while "TERMINATED" not in (st := _trial_statuses(sweep_dir / "tune")).values():
@@ -150,7 +189,8 @@ def test_sweep_killed_and_resumed_with_asha_tracking_pareto_and_best_config(tiny
     assert parent.data.metrics["trials_finished"] == 1 and parent.data.metrics["trials_stopped"] == 1
     assert "baseline_utility_accuracy" in parent.data.metrics
     assert {"results.parquet", "results.csv", "pareto.png", "best_train_config.yaml"} <= {
-        x.path for x in client.list_artifacts(res.mlflow_run_id)}
+        x.path for x in client.list_artifacts(res.mlflow_run_id)
+    }
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'")
     assert sorted(c.data.tags.get("raysafe.flow") for c in children) == ["evaluate", "sweep-trial", "sweep-trial"]

@@ -36,8 +36,9 @@ LANGS = ["en", "zh", "ru", "ja", "ar"]
 
 
 def base_cfg(**mixture) -> TrainConfig:
-    return load_config(TrainConfig, data={"model": {"path": "unused-here"},
-                                          "mixture": {"languages": LANGS, "m": 3, **mixture}})
+    return load_config(
+        TrainConfig, data={"model": {"path": "unused-here"}, "mixture": {"languages": LANGS, "m": 3, **mixture}}
+    )
 
 
 def space(**kw) -> SearchSpace:
@@ -45,27 +46,51 @@ def space(**kw) -> SearchSpace:
 
 
 # ------------------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("kw, where, bad", [
-    ({"mixture": [{"languages": ["en", "zh", "xx"]}]}, "space.mixture[0].languages", "xx"),
-    ({"mixture": [{"languages": ["en", "zh"], "weights": [1.0, -0.5]}]}, "space.mixture[0].weights", "-0.5"),
-    ({"mixture": [{"languages": ["en", "zh", "ru"], "weights": [1.0, 0.0, 1.0]}]}, "space.mixture[0].weights", "0.0"),
-    ({"mixture": [{"kind": "dirichlet", "languages": ["en", "zh"], "concentration": -1.0}]},
-     "space.mixture[0].concentration", "-1.0"),
-    ({"mixture": [{"kind": "dominant_balanced", "languages": ["en", "zh", "ru"], "dominant": "en"}]},
-     "space.mixture[0].dominant", "equal the uniform one"),  # the anchor is drawn anyway
-    ({"mixture": [{"kind": "dominant_balanced", "languages": ["en", "zh", "ru"], "dominant": ["zh", "de"]}]},
-     "space.mixture[0].dominant", "['de']"),
-    ({"mixture": [{"languages": ["zh", "ru"]}]}, "space.mixture[0].anchor", "en"),
-    ({"weight": [0.0, -0.2]}, "space.weight", "-0.2"),
-    ({"beta": {"choice": [0.1, 0.0]}}, "space.beta", "0.0"),
-    ({"layer": [2, 9]}, "space.layer", "9"),
-    ({"layer": [0.5, 1.5]}, "space.layer", "1.5"),
-    ({"m": [3, 7]}, "space.m", "7"),
-    ({"m": {"uniform": [2.0, 4.0]}}, "space.m", "[2.0, 4.0]"),
-    ({"mixture": [{"languages": ["en", "zh"]}]}, "space.mixture", "[3]"),  # base m=3 > 2 languages
-    ({"mixture": [{"name": "a", "languages": ["en", "zh", "ru"]}, {"name": "a", "languages": ["en", "ja", "ar"]}]},
-     "space.mixture[1].name", "a"),
-])
+@pytest.mark.parametrize(
+    "kw, where, bad",
+    [
+        ({"mixture": [{"languages": ["en", "zh", "xx"]}]}, "space.mixture[0].languages", "xx"),
+        ({"mixture": [{"languages": ["en", "zh"], "weights": [1.0, -0.5]}]}, "space.mixture[0].weights", "-0.5"),
+        (
+            {"mixture": [{"languages": ["en", "zh", "ru"], "weights": [1.0, 0.0, 1.0]}]},
+            "space.mixture[0].weights",
+            "0.0",
+        ),
+        (
+            {"mixture": [{"kind": "dirichlet", "languages": ["en", "zh"], "concentration": -1.0}]},
+            "space.mixture[0].concentration",
+            "-1.0",
+        ),
+        (
+            {"mixture": [{"kind": "dominant_balanced", "languages": ["en", "zh", "ru"], "dominant": "en"}]},
+            "space.mixture[0].dominant",
+            "equal the uniform one",
+        ),  # the anchor is drawn anyway
+        (
+            {"mixture": [{"kind": "dominant_balanced", "languages": ["en", "zh", "ru"], "dominant": ["zh", "de"]}]},
+            "space.mixture[0].dominant",
+            "['de']",
+        ),
+        ({"mixture": [{"languages": ["zh", "ru"]}]}, "space.mixture[0].anchor", "en"),
+        ({"weight": [0.0, -0.2]}, "space.weight", "-0.2"),
+        ({"beta": {"choice": [0.1, 0.0]}}, "space.beta", "0.0"),
+        ({"layer": [2, 9]}, "space.layer", "9"),
+        ({"layer": [0.5, 1.5]}, "space.layer", "1.5"),
+        ({"m": [3, 7]}, "space.m", "7"),
+        ({"m": {"uniform": [2.0, 4.0]}}, "space.m", "[2.0, 4.0]"),
+        ({"mixture": [{"languages": ["en", "zh"]}]}, "space.mixture", "[3]"),  # base m=3 > 2 languages
+        (
+            {
+                "mixture": [
+                    {"name": "a", "languages": ["en", "zh", "ru"]},
+                    {"name": "a", "languages": ["en", "ja", "ar"]},
+                ]
+            },
+            "space.mixture[1].name",
+            "a",
+        ),
+    ],
+)
 def test_bad_space_is_refused_naming_key_and_value(kw, where, bad):
     with pytest.raises(ConfigError) as e:
         validate_space(space(**kw), base_cfg(), depth=4)
@@ -74,8 +99,16 @@ def test_bad_space_is_refused_naming_key_and_value(kw, where, bad):
     assert e.value.fix
 
 
-@pytest.mark.parametrize("kw", [{"weight": {"grid": [0.1], "choice": [0.2]}}, {"lr": {"loguniform": [0.0, 1e-3]}},
-                                {"tau": {"uniform": [0.5, 0.1]}}, {"weight": []}, {"mixture": {"grid": []}}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"weight": {"grid": [0.1], "choice": [0.2]}},
+        {"lr": {"loguniform": [0.0, 1e-3]}},
+        {"tau": {"uniform": [0.5, 0.1]}},
+        {"weight": []},
+        {"mixture": {"grid": []}},
+    ],
+)
 def test_malformed_axes_fail_validation(kw):
     with pytest.raises(ValueError):
         space(**kw)
@@ -89,13 +122,18 @@ def test_fractional_and_integer_layers_within_depth_pass():
 def test_sweep_config_refuses_objective_metric_its_trials_do_not_report(tmp_path):
     from raysafe.sweep.config import SweepConfig
 
-    tree = {"train": {"model": {"path": "x"}}, "evaluation": {"enabled": False},
-            "objective": {"primary": {"metric": "safety_mean"}}}
+    tree = {
+        "train": {"model": {"path": "x"}},
+        "evaluation": {"enabled": False},
+        "objective": {"primary": {"metric": "safety_mean"}},
+    }
     with pytest.raises(ConfigError) as e:
         load_config(SweepConfig, data=tree)
     assert "safety_mean" in str(e.value) and "evaluation.enabled=False" in str(e.value)
-    tree["objective"] = {"primary": {"metric": "consistency_rank1_energy"},
-                         "pareto": [{"metric": "consistency_rank1_energy"}, {"metric": "train_loss_align", "mode": "min"}]}
+    tree["objective"] = {
+        "primary": {"metric": "consistency_rank1_energy"},
+        "pareto": [{"metric": "consistency_rank1_energy"}, {"metric": "train_loss_align", "mode": "min"}],
+    }
     cfg = load_config(SweepConfig, data=tree)
     assert cfg.base.model.path == "x"
     tree["evaluation"] = {"evaluate": {"models": [{"path": "y"}]}}
@@ -108,10 +146,17 @@ def test_sweep_config_reads_the_base_train_config_from_a_yaml_path(tmp_path):
 
     p = tmp_path / "train.yaml"
     p.write_text("model: {path: tiny}\nmixture: {languages: [en, zh, ru], m: 3}\n")
-    cfg = load_config(SweepConfig, data={"train": str(p), "evaluation": {"enabled": False},
-                                         "objective": {"primary": {"metric": "train_loss_align", "mode": "min"},
-                                                       "pareto": [{"metric": "train_loss_align", "mode": "min"},
-                                                                  {"metric": "consistency_mean_cosine"}]}})
+    cfg = load_config(
+        SweepConfig,
+        data={
+            "train": str(p),
+            "evaluation": {"enabled": False},
+            "objective": {
+                "primary": {"metric": "train_loss_align", "mode": "min"},
+                "pareto": [{"metric": "train_loss_align", "mode": "min"}, {"metric": "consistency_mean_cosine"}],
+            },
+        },
+    )
     assert cfg.base.mixture.languages == ["en", "zh", "ru"]
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(SweepConfig, data={"train": str(tmp_path / "missing.yaml")})
@@ -119,8 +164,9 @@ def test_sweep_config_reads_the_base_train_config_from_a_yaml_path(tmp_path):
 
 # ------------------------------------------------------------------------------------------- expansion
 def test_dirichlet_draws_are_seeded_normalised_and_named():
-    sp = space(mixture=[{"kind": "dirichlet", "languages": ["en", "zh", "ru"], "concentration": 0.5, "draws": 2,
-                         "seed": 7}])
+    sp = space(
+        mixture=[{"kind": "dirichlet", "languages": ["en", "zh", "ru"], "concentration": 0.5, "draws": 2, "seed": 7}]
+    )
     named = validate_space(sp, base_cfg(m=2), depth=4)
     assert list(named) == ["dirichlet-a0.5-s7-0", "dirichlet-a0.5-s7-1"]
     expected = np.random.default_rng(7).dirichlet([0.5, 0.5, 0.5], size=2)
@@ -134,11 +180,21 @@ def test_dirichlet_draws_are_seeded_normalised_and_named():
 def test_grid_expansion_and_trial_configs():
     from ray import tune
 
-    sp = space(weight=[0.0, 0.8], lr={"loguniform": [1e-4, 1e-2]}, m={"choice": [2, 3]},
-               mixture=[{"name": "uni", "languages": ["en", "zh", "ru"]},
-                        {"kind": "dominant_balanced", "languages": ["en", "zh", "ru", "ja"], "dominant": ["ru", "zh"],
-                         "dominant_share": 0.6},
-                        {"languages": ["en", "zh", "ru"], "weights": [2.0, 1.0, 1.0]}])
+    sp = space(
+        weight=[0.0, 0.8],
+        lr={"loguniform": [1e-4, 1e-2]},
+        m={"choice": [2, 3]},
+        mixture=[
+            {"name": "uni", "languages": ["en", "zh", "ru"]},
+            {
+                "kind": "dominant_balanced",
+                "languages": ["en", "zh", "ru", "ja"],
+                "dominant": ["ru", "zh"],
+                "dominant_share": 0.6,
+            },
+            {"languages": ["en", "zh", "ru"], "weights": [2.0, 1.0, 1.0]},
+        ],
+    )
     named = validate_space(sp, base_cfg(), depth=4)
     assert list(named) == ["uni", "dominant-zh+ru-0.6", "fixed2"]
     ps = param_space(sp, named, "grid")
@@ -148,8 +204,12 @@ def test_grid_expansion_and_trial_configs():
     assert "grid_search" not in param_space(sp, named, "random")["weight"].__class__.__name__.lower()
 
     base = base_cfg()
-    cfg = trial_train_config(base, {"weight": 0.0, "lr": 3e-4, "m": 2, "mixture": "dominant-zh+ru-0.6"}, named,
-                             {"ray.num_workers": 1, "checkpoint.name": "trial_x"})
+    cfg = trial_train_config(
+        base,
+        {"weight": 0.0, "lr": 3e-4, "m": 2, "mixture": "dominant-zh+ru-0.6"},
+        named,
+        {"ray.num_workers": 1, "checkpoint.name": "trial_x"},
+    )
     assert cfg.mlc.weight == 0.0 and cfg.optim.lr == 3e-4 and cfg.mixture.m == 2
     # zh and ru share 0.6 of the sampling weight, en and ja the other 0.4 (en is drawn for every prompt anyway)
     assert cfg.mixture.preset == "none" and cfg.mixture.languages == ["en", "zh", "ru", "ja"]
@@ -166,8 +226,11 @@ def test_score_hand_cases():
     assert score(m, Term(metric="safety_mean")) == 0.8
     assert score(m, Term(metric="safety_variance", mode="min")) == -0.1
     # 0.8 - 2 * 0.1 - 0.5 * 0.02 = 0.59
-    s = score(m, Term(metric="safety_mean"), [Term(metric="safety_variance", mode="min", weight=2.0),
-                                              Term(metric="utility_drop", mode="min", weight=0.5)])
+    s = score(
+        m,
+        Term(metric="safety_mean"),
+        [Term(metric="safety_variance", mode="min", weight=2.0), Term(metric="utility_drop", mode="min", weight=0.5)],
+    )
     assert s == pytest.approx(0.59)
     assert math.isnan(score(m, Term(metric="safety_mean"), [Term(metric="missing")]))
     assert math.isnan(score({"safety_mean": float("nan")}, Term(metric="safety_mean")))
@@ -184,12 +247,14 @@ def test_constraints_hand_cases():
 
 def test_pareto_front_hand_cases():
     terms = [Term(metric="x", mode="max"), Term(metric="y", mode="min")]
-    rows = [{"x": 1, "y": 5},  # dominated by row 1 (x 2 > 1, y 3 < 5)
-            {"x": 2, "y": 3},  # front: nothing has x >= 2 and y <= 3 with one strict
-            {"x": 3, "y": 4},  # front: the largest x
-            {"x": 2, "y": 6},  # dominated by row 1 (same x, larger y)
-            {"x": float("nan"), "y": 1},  # NaN: out
-            {"y": 0}]  # missing x: out
+    rows = [
+        {"x": 1, "y": 5},  # dominated by row 1 (x 2 > 1, y 3 < 5)
+        {"x": 2, "y": 3},  # front: nothing has x >= 2 and y <= 3 with one strict
+        {"x": 3, "y": 4},  # front: the largest x
+        {"x": 2, "y": 6},  # dominated by row 1 (same x, larger y)
+        {"x": float("nan"), "y": 1},  # NaN: out
+        {"y": 0},
+    ]  # missing x: out
     assert pareto_front(rows, terms) == [1, 2]
     assert pareto_front([{"x": 1, "y": 1}, {"x": 1, "y": 1}], terms) == [0, 1]  # duplicates do not dominate
     three = terms + [Term(metric="z", mode="max")]
@@ -214,18 +279,45 @@ def test_metric_names_and_eval_metrics_hand_case():
     tm = M.train_metrics({"loss/align": 0.5, "step": 3, "epoch": 0, "lr": 1e-3}, 3)
     assert tm == {"train_loss_align": 0.5, "train_lr": 1e-3, "train_step": 3.0}
 
-    summary = pl.DataFrame([
-        {"model": "m", "judge": "offline", "set": "sp", "metric": "safety_rate", "mean": 0.75, "variance_pp2": 625.0,
-         "agreement": 0.5, "utility_accuracy": 0.4},
-        {"model": "m", "judge": "offline", "set": "jb", "metric": "attack_success_rate", "mean": 0.25,
-         "variance_pp2": 100.0, "agreement": 0.9, "utility_accuracy": 0.4}])
-    per_lang = pl.DataFrame([
-        {"model": "m", "judge": "offline", "set": "sp", "lang": "en", "safety_rate": 1.0},
-        {"model": "m", "judge": "offline", "set": "sp", "lang": "zh", "safety_rate": 0.5},
-        {"model": "m", "judge": "offline", "set": "jb", "lang": "en", "safety_rate": 0.75}])
-    assert M.eval_metrics(per_lang, summary) == {"safety_mean": 0.75, "safety_variance": 625.0,
-                                                 "safety_agreement": 0.5, "utility_accuracy": 0.4,
-                                                 "safety_en": 1.0, "safety_zh": 0.5}
+    summary = pl.DataFrame(
+        [
+            {
+                "model": "m",
+                "judge": "offline",
+                "set": "sp",
+                "metric": "safety_rate",
+                "mean": 0.75,
+                "variance_pp2": 625.0,
+                "agreement": 0.5,
+                "utility_accuracy": 0.4,
+            },
+            {
+                "model": "m",
+                "judge": "offline",
+                "set": "jb",
+                "metric": "attack_success_rate",
+                "mean": 0.25,
+                "variance_pp2": 100.0,
+                "agreement": 0.9,
+                "utility_accuracy": 0.4,
+            },
+        ]
+    )
+    per_lang = pl.DataFrame(
+        [
+            {"model": "m", "judge": "offline", "set": "sp", "lang": "en", "safety_rate": 1.0},
+            {"model": "m", "judge": "offline", "set": "sp", "lang": "zh", "safety_rate": 0.5},
+            {"model": "m", "judge": "offline", "set": "jb", "lang": "en", "safety_rate": 0.75},
+        ]
+    )
+    assert M.eval_metrics(per_lang, summary) == {
+        "safety_mean": 0.75,
+        "safety_variance": 625.0,
+        "safety_agreement": 0.5,
+        "utility_accuracy": 0.4,
+        "safety_en": 1.0,
+        "safety_zh": 0.5,
+    }
     jb = M.eval_metrics(per_lang, summary, "jb")
     assert jb["safety_mean"] == 0.75 and jb["safety_en"] == 0.75  # 1 - attack success rate
     from raysafe.errors import OutputError
@@ -240,21 +332,32 @@ def test_metric_names_and_eval_metrics_hand_case():
 def _sweep(tiny_llama_dir, tmp_path, **space_kw):
     from raysafe.sweep.config import SweepConfig
 
-    return load_config(SweepConfig, data={
-        "name": "refused", "output_dir": str(tmp_path / "sweeps"),
-        "train": {"model": {"path": str(tiny_llama_dir)}, "mixture": {"languages": ["en", "zh", "ru"], "m": 2}},
-        "space": space_kw, "evaluation": {"enabled": False, "consistency": {"enabled": False}},
-        "objective": {"primary": {"metric": "train_loss_align", "mode": "min"},
-                      "pareto": [{"metric": "train_loss_align", "mode": "min"}, {"metric": "train_loss_total"}]}})
+    return load_config(
+        SweepConfig,
+        data={
+            "name": "refused",
+            "output_dir": str(tmp_path / "sweeps"),
+            "train": {"model": {"path": str(tiny_llama_dir)}, "mixture": {"languages": ["en", "zh", "ru"], "m": 2}},
+            "space": space_kw,
+            "evaluation": {"enabled": False, "consistency": {"enabled": False}},
+            "objective": {
+                "primary": {"metric": "train_loss_align", "mode": "min"},
+                "pareto": [{"metric": "train_loss_align", "mode": "min"}, {"metric": "train_loss_total"}],
+            },
+        },
+    )
 
 
-@pytest.mark.parametrize("space_kw, err, where, bad", [
-    ({"layer": [2, 7]}, ConfigError, "space.layer", "beyond the model's depth (4 decoder layers)"),
-    ({"mixture": [{"languages": ["en", "zh", "qq"]}]}, ConfigError, "space.mixture[0].languages", "qq"),
-    ({"mixture": [{"languages": ["en", "zh"], "weights": [1, -1]}]}, ConfigError, "space.mixture[0].weights", "-1"),
-    # a known language the prompt variants lack: the train flow's own data check, named by the sweep key
-    ({"mixture": [{"name": "with-de", "languages": ["en", "zh", "de"]}]}, DataError, "space.mixture=with-de", "de"),
-])
+@pytest.mark.parametrize(
+    "space_kw, err, where, bad",
+    [
+        ({"layer": [2, 7]}, ConfigError, "space.layer", "beyond the model's depth (4 decoder layers)"),
+        ({"mixture": [{"languages": ["en", "zh", "qq"]}]}, ConfigError, "space.mixture[0].languages", "qq"),
+        ({"mixture": [{"languages": ["en", "zh"], "weights": [1, -1]}]}, ConfigError, "space.mixture[0].weights", "-1"),
+        # a known language the prompt variants lack: the train flow's own data check, named by the sweep key
+        ({"mixture": [{"name": "with-de", "languages": ["en", "zh", "de"]}]}, DataError, "space.mixture=with-de", "de"),
+    ],
+)
 def test_run_sweep_refuses_before_any_trial(tiny_llama_dir, tmp_path, space_kw, err, where, bad):
     from raysafe.sweep.flow import run_sweep
 
@@ -274,14 +377,17 @@ def test_intermediate_steps_come_from_checkpoints_and_the_step_record(tmp_path):
 
     from raysafe.sweep.trial import new_steps
 
-    record = [{"step": s, "epoch": 0, "groups": [], "loss": 1.0 - s / 10, "loss_align": 0.7 - s / 10,
-               "mlc_active": True} for s in range(1, 5)]
+    record = [
+        {"step": s, "epoch": 0, "groups": [], "loss": 1.0 - s / 10, "loss_align": 0.7 - s / 10, "mlc_active": True}
+        for s in range(1, 5)
+    ]
 
     def ckpt(name: str, step: int) -> None:
         d = tmp_path / name
         d.mkdir()
-        (d / "trainer_state.json").write_text(json.dumps({"step": step, "record": record[:step],
-                                                          "metrics": {"loss/align": 0.7 - step / 10, "lr": 1e-3}}))
+        (d / "trainer_state.json").write_text(
+            json.dumps({"step": step, "record": record[:step], "metrics": {"loss/align": 0.7 - step / 10, "lr": 1e-3}})
+        )
 
     assert new_steps(tmp_path, 0) == []
     ckpt("checkpoint_2026-01-01_00-00-02", 2)
@@ -292,8 +398,11 @@ def test_intermediate_steps_come_from_checkpoints_and_the_step_record(tmp_path):
     assert [s for s, _ in steps] == [2, 3, 4]
     assert steps[0][1] == {"loss/align": pytest.approx(0.5), "lr": 1e-3}  # its own checkpoint's metrics
     assert steps[1][1] == {"loss/align": pytest.approx(0.4), "loss/total": pytest.approx(0.7)}  # from the record
-    assert M.train_metrics(steps[1][1], 3) == {"train_loss_align": pytest.approx(0.4),
-                                               "train_loss_total": pytest.approx(0.7), "train_step": 3.0}
+    assert M.train_metrics(steps[1][1], 3) == {
+        "train_loss_align": pytest.approx(0.4),
+        "train_loss_total": pytest.approx(0.7),
+        "train_step": 3.0,
+    }
     assert new_steps(tmp_path, 4) == []
 
 
@@ -301,7 +410,9 @@ def test_sweep_config_refuses_an_evaluation_set_or_judge_it_does_not_run():
     from raysafe.sweep.config import SweepConfig
 
     base = {"train": {"model": {"path": "x"}}}
-    with pytest.raises(ConfigError, match=r"evaluation.set 'multijail' is not one of the evaluation's sets \['safety_prompts'\]"):
+    with pytest.raises(
+        ConfigError, match=r"evaluation.set 'multijail' is not one of the evaluation's sets \['safety_prompts'\]"
+    ):
         load_config(SweepConfig, data={**base, "evaluation": {"set": "multijail"}})
     with pytest.raises(ConfigError, match="evaluation.judge 'guard' is not one of the evaluation's judges"):
         load_config(SweepConfig, data={**base, "evaluation": {"judge": "guard"}})
@@ -322,8 +433,9 @@ def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
     state = tmp_path / "asha_state.json"
 
     def asha():
-        return ResumableASHA(str(state), time_attr="train_step", metric="loss", mode="min", max_t=4,
-                             grace_period=2, reduction_factor=2)
+        return ResumableASHA(
+            str(state), time_attr="train_step", metric="loss", mode="min", max_t=4, grace_period=2, reduction_factor=2
+        )
 
     a, b, c = (SimpleNamespace(trial_id=x) for x in "abc")
     before = asha()
@@ -339,8 +451,15 @@ def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
     # c lags a and b at the rung: cutoff = median of {-0.40, -0.30} = -0.35 > -0.69
     assert after.on_trial_result(None, c, {"train_step": 2, "loss": 0.69}) == TrialScheduler.STOP
 
-    fresh = ResumableASHA(str(tmp_path / "none.json"), time_attr="train_step", metric="loss", mode="min", max_t=4,
-                          grace_period=2, reduction_factor=2)
+    fresh = ResumableASHA(
+        str(tmp_path / "none.json"),
+        time_attr="train_step",
+        metric="loss",
+        mode="min",
+        max_t=4,
+        grace_period=2,
+        reduction_factor=2,
+    )
     fresh.on_trial_add(None, c)
     assert fresh.on_trial_result(None, c, {"train_step": 2, "loss": 0.69}) == TrialScheduler.CONTINUE  # nothing to beat
 
@@ -358,8 +477,9 @@ def test_heldout_consistency_matches_a_direct_computation(tiny_llama_dir):
     langs = ["en", "zh", "ru"]
     rows = heldout_rows(SourceSpec(kind="fixture", name="safety_prompts"), "test", langs, max_items=3)
     assert rows.height == 9 and sorted(set(rows["lang"])) == sorted(langs)
-    got = measure(str(tiny_llama_dir), rows.to_dicts(), langs, layer=2, max_length=512, chat_template="off",
-                  torch_threads=1)
+    got = measure(
+        str(tiny_llama_dir), rows.to_dicts(), langs, layer=2, max_length=512, chat_template="off", torch_threads=1
+    )
 
     model, tok = load_model(ModelSpec(path=str(tiny_llama_dir), dtype="float32"), "cpu")
     energies, cosines = [], []
@@ -404,9 +524,15 @@ def test_lambda_zero_beside_mixture_keys_is_flagged(tiny_llama_dir, tmp_path, ca
 
     from raysafe.sweep.flow import prepare
 
-    cfg = _sweep(tiny_llama_dir, tmp_path, weight=[0.0, 0.8],
-                 mixture=[{"name": "a", "languages": ["en", "zh", "ru"]},
-                          {"name": "b", "languages": ["en", "zh", "ru"], "weights": [1, 3, 1]}])
+    cfg = _sweep(
+        tiny_llama_dir,
+        tmp_path,
+        weight=[0.0, 0.8],
+        mixture=[
+            {"name": "a", "languages": ["en", "zh", "ru"]},
+            {"name": "b", "languages": ["en", "zh", "ru"], "weights": [1, 3, 1]},
+        ],
+    )
     with caplog.at_level(logging.WARNING, logger="raysafe.sweep.flow"):
         out = prepare(cfg)
     assert out["total_steps"] >= 1 and list(out["named"]) == ["a", "b"] and out["depth"] == 4

@@ -14,8 +14,9 @@ def _status(uri: str, run_id: str) -> str:
     return MlflowClient(uri).get_run(run_id).info.status
 
 
-@pytest.mark.parametrize("exc, status", [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"),
-                                         (SystemExit, "KILLED")])
+@pytest.mark.parametrize(
+    "exc, status", [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"), (SystemExit, "KILLED")]
+)
 def test_run_status_follows_how_the_block_ended(mlflow_local, exc, status):
     spec = TrackingSpec(experiment="t")
     ids = {}
@@ -51,11 +52,13 @@ def test_logging_without_tracking_does_not_import_mlflow(tmp_path):
 
     f = tmp_path / "a.txt"
     f.write_text("x")
-    code = ("import sys\nfrom raysafe import tracking\nfrom raysafe.config import TrackingSpec\n"
-            "with tracking.run(TrackingSpec(enabled=False), 'off') as r:\n"
-            "    assert r is None\n"
-            "    tracking.log_params({'a': 1}); tracking.log_metrics({'x': 1.0}); tracking.set_tags({'t': 'v'})\n"
-            f"    tracking.log_artifact({str(f)!r})\n"
-            "print('mlflow' in sys.modules)\n")
+    code = (
+        "import sys\nfrom raysafe import tracking\nfrom raysafe.config import TrackingSpec\n"
+        "with tracking.run(TrackingSpec(enabled=False), 'off') as r:\n"
+        "    assert r is None\n"
+        "    tracking.log_params({'a': 1}); tracking.log_metrics({'x': 1.0}); tracking.set_tags({'t': 'v'})\n"
+        f"    tracking.log_artifact({str(f)!r})\n"
+        "print('mlflow' in sys.modules)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -27,8 +27,11 @@ def tiny_config(model_dir, out, **over) -> TrainConfig:
     tree = {
         "model": {"path": str(model_dir), "name": "tiny"},
         # 8 pairs, 2 optimiser steps per epoch: the loss must fall on data the model has seen
-        "data": {"max_length": 160, "max_prompt_length": 128, "pairs": {"kind": "fixture", "name": "preference_pairs",
-                                                                        "limit_per_lang": 8}},
+        "data": {
+            "max_length": 160,
+            "max_prompt_length": 128,
+            "pairs": {"kind": "fixture", "name": "preference_pairs", "limit_per_lang": 8},
+        },
         "mixture": {"languages": ["en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"], "m": 4},
         "mlc": {"weight": 0.8, "layer": 2, "d": 32, "every_k": 2},
         "optim": {"lr": 2e-3, "epochs": 6, "micro_batch": 2, "grad_accum": 1, "warmup_ratio": 0.0, "max_steps": 8},
@@ -112,9 +115,14 @@ def _session_train_workers() -> list[int]:
 
 
 @pytest.mark.heavy
-def test_worker_killed_mid_run_resumes_without_lost_or_repeated_batches(ray_local, mlflow_local, tiny_llama_dir, tmp_path):
-    cfg = tiny_config(tiny_llama_dir, tmp_path / "train", **{"optim.max_steps": 9, "checkpoint.every_n_steps": 3,
-                                                              "checkpoint.max_failures": 1, "mlc.every_k": 1})
+def test_worker_killed_mid_run_resumes_without_lost_or_repeated_batches(
+    ray_local, mlflow_local, tiny_llama_dir, tmp_path
+):
+    cfg = tiny_config(
+        tiny_llama_dir,
+        tmp_path / "train",
+        **{"optim.max_steps": 9, "checkpoint.every_n_steps": 3, "checkpoint.max_failures": 1, "mlc.every_k": 1},
+    )
     killed: dict[str, object] = {}
 
     def inject_fault():
@@ -143,25 +151,42 @@ def test_worker_killed_mid_run_resumes_without_lost_or_repeated_batches(ray_loca
 # ---------------------------------------------------------------------------------- refused before any worker
 def _write_pairs(tmp_path, variants_by_group: dict[str, list[tuple[str, str]]]):
     pairs, variants = tmp_path / "pairs.jsonl", tmp_path / "variants.jsonl"
-    pairs.write_text("".join(json.dumps({"group_id": g, "prompt": "How do I bake bread?", "chosen": "Mix flour.",
-                                         "rejected": "No."}) + "\n" for g in variants_by_group))
-    variants.write_text("".join(json.dumps({"group_id": g, "lang": lg, "text": t}, ensure_ascii=False) + "\n"
-                                for g, vs in variants_by_group.items() for lg, t in vs))
-    return {"data.pairs": {"kind": "file", "path": str(pairs)}, "data.variants": {"kind": "file", "path": str(variants)},
-            "data.split": None}
+    pairs.write_text(
+        "".join(
+            json.dumps({"group_id": g, "prompt": "How do I bake bread?", "chosen": "Mix flour.", "rejected": "No."})
+            + "\n"
+            for g in variants_by_group
+        )
+    )
+    variants.write_text(
+        "".join(
+            json.dumps({"group_id": g, "lang": lg, "text": t}, ensure_ascii=False) + "\n"
+            for g, vs in variants_by_group.items()
+            for lg, t in vs
+        )
+    )
+    return {
+        "data.pairs": {"kind": "file", "path": str(pairs)},
+        "data.variants": {"kind": "file", "path": str(variants)},
+        "data.split": None,
+    }
 
 
 def test_missing_variant_language_is_refused_with_group_and_language(tiny_llama_dir, tmp_path):
     en, ru, sw = ("en", "How do I bake bread?"), ("ru", "Как испечь хлеб?"), ("sw", "Ninaokaje mkate?")
     # one pair lacks the Swahili variant the mixture needs for every pair
     over = _write_pairs(tmp_path, {"g1": [en, ru, sw], "g2": [en, ru]})
-    cfg = tiny_config(tiny_llama_dir, tmp_path / "o", **over, **{"mixture.languages": ["en", "ru", "sw"], "mixture.m": 3})
+    cfg = tiny_config(
+        tiny_llama_dir, tmp_path / "o", **over, **{"mixture.languages": ["en", "ru", "sw"], "mixture.m": 3}
+    )
     with pytest.raises(DataError) as e:
         validate(cfg)
     assert "'g2'" in str(e.value) and "sw" in str(e.value)
     # no pair has it at all
     over = _write_pairs(tmp_path, {"g1": [en, ru], "g2": [en, ru]})
-    cfg = tiny_config(tiny_llama_dir, tmp_path / "o", **over, **{"mixture.languages": ["en", "ru", "sw"], "mixture.m": 3})
+    cfg = tiny_config(
+        tiny_llama_dir, tmp_path / "o", **over, **{"mixture.languages": ["en", "ru", "sw"], "mixture.m": 3}
+    )
     with pytest.raises(DataError) as e:
         validate(cfg)
     assert "['sw']" in str(e.value) and "available: ['en', 'ru']" in str(e.value)
@@ -177,11 +202,14 @@ def test_resume_from_another_models_checkpoint_is_refused(tiny_llama_dir, tmp_pa
     assert "Qwen/Qwen2.5-7B-Instruct" in str(e.value) and str(ck) in str(e.value)
 
 
-@pytest.mark.parametrize("ds, needle", [
-    ({"zero_stage": 3, "offload_optimizer": True}, "CPU"),
-    ({"zero_stage": 2, "offload_params": True}, "stage 3"),
-    ({"zero_stage": 2, "precision": "bf16"}, "bf16"),
-])
+@pytest.mark.parametrize(
+    "ds, needle",
+    [
+        ({"zero_stage": 3, "offload_optimizer": True}, "CPU"),
+        ({"zero_stage": 2, "offload_params": True}, "stage 3"),
+        ({"zero_stage": 2, "precision": "bf16"}, "bf16"),
+    ],
+)
 def test_impossible_zero_offload_combination_is_refused(tiny_llama_dir, tmp_path, ds, needle):
     cfg = tiny_config(tiny_llama_dir, tmp_path / "o", deepspeed=ds)
     with pytest.raises(ConfigError) as e:

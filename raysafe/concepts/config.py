@@ -36,15 +36,19 @@ class ConceptAnalysisSpec(Strict):
     """
 
     method: Literal["mean_diff", "pca", "logistic"] = Field(
-        "mean_diff", description="mean_diff: difference of class means (the paper); pca: first PC of pair "
-        "differences (RepE); logistic: L2 logistic-probe weights")
+        "mean_diff",
+        description="mean_diff: difference of class means (the paper); pca: first PC of pair "
+        "differences (RepE); logistic: L2 logistic-probe weights",
+    )
     min_pairs: int = Field(8, ge=1, description="least pairs a (concept, language) needs in each of train and test")
     selection_folds: int = Field(5, ge=2, description="folds of the train-only cross-validation that picks layers")
     distance_types: list[DistanceType] = Field(list(DEFAULT_DISTANCE_TYPES), min_length=1)
-    iso3_overrides: dict[str, str] = Field(default_factory=dict,
-                                           description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn}")
+    iso3_overrides: dict[str, str] = Field(
+        default_factory=dict, description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn}"
+    )
     similarity_summary: Literal["max_over_layers", "best_layer"] = Field(
-        "max_over_layers", description="which similarity per language pair enters the distance correlation")
+        "max_over_layers", description="which similarity per language pair enters the distance correlation"
+    )
     high_resource: list[str] = Field(list(DEFAULT_HIGH_RESOURCE))
     high_resource_by_model: dict[str, list[str]] = Field(default_factory=dict)
     logistic_C: float = Field(1.0, gt=0)
@@ -52,12 +56,18 @@ class ConceptAnalysisSpec(Strict):
 
     def options(self, num_layers: int) -> ConceptOptions:
         return ConceptOptions(
-            method=self.method, min_pairs=self.min_pairs, selection_folds=self.selection_folds,
+            method=self.method,
+            min_pairs=self.min_pairs,
+            selection_folds=self.selection_folds,
             high_resource=tuple(self.high_resource),
             high_resource_by_model={k: tuple(v) for k, v in self.high_resource_by_model.items()},
-            distance_types=tuple(self.distance_types), iso3_overrides=dict(self.iso3_overrides),
-            similarity_summary=self.similarity_summary, num_layers=num_layers, keep_vectors=True,
-            logistic_C=self.logistic_C, seed=self.seed,
+            distance_types=tuple(self.distance_types),
+            iso3_overrides=dict(self.iso3_overrides),
+            similarity_summary=self.similarity_summary,
+            num_layers=num_layers,
+            keep_vectors=True,
+            logistic_C=self.logistic_C,
+            seed=self.seed,
         )
 
 
@@ -65,17 +75,24 @@ class ConceptsConfig(Strict):
     """`raysafe concepts`: multilingual value concepts — recognition, consistency, distance, transfer, control."""
 
     models: list[ModelSpec]
-    data: SourceSpec = Field(SourceSpec(kind="fixture", name="concept_pairs"),
-                             description="concept pairs: group_id, concept, lang, positive, negative, split")
-    activations_dir: str = Field("outputs/activations/concept_pairs",
-                                 description="activation store: reused when complete, extracted into otherwise")
+    data: SourceSpec = Field(
+        SourceSpec(kind="fixture", name="concept_pairs"),
+        description="concept pairs: group_id, concept, lang, positive, negative, split",
+    )
+    activations_dir: str = Field(
+        "outputs/activations/concept_pairs",
+        description="activation store: reused when complete, extracted into otherwise",
+    )
     output_dir: str = "outputs/concepts"
     layers: list[int] | Literal["all"] = Field(
-        "all", description="layers to analyse (0 = embeddings, L = output of decoder layer L, the last one after "
-        "the final norm); layers out of range are reported and skipped")
+        "all",
+        description="layers to analyse (0 = embeddings, L = output of decoder layer L, the last one after "
+        "the final norm); layers out of range are reported and skipped",
+    )
     position: Literal["last", "mean"] = Field("last", description="pooled position to analyse (the paper: last)")
-    extract: ExtractSpec = Field(ExtractSpec(), description="extraction settings; its layers/positions come from "
-                                 "`layers` and `position`")
+    extract: ExtractSpec = Field(
+        ExtractSpec(), description="extraction settings; its layers/positions come from `layers` and `position`"
+    )
     analysis: ConceptAnalysisSpec = ConceptAnalysisSpec()
     steering: ConceptSteeringSpec = ConceptSteeringSpec()
     ray: RaySpec = RaySpec()
@@ -101,9 +118,13 @@ class ConceptsConfig(Strict):
         if self.data.contract not in ("auto", "concept_pairs"):
             raise ValueError(f"data.contract must be concept_pairs (or auto), not {self.data.contract!r}")
         if self.data.kind == "fixture" and self.data.name != "concept_pairs":
-            raise ValueError(f"the concept flow reads concept pairs; fixture {self.data.name!r} holds none "
-                             "(use name: concept_pairs, or a file/hub source with the concept-pairs columns)")
+            raise ValueError(
+                f"the concept flow reads concept pairs; fixture {self.data.name!r} holds none "
+                "(use name: concept_pairs, or a file/hub source with the concept-pairs columns)"
+            )
         if self.extract.layers != "all" or self.extract.positions != ["last"]:
-            raise ValueError("set the layers with the top-level `layers` and the position with `position`; "
-                             "extract.layers / extract.positions are derived from them")
+            raise ValueError(
+                "set the layers with the top-level `layers` and the position with `position`; "
+                "extract.layers / extract.positions are derived from them"
+            )
         return self

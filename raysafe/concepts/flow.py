@@ -49,11 +49,6 @@ from raysafe.extract.config import ExtractConfig, ExtractSpec
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
 # ---------------------------------------------------------------------------------------------------- results
 
 
@@ -90,22 +85,33 @@ class ConceptsResult:
                 continue
             h = m.headline
             rec = " ".join(f"{lang} {acc:.2f}" for lang, acc in sorted(m.recognition_by_lang.items()))
-            lines.append(f"  {m.label}: layers analysed {_span(m.layers)}; {m.n_problems} status row(s) (see its report)")
+            lines.append(
+                f"  {m.label}: layers analysed {_span(m.layers)}; {m.n_problems} status row(s) (see its report)"
+            )
             lines.append(f"    recognition, test acc. at the train-selected layer (mean over concepts): {rec}")
-            lines.append(f"    mean cross-lingual cosine (max over layers / at selected layer): "
-                         f"{_fmt(h.get('consistency.mean_max_cosine'))} / {_fmt(h.get('consistency.mean_cosine_at_layer'))}")
-            corr = ", ".join(f"{k.split('.')[1]} {_fmt(v)}" for k, v in h.items()
-                             if k.startswith("distance_corr.") and k.endswith(".all.pearson_r"))
+            lines.append(
+                f"    mean cross-lingual cosine (max over layers / at selected layer): "
+                f"{_fmt(h.get('consistency.mean_max_cosine'))} / {_fmt(h.get('consistency.mean_cosine_at_layer'))}"
+            )
+            corr = ", ".join(
+                f"{k.split('.')[1]} {_fmt(v)}"
+                for k, v in h.items()
+                if k.startswith("distance_corr.") and k.endswith(".all.pearson_r")
+            )
             if corr:
                 lines.append(f"    Pearson r of similarity vs 1 - URIEL distance (all pairs): {corr}")
-            lines.append(f"    transfer delta high→low {_fmt(h.get('transfer.mean_high_to_low'))}, low→high "
-                         f"{_fmt(h.get('transfer.mean_low_to_high'))}")
+            lines.append(
+                f"    transfer delta high→low {_fmt(h.get('transfer.mean_high_to_low'))}, low→high "
+                f"{_fmt(h.get('transfer.mean_low_to_high'))}"
+            )
             steered = sorted({k.split(".")[1] for k in h if k.startswith("steering.")})
             for c in steered:
-                lines.append(f"    steering {c}, mean over targets at the largest α: projection shift "
-                             f"{_fmt(h.get(f'steering.{c}.projection_shift_in_gaps'))} pair gaps, behaviour shift "
-                             f"{_fmt(h.get(f'steering.{c}.behaviour_shift'))} nats/token, perplexity × "
-                             f"{_fmt(h.get(f'steering.{c}.perplexity_ratio'))}")
+                lines.append(
+                    f"    steering {c}, mean over targets at the largest α: projection shift "
+                    f"{_fmt(h.get(f'steering.{c}.projection_shift_in_gaps'))} pair gaps, behaviour shift "
+                    f"{_fmt(h.get(f'steering.{c}.behaviour_shift'))} nats/token, perplexity × "
+                    f"{_fmt(h.get(f'steering.{c}.perplexity_ratio'))}"
+                )
             lines.append(f"    report: {m.report}")
         lines.append("stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         if self.mlflow_run_id:
@@ -149,8 +155,9 @@ def num_decoder_layers(spec: ModelSpec) -> int:
 
     resolved = resolve(spec)
     try:
-        hf = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision,
-                                        trust_remote_code=spec.trust_remote_code)
+        hf = AutoConfig.from_pretrained(
+            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
+        )
     except OSError as e:
         raise _load_error(spec, resolved, e) from None
     return int(text_config(hf).num_hidden_layers)
@@ -162,10 +169,18 @@ def plan_layers(requested: list[int] | str, n_layers: int) -> tuple[list[int], l
     return wanted, [x for x in wanted if 0 <= x <= n_layers]
 
 
-def extract_config(cfg: ConceptsConfig, spec: ModelSpec, layers: list[int] | str, positions: list[str]) -> ExtractConfig:
+def extract_config(
+    cfg: ConceptsConfig, spec: ModelSpec, layers: list[int] | str, positions: list[str]
+) -> ExtractConfig:
     ex = cfg.extract.model_copy(update={"layers": layers, "positions": positions})
-    return ExtractConfig(models=[spec], data=concept_source(cfg), output_dir=cfg.activations_dir,
-                         extract=ExtractSpec.model_validate(ex.model_dump()), ray=cfg.ray, tracking=cfg.tracking)
+    return ExtractConfig(
+        models=[spec],
+        data=concept_source(cfg),
+        output_dir=cfg.activations_dir,
+        extract=ExtractSpec.model_validate(ex.model_dump()),
+        ray=cfg.ray,
+        tracking=cfg.tracking,
+    )
 
 
 def store_is_complete(root: Path, label: str, layers: list[int], position: str, fingerprint: str) -> bool | None:
@@ -187,8 +202,9 @@ def store_is_complete(root: Path, label: str, layers: list[int], position: str, 
     return store.done_shards(label) == set(range(int(dataset["shards"])))
 
 
-def ensure_activations(cfg: ConceptsConfig, plans: list[tuple[ModelSpec, int, list[int], list[int]]],
-                       progress: bool) -> dict[str, bool]:
+def ensure_activations(
+    cfg: ConceptsConfig, plans: list[tuple[ModelSpec, int, list[int], list[int]]], progress: bool
+) -> dict[str, bool]:
     """Extract what the store lacks; returns {model: extracted now}. A complete store is reused as is; a partial
     one that covers the layers is resumed with its own layer list."""
     from raysafe.extract.flow import load_text_rows, run_extract
@@ -203,8 +219,13 @@ def ensure_activations(cfg: ConceptsConfig, plans: list[tuple[ModelSpec, int, li
             fp = fingerprint(load_text_rows(ecfg))
             state = store_is_complete(Path(cfg.activations_dir), spec.label, valid, cfg.position, fp)
             if state is True:
-                log.info("activations of %s for layers %s (%s) found in %s; extraction skipped", spec.label,
-                         _span(valid), cfg.position, cfg.activations_dir)
+                log.info(
+                    "activations of %s for layers %s (%s) found in %s; extraction skipped",
+                    spec.label,
+                    _span(valid),
+                    cfg.position,
+                    cfg.activations_dir,
+                )
                 done[spec.label] = False
                 continue
             if state is False:  # resume a partial extraction with the settings it was started with
@@ -212,8 +233,9 @@ def ensure_activations(cfg: ConceptsConfig, plans: list[tuple[ModelSpec, int, li
                 ecfg = extract_config(cfg, spec, info["layers"], info["positions"])
                 log.info("resuming the extraction of %s in %s", spec.label, cfg.activations_dir)
             else:
-                log.info("extracting %s, layers %s (%s) into %s", spec.label, _span(valid), cfg.position,
-                         cfg.activations_dir)
+                log.info(
+                    "extracting %s, layers %s (%s) into %s", spec.label, _span(valid), cfg.position, cfg.activations_dir
+                )
             import ray
 
             started_ray = started_ray or not ray.is_initialized()
@@ -234,15 +256,23 @@ def _span(layers: list[int]) -> str:
     return str(layers)
 
 
-def headline(tables: dict[str, pl.DataFrame], steering: pl.DataFrame | None) -> tuple[dict[str, float], dict[str, float]]:
+def headline(
+    tables: dict[str, pl.DataFrame], steering: pl.DataFrame | None
+) -> tuple[dict[str, float], dict[str, float]]:
     """(scalar findings for MLflow and the summary, recognition accuracy per language at the train-selected layer
     averaged over concepts)."""
     h: dict[str, float] = {}
     rb = tables["recognition_best"]
     by_lang: dict[str, float] = {}
     if rb.height:
-        per = rb.group_by("lang").agg(pl.col("test_acc_at_train_selected_layer").mean().alias("a"),
-                                      pl.col("test_acc_at_test_selected_layer").mean().alias("b")).sort("lang")
+        per = (
+            rb.group_by("lang")
+            .agg(
+                pl.col("test_acc_at_train_selected_layer").mean().alias("a"),
+                pl.col("test_acc_at_test_selected_layer").mean().alias("b"),
+            )
+            .sort("lang")
+        )
         for lang, a, b in per.iter_rows():
             by_lang[lang] = float(a)
             h[f"recognition.test_acc.{lang}"] = float(a)
@@ -252,8 +282,12 @@ def headline(tables: dict[str, pl.DataFrame], steering: pl.DataFrame | None) -> 
     if cs.height:
         h["consistency.mean_max_cosine"] = float(cs["max_cosine"].mean())
         h["consistency.mean_cosine_at_layer"] = float(cs["cosine_at_concept_layer"].mean())
-    for dt, subset, r, rho, n in (tables["distance_correlation"].filter(pl.col("concept") == "mean")
-                                  .select("distance_type", "subset", "pearson_r", "spearman_rho", "n").iter_rows()):
+    for dt, subset, r, rho, n in (
+        tables["distance_correlation"]
+        .filter(pl.col("concept") == "mean")
+        .select("distance_type", "subset", "pearson_r", "spearman_rho", "n")
+        .iter_rows()
+    ):
         h[f"distance_corr.{dt}.{subset}.pearson_r"] = float(r)
         h[f"distance_corr.{dt}.{subset}.spearman_rho"] = float(rho)
         h[f"distance_corr.{dt}.{subset}.n"] = float(n)
@@ -284,8 +318,13 @@ def steering_metrics(steering: pl.DataFrame) -> dict[str, float]:
     return out
 
 
-def steer_model(cfg: ConceptsConfig, spec: ModelSpec, tables: dict[str, pl.DataFrame], pairs: pl.DataFrame,
-                neutral: pl.DataFrame | None) -> SteeringOutput:
+def steer_model(
+    cfg: ConceptsConfig,
+    spec: ModelSpec,
+    tables: dict[str, pl.DataFrame],
+    pairs: pl.DataFrame,
+    neutral: pl.DataFrame | None,
+) -> SteeringOutput:
     """Load the model once in this process and run the steering measurements."""
     import torch
 
@@ -298,11 +337,18 @@ def steer_model(cfg: ConceptsConfig, spec: ModelSpec, tables: dict[str, pl.DataF
         t0 = time.perf_counter()
         model, tok = load_model(spec, device=cfg.steering.device)
         log.info("loaded %s for steering in %.1fs", spec.label, time.perf_counter() - t0)
-        analysed = {c: sorted(g["lang"].unique().to_list())
-                    for (c,), g in tables["recognition"].group_by(["concept"])}
-        out = run_concept_steering(model, tok, cfg.steering, model_label=spec.label, vectors=tables["vectors"],
-                                   concept_layers=tables["concept_layers"], pairs=pairs, neutral=neutral,
-                                   analysed_langs=analysed)
+        analysed = {c: sorted(g["lang"].unique().to_list()) for (c,), g in tables["recognition"].group_by(["concept"])}
+        out = run_concept_steering(
+            model,
+            tok,
+            cfg.steering,
+            model_label=spec.label,
+            vectors=tables["vectors"],
+            concept_layers=tables["concept_layers"],
+            pairs=pairs,
+            neutral=neutral,
+            analysed_langs=analysed,
+        )
         del model
         return out
     finally:
@@ -317,8 +363,16 @@ def _with_status(tables: dict[str, pl.DataFrame], rows: list[dict], model: str) 
     return {**tables, "status": pl.concat([tables["status"], extra.select(tables["status"].columns)])}
 
 
-def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: list[int], pairs: pl.DataFrame,
-                  neutral: pl.DataFrame | None, out: ModelConcepts, seconds: dict[str, float]) -> None:
+def analyse_model(
+    cfg: ConceptsConfig,
+    spec: ModelSpec,
+    n_layers: int,
+    wanted: list[int],
+    pairs: pl.DataFrame,
+    neutral: pl.DataFrame | None,
+    out: ModelConcepts,
+    seconds: dict[str, float],
+) -> None:
     """Analysis, outputs, steering and logging of one model (fills ``out``)."""
     from raysafe.concepts.report import write_concept_report
     from raysafe.extract.store import ActivationStore
@@ -331,16 +385,19 @@ def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: l
     tables = analyse_concepts(reader, label, wanted, cfg.analysis.options(n_layers))
     seconds[f"analysis {label}"] = time.perf_counter() - t0
     out.layers = sorted(set(tables["recognition"]["layer"].to_list()))
-    notes = [f"Model `{label}` ({spec.path}); activations `{cfg.activations_dir}`, position `{cfg.position}`; "
-             f"method `{cfg.analysis.method}`; layers analysed: {_span(out.layers)}."]
+    notes = [
+        f"Model `{label}` ({spec.path}); activations `{cfg.activations_dir}`, position `{cfg.position}`; "
+        f"method `{cfg.analysis.method}`; layers analysed: {_span(out.layers)}."
+    ]
     for name, df in tables.items():  # the analysis is on disk before steering starts
         write_table(df, out.output_dir / "tables", name)
     steering = judged = gens = None
     try:
         if cfg.steering.enabled:
             t0 = time.perf_counter()
-            log.info("[4/5] steering %s with %s vectors, alphas %s", label, cfg.steering.source_lang,
-                     cfg.steering.alphas)
+            log.info(
+                "[4/5] steering %s with %s vectors, alphas %s", label, cfg.steering.source_lang, cfg.steering.alphas
+            )
             try:
                 res = steer_model(cfg, spec, tables, pairs, neutral)
                 steering = res.measurements if res.measurements.height else None
@@ -348,15 +405,27 @@ def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: l
                 gens = res.generations if res.generations.height else None
                 tables = _with_status(tables, res.status, label)
             except RaysafeError as err:
-                tables = _with_status(tables, [{"scope": "steering", "concept": None, "lang": None, "layer": None,
-                                                "status": "skipped",
-                                                "message": f"steering failed: {' '.join(str(err).split())}"}], label)
+                tables = _with_status(
+                    tables,
+                    [
+                        {
+                            "scope": "steering",
+                            "concept": None,
+                            "lang": None,
+                            "layer": None,
+                            "status": "skipped",
+                            "message": f"steering failed: {' '.join(str(err).split())}",
+                        }
+                    ],
+                    label,
+                )
             seconds[f"steering {label}"] = time.perf_counter() - t0
             out.steering_rows = steering.height if steering is not None else 0
     finally:  # tables, figures and report, with whatever steering produced
         t0 = time.perf_counter()
-        out.report = write_concept_report(tables, out.output_dir, steering=steering, notes=notes, judged=judged,
-                                          generations=gens)
+        out.report = write_concept_report(
+            tables, out.output_dir, steering=steering, notes=notes, judged=judged, generations=gens
+        )
         seconds[f"report {label}"] = time.perf_counter() - t0
         log.info("wrote %s", out.report)
     out.headline, out.recognition_by_lang = headline(tables, steering)
@@ -365,8 +434,11 @@ def analyse_model(cfg: ConceptsConfig, spec: ModelSpec, n_layers: int, wanted: l
     for message in skipped["message"]:
         log.warning("%s: %s", label, message)
     if tables["status"].height > skipped.height:
-        log.info("%s: %d warning(s) in the status table (e.g. correlations over fewer than 3 language pairs)", label,
-                 tables["status"].height - skipped.height)
+        log.info(
+            "%s: %d warning(s) in the status table (e.g. correlations over fewer than 3 language pairs)",
+            label,
+            tables["status"].height - skipped.height,
+        )
     tracking.log_metrics({f"{label}.{k}": v for k, v in out.headline.items() if math.isfinite(v)})
     if steering is not None:
         tracking.log_metrics({f"{label}.{k}": v for k, v in steering_metrics(steering).items()})
@@ -382,23 +454,38 @@ def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
     rows = [{"model": m.label, "metric": k, "value": v} for m in result.models.values() for k, v in m.headline.items()]
     summary = pl.DataFrame(rows, schema={"model": pl.String, "metric": pl.String, "value": pl.Float64})
     write_table(summary, result.output_dir, "summary")
-    parts = ["# Multilingual value concepts\n",
-             f"Concept pairs: `{cfg.data.name or cfg.data.path}`; position `{cfg.position}`; method "
-             f"`{cfg.analysis.method}`; steering {'from ' + cfg.steering.source_lang if cfg.steering.enabled else 'off'}.\n"]
+    parts = [
+        "# Multilingual value concepts\n",
+        f"Concept pairs: `{cfg.data.name or cfg.data.path}`; position `{cfg.position}`; method "
+        f"`{cfg.analysis.method}`; steering {'from ' + cfg.steering.source_lang if cfg.steering.enabled else 'off'}.\n",
+    ]
     for m in result.models.values():
         parts.append(f"## {m.label}\n")
         if m.error:
             parts.append(f"Failed: {m.error}\n")
             continue
-        parts.append(f"[full report]({m.output_dir.relative_to(result.output_dir).as_posix()}/report.md) — "
-                     f"{m.n_problems} status row(s).\n")
-        rec = pl.DataFrame({"lang": list(m.recognition_by_lang), "test_acc_at_train_selected_layer":
-                            list(m.recognition_by_lang.values())}, schema={"lang": pl.String,
-                                                                           "test_acc_at_train_selected_layer": pl.Float64})
+        parts.append(
+            f"[full report]({m.output_dir.relative_to(result.output_dir).as_posix()}/report.md) — "
+            f"{m.n_problems} status row(s).\n"
+        )
+        rec = pl.DataFrame(
+            {
+                "lang": list(m.recognition_by_lang),
+                "test_acc_at_train_selected_layer": list(m.recognition_by_lang.values()),
+            },
+            schema={"lang": pl.String, "test_acc_at_train_selected_layer": pl.Float64},
+        )
         parts.append("Recognition (mean over concepts):\n\n" + markdown_table(rec))
         keys = [k for k in m.headline if not k.startswith("recognition.")]
-        parts.append("\n" + markdown_table(pl.DataFrame({"metric": keys, "value": [m.headline[k] for k in keys]},
-                                                        schema={"metric": pl.String, "value": pl.Float64})))
+        parts.append(
+            "\n"
+            + markdown_table(
+                pl.DataFrame(
+                    {"metric": keys, "value": [m.headline[k] for k in keys]},
+                    schema={"metric": pl.String, "value": pl.Float64},
+                )
+            )
+        )
     path = result.output_dir / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
@@ -419,13 +506,20 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
         wanted, valid = plan_layers(cfg.layers, n)
         bad = [x for x in wanted if x not in valid]
         if not valid:
-            raise ConfigError(f"none of the layers {wanted} exists in model {spec.label!r}, which has {n} decoder layers",
-                              where="layers", fix=f"use indices 0..{n} (0 = embeddings, {n} = last layer) or 'all'")
+            raise ConfigError(
+                f"none of the layers {wanted} exists in model {spec.label!r}, which has {n} decoder layers",
+                where="layers",
+                fix=f"use indices 0..{n} (0 = embeddings, {n} = last layer) or 'all'",
+            )
         if bad:
             log.warning("%s: layer(s) %s out of range 0..%d; they are reported and skipped", spec.label, bad, n)
         plans.append((spec, n, wanted, valid))
-    log.info("%d concept pairs, concepts %s, languages %s", pairs.height, sorted(pairs["concept"].unique()),
-             sorted(pairs["lang"].unique()))
+    log.info(
+        "%d concept pairs, concepts %s, languages %s",
+        pairs.height,
+        sorted(pairs["concept"].unique()),
+        sorted(pairs["lang"].unique()),
+    )
     result.seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     log.info("[2/5] activations")
@@ -457,7 +551,10 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     if failures:
         label, err = failures[0]
         others = [m for m in result.models if m != label]
-        raise type(err)(f"the analysis of model {label!r} failed: {err.what}", where=err.where,
-                        fix=f"{err.fix or 'see the message above'}; the other models ({others or 'none'}) completed and "
-                        f"their outputs are in {out_root}")
+        raise type(err)(
+            f"the analysis of model {label!r} failed: {err.what}",
+            where=err.where,
+            fix=f"{err.fix or 'see the message above'}; the other models ({others or 'none'}) completed and "
+            f"their outputs are in {out_root}",
+        )
     return result

@@ -44,11 +44,24 @@ def _matrix(rows: list[tuple[str, str, float]], symmetric: bool) -> tuple[list[s
     return langs, m
 
 
-def _heatmap(fig: Figure, m: np.ndarray, langs: list[str], title: str, *, cmap: str, norm=None, vmin=None,
-             vmax=None, xlabel: str = "", ylabel: str = "", cbar: str = "") -> None:
+def _heatmap(
+    fig: Figure,
+    m: np.ndarray,
+    langs: list[str],
+    title: str,
+    *,
+    cmap: str,
+    norm=None,
+    vmin=None,
+    vmax=None,
+    xlabel: str = "",
+    ylabel: str = "",
+    cbar: str = "",
+) -> None:
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, norm=norm, vmin=None if norm else vmin,
-                   vmax=None if norm else vmax)
+    im = ax.imshow(
+        np.ma.masked_invalid(m), cmap=cmap, norm=norm, vmin=None if norm else vmin, vmax=None if norm else vmax
+    )
     ax.set_xticks(range(len(langs)), langs, rotation=90 if len(langs) > 8 else 0)
     ax.set_yticks(range(len(langs)), langs)
     ax.set_xlabel(xlabel)
@@ -72,10 +85,21 @@ def plot_recognition(recognition_best: pl.DataFrame, out_dir: str | Path) -> lis
         fig = Figure(figsize=(max(5.0, 0.5 * len(langs) + 2), 3.8))
         ax = fig.add_subplot(1, 1, 1)
         x = np.arange(len(langs))
-        ax.bar(x, part["test_acc_at_train_selected_layer"].to_numpy(), color="tab:blue",
-               label="test acc. at layer chosen on train")
-        ax.scatter(x, part["test_acc_at_test_selected_layer"].to_numpy(), color="tab:orange", marker="_", s=200,
-                   zorder=3, label="best test acc. over layers (optimistic)")
+        ax.bar(
+            x,
+            part["test_acc_at_train_selected_layer"].to_numpy(),
+            color="tab:blue",
+            label="test acc. at layer chosen on train",
+        )
+        ax.scatter(
+            x,
+            part["test_acc_at_test_selected_layer"].to_numpy(),
+            color="tab:orange",
+            marker="_",
+            s=200,
+            zorder=3,
+            label="best test acc. over layers (optimistic)",
+        )
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(x, langs)
         ax.set_ylim(0, 1.05)
@@ -87,19 +111,36 @@ def plot_recognition(recognition_best: pl.DataFrame, out_dir: str | Path) -> lis
     return paths
 
 
-def plot_similarity_heatmaps(consistency_summary: pl.DataFrame, concept_layers: pl.DataFrame | None,
-                             out_dir: str | Path) -> list[Path]:
+def plot_similarity_heatmaps(
+    consistency_summary: pl.DataFrame, concept_layers: pl.DataFrame | None, out_dir: str | Path
+) -> list[Path]:
     """Language x language cosine of concept vectors: one heatmap per concept at its train-selected layer, and
     one of the mean over concepts (each at its own layer)."""
     out, paths = Path(out_dir), []
-    layer_of = dict(concept_layers.select("concept", "layer_selected_on_train").iter_rows()) if concept_layers is not None else {}
+    layer_of = (
+        dict(concept_layers.select("concept", "layer_selected_on_train").iter_rows())
+        if concept_layers is not None
+        else {}
+    )
     for (model, concept), part in consistency_summary.group_by(["model", "concept"], maintain_order=True):
         rows = part.select("lang_a", "lang_b", "cosine_at_concept_layer").rows()
         langs, m = _matrix(rows, symmetric=True)
-        where = "mean over concepts, each at its selected layer" if concept == MEAN else f"layer {layer_of.get(concept, '?')}"
+        where = (
+            "mean over concepts, each at its selected layer"
+            if concept == MEAN
+            else f"layer {layer_of.get(concept, '?')}"
+        )
         fig = Figure(figsize=(0.45 * len(langs) + 3, 0.45 * len(langs) + 2.2))
-        _heatmap(fig, m, langs, f"{concept}: cross-lingual cosine ({where})\n{model}", cmap="viridis", vmin=-1,
-                 vmax=1, cbar="cosine similarity")
+        _heatmap(
+            fig,
+            m,
+            langs,
+            f"{concept}: cross-lingual cosine ({where})\n{model}",
+            cmap="viridis",
+            vmin=-1,
+            vmax=1,
+            cbar="cosine similarity",
+        )
         paths.append(_save(fig, out / f"similarity_{_slug(concept)}.png"))
     return paths
 
@@ -120,8 +161,9 @@ def plot_consistency_curve(consistency_curve: pl.DataFrame, out_dir: str | Path)
     return _save(fig, Path(out_dir) / "consistency_curve.png")
 
 
-def plot_similarity_vs_distance(distance_pairs: pl.DataFrame, distance_correlation: pl.DataFrame,
-                                out_dir: str | Path, concept: str = MEAN) -> list[Path]:
+def plot_similarity_vs_distance(
+    distance_pairs: pl.DataFrame, distance_correlation: pl.DataFrame, out_dir: str | Path, concept: str = MEAN
+) -> list[Path]:
     """Scatter of concept-vector similarity against relatedness (1 - URIEL distance) per distance type, colored
     by resource group, with the least-squares line and Pearson r (all pairs) in the title."""
     out, paths = Path(out_dir), []
@@ -133,16 +175,22 @@ def plot_similarity_vs_distance(distance_pairs: pl.DataFrame, distance_correlati
         for group, color in colors.items():
             g = part.filter(pl.col("pair_group") == group)
             if g.height:
-                ax.scatter(g["relatedness"].to_numpy(), g["similarity"].to_numpy(), color=color, s=18,
-                           label=group.replace("_", "–"))
+                ax.scatter(
+                    g["relatedness"].to_numpy(),
+                    g["similarity"].to_numpy(),
+                    color=color,
+                    s=18,
+                    label=group.replace("_", "–"),
+                )
         x, y = part["relatedness"].to_numpy(), part["similarity"].to_numpy()
         ok = np.isfinite(x) & np.isfinite(y)
         if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
             slope, intercept = np.polyfit(x[ok], y[ok], 1)
             xs = np.linspace(x[ok].min(), x[ok].max(), 50)
             ax.plot(xs, slope * xs + intercept, color="black", linewidth=1)
-        corr = distance_correlation.filter((pl.col("concept") == concept) & (pl.col("distance_type") == dt)
-                                           & (pl.col("subset") == "all"))
+        corr = distance_correlation.filter(
+            (pl.col("concept") == concept) & (pl.col("distance_type") == dt) & (pl.col("subset") == "all")
+        )
         r = corr["pearson_r"][0] if corr.height else float("nan")
         rho = corr["spearman_rho"][0] if corr.height else float("nan")
         ax.set_xlabel(f"1 − {dt} distance (URIEL)")
@@ -165,15 +213,26 @@ def plot_transfer(transfer_best: pl.DataFrame, out_dir: str | Path) -> list[Path
         layer = part["layer"][0]
         where = "mean over concepts" if concept == MEAN else f"layer {layer}"
         fig = Figure(figsize=(0.45 * len(langs) + 3, 0.45 * len(langs) + 2.2))
-        _heatmap(fig, m, langs, f"{concept}: transfer acc(A→B) − acc(B→B) ({where})\n{model}", cmap="RdBu_r",
-                 norm=TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span), xlabel="target B (test pairs)",
-                 ylabel="source A (vector)", cbar="accuracy difference")
+        _heatmap(
+            fig,
+            m,
+            langs,
+            f"{concept}: transfer acc(A→B) − acc(B→B) ({where})\n{model}",
+            cmap="RdBu_r",
+            norm=TwoSlopeNorm(vcenter=0.0, vmin=-span, vmax=span),
+            xlabel="target B (test pairs)",
+            ylabel="source A (vector)",
+            cbar="accuracy difference",
+        )
         paths.append(_save(fig, out / f"transfer_{_slug(concept)}.png"))
     return paths
 
 
-STEERING_PANELS = (("projection_shift", "projection shift"), ("behaviour_score", "behaviour score (log-prob pos − neg)"),
-                   ("perplexity", "perplexity (neutral text)"))
+STEERING_PANELS = (
+    ("projection_shift", "projection shift"),
+    ("behaviour_score", "behaviour score (log-prob pos − neg)"),
+    ("perplexity", "perplexity (neutral text)"),
+)
 
 
 def plot_steering(steering: pl.DataFrame, out_dir: str | Path, name: str = "steering") -> list[Path]:
@@ -225,8 +284,12 @@ def plot_steering_judged(judged: pl.DataFrame, out_dir: str | Path) -> list[Path
     return paths
 
 
-def plot_concepts(tables: dict[str, pl.DataFrame], out_dir: str | Path,
-                  steering: pl.DataFrame | None = None, judged: pl.DataFrame | None = None) -> dict[str, list[Path]]:
+def plot_concepts(
+    tables: dict[str, pl.DataFrame],
+    out_dir: str | Path,
+    steering: pl.DataFrame | None = None,
+    judged: pl.DataFrame | None = None,
+) -> dict[str, list[Path]]:
     """All figures of one concept analysis (and a steering sweep, if given) into ``out_dir``; returns the paths
     per figure kind. Kinds whose table is empty are skipped."""
     out = Path(out_dir)
@@ -237,8 +300,9 @@ def plot_concepts(tables: dict[str, pl.DataFrame], out_dir: str | Path,
         figs["similarity"] = plot_similarity_heatmaps(tables["consistency_summary"], tables.get("concept_layers"), out)
         figs["consistency_curve"] = [plot_consistency_curve(tables["consistency_curve"], out)]
     if tables["distance_pairs"].height:
-        figs["similarity_vs_distance"] = plot_similarity_vs_distance(tables["distance_pairs"],
-                                                                     tables["distance_correlation"], out)
+        figs["similarity_vs_distance"] = plot_similarity_vs_distance(
+            tables["distance_pairs"], tables["distance_correlation"], out
+        )
     if tables["transfer_best"].height:
         figs["transfer"] = plot_transfer(tables["transfer_best"], out)
     if steering is not None and steering.height:

@@ -63,12 +63,17 @@ class ConceptSteeringSpec(Strict):
         "each layer alone, an inner list steers those layers together (1-based: layer L = output of decoder layer L)",
     )
     vector: Literal["raw", "unit"] = Field(
-        "raw", description="raw: the concept vector as fitted (alpha 1 moves by the mean pair difference); unit: |v| = 1")
+        "raw",
+        description="raw: the concept vector as fitted (alpha 1 moves by the mean pair difference); unit: |v| = 1",
+    )
     probe_layer: Literal["steered"] | int = Field(
-        "steered", description="layer whose last-token state is projected; 'steered': the deepest steered layer")
+        "steered", description="layer whose last-token state is projected; 'steered': the deepest steered layer"
+    )
     n_pairs: int = Field(8, ge=1, description="held-out (test split) pairs per target language")
-    neutral: SourceSpec = Field(SourceSpec(kind="fixture", name="safety_prompts"),
-                                description="texts whose perplexity measures the cost of steering")
+    neutral: SourceSpec = Field(
+        SourceSpec(kind="fixture", name="safety_prompts"),
+        description="texts whose perplexity measures the cost of steering",
+    )
     neutral_label: int | None = Field(0, description="keep neutral rows with this label (None: all rows)")
     n_neutral: int = Field(8, ge=1, description="neutral texts per target language")
     batch_size: int = Field(8, ge=1)
@@ -97,8 +102,7 @@ class SteeringOutput:
 
 
 def _status(concept: str | None, lang: str | None, layer: int | None, message: str, status: str = "skipped") -> dict:
-    return {"scope": "steering", "concept": concept, "lang": lang, "layer": layer, "status": status,
-            "message": message}
+    return {"scope": "steering", "concept": concept, "lang": lang, "layer": layer, "status": status, "message": message}
 
 
 def layer_sets(spec: ConceptSteeringSpec, selected_layer: int | None) -> list[list[int]]:
@@ -139,20 +143,41 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], max_new_tok
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=pad)
-    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
 
 
-def _projections(model, tokenizer, texts: Sequence[str], layer: int, u: np.ndarray, spec: ConceptSteeringSpec) -> np.ndarray:
-    st = text_stats(model, tokenizer, texts, probe_layer=layer, batch_size=spec.batch_size, max_length=spec.max_length,
-                    logprobs=False)
+def _projections(
+    model, tokenizer, texts: Sequence[str], layer: int, u: np.ndarray, spec: ConceptSteeringSpec
+) -> np.ndarray:
+    st = text_stats(
+        model,
+        tokenizer,
+        texts,
+        probe_layer=layer,
+        batch_size=spec.batch_size,
+        max_length=spec.max_length,
+        logprobs=False,
+    )
     return st.last_state.astype(np.float64) @ u
 
 
-def judge_generations(model, tokenizer, concept: str, label: str, vectors_by_layer: Mapping[int, np.ndarray],
-                      held_out: Mapping[str, list[tuple[str, str]]], probe: Mapping[str, tuple[int, np.ndarray]],
-                      spec: ConceptSteeringSpec) -> tuple[list[dict], list[dict]]:
+def judge_generations(
+    model,
+    tokenizer,
+    concept: str,
+    label: str,
+    vectors_by_layer: Mapping[int, np.ndarray],
+    held_out: Mapping[str, list[tuple[str, str]]],
+    probe: Mapping[str, tuple[int, np.ndarray]],
+    spec: ConceptSteeringSpec,
+) -> tuple[list[dict], list[dict]]:
     """Generate under steering for each target language and alpha and score each continuation with the probe
     judge; returns (generation rows, per-(lang, alpha) rate rows)."""
     gens, rates = [], []
@@ -161,8 +186,10 @@ def judge_generations(model, tokenizer, concept: str, label: str, vectors_by_lay
         u = np.asarray(vec, np.float64) / (np.linalg.norm(vec) or 1.0)
         pos = [p for p, _ in pairs]
         neg = [n for _, n in pairs]
-        threshold = 0.5 * (_projections(model, tokenizer, pos, layer, u, spec).mean()
-                           + _projections(model, tokenizer, neg, layer, u, spec).mean())
+        threshold = 0.5 * (
+            _projections(model, tokenizer, pos, layer, u, spec).mean()
+            + _projections(model, tokenizer, neg, layer, u, spec).mean()
+        )
         prompts = pos[: spec.generate.n_prompts]
         for alpha in spec.alphas:
             ctx = steering(model, vectors_by_layer, alpha) if alpha != 0 else nullcontext()
@@ -173,26 +200,68 @@ def judge_generations(model, tokenizer, concept: str, label: str, vectors_by_lay
             if scored:
                 proj[scored] = _projections(model, tokenizer, [outs[i] for i in scored], layer, u, spec)
             for prompt, out, p in zip(prompts, outs, proj):
-                gens.append({"concept": concept, "layers": label, "lang": lang, "alpha": float(alpha),
-                             "prompt": prompt, "continuation": out, "probe_projection": float(p),
-                             "judged_concept": bool(p > threshold) if np.isfinite(p) else None})
+                gens.append(
+                    {
+                        "concept": concept,
+                        "layers": label,
+                        "lang": lang,
+                        "alpha": float(alpha),
+                        "prompt": prompt,
+                        "continuation": out,
+                        "probe_projection": float(p),
+                        "judged_concept": bool(p > threshold) if np.isfinite(p) else None,
+                    }
+                )
             judged = proj[np.isfinite(proj)] > threshold
-            rates.append({"concept": concept, "layers": label, "lang": lang, "alpha": float(alpha),
-                          "n_generated": len(outs), "n_judged": int(judged.size), "threshold": float(threshold),
-                          "judged_concept_rate": float(judged.mean()) if judged.size else float("nan")})
+            rates.append(
+                {
+                    "concept": concept,
+                    "layers": label,
+                    "lang": lang,
+                    "alpha": float(alpha),
+                    "n_generated": len(outs),
+                    "n_judged": int(judged.size),
+                    "threshold": float(threshold),
+                    "judged_concept_rate": float(judged.mean()) if judged.size else float("nan"),
+                }
+            )
     return gens, rates
 
 
-GEN_SCHEMA = {"concept": pl.String, "layers": pl.String, "lang": pl.String, "alpha": pl.Float64, "prompt": pl.String,
-              "continuation": pl.String, "probe_projection": pl.Float64, "judged_concept": pl.Boolean}
-RATE_SCHEMA = {"concept": pl.String, "layers": pl.String, "lang": pl.String, "alpha": pl.Float64,
-               "n_generated": pl.Int64, "n_judged": pl.Int64, "threshold": pl.Float64,
-               "judged_concept_rate": pl.Float64}
+GEN_SCHEMA = {
+    "concept": pl.String,
+    "layers": pl.String,
+    "lang": pl.String,
+    "alpha": pl.Float64,
+    "prompt": pl.String,
+    "continuation": pl.String,
+    "probe_projection": pl.Float64,
+    "judged_concept": pl.Boolean,
+}
+RATE_SCHEMA = {
+    "concept": pl.String,
+    "layers": pl.String,
+    "lang": pl.String,
+    "alpha": pl.Float64,
+    "n_generated": pl.Int64,
+    "n_judged": pl.Int64,
+    "threshold": pl.Float64,
+    "judged_concept_rate": pl.Float64,
+}
 
 
-def run_concept_steering(model, tokenizer, spec: ConceptSteeringSpec, *, model_label: str, vectors: pl.DataFrame,
-                         concept_layers: pl.DataFrame, pairs: pl.DataFrame, neutral: pl.DataFrame | None,
-                         analysed_langs: Mapping[str, list[str]]) -> SteeringOutput:
+def run_concept_steering(
+    model,
+    tokenizer,
+    spec: ConceptSteeringSpec,
+    *,
+    model_label: str,
+    vectors: pl.DataFrame,
+    concept_layers: pl.DataFrame,
+    pairs: pl.DataFrame,
+    neutral: pl.DataFrame | None,
+    analysed_langs: Mapping[str, list[str]],
+) -> SteeringOutput:
     """Steering measurements for one model (already loaded). ``vectors`` / ``concept_layers`` are tables of the
     concept analysis; ``pairs`` the concept-pair rows (with texts); ``analysed_langs[concept]`` the languages
     analysed for each concept."""
@@ -204,53 +273,100 @@ def run_concept_steering(model, tokenizer, spec: ConceptSteeringSpec, *, model_l
     for concept in concepts:
         langs = analysed_langs.get(concept, [])
         if spec.source_lang not in langs:
-            status.append(_status(concept, spec.source_lang, None,
-                                  f"no {concept!r} vector in source language {spec.source_lang!r} for {model_label} "
-                                  f"(analysed languages: {langs or 'none'}); steering of this concept skipped"))
+            status.append(
+                _status(
+                    concept,
+                    spec.source_lang,
+                    None,
+                    f"no {concept!r} vector in source language {spec.source_lang!r} for {model_label} "
+                    f"(analysed languages: {langs or 'none'}); steering of this concept skipped",
+                )
+            )
             continue
         source = _vectors(vectors, concept, spec.source_lang, spec.vector)
         targets = [t for t in (spec.target_langs or langs)]
         for t in targets:
             if t not in langs:
-                status.append(_status(concept, t, None, f"target language {t!r} has no analysed {concept!r} pairs; "
-                                      "left out of steering"))
+                status.append(
+                    _status(
+                        concept,
+                        t,
+                        None,
+                        f"target language {t!r} has no analysed {concept!r} pairs; left out of steering",
+                    )
+                )
         targets = [t for t in targets if t in langs]
         if not targets:
             continue
         held_out = {t: held_out_pairs(pairs, concept, t, spec.n_pairs) for t in targets}
         for t in [t for t, p in held_out.items() if not p]:
-            status.append(_status(concept, t, None, f"no test-split pairs of {concept!r} in {t!r}; left out of steering"))
+            status.append(
+                _status(concept, t, None, f"no test-split pairs of {concept!r} in {t!r}; left out of steering")
+            )
         held_out = {t: p for t, p in held_out.items() if p}
         neutral_by_lang = {t: neutral_texts(neutral, t, spec.n_neutral, spec.neutral_label) for t in held_out}
         for t in [t for t, texts in neutral_by_lang.items() if not texts]:
-            status.append(_status(concept, t, None, f"no neutral text in language {t!r}; its perplexity is NaN",
-                                  status="warning"))
+            status.append(
+                _status(concept, t, None, f"no neutral text in language {t!r}; its perplexity is NaN", status="warning")
+            )
         for layer_set in layer_sets(spec, selected.get(concept)):
             label = ",".join(map(str, layer_set))
             bad = [L for L in layer_set if not 1 <= L <= n_layers]
             if bad:
-                status.append(_status(concept, None, bad[0],
-                                      f"steering layer(s) {bad} out of range for {model_label}, which has {n_layers} "
-                                      f"decoder layers (use 1..{n_layers}); layer set [{label}] skipped"))
+                status.append(
+                    _status(
+                        concept,
+                        None,
+                        bad[0],
+                        f"steering layer(s) {bad} out of range for {model_label}, which has {n_layers} "
+                        f"decoder layers (use 1..{n_layers}); layer set [{label}] skipped",
+                    )
+                )
                 continue
             missing = [L for L in layer_set if L not in source]
             if missing:
-                status.append(_status(concept, spec.source_lang, missing[0],
-                                      f"layer(s) {missing} were not analysed, so there is no {concept!r} vector to steer "
-                                      f"with; add them to `layers`; layer set [{label}] skipped"))
+                status.append(
+                    _status(
+                        concept,
+                        spec.source_lang,
+                        missing[0],
+                        f"layer(s) {missing} were not analysed, so there is no {concept!r} vector to steer "
+                        f"with; add them to `layers`; layer set [{label}] skipped",
+                    )
+                )
                 continue
             if n_layers in layer_set:
-                status.append(_status(concept, None, n_layers,
-                                      f"layer {n_layers} vectors come from the final-norm output but are added before "
-                                      "the norm; prefer an earlier layer", status="warning"))
+                status.append(
+                    _status(
+                        concept,
+                        None,
+                        n_layers,
+                        f"layer {n_layers} vectors come from the final-norm output but are added before "
+                        "the norm; prefer an earlier layer",
+                        status="warning",
+                    )
+                )
             p_layer = max(layer_set) if spec.probe_layer == "steered" else int(spec.probe_layer)
             if not 1 <= p_layer <= n_layers:
-                status.append(_status(concept, None, p_layer, f"probe layer {p_layer} out of range 1..{n_layers}; "
-                                      f"layer set [{label}] skipped"))
+                status.append(
+                    _status(
+                        concept,
+                        None,
+                        p_layer,
+                        f"probe layer {p_layer} out of range 1..{n_layers}; layer set [{label}] skipped",
+                    )
+                )
                 continue
             if p_layer < max(layer_set):
-                status.append(_status(concept, None, p_layer, f"probe layer {p_layer} lies before steered layer(s) "
-                                      f"[{label}], so the projection cannot shift", status="warning"))
+                status.append(
+                    _status(
+                        concept,
+                        None,
+                        p_layer,
+                        f"probe layer {p_layer} lies before steered layer(s) [{label}], so the projection cannot shift",
+                        status="warning",
+                    )
+                )
             probe = {}
             for t in held_out:
                 own = _vectors(vectors, concept, t, "unit").get(p_layer)
@@ -258,20 +374,46 @@ def run_concept_steering(model, tokenizer, spec: ConceptSteeringSpec, *, model_l
                     own = source.get(p_layer, source[max(layer_set)])
                 probe[t] = (p_layer, own)
             steer = {L: source[L] for L in layer_set}
-            log.info("steering %s: %s from %s at layer(s) [%s], alphas %s, targets %s", model_label, concept,
-                     spec.source_lang, label, spec.alphas, sorted(held_out))
+            log.info(
+                "steering %s: %s from %s at layer(s) [%s], alphas %s, targets %s",
+                model_label,
+                concept,
+                spec.source_lang,
+                label,
+                spec.alphas,
+                sorted(held_out),
+            )
             try:
-                df = sweep_steering(model, tokenizer, steer, [layer_set], spec.alphas, held_out, neutral_by_lang,
-                                    probe=probe, batch_size=spec.batch_size, max_length=spec.max_length)
-                frames.append(df.with_columns(model=pl.lit(model_label), concept=pl.lit(concept),
-                                              source_lang=pl.lit(spec.source_lang)))
+                df = sweep_steering(
+                    model,
+                    tokenizer,
+                    steer,
+                    [layer_set],
+                    spec.alphas,
+                    held_out,
+                    neutral_by_lang,
+                    probe=probe,
+                    batch_size=spec.batch_size,
+                    max_length=spec.max_length,
+                )
+                frames.append(
+                    df.with_columns(
+                        model=pl.lit(model_label), concept=pl.lit(concept), source_lang=pl.lit(spec.source_lang)
+                    )
+                )
                 if spec.generate.enabled and concept in spec.generate.concepts:
                     g, r = judge_generations(model, tokenizer, concept, label, steer, held_out, probe, spec)
                     gens.extend(g)
                     rates.extend(r)
             except RaysafeError as err:
-                status.append(_status(concept, None, max(layer_set),
-                                      f"steering {concept!r} at [{label}] failed: {' '.join(str(err).split())}"))
+                status.append(
+                    _status(
+                        concept,
+                        None,
+                        max(layer_set),
+                        f"steering {concept!r} at [{label}] failed: {' '.join(str(err).split())}",
+                    )
+                )
     measurements = pl.concat(frames, how="diagonal") if frames else pl.DataFrame()
     if measurements.height:
         first = ["model", "concept", "source_lang", "layers", "lang", "alpha"]

@@ -87,19 +87,28 @@ class ConceptOptions:
 
     def __post_init__(self) -> None:
         if self.method not in C.METHODS:
-            raise ConfigError(f"unknown concept-vector method {self.method!r}", where="ConceptOptions.method",
-                              fix=f"use one of {', '.join(C.METHODS)}")
+            raise ConfigError(
+                f"unknown concept-vector method {self.method!r}",
+                where="ConceptOptions.method",
+                fix=f"use one of {', '.join(C.METHODS)}",
+            )
         if self.min_pairs < 1:
             raise ConfigError("min_pairs must be at least 1", where="ConceptOptions.min_pairs")
         if self.selection_folds < 2:
             raise ConfigError("selection_folds must be at least 2", where="ConceptOptions.selection_folds")
         bad = [d for d in self.distance_types if d not in DISTANCE_TYPES]
         if bad:
-            raise ConfigError(f"unknown distance type(s) {bad}", where="ConceptOptions.distance_types",
-                              fix=f"use some of {', '.join(DISTANCE_TYPES)}")
+            raise ConfigError(
+                f"unknown distance type(s) {bad}",
+                where="ConceptOptions.distance_types",
+                fix=f"use some of {', '.join(DISTANCE_TYPES)}",
+            )
         if self.similarity_summary not in ("max_over_layers", "best_layer"):
-            raise ConfigError(f"unknown similarity_summary {self.similarity_summary!r}",
-                              where="ConceptOptions.similarity_summary", fix="use max_over_layers or best_layer")
+            raise ConfigError(
+                f"unknown similarity_summary {self.similarity_summary!r}",
+                where="ConceptOptions.similarity_summary",
+                fix="use max_over_layers or best_layer",
+            )
         if self.logistic_C <= 0:
             raise ConfigError("logistic_C must be positive", where="ConceptOptions.logistic_C")
 
@@ -126,19 +135,31 @@ def validate_meta(meta: pl.DataFrame, X: np.ndarray, where: str) -> None:
     one row per row of the 2-D array ``X``."""
     missing = [c for c in META_COLUMNS if c not in meta.columns]
     if missing:
-        raise DataError(f"activation metadata lacks column(s) {missing}", where=where,
-                        fix=f"read_layer must return meta with columns {list(META_COLUMNS)}")
+        raise DataError(
+            f"activation metadata lacks column(s) {missing}",
+            where=where,
+            fix=f"read_layer must return meta with columns {list(META_COLUMNS)}",
+        )
     if X.ndim != 2 or X.shape[0] != meta.height:
-        raise DataError(f"activations have shape {X.shape} but metadata has {meta.height} rows", where=where,
-                        fix="read_layer must return one activation row per metadata row")
+        raise DataError(
+            f"activations have shape {X.shape} but metadata has {meta.height} rows",
+            where=where,
+            fix="read_layer must return one activation row per metadata row",
+        )
     bad_label = meta.filter(~pl.col("label").is_in([0, 1]))
     if bad_label.height:
-        raise DataError(f"label must be 0 or 1, found {bad_label['label'].unique().to_list()}", where=where,
-                        fix="label 1 marks the positive side of a pair, 0 the negative side")
+        raise DataError(
+            f"label must be 0 or 1, found {bad_label['label'].unique().to_list()}",
+            where=where,
+            fix="label 1 marks the positive side of a pair, 0 the negative side",
+        )
     bad_split = meta.filter(~pl.col("split").is_in(["train", "test"]))
     if bad_split.height:
-        raise DataError(f"split must be 'train' or 'test', found {bad_split['split'].unique().to_list()}",
-                        where=where, fix="assign every concept pair to the train or the test split")
+        raise DataError(
+            f"split must be 'train' or 'test', found {bad_split['split'].unique().to_list()}",
+            where=where,
+            fix="assign every concept pair to the train or the test split",
+        )
 
 
 def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
@@ -159,14 +180,30 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
         .sort(["concept", "lang", "group_id"])
     )
     problems: list[dict] = []
-    for row in grouped.filter(~pl.col("ok")).group_by(["concept", "lang"]).agg(pl.len()).sort(["concept", "lang"]).iter_rows(named=True):
-        problems.append(_status("concept", row["concept"], row["lang"], None,
-                                f"{row['len']} pair(s) of concept {row['concept']!r} in language {row['lang']!r} "
-                                "dropped: not exactly one positive (label 1) and one negative (label 0) row in one split",
-                                status="warning"))
+    for row in (
+        grouped.filter(~pl.col("ok"))
+        .group_by(["concept", "lang"])
+        .agg(pl.len())
+        .sort(["concept", "lang"])
+        .iter_rows(named=True)
+    ):
+        problems.append(
+            _status(
+                "concept",
+                row["concept"],
+                row["lang"],
+                None,
+                f"{row['len']} pair(s) of concept {row['concept']!r} in language {row['lang']!r} "
+                "dropped: not exactly one positive (label 1) and one negative (label 0) row in one split",
+                status="warning",
+            )
+        )
     pairs: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
     for (concept, lang, split), part in grouped.filter(pl.col("ok")).group_by(["concept", "lang", "split"]):
-        pairs[(concept, lang, split)] = (part["pos"].to_numpy().astype(np.int64), part["neg"].to_numpy().astype(np.int64))
+        pairs[(concept, lang, split)] = (
+            part["pos"].to_numpy().astype(np.int64),
+            part["neg"].to_numpy().astype(np.int64),
+        )
     usable: dict[str, list[str]] = {}
     combos = m.select("concept", "lang").unique().sort(["concept", "lang"])
     for concept, lang in combos.iter_rows():
@@ -175,14 +212,29 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
         if n_train >= min_pairs and n_test >= min_pairs:
             usable.setdefault(concept, []).append(lang)
         else:
-            problems.append(_status("concept", concept, lang, None,
-                                    f"concept {concept!r} in language {lang!r} has too few pairs (train {n_train}, "
-                                    f"test {n_test}; min_pairs {min_pairs}); left out of the analysis"))
+            problems.append(
+                _status(
+                    "concept",
+                    concept,
+                    lang,
+                    None,
+                    f"concept {concept!r} in language {lang!r} has too few pairs (train {n_train}, "
+                    f"test {n_test}; min_pairs {min_pairs}); left out of the analysis",
+                )
+            )
     for concept in combos["concept"].unique().sort().to_list():
         if len(usable.get(concept, [])) < 2:
-            problems.append(_status("concept", concept, None, None,
-                                    f"concept {concept!r} has {len(usable.get(concept, []))} usable language(s); "
-                                    "consistency and transfer need at least 2", status="warning"))
+            problems.append(
+                _status(
+                    "concept",
+                    concept,
+                    None,
+                    None,
+                    f"concept {concept!r} has {len(usable.get(concept, []))} usable language(s); "
+                    "consistency and transfer need at least 2",
+                    status="warning",
+                )
+            )
     return PairIndex(pairs=pairs, usable=usable, problems=problems)
 
 
@@ -223,14 +275,21 @@ def analyse_layer(X: np.ndarray, index: PairIndex, layer: int, options: ConceptO
                 P, N, options.method, folds=options.selection_folds, seed=options.seed, logistic_C=options.logistic_C
             )
             key = {"concept": concept, "lang": lang, "layer": layer, "method": options.method}
-            acc.summary.append({**key, "n_train": len(tr_p), "n_test": len(te_p), "norm": cv.norm,
-                                "status": "ok", "message": None})
-            acc.recognition.append({
-                **key, "n_train": len(tr_p), "n_test": len(te_p),
-                "train_cv_acc": cv_acc, "train_cv_margin": cv_margin,
-                "train_acc": C.pair_accuracy(cv.raw, P, N),
-                "test_acc": C.pair_accuracy(cv.raw, TP, TN), "test_margin": C.normalised_margin(cv.raw, TP, TN),
-            })
+            acc.summary.append(
+                {**key, "n_train": len(tr_p), "n_test": len(te_p), "norm": cv.norm, "status": "ok", "message": None}
+            )
+            acc.recognition.append(
+                {
+                    **key,
+                    "n_train": len(tr_p),
+                    "n_test": len(te_p),
+                    "train_cv_acc": cv_acc,
+                    "train_cv_margin": cv_margin,
+                    "train_acc": C.pair_accuracy(cv.raw, P, N),
+                    "test_acc": C.pair_accuracy(cv.raw, TP, TN),
+                    "test_margin": C.normalised_margin(cv.raw, TP, TN),
+                }
+            )
             if options.keep_vectors:
                 acc.vectors.append({**key, "norm": cv.norm})
                 acc.raw.append(cv.raw.astype(np.float32))
@@ -243,35 +302,84 @@ def analyse_layer(X: np.ndarray, index: PairIndex, layer: int, options: ConceptO
         V = np.stack(vecs)
         cos = C.cosine_matrix(V)
         for i, j in combinations(range(len(langs)), 2):
-            acc.consistency.append({"concept": concept, "layer": layer, "lang_a": langs[i], "lang_b": langs[j],
-                                    "cosine": float(cos[i, j])})
+            acc.consistency.append(
+                {"concept": concept, "layer": layer, "lang_a": langs[i], "lang_b": langs[j], "cosine": float(cos[i, j])}
+            )
         tacc = C.transfer_accuracy(V, test_pos, test_neg)
         delta = C.transfer_delta(tacc)
         for i, src in enumerate(langs):
             for j, tgt in enumerate(langs):
-                acc.transfer.append({"concept": concept, "layer": layer, "source_lang": src, "target_lang": tgt,
-                                     "acc": float(tacc[i, j]), "acc_target_own": float(tacc[j, j]),
-                                     "delta": float(delta[i, j])})
+                acc.transfer.append(
+                    {
+                        "concept": concept,
+                        "layer": layer,
+                        "source_lang": src,
+                        "target_lang": tgt,
+                        "acc": float(tacc[i, j]),
+                        "acc_target_own": float(tacc[j, j]),
+                        "delta": float(delta[i, j]),
+                    }
+                )
 
 
 # ------------------------------------------------------------------------------------------------- schemas
 
 SCHEMAS: dict[str, dict[str, pl.DataType]] = {
-    "vectors_summary": {"concept": pl.String, "lang": pl.String, "layer": pl.Int64, "method": pl.String,
-                        "n_train": pl.Int64, "n_test": pl.Int64, "norm": pl.Float64, "status": pl.String,
-                        "message": pl.String},
-    "recognition": {"concept": pl.String, "lang": pl.String, "layer": pl.Int64, "method": pl.String,
-                    "n_train": pl.Int64, "n_test": pl.Int64, "train_cv_acc": pl.Float64,
-                    "train_cv_margin": pl.Float64, "train_acc": pl.Float64, "test_acc": pl.Float64,
-                    "test_margin": pl.Float64},
-    "consistency": {"concept": pl.String, "layer": pl.Int64, "lang_a": pl.String, "lang_b": pl.String,
-                    "cosine": pl.Float64},
-    "transfer": {"concept": pl.String, "layer": pl.Int64, "source_lang": pl.String, "target_lang": pl.String,
-                 "acc": pl.Float64, "acc_target_own": pl.Float64, "delta": pl.Float64},
-    "status": {"scope": pl.String, "concept": pl.String, "lang": pl.String, "layer": pl.Int64, "status": pl.String,
-               "message": pl.String},
-    "vectors_meta": {"concept": pl.String, "lang": pl.String, "layer": pl.Int64, "method": pl.String,
-                     "norm": pl.Float64},
+    "vectors_summary": {
+        "concept": pl.String,
+        "lang": pl.String,
+        "layer": pl.Int64,
+        "method": pl.String,
+        "n_train": pl.Int64,
+        "n_test": pl.Int64,
+        "norm": pl.Float64,
+        "status": pl.String,
+        "message": pl.String,
+    },
+    "recognition": {
+        "concept": pl.String,
+        "lang": pl.String,
+        "layer": pl.Int64,
+        "method": pl.String,
+        "n_train": pl.Int64,
+        "n_test": pl.Int64,
+        "train_cv_acc": pl.Float64,
+        "train_cv_margin": pl.Float64,
+        "train_acc": pl.Float64,
+        "test_acc": pl.Float64,
+        "test_margin": pl.Float64,
+    },
+    "consistency": {
+        "concept": pl.String,
+        "layer": pl.Int64,
+        "lang_a": pl.String,
+        "lang_b": pl.String,
+        "cosine": pl.Float64,
+    },
+    "transfer": {
+        "concept": pl.String,
+        "layer": pl.Int64,
+        "source_lang": pl.String,
+        "target_lang": pl.String,
+        "acc": pl.Float64,
+        "acc_target_own": pl.Float64,
+        "delta": pl.Float64,
+    },
+    "status": {
+        "scope": pl.String,
+        "concept": pl.String,
+        "lang": pl.String,
+        "layer": pl.Int64,
+        "status": pl.String,
+        "message": pl.String,
+    },
+    "vectors_meta": {
+        "concept": pl.String,
+        "lang": pl.String,
+        "layer": pl.Int64,
+        "method": pl.String,
+        "norm": pl.Float64,
+    },
 }
 
 
@@ -299,14 +407,24 @@ def analyse_concepts(
     for layer in dict.fromkeys(layers):
         if layer < 0 or (options.num_layers is not None and layer > options.num_layers):
             limit = f"0..{options.num_layers}" if options.num_layers is not None else ">= 0"
-            acc.status.append(_status("layer", None, None, layer,
-                                      f"layer {layer} is out of range ({limit}) for model {model!r}; skipped"))
+            acc.status.append(
+                _status(
+                    "layer", None, None, layer, f"layer {layer} is out of range ({limit}) for model {model!r}; skipped"
+                )
+            )
             continue
         try:
             meta, X = read_layer(model, layer)
         except (RaysafeError, IndexError, KeyError, FileNotFoundError) as err:
-            acc.status.append(_status("layer", None, None, layer,
-                                      f"layer {layer} of model {model!r} could not be read: {' '.join(str(err).split())}; skipped"))
+            acc.status.append(
+                _status(
+                    "layer",
+                    None,
+                    None,
+                    layer,
+                    f"layer {layer} of model {model!r} could not be read: {' '.join(str(err).split())}; skipped",
+                )
+            )
             continue
         X = np.asarray(X)
         where = f"model {model!r}, layer {layer}"
@@ -316,19 +434,34 @@ def analyse_concepts(
             first_rows = meta["row_id"]
             acc.status.extend(index.problems)
         elif not meta["row_id"].equals(first_rows):
-            raise DataError("activation rows are not in the same order as in the first layer read", where=where,
-                            fix="read_layer must return the rows of every layer in the same order")
+            raise DataError(
+                "activation rows are not in the same order as in the first layer read",
+                where=where,
+                fix="read_layer must return the rows of every layer in the same order",
+            )
         analyse_layer(X, index, layer, options, acc)
         del X
     return _assemble(acc, index, model, options)
 
 
-def _assemble(acc: _Accumulator, index: PairIndex | None, model: str, options: ConceptOptions) -> dict[str, pl.DataFrame]:
+def _assemble(
+    acc: _Accumulator, index: PairIndex | None, model: str, options: ConceptOptions
+) -> dict[str, pl.DataFrame]:
     """Turn the per-layer rows into the final tables and the cross-layer summaries."""
     skipped = [
-        {"concept": s["concept"], "lang": s["lang"], "layer": None, "method": options.method, "n_train": None,
-         "n_test": None, "norm": None, "status": "skipped", "message": s["message"]}
-        for s in acc.status if s["scope"] == "concept" and s["lang"] is not None and s["status"] == "skipped"
+        {
+            "concept": s["concept"],
+            "lang": s["lang"],
+            "layer": None,
+            "method": options.method,
+            "n_train": None,
+            "n_test": None,
+            "norm": None,
+            "status": "skipped",
+            "message": s["message"],
+        }
+        for s in acc.status
+        if s["scope"] == "concept" and s["lang"] is not None and s["status"] == "skipped"
     ]
     tables: dict[str, pl.DataFrame] = {
         "vectors_summary": _frame(acc.summary + skipped, "vectors_summary", model),
@@ -341,8 +474,9 @@ def _assemble(acc: _Accumulator, index: PairIndex | None, model: str, options: C
         if acc.raw:
             meta = meta.with_columns(pl.Series("raw", np.stack(acc.raw)), pl.Series("unit", np.stack(acc.unit)))
         else:
-            meta = meta.with_columns(pl.lit(None, pl.List(pl.Float32)).alias("raw"),
-                                     pl.lit(None, pl.List(pl.Float32)).alias("unit"))
+            meta = meta.with_columns(
+                pl.lit(None, pl.List(pl.Float32)).alias("raw"), pl.lit(None, pl.List(pl.Float32)).alias("unit")
+            )
         tables["vectors"] = meta
     tables["recognition_best"] = recognition_best(tables["recognition"])
     tables["concept_layers"] = concept_layers(tables["recognition"])
@@ -357,8 +491,15 @@ def _assemble(acc: _Accumulator, index: PairIndex | None, model: str, options: C
         dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides))
     except DataError as err:  # no URIEL data at all (lang2vec missing): the rest of the analysis still stands
         dist = LanguageDistances(pl.DataFrame(schema=DISTANCE_SCHEMA), {})
-        acc.status.append(_status("uriel", None, None, None,
-                                  f"no URIEL distances: {' '.join(str(err).split())}; the distance correlation is empty"))
+        acc.status.append(
+            _status(
+                "uriel",
+                None,
+                None,
+                None,
+                f"no URIEL distances: {' '.join(str(err).split())}; the distance correlation is empty",
+            )
+        )
     for lang, why in sorted(dist.missing.items()):
         acc.status.append(_status("uriel", None, lang, None, why, status="warning"))
     tables["language_distance"] = dist.table.select(pl.lit(model).alias("model"), pl.all())
@@ -377,20 +518,34 @@ def recognition_best(recognition: pl.DataFrame) -> pl.DataFrame:
     margin, then the lower layer) with its test accuracy, and separately the layer with the best TEST accuracy
     (ties -> higher test margin) with that accuracy, which is optimistic because the test data chose it."""
     rows = []
-    for (model, concept, lang), part in recognition.sort("layer").group_by(["model", "concept", "lang"],
-                                                                          maintain_order=True):
+    for (model, concept, lang), part in recognition.sort("layer").group_by(
+        ["model", "concept", "lang"], maintain_order=True
+    ):
         layers = part["layer"].to_numpy()
         i = C.best_index(part["train_cv_acc"].to_numpy(), part["train_cv_margin"].to_numpy())
         j = C.best_index(part["test_acc"].to_numpy(), part["test_margin"].to_numpy())
-        rows.append({
-            "model": model, "concept": concept, "lang": lang,
-            "layer_selected_on_train": int(layers[i]), "train_cv_acc_at_train_selected_layer": float(part["train_cv_acc"][i]),
-            "test_acc_at_train_selected_layer": float(part["test_acc"][i]),
-            "layer_selected_on_test": int(layers[j]), "test_acc_at_test_selected_layer": float(part["test_acc"][j]),
-        })
-    schema = {"model": pl.String, "concept": pl.String, "lang": pl.String, "layer_selected_on_train": pl.Int64,
-              "train_cv_acc_at_train_selected_layer": pl.Float64, "test_acc_at_train_selected_layer": pl.Float64,
-              "layer_selected_on_test": pl.Int64, "test_acc_at_test_selected_layer": pl.Float64}
+        rows.append(
+            {
+                "model": model,
+                "concept": concept,
+                "lang": lang,
+                "layer_selected_on_train": int(layers[i]),
+                "train_cv_acc_at_train_selected_layer": float(part["train_cv_acc"][i]),
+                "test_acc_at_train_selected_layer": float(part["test_acc"][i]),
+                "layer_selected_on_test": int(layers[j]),
+                "test_acc_at_test_selected_layer": float(part["test_acc"][j]),
+            }
+        )
+    schema = {
+        "model": pl.String,
+        "concept": pl.String,
+        "lang": pl.String,
+        "layer_selected_on_train": pl.Int64,
+        "train_cv_acc_at_train_selected_layer": pl.Float64,
+        "test_acc_at_train_selected_layer": pl.Float64,
+        "layer_selected_on_test": pl.Int64,
+        "test_acc_at_test_selected_layer": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema).sort(["model", "concept", "lang"])
 
 
@@ -399,26 +554,41 @@ def concept_layers(recognition: pl.DataFrame) -> pl.DataFrame:
     train-CV margin, then the lower layer), used for the per-concept heatmaps and transfer summary."""
     per_layer = (
         recognition.group_by(["model", "concept", "layer"])
-        .agg(mean_train_cv_acc=pl.col("train_cv_acc").mean(), mean_train_cv_margin=pl.col("train_cv_margin").mean(),
-             mean_test_acc=pl.col("test_acc").mean())
+        .agg(
+            mean_train_cv_acc=pl.col("train_cv_acc").mean(),
+            mean_train_cv_margin=pl.col("train_cv_margin").mean(),
+            mean_test_acc=pl.col("test_acc").mean(),
+        )
         .sort(["model", "concept", "layer"])
     )
     rows = []
     for (model, concept), part in per_layer.group_by(["model", "concept"], maintain_order=True):
         i = C.best_index(part["mean_train_cv_acc"].to_numpy(), part["mean_train_cv_margin"].to_numpy())
-        rows.append({"model": model, "concept": concept, "layer_selected_on_train": int(part["layer"][i]),
-                     "mean_train_cv_acc": float(part["mean_train_cv_acc"][i]),
-                     "mean_test_acc": float(part["mean_test_acc"][i])})
-    schema = {"model": pl.String, "concept": pl.String, "layer_selected_on_train": pl.Int64,
-              "mean_train_cv_acc": pl.Float64, "mean_test_acc": pl.Float64}
+        rows.append(
+            {
+                "model": model,
+                "concept": concept,
+                "layer_selected_on_train": int(part["layer"][i]),
+                "mean_train_cv_acc": float(part["mean_train_cv_acc"][i]),
+                "mean_test_acc": float(part["mean_test_acc"][i]),
+            }
+        )
+    schema = {
+        "model": pl.String,
+        "concept": pl.String,
+        "layer_selected_on_train": pl.Int64,
+        "mean_train_cv_acc": pl.Float64,
+        "mean_test_acc": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
 def consistency_summary(consistency: pl.DataFrame, layer_of: Mapping[str, int]) -> pl.DataFrame:
     """Per (concept, lang pair): the max cosine over layers and where it occurs, and the cosine at the concept's
     train-selected layer; plus ``concept == "mean"`` rows averaging both over concepts."""
-    layer_df = pl.DataFrame({"concept": list(layer_of), "_sel": list(layer_of.values())},
-                            schema={"concept": pl.String, "_sel": pl.Int64})
+    layer_df = pl.DataFrame(
+        {"concept": list(layer_of), "_sel": list(layer_of.values())}, schema={"concept": pl.String, "_sel": pl.Int64}
+    )
     per = (
         consistency.join(layer_df, on="concept", how="left")
         .sort(["concept", "lang_a", "lang_b", "layer"])
@@ -436,15 +606,27 @@ def consistency_summary(consistency: pl.DataFrame, layer_of: Mapping[str, int]) 
         .with_columns(concept=pl.lit(MEAN), layer_of_max=pl.lit(None, pl.Int64))
     )
     per = per.with_columns(n_concepts=pl.lit(1, pl.UInt32))
-    cols = ["model", "concept", "lang_a", "lang_b", "max_cosine", "layer_of_max", "cosine_at_concept_layer", "n_concepts"]
+    cols = [
+        "model",
+        "concept",
+        "lang_a",
+        "lang_b",
+        "max_cosine",
+        "layer_of_max",
+        "cosine_at_concept_layer",
+        "n_concepts",
+    ]
     return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "lang_a", "lang_b"])
 
 
 def consistency_curve(consistency: pl.DataFrame) -> pl.DataFrame:
     """Mean cosine over language pairs per (concept, layer), plus ``concept == "mean"`` averaged over concepts."""
     per = consistency.group_by(["model", "concept", "layer"]).agg(mean_cosine=pl.col("cosine").mean(), n_pairs=pl.len())
-    mean = per.group_by(["model", "layer"]).agg(pl.col("mean_cosine").mean(), pl.col("n_pairs").sum()).with_columns(
-        concept=pl.lit(MEAN))
+    mean = (
+        per.group_by(["model", "layer"])
+        .agg(pl.col("mean_cosine").mean(), pl.col("n_pairs").sum())
+        .with_columns(concept=pl.lit(MEAN))
+    )
     cols = ["model", "concept", "layer", "mean_cosine", "n_pairs"]
     return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "layer"])
 
@@ -452,8 +634,9 @@ def consistency_curve(consistency: pl.DataFrame) -> pl.DataFrame:
 def transfer_best(transfer: pl.DataFrame, layer_of: Mapping[str, int]) -> pl.DataFrame:
     """The transfer matrix of each concept at its train-selected layer, plus ``concept == "mean"`` (delta averaged
     over concepts for each source/target pair)."""
-    layer_df = pl.DataFrame({"concept": list(layer_of), "layer": list(layer_of.values())},
-                            schema={"concept": pl.String, "layer": pl.Int64})
+    layer_df = pl.DataFrame(
+        {"concept": list(layer_of), "layer": list(layer_of.values())}, schema={"concept": pl.String, "layer": pl.Int64}
+    )
     per = transfer.join(layer_df, on=["concept", "layer"], how="inner")
     mean = (
         per.group_by(["model", "source_lang", "target_lang"])
@@ -474,9 +657,15 @@ def transfer_asymmetry_table(transfer_best_df: pl.DataFrame, high: set[str]) -> 
         for s, t, d in part.select("source_lang", "target_lang", "delta").iter_rows():
             delta[pos[s], pos[t]] = d
         rows.append({"model": model, "concept": concept, **C.transfer_asymmetry(delta, langs, high)})
-    schema = {"model": pl.String, "concept": pl.String, "mean_high_to_low": pl.Float64,
-              "mean_low_to_high": pl.Float64, "high_minus_low": pl.Float64, "n_high_to_low": pl.Int64,
-              "n_low_to_high": pl.Int64}
+    schema = {
+        "model": pl.String,
+        "concept": pl.String,
+        "mean_high_to_low": pl.Float64,
+        "mean_low_to_high": pl.Float64,
+        "high_minus_low": pl.Float64,
+        "n_high_to_low": pl.Int64,
+        "n_low_to_high": pl.Int64,
+    }
     return pl.DataFrame(rows, schema=schema).sort("concept")
 
 
@@ -493,9 +682,9 @@ def distance_pairs(summary: pl.DataFrame, distances: pl.DataFrame, high: set[str
         distances.select("lang_a", "lang_b", "distance_type", "distance"), on=["lang_a", "lang_b"], how="inner"
     )
     groups = [pair_group(a, b, high) for a, b in joined.select("lang_a", "lang_b").iter_rows()]
-    return joined.with_columns(relatedness=1.0 - pl.col("distance"),
-                               pair_group=pl.Series(groups, dtype=pl.String)).sort(
-        ["concept", "distance_type", "lang_a", "lang_b"])
+    return joined.with_columns(
+        relatedness=1.0 - pl.col("distance"), pair_group=pl.Series(groups, dtype=pl.String)
+    ).sort(["concept", "distance_type", "lang_a", "lang_b"])
 
 
 SUBSETS: dict[str, tuple[str, ...]] = {
@@ -514,13 +703,29 @@ def distance_correlation(pairs: pl.DataFrame, status: list[dict]) -> pl.DataFram
             sub = part.filter(pl.col("pair_group").is_in(groups))
             r = C.correlate(sub["similarity"].to_numpy(), sub["relatedness"].to_numpy())
             if r["n"] < 3:
-                status.append(_status("correlation", concept, None, None,
-                                      f"{dt} correlation for concept {concept!r}, {subset} pairs: only {r['n']} "
-                                      "language pair(s); needs at least 3", status="warning"))
+                status.append(
+                    _status(
+                        "correlation",
+                        concept,
+                        None,
+                        None,
+                        f"{dt} correlation for concept {concept!r}, {subset} pairs: only {r['n']} "
+                        "language pair(s); needs at least 3",
+                        status="warning",
+                    )
+                )
             rows.append({"model": model, "concept": concept, "distance_type": dt, "subset": subset, **r})
-    schema = {"model": pl.String, "concept": pl.String, "distance_type": pl.String, "subset": pl.String,
-              "n": pl.Int64, "pearson_r": pl.Float64, "pearson_p": pl.Float64, "spearman_rho": pl.Float64,
-              "spearman_p": pl.Float64}
+    schema = {
+        "model": pl.String,
+        "concept": pl.String,
+        "distance_type": pl.String,
+        "subset": pl.String,
+        "n": pl.Int64,
+        "pearson_r": pl.Float64,
+        "pearson_p": pl.Float64,
+        "spearman_rho": pl.Float64,
+        "spearman_p": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema).sort(["concept", "distance_type", "subset"])
 
 
@@ -536,6 +741,9 @@ def select_concept_vectors(
     wanted = layers if layers is not None else sorted(found)
     absent = [layer for layer in wanted if layer not in found]
     if absent or not wanted:
-        raise DataError(f"no {concept!r} vector for language {lang!r} at layer(s) {absent or wanted}",
-                        where="vectors table", fix="analyse those layers first, or pick layers that were analysed")
+        raise DataError(
+            f"no {concept!r} vector for language {lang!r} at layer(s) {absent or wanted}",
+            where="vectors table",
+            fix="analyse those layers first, or pick layers that were analysed",
+        )
     return {layer: found[layer] for layer in wanted}

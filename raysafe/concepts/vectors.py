@@ -119,7 +119,13 @@ def normalised_margin(v: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def cross_validated_accuracy(
-    pos: np.ndarray, neg: np.ndarray, method: str = "mean_diff", *, folds: int = 5, seed: int = 0, logistic_C: float = 1.0
+    pos: np.ndarray,
+    neg: np.ndarray,
+    method: str = "mean_diff",
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    logistic_C: float = 1.0,
 ) -> tuple[float, float]:
     """(accuracy, normalised margin) of ``method`` estimated on the given (train) pairs alone by ``folds``-fold
     cross-validation over pairs; with fewer pairs than folds, in-sample. Used to choose layers without test data."""

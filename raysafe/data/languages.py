@@ -17,7 +17,9 @@ ISO_639_1 = frozenset(
 )
 
 # ISO 639-3 codes used by multilingual safety sets for languages (or varieties) without a fitting 639-1 code.
-EXTRA_CODES = frozenset({"ckb", "kmr", "yue", "fil", "ceb", "hmn", "haw", "nso", "zgh", "sat", "mai", "bho", "mni", "doi"})
+EXTRA_CODES = frozenset(
+    {"ckb", "kmr", "yue", "fil", "ceb", "hmn", "haw", "nso", "zgh", "sat", "mai", "bho", "mni", "doi"}
+)
 
 # High-resource languages by default (used to split analyses into high vs low resource; configurable per model).
 HIGH_RESOURCE_DEFAULT = ("en", "zh", "ru", "ja", "de", "fr", "es", "it", "pt", "ar", "ko", "nl", "pl", "vi", "tr")

@@ -49,9 +49,7 @@ class LanguageMixture:
             weights = [1.0] * len(languages)
         weights = [float(w) for w in weights]
         if len(weights) != len(languages):
-            raise ConfigError(
-                f"{len(weights)} weights for {len(languages)} languages", where="mixture.weights"
-            )
+            raise ConfigError(f"{len(weights)} weights for {len(languages)} languages", where="mixture.weights")
         if any(not np.isfinite(w) or w < 0 for w in weights):
             raise ConfigError(f"weights must be finite and >= 0, got {weights}", where="mixture.weights")
         if always_include_anchor and anchor not in languages:
@@ -140,7 +138,9 @@ class LanguageMixture:
         The dominant language is the anchor (always included only if ``always_include_anchor``).
         """
         if not 0.0 < dominant_share < 1.0:
-            raise ConfigError(f"dominant_share must lie in (0, 1), got {dominant_share}", where="mixture.dominant_share")
+            raise ConfigError(
+                f"dominant_share must lie in (0, 1), got {dominant_share}", where="mixture.dominant_share"
+            )
         rest = list(rest)
         if not rest:
             raise ConfigError("a dominant/balanced mixture needs other languages", where="mixture.rest")

@@ -32,7 +32,11 @@ def fixture_path(name: str) -> Path:
 
 def _read_file(path: Path) -> pl.DataFrame:
     if not path.exists():
-        raise DataError(f"data file {path} does not exist", where="data.path", fix="give an existing Parquet/JSONL/CSV file or directory")
+        raise DataError(
+            f"data file {path} does not exist",
+            where="data.path",
+            fix="give an existing Parquet/JSONL/CSV file or directory",
+        )
     suffix = path.suffix.lower()
     try:
         if path.is_dir():
@@ -47,7 +51,9 @@ def _read_file(path: Path) -> pl.DataFrame:
             return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema_length=10000)
     except (pl.exceptions.PolarsError, json.JSONDecodeError, OSError) as e:
         raise DataError(f"cannot read {path}: {e}", where=str(path), fix="check the file's format") from None
-    raise DataError(f"unsupported file type {suffix!r}", where=str(path), fix="use .parquet, .jsonl, .json, .csv or .tsv")
+    raise DataError(
+        f"unsupported file type {suffix!r}", where=str(path), fix="use .parquet, .jsonl, .json, .csv or .tsv"
+    )
 
 
 def _read_jsonl(path: Path) -> pl.DataFrame:
@@ -59,7 +65,9 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"line {i} is not valid JSON: {e.msg}", where=f"{path}:{i}", fix="fix or remove that line") from None
+                raise DataError(
+                    f"line {i} is not valid JSON: {e.msg}", where=f"{path}:{i}", fix="fix or remove that line"
+                ) from None
     return pl.DataFrame(rows, strict=False, infer_schema_length=None)
 
 
@@ -82,7 +90,10 @@ def _read_hub(spec: SourceSpec) -> pl.DataFrame:
         frames = [one(sub).with_columns(pl.lit(lang).alias("lang")) for lang, sub in spec.subsets_by_lang.items()]
         return pl.concat(frames, how="diagonal_relaxed")
     if spec.splits_by_lang:
-        frames = [one(spec.subset, split).with_columns(pl.lit(lang).alias("lang")) for lang, split in spec.splits_by_lang.items()]
+        frames = [
+            one(spec.subset, split).with_columns(pl.lit(lang).alias("lang"))
+            for lang, split in spec.splits_by_lang.items()
+        ]
         return pl.concat(frames, how="diagonal_relaxed")
     return one(spec.subset)
 
@@ -111,7 +122,9 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
     if spec.lang is not None:
         df = df.with_columns(pl.lit(spec.lang).alias("lang"))
     if spec.label_map and "label" in df.columns:
-        df = df.with_columns(pl.col("label").cast(pl.String).replace_strict(spec.label_map, default=None, return_dtype=pl.Int64))
+        df = df.with_columns(
+            pl.col("label").cast(pl.String).replace_strict(spec.label_map, default=None, return_dtype=pl.Int64)
+        )
     if spec.languages and "lang" in df.columns:
         df = df.filter(pl.col("lang").is_in(spec.languages))
     if spec.limit_per_lang and "lang" in df.columns:
@@ -127,8 +140,11 @@ def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
     """Rows of the first ``n`` group_ids of each class (label or concept, and split), in source order: the same items
     in every language, so a subset of a parallel set stays parallel."""
     if "group_id" not in df.columns:
-        raise DataError("items_per_class needs a group_id column (one id per item across its translations)",
-                        where=where, fix="map the item id column to group_id in data.columns, or use limit_per_lang")
+        raise DataError(
+            "items_per_class needs a group_id column (one id per item across its translations)",
+            where=where,
+            fix="map the item id column to group_id in data.columns, or use limit_per_lang",
+        )
     strata = [c for c in ("label", "concept", "split") if c in df.columns]
     items = df.select("group_id", *strata).unique(subset="group_id", keep="first", maintain_order=True)
     if strata:
@@ -148,17 +164,24 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             fix="map source columns with data.columns (e.g. {sentence: text}) or set data.lang for a one-language source",
         )
     if df.height == 0:
-        raise DataError(f"{contract.name}: the source has no rows (after filters)", where=where, fix="check data.languages / limits")
+        raise DataError(
+            f"{contract.name}: the source has no rows (after filters)", where=where, fix="check data.languages / limits"
+        )
     df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
 
     def rows_desc(bad: pl.DataFrame) -> str:
         cols = [c for c in ("row_id", "group_id", "lang") if c in bad.columns]
-        return "; ".join(", ".join(f"{c}={r[c]!r}" for c in cols) for r in bad.head(5).select(cols).iter_rows(named=True))
+        return "; ".join(
+            ", ".join(f"{c}={r[c]!r}" for c in cols) for r in bad.head(5).select(cols).iter_rows(named=True)
+        )
 
     for field in contract.text_fields:
         if df.schema[field] not in (pl.String, pl.Null):
-            raise DataError(f"{contract.name}: field {field!r} holds {df.schema[field]}, not text", where=f"{where}, field {field}",
-                            fix="make that column a string column")
+            raise DataError(
+                f"{contract.name}: field {field!r} holds {df.schema[field]}, not text",
+                where=f"{where}, field {field}",
+                fix="make that column a string column",
+            )
         bad = df.filter(pl.col(field).is_null() | (pl.col(field).str.strip_chars() == ""))
         if bad.height:
             raise DataError(
@@ -171,8 +194,11 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             df = df.with_columns(pl.col(col).cast(pl.String))
             bad = df.filter(pl.col(col).is_null())
             if bad.height:
-                raise DataError(f"{contract.name}: {bad.height} row(s) have no {col}", where=f"{where}: {rows_desc(bad)}",
-                                fix=f"give every row a {col}")
+                raise DataError(
+                    f"{contract.name}: {bad.height} row(s) have no {col}",
+                    where=f"{where}: {rows_desc(bad)}",
+                    fix=f"give every row a {col}",
+                )
     if "lang" in df.columns:
         unknown = sorted({c for c in df["lang"].unique().to_list() if not is_known(c)})
         if unknown:
@@ -186,8 +212,11 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
         try:
             df = df.with_columns(pl.col("label").cast(pl.Int64, strict=True))
         except pl.exceptions.PolarsError:
-            raise DataError(f"{contract.name}: field 'label' must hold integers", where=f"{where}, field label",
-                            fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})") from None
+            raise DataError(
+                f"{contract.name}: field 'label' must hold integers",
+                where=f"{where}, field label",
+                fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})",
+            ) from None
     keep = ["row_id"] + [c for c in contract.columns if c in df.columns]
     extra = [c for c in ("category", "concept", "split", "source") if c in df.columns and c not in keep]
     return df.select(keep + extra)
@@ -200,10 +229,16 @@ def load_table(spec: SourceSpec, contract: Contract) -> pl.DataFrame:
     one per row, ``<lang>-<position within the language>``: its rows are then not linked across languages."""
     df = read_source(spec)
     if "group_id" in contract.required and "group_id" not in df.columns and "lang" in df.columns:
-        log.warning("%s has no group_id column: numbering its rows per language (<lang>-<i>); map an id column with "
-                    "data.columns to link translations", _source_label(spec))
-        df = df.with_columns((pl.col("lang").cast(pl.String) + "-"
-                              + pl.int_range(pl.len()).over("lang").cast(pl.String)).alias("group_id"))
+        log.warning(
+            "%s has no group_id column: numbering its rows per language (<lang>-<i>); map an id column with "
+            "data.columns to link translations",
+            _source_label(spec),
+        )
+        df = df.with_columns(
+            (pl.col("lang").cast(pl.String) + "-" + pl.int_range(pl.len()).over("lang").cast(pl.String)).alias(
+                "group_id"
+            )
+        )
     return validate(df, contract, _source_label(spec))
 
 

@@ -39,7 +39,8 @@ class GenerationSpec(Strict):
     seed: int = Field(0, description="sampling seed (per shard and batch; irrelevant for greedy decoding)")
     stop_strings: list[str] = Field(default_factory=list, description="cut the response at the first of these")
     chat_template: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: wrap the prompt as a user turn when the tokenizer has a chat template")
+        "auto", description="auto: wrap the prompt as a user turn when the tokenizer has a chat template"
+    )
     system_prompt: str | None = Field(None, description="system turn (chat template only)")
     plain_format: str = Field("{prompt}", description="prompt text without a chat template; must contain {prompt}")
     max_prompt_tokens: int = Field(1024, ge=4, description="longer prompts keep their last tokens (and BOS)")
@@ -80,8 +81,10 @@ class JudgeSpec(Strict):
     # classifier
     model: ModelSpec | None = Field(None, description="classifier: the safety classifier model")
     prompt_format: str | None = Field(
-        None, description="classifier/openai: the judge's input text with {prompt} and {response}; classifier: "
-        "None uses the tokenizer's chat template over the conversation")
+        None,
+        description="classifier/openai: the judge's input text with {prompt} and {response}; classifier: "
+        "None uses the tokenizer's chat template over the conversation",
+    )
     max_new_tokens: int = Field(12, ge=1, description="classifier/openai: tokens of verdict to read")
     batch_size: int = Field(8, ge=1)
     max_input_tokens: int = Field(4096, ge=16, description="classifier: longer inputs keep their last tokens")
@@ -100,8 +103,9 @@ class JudgeSpec(Strict):
             raise ValueError("a classifier judge needs `model` (hub id or path of e.g. meta-llama/Llama-Guard-3-8B)")
         if self.kind == "openai" and not self.endpoint_model:
             raise ValueError("an openai judge needs `endpoint_model` (the model name the endpoint serves)")
-        if self.prompt_format is not None and ("{prompt}" not in self.prompt_format
-                                               or "{response}" not in self.prompt_format):
+        if self.prompt_format is not None and (
+            "{prompt}" not in self.prompt_format or "{response}" not in self.prompt_format
+        ):
             raise ValueError("prompt_format must contain {prompt} and {response}")
         return self
 
@@ -122,21 +126,28 @@ class EvalSetSpec(Strict):
     name: str
     sources: list[SourceSpec]
     metric: Literal["safety_rate", "attack_success_rate"] = Field(
-        "safety_rate", description="attack_success_rate (= 1 - safety rate) for jailbreak sets")
+        "safety_rate", description="attack_success_rate (= 1 - safety rate) for jailbreak sets"
+    )
     split: str | None = Field(None, description="keep rows of this split (sources without a split column: all rows)")
     harmful_only: bool = Field(
-        True, description="keep only harmful prompts (label 1; unlabelled rows count as harmful); false also "
-        "generates for harmless prompts (label 0) and reports the over-refusal rate on them")
+        True,
+        description="keep only harmful prompts (label 1; unlabelled rows count as harmful); false also "
+        "generates for harmless prompts (label 0) and reports the over-refusal rate on them",
+    )
     references: SourceSpec | None = Field(
-        None, description="reference answers (preference-pair contract: chosen = safe, rejected = unsafe) joined "
-        "by group_id (and lang, or reference_lang when they have none); used by the offline judge")
+        None,
+        description="reference answers (preference-pair contract: chosen = safe, rejected = unsafe) joined "
+        "by group_id (and lang, or reference_lang when they have none); used by the offline judge",
+    )
     reference_lang: str = "en"
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if safe_label(v) != v:
-            raise ValueError(f"set names are used in paths: use letters, digits, '.', '_' or '-' (e.g. {safe_label(v)!r})")
+            raise ValueError(
+                f"set names are used in paths: use letters, digits, '.', '_' or '-' (e.g. {safe_label(v)!r})"
+            )
         return v
 
     @field_validator("sources")
@@ -156,8 +167,10 @@ class UtilitySpec(Strict):
     enabled: bool = True
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(kind="fixture", name="mc_questions")])
     scoring: Literal["letter", "option"] = Field(
-        "letter", description="letter: log-prob of ' A'..' D' after the prompt; option: mean log-prob per token "
-        "of each option's text")
+        "letter",
+        description="letter: log-prob of ' A'..' D' after the prompt; option: mean log-prob per token "
+        "of each option's text",
+    )
     prompt_format: str = Field(MC_PROMPT, description="fields {question} {A} {B} {C} {D}")
     split: str | None = Field(None, description="keep rows of this split when the source has one")
     max_length: int = Field(1024, ge=8, description="context tokens (longer: keep the last ones)")
@@ -181,8 +194,9 @@ class MetricsSpec(Strict):
 
 
 def _default_sets() -> list[EvalSetSpec]:
-    return [EvalSetSpec(name="safety_prompts", sources=[SourceSpec(kind="fixture", name="safety_prompts")],
-                        split="test")]
+    return [
+        EvalSetSpec(name="safety_prompts", sources=[SourceSpec(kind="fixture", name="safety_prompts")], split="test")
+    ]
 
 
 def model_label(spec: ModelSpec) -> str:
@@ -200,12 +214,16 @@ def model_label(spec: ModelSpec) -> str:
 class EvaluateConfig(Strict):
     """`raysafe evaluate`: generate responses per language, judge them, and report multilingual safety metrics."""
 
-    models: list[ModelSpec] = Field(description="models to evaluate: 'gemma3-270m', a hub id, a local HF directory "
-                                    "(e.g. a training checkpoint's .../model) or a .gguf file")
+    models: list[ModelSpec] = Field(
+        description="models to evaluate: 'gemma3-270m', a hub id, a local HF directory "
+        "(e.g. a training checkpoint's .../model) or a .gguf file"
+    )
     sets: list[EvalSetSpec] = Field(default_factory=_default_sets)
     languages: list[str] | None = Field(
-        None, description="evaluate these languages (listed ones without prompts appear in the tables with 0 "
-        "prompts); None: every language of the sets")
+        None,
+        description="evaluate these languages (listed ones without prompts appear in the tables with 0 "
+        "prompts); None: every language of the sets",
+    )
     generation: GenerationSpec = GenerationSpec()
     judges: list[JudgeSpec] = Field(default_factory=lambda: [JudgeSpec(kind="offline")])
     utility: UtilitySpec = UtilitySpec()

@@ -23,8 +23,20 @@ from raysafe.errors import DataError
 from raysafe.evaluate.config import EvalSetSpec, UtilitySpec
 
 EVAL_FIXTURES = ("mc_questions",)
-PROMPT_COLUMNS = ["row_id", "set", "metric", "group_id", "lang", "text", "label", "harmful", "split", "category",
-                  "reference_safe", "reference_unsafe"]
+PROMPT_COLUMNS = [
+    "row_id",
+    "set",
+    "metric",
+    "group_id",
+    "lang",
+    "text",
+    "label",
+    "harmful",
+    "split",
+    "category",
+    "reference_safe",
+    "reference_unsafe",
+]
 
 
 def _label(spec: SourceSpec) -> str:
@@ -41,8 +53,11 @@ def _eval_fixture(spec: SourceSpec) -> SourceSpec:
 
 def _with_group_ids(df: pl.DataFrame, prefix: str) -> pl.DataFrame:
     if "group_id" not in df.columns:
-        df = df.with_row_index("_gid").with_columns((pl.lit(f"{prefix}-") + pl.col("_gid").cast(pl.String))
-                                                    .alias("group_id")).drop("_gid")
+        df = (
+            df.with_row_index("_gid")
+            .with_columns((pl.lit(f"{prefix}-") + pl.col("_gid").cast(pl.String)).alias("group_id"))
+            .drop("_gid")
+        )
     return df
 
 
@@ -52,8 +67,12 @@ def _references(s: EvalSetSpec) -> pl.DataFrame | None:
     ref = load_table(s.references, PREFERENCE_PAIRS)
     if "lang" not in ref.columns:
         ref = ref.with_columns(pl.lit(s.reference_lang).alias("lang"))
-    ref = ref.select("group_id", pl.col("lang").fill_null(s.reference_lang),
-                     pl.col("chosen").alias("reference_safe"), pl.col("rejected").alias("reference_unsafe"))
+    ref = ref.select(
+        "group_id",
+        pl.col("lang").fill_null(s.reference_lang),
+        pl.col("chosen").alias("reference_safe"),
+        pl.col("rejected").alias("reference_unsafe"),
+    )
     return ref.unique(["group_id", "lang"], keep="first")
 
 
@@ -77,14 +96,18 @@ def load_set(s: EvalSetSpec) -> pl.DataFrame:
     dup = df.filter(pl.struct("group_id", "lang").is_duplicated())
     if dup.height:
         ex = dup.head(3).select("group_id", "lang").rows()
-        raise DataError(f"evaluation set {s.name!r}: {dup.height} rows repeat a (group_id, lang) pair, e.g. {ex}",
-                        where=f"sets[{s.name}].sources", fix="give each translation of a prompt one row")
+        raise DataError(
+            f"evaluation set {s.name!r}: {dup.height} rows repeat a (group_id, lang) pair, e.g. {ex}",
+            where=f"sets[{s.name}].sources",
+            fix="give each translation of a prompt one row",
+        )
     ref = _references(s)
     if ref is not None:
         df = df.join(ref, on=["group_id", "lang"], how="left")
     else:
-        df = df.with_columns(pl.lit(None, pl.String).alias("reference_safe"),
-                             pl.lit(None, pl.String).alias("reference_unsafe"))
+        df = df.with_columns(
+            pl.lit(None, pl.String).alias("reference_safe"), pl.lit(None, pl.String).alias("reference_unsafe")
+        )
     return df.with_columns(pl.lit(s.name).alias("set"), pl.lit(s.metric).alias("metric"))
 
 
@@ -96,8 +119,11 @@ def load_prompts(sets: list[EvalSetSpec]) -> pl.DataFrame:
         raise DataError(f"evaluation set names repeat: {dup}", where="sets[].name", fix="give every set its own name")
     df = pl.concat([load_set(s) for s in sets], how="vertical_relaxed")
     if df.height == 0:
-        raise DataError("the evaluation sets hold no prompts after filters (split, harmful_only, languages)",
-                        where="sets", fix="check sets[].split, sets[].harmful_only and the sources' languages")
+        raise DataError(
+            "the evaluation sets hold no prompts after filters (split, harmful_only, languages)",
+            where="sets",
+            fix="check sets[].split, sets[].harmful_only and the sources' languages",
+        )
     df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
     return df.select(PROMPT_COLUMNS)
 
@@ -121,38 +147,72 @@ def normalize_mc(df: pl.DataFrame, where: str, prefix: str) -> pl.DataFrame:
     rename = {c: c.lower() for c in df.columns if c in ("Question", "Answer", "Subject", "Choices")}
     df = df.rename(rename)
     if "lang" not in df.columns:
-        raise DataError("multiple-choice rows have no language", where=where,
-                        fix="add a lang column or set `lang:` on the source (one source per language for MMMLU)")
+        raise DataError(
+            "multiple-choice rows have no language",
+            where=where,
+            fix="add a lang column or set `lang:` on the source (one source per language for MMMLU)",
+        )
     if "question" not in df.columns:
-        raise DataError(f"multiple-choice rows have no question column (columns: {df.columns})", where=where,
-                        fix="map it with `columns: {<name>: question}`")
+        raise DataError(
+            f"multiple-choice rows have no question column (columns: {df.columns})",
+            where=where,
+            fix="map it with `columns: {<name>: question}`",
+        )
     if "choices" not in df.columns:
         if not all(c in df.columns for c in ("A", "B", "C", "D")):
-            raise DataError(f"multiple-choice rows need a `choices` list or columns A, B, C, D (have {df.columns})",
-                            where=where, fix="map the option columns with `columns:`")
+            raise DataError(
+                f"multiple-choice rows need a `choices` list or columns A, B, C, D (have {df.columns})",
+                where=where,
+                fix="map the option columns with `columns:`",
+            )
         df = df.with_columns(pl.concat_list([pl.col(c).cast(pl.String) for c in "ABCD"]).alias("choices"))
     if "answer" not in df.columns:
         raise DataError("multiple-choice rows have no answer column", where=where, fix="map it with `columns:`")
     df = _with_group_ids(df, prefix)
     rows = []
-    for i, r in enumerate(df.select([c for c in ("group_id", "lang", "question", "choices", "answer", "subject")
-                                     if c in df.columns]).iter_rows(named=True)):
+    for i, r in enumerate(
+        df.select(
+            [c for c in ("group_id", "lang", "question", "choices", "answer", "subject") if c in df.columns]
+        ).iter_rows(named=True)
+    ):
         loc = f"{where}: row {i}, group_id={r['group_id']!r}, lang={r['lang']!r}"
         if not is_known(str(r["lang"])):
-            raise DataError(f"unknown language code {r['lang']!r}", where=loc,
-                            fix="use ISO 639-1 codes, or list extra codes in RAYSAFE_EXTRA_LANGS")
+            raise DataError(
+                f"unknown language code {r['lang']!r}",
+                where=loc,
+                fix="use ISO 639-1 codes, or list extra codes in RAYSAFE_EXTRA_LANGS",
+            )
         q = r["question"]
         if not isinstance(q, str) or not q.strip():
             raise DataError("empty or missing question", where=f"{loc}, field question", fix="fill or remove the row")
         ch = r["choices"]
         if ch is None or len(ch) != 4 or any((not isinstance(c, str)) or not c.strip() for c in ch):
-            raise DataError(f"a question needs exactly 4 non-empty options, got {ch!r}", where=f"{loc}, field choices",
-                            fix="give four options")
-        rows.append({"group_id": str(r["group_id"]), "lang": str(r["lang"]), "question": q, "choices": list(ch),
-                     "answer": _answer_index(r["answer"], f"{loc}, field answer"),
-                     "subject": str(r.get("subject") or "")})
-    return pl.DataFrame(rows, schema={"group_id": pl.String, "lang": pl.String, "question": pl.String,
-                                      "choices": pl.List(pl.String), "answer": pl.Int64, "subject": pl.String})
+            raise DataError(
+                f"a question needs exactly 4 non-empty options, got {ch!r}",
+                where=f"{loc}, field choices",
+                fix="give four options",
+            )
+        rows.append(
+            {
+                "group_id": str(r["group_id"]),
+                "lang": str(r["lang"]),
+                "question": q,
+                "choices": list(ch),
+                "answer": _answer_index(r["answer"], f"{loc}, field answer"),
+                "subject": str(r.get("subject") or ""),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "group_id": pl.String,
+            "lang": pl.String,
+            "question": pl.String,
+            "choices": pl.List(pl.String),
+            "answer": pl.Int64,
+            "subject": pl.String,
+        },
+    )
 
 
 def load_mc(spec: UtilitySpec) -> pl.DataFrame:
@@ -166,11 +226,17 @@ def load_mc(spec: UtilitySpec) -> pl.DataFrame:
         frames.append(normalize_mc(raw, _label(src), "q"))
     df = pl.concat(frames) if frames else pl.DataFrame()
     if df.height == 0:
-        raise DataError("the utility sources hold no questions", where="utility.sources",
-                        fix="check the sources, or set utility.enabled=false")
+        raise DataError(
+            "the utility sources hold no questions",
+            where="utility.sources",
+            fix="check the sources, or set utility.enabled=false",
+        )
     dup = df.filter(pl.struct("group_id", "lang").is_duplicated())
     if dup.height:
-        raise DataError(f"{dup.height} multiple-choice rows repeat a (group_id, lang) pair, e.g. "
-                        f"{dup.head(3).select('group_id', 'lang').rows()}", where="utility.sources",
-                        fix="give each source its own group ids (or drop duplicates)")
+        raise DataError(
+            f"{dup.height} multiple-choice rows repeat a (group_id, lang) pair, e.g. "
+            f"{dup.head(3).select('group_id', 'lang').rows()}",
+            where="utility.sources",
+            fix="give each source its own group ids (or drop duplicates)",
+        )
     return df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))

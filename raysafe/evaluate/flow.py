@@ -37,12 +37,6 @@ from raysafe.tables import write_table
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
 @dataclass
 class EvaluateResult:
     output_dir: Path
@@ -57,33 +51,46 @@ class EvaluateResult:
     mlflow_run_id: str | None = None
 
     def summary(self) -> str:
-        lines = [f"evaluation in {self.output_dir} ({self.seconds:.0f} s; generation shards made now: "
-                 f"{self.shards_generated}; judgement shards made now: {self.shards_judged})"]
+        lines = [
+            f"evaluation in {self.output_dir} ({self.seconds:.0f} s; generation shards made now: "
+            f"{self.shards_generated}; judgement shards made now: {self.shards_judged})"
+        ]
         for key, sub in self.per_language.group_by(["model", "judge", "set"], maintain_order=True):
             model, judge, set_name = key
             metric = sub["metric"][0]
             lines.append(f"\n{model} · judge {judge} · set {set_name} · {metric}")
-            lines.append(f"  {'lang':<5}{'prompts':>8}{'safe':>6}{'unsafe':>7}{'unpars':>7}{'empty':>6}"
-                         f"{'value':>8}  {'95% CI':<15}status")
+            lines.append(
+                f"  {'lang':<5}{'prompts':>8}{'safe':>6}{'unsafe':>7}{'unpars':>7}{'empty':>6}"
+                f"{'value':>8}  {'95% CI':<15}status"
+            )
             for r in sub.iter_rows(named=True):
                 v = "   n/a" if r["value"] != r["value"] else f"{r['value']:6.3f}"
                 ci = "" if r["ci_low"] != r["ci_low"] else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                lines.append(f"  {r['lang']:<5}{r['n_prompts']:>8}{r['n_safe']:>6}{r['n_unsafe']:>7}"
-                             f"{r['n_unparsed']:>7}{r['n_empty']:>6}  {v}  {ci:<15}{r['status']}")
-            s = self.summary_table.filter((pl.col("model") == model) & (pl.col("judge") == judge)
-                                          & (pl.col("set") == set_name)).row(0, named=True)
-            lines.append(f"  mean {s['mean']:.3f} [{s['mean_ci_low']:.3f}, {s['mean_ci_high']:.3f}]  variance "
-                         f"{s['variance_pp2']:.1f} pp² [{s['variance_ci_low']:.1f}, {s['variance_ci_high']:.1f}]  "
-                         f"agreement {s['agreement']:.3f} [{s['agreement_ci_low']:.3f}, {s['agreement_ci_high']:.3f}]"
-                         f"  unparsed {s['n_unparsed']}  empty {s['n_empty']}  languages without prompts: "
-                         f"{s['languages_without_prompts'] or 'none'}")
+                lines.append(
+                    f"  {r['lang']:<5}{r['n_prompts']:>8}{r['n_safe']:>6}{r['n_unsafe']:>7}"
+                    f"{r['n_unparsed']:>7}{r['n_empty']:>6}  {v}  {ci:<15}{r['status']}"
+                )
+            s = self.summary_table.filter(
+                (pl.col("model") == model) & (pl.col("judge") == judge) & (pl.col("set") == set_name)
+            ).row(0, named=True)
+            lines.append(
+                f"  mean {s['mean']:.3f} [{s['mean_ci_low']:.3f}, {s['mean_ci_high']:.3f}]  variance "
+                f"{s['variance_pp2']:.1f} pp² [{s['variance_ci_low']:.1f}, {s['variance_ci_high']:.1f}]  "
+                f"agreement {s['agreement']:.3f} [{s['agreement_ci_low']:.3f}, {s['agreement_ci_high']:.3f}]"
+                f"  unparsed {s['n_unparsed']}  empty {s['n_empty']}  languages without prompts: "
+                f"{s['languages_without_prompts'] or 'none'}"
+            )
         if self.utility.height:
             for (model,), sub in self.utility.group_by(["model"], maintain_order=True):
-                acc = "  ".join(f"{r['lang']} {r['accuracy']:.2f}" if r["status"] == "ok" else f"{r['lang']} n/a"
-                                for r in sub.iter_rows(named=True))
+                acc = "  ".join(
+                    f"{r['lang']} {r['accuracy']:.2f}" if r["status"] == "ok" else f"{r['lang']} n/a"
+                    for r in sub.iter_rows(named=True)
+                )
                 s = self.summary_table.filter(pl.col("model") == model).row(0, named=True)
-                lines.append(f"\n{model} · multiple-choice accuracy (chance 0.25): mean {s['utility_accuracy']:.3f} "
-                             f"[{s['utility_ci_low']:.3f}, {s['utility_ci_high']:.3f}] · {acc}")
+                lines.append(
+                    f"\n{model} · multiple-choice accuracy (chance 0.25): mean {s['utility_accuracy']:.3f} "
+                    f"[{s['utility_ci_low']:.3f}, {s['utility_ci_high']:.3f}] · {acc}"
+                )
         lines.append(f"\ntables: {self.paths.get('per_language_csv')}, {self.paths.get('summary_csv')}")
         if self.mlflow_run_id:
             lines.append(f"MLflow run {self.mlflow_run_id}")
@@ -139,10 +146,15 @@ def _run_pool(items: list[dict], stage, kwargs: dict, ray_spec: RaySpec, desc: s
     ensure_ray(ray_spec)
     quiet_ray_data()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=1,
-                        num_gpus=ray_spec.num_gpus_per_actor or None, num_cpus=ray_spec.num_cpus_per_actor,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_spec.num_actors),
-                        **actor_remote_args(ray_spec))
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        num_gpus=ray_spec.num_gpus_per_actor or None,
+        num_cpus=ray_spec.num_cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ray_spec.num_actors),
+        **actor_remote_args(ray_spec),
+    )
     out = []
     try:
         with tqdm(total=len(items), desc=desc, unit="shard", disable=not progress) as bar:
@@ -184,8 +196,11 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
     if cfg.languages is not None:
         prompts = prompts.filter(pl.col("lang").is_in(cfg.languages))
         if prompts.height == 0:
-            raise DataError(f"no prompt of the sets is in languages {cfg.languages}", where="languages",
-                            fix="list languages the sets have, or leave `languages` unset")
+            raise DataError(
+                f"no prompt of the sets is in languages {cfg.languages}",
+                where="languages",
+                fix="list languages the sets have, or leave `languages` unset",
+            )
         prompts = prompts.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
     langs = _languages(cfg, list(dict.fromkeys(prompts["lang"].to_list())))
     prompts_fp = fingerprint(prompts)
@@ -195,8 +210,11 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
         if cfg.languages is not None:
             mc = mc.filter(pl.col("lang").is_in(cfg.languages))
             if mc.height == 0:
-                raise DataError(f"no multiple-choice question is in languages {cfg.languages}", where="utility.sources",
-                                fix="add questions in those languages, or set utility.enabled=false")
+                raise DataError(
+                    f"no multiple-choice question is in languages {cfg.languages}",
+                    where="utility.sources",
+                    fix="add questions in those languages, or set utility.enabled=false",
+                )
             mc = mc.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
     mc_langs = _languages(cfg, list(dict.fromkeys(mc["lang"].to_list()))) if mc is not None else []
     mc_fp = fingerprint(mc) if mc is not None else None
@@ -208,22 +226,29 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
         elif j.kind == "openai":
             make_judge(j)  # raises ConfigError when the endpoint's environment variable is unset
     n_prompt_shards = write_inputs(store.prompts.root, prompts, cfg.generation.shard_rows, prompts_fp, "prompts")
-    n_mc_shards = (write_inputs(store.mc.root, mc, cfg.utility.shard_rows, mc_fp, "questions")
-                   if mc is not None else 0)
+    n_mc_shards = write_inputs(store.mc.root, mc, cfg.utility.shard_rows, mc_fp, "questions") if mc is not None else 0
     gen_ids = {}
     for spec in cfg.models:
         label = model_label(spec)
-        gen_ids[label] = {"model_path": spec.path, "fingerprint": fps[label], "prompts": prompts_fp,
-                          "generation": cfg.generation.model_dump(mode="json")}
+        gen_ids[label] = {
+            "model_path": spec.path,
+            "fingerprint": fps[label],
+            "prompts": prompts_fp,
+            "generation": cfg.generation.model_dump(mode="json"),
+        }
         claim(store.model_dir(label) / "model.json", gen_ids[label], f"generations of model {label!r}")
         if mc is not None:
-            claim(store.utility(label).root / "utility.json",
-                  {"fingerprint": fps[label], "questions": mc_fp, "utility": cfg.utility.model_dump(mode="json")},
-                  f"utility scores of model {label!r}")
+            claim(
+                store.utility(label).root / "utility.json",
+                {"fingerprint": fps[label], "questions": mc_fp, "utility": cfg.utility.model_dump(mode="json")},
+                f"utility scores of model {label!r}",
+            )
         for j in cfg.judges:
-            claim(store.judgements(label, j.label).root / "judge.json",
-                  {"judge": j.model_dump(mode="json", exclude={"ray"}), "generations": gen_ids[label]},
-                  f"judgements by {j.label!r}")
+            claim(
+                store.judgements(label, j.label).root / "judge.json",
+                {"judge": j.model_dump(mode="json", exclude={"ray"}), "generations": gen_ids[label]},
+                f"judgements by {j.label!r}",
+            )
 
     result = EvaluateResult(Path(cfg.output_dir), pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), pl.DataFrame())
     name = cfg.tracking.run_name or f"evaluate {'+'.join(model_label(m) for m in cfg.models)}"
@@ -237,11 +262,21 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
             items = [{"task": "generate", "shard_id": k} for k in gen_missing]
             items += [{"task": "mc", "shard_id": k} for k in mc_missing]
             if items:
-                _run_pool(items, ModelWorkerStage,
-                          {"model": spec.model_dump(), "generation": cfg.generation.model_dump(),
-                           "utility": cfg.utility.model_dump(), "store_root": str(store.root), "model_label": label,
-                           "torch_threads": _threads(cfg.ray)},
-                          cfg.ray, f"generate {label}", progress)
+                _run_pool(
+                    items,
+                    ModelWorkerStage,
+                    {
+                        "model": spec.model_dump(),
+                        "generation": cfg.generation.model_dump(),
+                        "utility": cfg.utility.model_dump(),
+                        "store_root": str(store.root),
+                        "model_label": label,
+                        "torch_threads": _threads(cfg.ray),
+                    },
+                    cfg.ray,
+                    f"generate {label}",
+                    progress,
+                )
             result.shards_generated[label] = len(gen_missing)
             gens = store.generations(label).read(n_prompt_shards)
             tokens = {k: (store.generations(label).info(k) or {}).get("token") for k in range(n_prompt_shards)}
@@ -250,9 +285,19 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
                 missing = jdir.stale_or_missing(n_prompt_shards, "generation_token", tokens)
                 if missing and j.kind == "classifier":
                     jray = j.ray or cfg.ray
-                    _run_pool([{"shard_id": k} for k in missing], ClassifierJudgeStage,
-                              {"judge": j.model_dump(), "store_root": str(store.root), "model_label": label,
-                               "torch_threads": _threads(jray)}, jray, f"judge {label} ({j.label})", progress)
+                    _run_pool(
+                        [{"shard_id": k} for k in missing],
+                        ClassifierJudgeStage,
+                        {
+                            "judge": j.model_dump(),
+                            "store_root": str(store.root),
+                            "model_label": label,
+                            "torch_threads": _threads(jray),
+                        },
+                        jray,
+                        f"judge {label} ({j.label})",
+                        progress,
+                    )
                 elif missing:
                     judge = make_judge(j)
                     for k in missing:
@@ -273,8 +318,9 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress
         if util_summ:
             summ = summ.join(pl.DataFrame(list(util_summ.values())), on="model", how="left")
         else:
-            summ = summ.with_columns(pl.lit(float("nan")).alias(c) for c in
-                                     ("utility_accuracy", "utility_ci_low", "utility_ci_high"))
+            summ = summ.with_columns(
+                pl.lit(float("nan")).alias(c) for c in ("utility_accuracy", "utility_ci_low", "utility_ci_high")
+            )
         result.summary_table = summ
         result.agreement_pairs = frame(pairs)
         result.utility = frame(util_rows)
@@ -301,21 +347,33 @@ def _write_outputs(cfg: EvaluateConfig, store: EvalStore, result: EvaluateResult
     from raysafe.plots import per_language_bars
 
     out = store.metrics_dir
-    for name, df in (("per_language", result.per_language), ("summary", result.summary_table),
-                     ("agreement_pairs", result.agreement_pairs), ("utility", result.utility)):
+    for name, df in (
+        ("per_language", result.per_language),
+        ("summary", result.summary_table),
+        ("agreement_pairs", result.agreement_pairs),
+        ("utility", result.utility),
+    ):
         if df.width:
             result.paths[f"{name}_parquet"], result.paths[f"{name}_csv"] = write_table(df, out, name)
     for (judge, set_name), sub in result.per_language.group_by(["judge", "set"], maintain_order=True):
         metric = sub["metric"][0]
-        p = per_language_bars(sub, out / f"per_language_{set_name}_{judge}.png",
-                              title=f"{set_name}: {metric.replace('_', ' ')} per language (judge {judge}, "
-                                    f"{int(cfg.metrics.confidence * 100)}% bootstrap CI)",
-                              ylabel=metric.replace("_", " "))
+        p = per_language_bars(
+            sub,
+            out / f"per_language_{set_name}_{judge}.png",
+            title=f"{set_name}: {metric.replace('_', ' ')} per language (judge {judge}, "
+            f"{int(cfg.metrics.confidence * 100)}% bootstrap CI)",
+            ylabel=metric.replace("_", " "),
+        )
         result.paths[f"figure_{set_name}_{judge}"] = p
     if result.utility.width:
         result.paths["figure_utility"] = per_language_bars(
-            result.utility, out / "utility_per_language.png", value="accuracy",
-            title="multiple-choice accuracy per language (dashed: chance 0.25)", ylabel="accuracy", hline=0.25)
+            result.utility,
+            out / "utility_per_language.png",
+            value="accuracy",
+            title="multiple-choice accuracy per language (dashed: chance 0.25)",
+            ylabel="accuracy",
+            hline=0.25,
+        )
     cfg_path = store.root / "config.yaml"
     atomic_write_bytes(cfg_path, dump_config(cfg).encode())
     result.paths["config"] = cfg_path

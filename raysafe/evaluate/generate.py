@@ -26,16 +26,18 @@ class Generation:
 def uses_chat_template(tok, mode: str) -> bool:
     has = bool(getattr(tok, "chat_template", None))
     if mode == "on" and not has:
-        raise ConfigError("generation.chat_template is 'on' but the tokenizer has no chat template",
-                          where="generation.chat_template",
-                          fix="use 'auto' (plain prompts for base models such as gemma3-270m) or an instruct model")
+        raise ConfigError(
+            "generation.chat_template is 'on' but the tokenizer has no chat template",
+            where="generation.chat_template",
+            fix="use 'auto' (plain prompts for base models such as gemma3-270m) or an instruct model",
+        )
     return has if mode == "auto" else mode == "on"
 
 
 def prompt_ids(tok, text: str, spec: GenerationSpec, chat: bool) -> list[int]:
     """Token ids of one prompt as the model sees it, left-truncated to ``spec.max_prompt_tokens`` (BOS kept)."""
     if chat:
-        msgs = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else [])
+        msgs = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
         msgs.append({"role": "user", "content": text})
         rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
@@ -44,7 +46,7 @@ def prompt_ids(tok, text: str, spec: GenerationSpec, chat: bool) -> list[int]:
     limit = spec.max_prompt_tokens
     if len(ids) > limit:
         bos = tok.bos_token_id
-        ids = ([bos] + ids[-(limit - 1):]) if (bos is not None and ids[0] == bos) else ids[-limit:]
+        ids = ([bos] + ids[-(limit - 1) :]) if (bos is not None and ids[0] == bos) else ids[-limit:]
     return ids
 
 
@@ -81,7 +83,7 @@ class StopOnStrings:
             if r in self.stopped_at:
                 done[r] = True
                 continue
-            text = self.tok.decode(input_ids[r, self.prompt_len:], skip_special_tokens=True)
+            text = self.tok.decode(input_ids[r, self.prompt_len :], skip_special_tokens=True)
             if any(s in text for s in self.stops):
                 self.stopped_at[r] = n_new
                 done[r] = True
@@ -89,9 +91,18 @@ class StopOnStrings:
 
 
 @torch.inference_mode()
-def generate_ids(model, tok, ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 16,
-                 temperature: float = 0.0, top_p: float = 1.0, stop_strings: list[str] | None = None,
-                 seed: int = 0) -> list[Generation]:
+def generate_ids(
+    model,
+    tok,
+    ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_strings: list[str] | None = None,
+    seed: int = 0,
+) -> list[Generation]:
     """One :class:`Generation` per token list, in input order (batches are length-sorted internally)."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -104,21 +115,30 @@ def generate_ids(model, tok, ids: list[list[int]], *, max_new_tokens: int, batch
     for b, rows in enumerate(plan):
         input_ids, mask = pad_batch([ids[i] for i in rows], pad, "left")
         prompt_len = input_ids.shape[1]
-        gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                              temperature=temperature if temperature > 0 else None,
-                              top_p=top_p if temperature > 0 else None, top_k=None,
-                              eos_token_id=eos or None, pad_token_id=pad)
+        gc = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=top_p if temperature > 0 else None,
+            top_k=None,
+            eos_token_id=eos or None,
+            pad_token_id=pad,
+        )
         crit = StopOnStrings(tok, stops, prompt_len) if stops else None
         if temperature > 0:
             torch.manual_seed(seed * 1_000_003 + b)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                             stopping_criteria=StoppingCriteriaList([crit]) if crit else None)
+        gen = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=gc,
+            stopping_criteria=StoppingCriteriaList([crit]) if crit else None,
+        )
         new = gen[:, prompt_len:].cpu().tolist()
         for j, i in enumerate(rows):
             toks = new[j]
             end = next((k for k, t in enumerate(toks) if t in eos), None)
             if crit is not None and j in crit.stopped_at and (end is None or crit.stopped_at[j] <= end):
-                toks, reason = toks[:crit.stopped_at[j]], "stop"
+                toks, reason = toks[: crit.stopped_at[j]], "stop"
             elif end is not None:
                 toks, reason = toks[:end], "eos"
             else:
@@ -149,7 +169,15 @@ class Generator:
         """(generations, prompt tokens) for prompt texts."""
         ids = [prompt_ids(self.tok, p, self.spec, self.chat) for p in prompts]
         s = self.spec
-        gens = generate_ids(self.model, self.tok, ids, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
-                            temperature=s.temperature, top_p=s.top_p, stop_strings=s.stop_strings,
-                            seed=s.seed + seed_offset)
+        gens = generate_ids(
+            self.model,
+            self.tok,
+            ids,
+            max_new_tokens=s.max_new_tokens,
+            batch_size=s.batch_size,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            stop_strings=s.stop_strings,
+            seed=s.seed + seed_offset,
+        )
         return gens, sum(map(len, ids))

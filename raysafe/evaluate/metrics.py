@@ -69,7 +69,9 @@ def language_variance(rates: np.ndarray, ddof: int = 0, scale: float = 100.0) ->
     return float(out) if out.ndim == 0 else out
 
 
-def pairwise_agreement(X: np.ndarray, W: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+def pairwise_agreement(
+    X: np.ndarray, W: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """(overall agreement [B] or scalar, per-pair agreement [B, P] or [P], the pairs (a, b) with a < b).
 
     A pair whose languages share no observed group has agreement NaN and is left out of the overall mean.
@@ -123,8 +125,9 @@ def percentile_intervals(samples: np.ndarray, confidence: float = 0.95) -> tuple
     return lo, hi
 
 
-def group_statistics(X: np.ndarray, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95,
-                     ddof: int = 0) -> dict:
+def group_statistics(
+    X: np.ndarray, *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95, ddof: int = 0
+) -> dict:
     """Every statistic of an outcome matrix with bootstrap intervals from one shared resample of groups.
 
     Returns ``rates`` [L], ``rates_lo``/``rates_hi`` [L], ``mean``, ``mean_ci``, ``variance``, ``variance_ci``,
@@ -137,8 +140,13 @@ def group_statistics(X: np.ndarray, *, n_boot: int = 1000, seed: int = 0, confid
     obs = ~np.isnan(X)
     n_common = np.array([int(np.sum(obs[a] & obs[b])) for a, b in pairs], dtype=np.int64)
     out = {
-        "rates": rates, "mean": language_mean(rates), "variance": language_variance(rates, ddof),
-        "agreement": agreement, "pair_agreement": per_pair, "pairs": pairs, "n_common": n_common,
+        "rates": rates,
+        "mean": language_mean(rates),
+        "variance": language_variance(rates, ddof),
+        "agreement": agreement,
+        "pair_agreement": per_pair,
+        "pairs": pairs,
+        "n_common": n_common,
     }
     nan_l = np.full(X.shape[0], np.nan)
     nan_p = np.full(len(pairs), np.nan)
@@ -156,6 +164,13 @@ def group_statistics(X: np.ndarray, *, n_boot: int = 1000, seed: int = 0, confid
         out["agreement_ci"] = percentile_interval(a_b, confidence)
         out["pair_lo"], out["pair_hi"] = percentile_intervals(p_b, confidence) if pairs else (nan_p, nan_p)
     else:
-        out.update(rates_lo=nan_l, rates_hi=nan_l, mean_ci=(float("nan"),) * 2, variance_ci=(float("nan"),) * 2,
-                   agreement_ci=(float("nan"),) * 2, pair_lo=nan_p, pair_hi=nan_p)
+        out.update(
+            rates_lo=nan_l,
+            rates_hi=nan_l,
+            mean_ci=(float("nan"),) * 2,
+            variance_ci=(float("nan"),) * 2,
+            agreement_ci=(float("nan"),) * 2,
+            pair_lo=nan_p,
+            pair_hi=nan_p,
+        )
     return out

@@ -20,20 +20,46 @@ import pyarrow.parquet as pq
 from raysafe.evaluate.judges import Judge, JudgeInput
 from raysafe.evaluate.store import EvalStore
 
-GENERATION_SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("set", pa.string()), ("group_id", pa.string()), ("lang", pa.string()),
-    ("model", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("n_new_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("empty", pa.bool_()),
-])
-JUDGEMENT_SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("set", pa.string()), ("group_id", pa.string()), ("lang", pa.string()),
-    ("model", pa.string()), ("judge", pa.string()), ("verdict", pa.string()), ("refusal", pa.bool_()),
-    ("raw", pa.string()), ("empty", pa.bool_()),
-])
-UTILITY_SCHEMA = pa.schema([
-    ("row_id", pa.int64()), ("group_id", pa.string()), ("lang", pa.string()), ("model", pa.string()),
-    ("answer", pa.int64()), ("pred", pa.int64()), ("correct", pa.bool_()), ("scores", pa.list_(pa.float64())),
-])
+GENERATION_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("set", pa.string()),
+        ("group_id", pa.string()),
+        ("lang", pa.string()),
+        ("model", pa.string()),
+        ("prompt", pa.string()),
+        ("response", pa.string()),
+        ("n_new_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("empty", pa.bool_()),
+    ]
+)
+JUDGEMENT_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("set", pa.string()),
+        ("group_id", pa.string()),
+        ("lang", pa.string()),
+        ("model", pa.string()),
+        ("judge", pa.string()),
+        ("verdict", pa.string()),
+        ("refusal", pa.bool_()),
+        ("raw", pa.string()),
+        ("empty", pa.bool_()),
+    ]
+)
+UTILITY_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("group_id", pa.string()),
+        ("lang", pa.string()),
+        ("model", pa.string()),
+        ("answer", pa.int64()),
+        ("pred", pa.int64()),
+        ("correct", pa.bool_()),
+        ("scores", pa.list_(pa.float64())),
+    ]
+)
 
 
 def generate_shard(gen, store: EvalStore, model_label: str, k: int) -> dict:
@@ -42,14 +68,33 @@ def generate_shard(gen, store: EvalStore, model_label: str, k: int) -> dict:
     t0 = time.perf_counter()
     outs, prompt_tokens = gen.generate([r["text"] for r in inputs], seed_offset=k)
     seconds = time.perf_counter() - t0
-    rows = [{"row_id": r["row_id"], "set": r["set"], "group_id": r["group_id"], "lang": r["lang"],
-             "model": model_label, "prompt": r["text"], "response": o.text, "n_new_tokens": o.n_new_tokens,
-             "finish_reason": o.finish_reason, "empty": not o.text.strip()} for r, o in zip(inputs, outs)]
+    rows = [
+        {
+            "row_id": r["row_id"],
+            "set": r["set"],
+            "group_id": r["group_id"],
+            "lang": r["lang"],
+            "model": model_label,
+            "prompt": r["text"],
+            "response": o.text,
+            "n_new_tokens": o.n_new_tokens,
+            "finish_reason": o.finish_reason,
+            "empty": not o.text.strip(),
+        }
+        for r, o in zip(inputs, outs)
+    ]
     new_tokens = sum(o.n_new_tokens for o in outs)
     # ``token`` identifies this version of the shard: judgements made from another version are redone.
-    summary = {"task": "generate", "shard_id": k, "rows": len(rows), "prompt_tokens": prompt_tokens,
-               "new_tokens": new_tokens, "seconds": seconds, "n_empty": sum(r["empty"] for r in rows),
-               "token": uuid.uuid4().hex}
+    summary = {
+        "task": "generate",
+        "shard_id": k,
+        "rows": len(rows),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "n_empty": sum(r["empty"] for r in rows),
+        "token": uuid.uuid4().hex,
+    }
     store.generations(model_label).write(k, pa.Table.from_pylist(rows, GENERATION_SCHEMA), summary)
     return summary
 
@@ -63,11 +108,28 @@ def mc_shard(model, tok, utility_spec, store: EvalStore, model_label: str, k: in
     t0 = time.perf_counter()
     scores = score_questions(model, tok, qs, utility_spec)
     seconds = time.perf_counter() - t0
-    rows = [{"row_id": r["row_id"], "group_id": r["group_id"], "lang": r["lang"], "model": model_label,
-             "answer": q.answer, "pred": s.pred, "correct": s.pred == q.answer, "scores": list(s.scores)}
-            for r, q, s in zip(inputs, qs, scores)]
-    summary = {"task": "mc", "shard_id": k, "rows": len(rows), "prompt_tokens": 0, "new_tokens": 0,
-               "seconds": seconds, "n_empty": 0}
+    rows = [
+        {
+            "row_id": r["row_id"],
+            "group_id": r["group_id"],
+            "lang": r["lang"],
+            "model": model_label,
+            "answer": q.answer,
+            "pred": s.pred,
+            "correct": s.pred == q.answer,
+            "scores": list(s.scores),
+        }
+        for r, q, s in zip(inputs, qs, scores)
+    ]
+    summary = {
+        "task": "mc",
+        "shard_id": k,
+        "rows": len(rows),
+        "prompt_tokens": 0,
+        "new_tokens": 0,
+        "seconds": seconds,
+        "n_empty": 0,
+    }
     store.utility(model_label).write(k, pa.Table.from_pylist(rows, UTILITY_SCHEMA), summary)
     return summary
 
@@ -80,17 +142,43 @@ def judge_shard(judge: Judge, store: EvalStore, model_label: str, k: int) -> dic
     items = []
     for g in gens:
         src = inputs[g["row_id"]]
-        items.append(JudgeInput(g["prompt"], g["response"], g["lang"], bool(src["harmful"]),
-                                src.get("reference_safe"), src.get("reference_unsafe")))
+        items.append(
+            JudgeInput(
+                g["prompt"],
+                g["response"],
+                g["lang"],
+                bool(src["harmful"]),
+                src.get("reference_safe"),
+                src.get("reference_unsafe"),
+            )
+        )
     t0 = time.perf_counter()
     verdicts = judge.judge(items)
     seconds = time.perf_counter() - t0
-    rows = [{"row_id": g["row_id"], "set": g["set"], "group_id": g["group_id"], "lang": g["lang"],
-             "model": model_label, "judge": judge.label, "verdict": v.verdict, "refusal": v.refusal, "raw": v.raw,
-             "empty": g["empty"]} for g, v in zip(gens, verdicts)]
+    rows = [
+        {
+            "row_id": g["row_id"],
+            "set": g["set"],
+            "group_id": g["group_id"],
+            "lang": g["lang"],
+            "model": model_label,
+            "judge": judge.label,
+            "verdict": v.verdict,
+            "refusal": v.refusal,
+            "raw": v.raw,
+            "empty": g["empty"],
+        }
+        for g, v in zip(gens, verdicts)
+    ]
     counts = {x: sum(r["verdict"] == x for r in rows) for x in ("safe", "unsafe", "unparsed")}
-    summary = {"task": "judge", "shard_id": k, "rows": len(rows), "seconds": seconds, "generation_token": gen_token,
-               **counts}
+    summary = {
+        "task": "judge",
+        "shard_id": k,
+        "rows": len(rows),
+        "seconds": seconds,
+        "generation_token": gen_token,
+        **counts,
+    }
     store.judgements(model_label, judge.label).write(k, pa.Table.from_pylist(rows, JUDGEMENT_SCHEMA), summary)
     return summary
 
@@ -107,8 +195,15 @@ def _summaries_to_batch(summaries: list[dict]) -> dict[str, np.ndarray]:
 class ModelWorkerStage:
     """Ray Data stage: {task, shard_id} → one summary per shard, after writing the shard's output."""
 
-    def __init__(self, model: dict, generation: dict, utility: dict, store_root: str, model_label: str,
-                 torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: dict,
+        generation: dict,
+        utility: dict,
+        store_root: str,
+        model_label: str,
+        torch_threads: int | None = None,
+    ):
         from raysafe.evaluate.config import UtilitySpec
         from raysafe.evaluate.generate import Generator
 

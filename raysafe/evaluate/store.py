@@ -78,8 +78,11 @@ class ShardDir:
         files = [self.path(k) for k in range(n_shards)]
         absent = [str(f) for k, f in enumerate(files) if k not in self.done()]
         if absent:
-            raise OutputError(f"{len(absent)} shard(s) missing in {self.root}", where=absent[0],
-                              fix="re-run the same command: it resumes from the shards already written")
+            raise OutputError(
+                f"{len(absent)} shard(s) missing in {self.root}",
+                where=absent[0],
+                fix="re-run the same command: it resumes from the shards already written",
+            )
         return pl.from_arrow(pa.concat_tables([pq.read_table(f) for f in files], promote_options="default"))
 
 

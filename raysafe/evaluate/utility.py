@@ -51,8 +51,9 @@ def mc_continuations(q: MCQuestion, scoring: str) -> list[str]:
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, ctx_ids: list[list[int]], cont_ids: list[list[int]], pad_id: int,
-                          batch_size: int = 16) -> list[list[float]]:
+def continuation_logprobs(
+    model, ctx_ids: list[list[int]], cont_ids: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[list[float]]:
     """Per-token log-probs of each continuation given its context (one list per (context, continuation) pair)."""
     device = next(model.parameters()).device
     seqs = [c + x for c, x in zip(ctx_ids, cont_ids)]
@@ -61,8 +62,12 @@ def continuation_logprobs(model, ctx_ids: list[list[int]], cont_ids: list[list[i
     for rows in plan:
         ids, mask = pad_batch([seqs[i] for i in rows], pad_id, "left")
         k = max(len(cont_ids[i]) for i in rows)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids_from_mask(mask).to(device), logits_to_keep=k + 1).logits
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids_from_mask(mask).to(device),
+            logits_to_keep=k + 1,
+        ).logits
         logp = torch.log_softmax(logits.float(), dim=-1)  # [b, k+1, V]: predictions for the last k+1 positions
         T = ids.shape[1]
         for j, i in enumerate(rows):
@@ -77,16 +82,21 @@ def continuation_logprobs(model, ctx_ids: list[list[int]], cont_ids: list[list[i
 
 
 @torch.inference_mode()
-def next_token_logprobs(model, ctx_ids: list[list[int]], token_ids: list[list[int]], pad_id: int,
-                        batch_size: int = 16) -> list[list[float]]:
+def next_token_logprobs(
+    model, ctx_ids: list[list[int]], token_ids: list[list[int]], pad_id: int, batch_size: int = 16
+) -> list[list[float]]:
     """Log-probs of the given single next tokens after each context (one forward per context)."""
     device = next(model.parameters()).device
     out: list[list[float] | None] = [None] * len(ctx_ids)
     plan = plan_batches([len(s) for s in ctx_ids], max_tokens=10**12, max_rows=batch_size)
     for rows in plan:
         ids, mask = pad_batch([ctx_ids[i] for i in rows], pad_id, "left")
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=position_ids_from_mask(mask).to(device), logits_to_keep=1).logits
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids_from_mask(mask).to(device),
+            logits_to_keep=1,
+        ).logits
         logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
         for j, i in enumerate(rows):
             out[i] = [float(logp[j, t]) for t in token_ids[i]]
@@ -101,7 +111,7 @@ def score_questions(model, tok, questions: list[MCQuestion], spec: UtilitySpec) 
         c = list(tok(mc_context(q, spec.prompt_format), add_special_tokens=True)["input_ids"])
         if len(c) > spec.max_length:
             bos = tok.bos_token_id
-            c = ([bos] + c[-(spec.max_length - 1):]) if (bos is not None and c[0] == bos) else c[-spec.max_length:]
+            c = ([bos] + c[-(spec.max_length - 1) :]) if (bos is not None and c[0] == bos) else c[-spec.max_length :]
         ctx.append(c)
         conts.append([list(tok(x, add_special_tokens=False)["input_ids"]) for x in mc_continuations(q, spec.scoring)])
     if all(len(x) == 1 for cs in conts for x in cs):

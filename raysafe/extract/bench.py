@@ -27,8 +27,18 @@ from importlib.util import find_spec
 from pathlib import Path
 
 # dataset_build language folders → ISO 639-1, one per script where possible.
-SCRIPTS = {"eng": "en", "rus": "ru", "zho": "zh", "jpn": "ja", "ara": "ar", "hin": "hi", "ben": "bn", "kor": "ko",
-           "heb": "he", "ell": "el"}
+SCRIPTS = {
+    "eng": "en",
+    "rus": "ru",
+    "zho": "zh",
+    "jpn": "ja",
+    "ara": "ar",
+    "hin": "hi",
+    "ben": "bn",
+    "kor": "ko",
+    "heb": "he",
+    "ell": "el",
+}
 
 
 def corpus_texts(per_lang: int, max_chars: int = 600) -> list[dict]:
@@ -93,7 +103,7 @@ def naive_loop(model, tok, texts: list[str], batch: int = 16) -> tuple[float, in
     tokens = 0
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True, max_length=256)
+            enc = tok(texts[i : i + batch], return_tensors="pt", padding=True, truncation=True, max_length=256)
             out = model(**enc, output_hidden_states=True)
             last = enc.attention_mask.sum(1) - 1
             _ = [h[torch.arange(len(last)), last] for h in out.hidden_states]
@@ -122,22 +132,41 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="raysafe-bench-"))
     data = work / "texts.jsonl"
     pl.DataFrame(rows).write_ndjson(data)
-    print(f"corpus: {len(rows)} texts in {len({r['lang'] for r in rows})} languages/scripts "
-          f"({', '.join(sorted({r['lang'] for r in rows}))})")
-    cfg = load_config(ExtractConfig, data={
-        "models": [{"path": args.model, "name": "m"}],
-        "data": {"kind": "file", "path": str(data)},
-        "output_dir": str(work / "acts"),
-        "extract": {"layers": "all", "positions": ["last"], "max_length": 256, "shard_rows": args.shard_rows,
-                    "max_tokens_per_batch": args.max_tokens, "batch_overhead_tokens": args.batch_overhead_tokens},
-        "ray": {"num_actors": 1, "num_cpus_per_actor": 1, "torch_threads": args.threads,
-                "omp_wait_policy": args.omp_wait_policy},
-        "tracking": {"enabled": False},
-    })
+    print(
+        f"corpus: {len(rows)} texts in {len({r['lang'] for r in rows})} languages/scripts "
+        f"({', '.join(sorted({r['lang'] for r in rows}))})"
+    )
+    cfg = load_config(
+        ExtractConfig,
+        data={
+            "models": [{"path": args.model, "name": "m"}],
+            "data": {"kind": "file", "path": str(data)},
+            "output_dir": str(work / "acts"),
+            "extract": {
+                "layers": "all",
+                "positions": ["last"],
+                "max_length": 256,
+                "shard_rows": args.shard_rows,
+                "max_tokens_per_batch": args.max_tokens,
+                "batch_overhead_tokens": args.batch_overhead_tokens,
+            },
+            "ray": {
+                "num_actors": 1,
+                "num_cpus_per_actor": 1,
+                "torch_threads": args.threads,
+                "omp_wait_policy": args.omp_wait_policy,
+            },
+            "tracking": {"enabled": False},
+        },
+    )
     torch.set_num_threads(args.threads)
     resolved = resolve(ModelSpec(path=args.model))
-    results: dict = {"texts": len(rows), "threads": args.threads, "batch_overhead_tokens": args.batch_overhead_tokens,
-                     "omp_wait_policy": args.omp_wait_policy}
+    results: dict = {
+        "texts": len(rows),
+        "threads": args.threads,
+        "batch_overhead_tokens": args.batch_overhead_tokens,
+        "omp_wait_policy": args.omp_wait_policy,
+    }
 
     # 1. naive (the model load is timed too, for an end-to-end comparison with the pipeline's actor start-up)
     t_load = time.perf_counter()
@@ -148,9 +177,11 @@ def run(args) -> dict:
     secs, naive_tokens = naive_loop(model, tok, texts)
     results["naive_tok_s"] = naive_tokens / secs
     results["naive_e2e_tok_s"] = naive_tokens / (secs + load_secs)
-    print(f"naive loop (batches of 16, input order, output_hidden_states, LM head): {naive_tokens:,} tokens "
-          f"in {secs:.1f} s = {results['naive_tok_s']:,.0f} tok/s ({results['naive_e2e_tok_s']:,.0f} tok/s "
-          f"with the {load_secs:.1f} s model load)")
+    print(
+        f"naive loop (batches of 16, input order, output_hidden_states, LM head): {naive_tokens:,} tokens "
+        f"in {secs:.1f} s = {results['naive_tok_s']:,.0f} tok/s ({results['naive_e2e_tok_s']:,.0f} tok/s "
+        f"with the {load_secs:.1f} s model load)"
+    )
     del model
 
     # 2. pipeline
@@ -168,12 +199,14 @@ def run(args) -> dict:
     results["pipeline_e2e_tok_s"] = res.models["m"].tokens / wall
     results["pipeline_steady_tok_s"] = steady_tokens / steady_secs if steady_secs > 0 else float("nan")
     ray.shutdown()
-    print(f"raysafe pipeline, end to end incl. Ray + actor start-up: {res.models['m'].tokens:,} tokens in {wall:.1f} s "
-          f"= {results['pipeline_e2e_tok_s']:,.0f} tok/s")
+    print(
+        f"raysafe pipeline, end to end incl. Ray + actor start-up: {res.models['m'].tokens:,} tokens in {wall:.1f} s "
+        f"= {results['pipeline_e2e_tok_s']:,.0f} tok/s"
+    )
     print(f"raysafe pipeline, steady state (shards 2..{len(done)}): {results['pipeline_steady_tok_s']:,.0f} tok/s")
 
     # 3./4./5. the same extractor in a plain loop
-    shards = [[r["text"] for r in rows[i:i + args.shard_rows]] for i in range(0, len(rows), args.shard_rows)]
+    shards = [[r["text"] for r in rows[i : i + args.shard_rows]] for i in range(0, len(rows), args.shard_rows)]
     ext = Extractor({"path": args.model}, cfg.extract.model_dump(), layers=[0], torch_threads=args.threads)
     n_layers = ext.model.config.num_hidden_layers
     ids = [tokenize_texts(ext.tok, s, cfg.extract)[0] for s in shards]
@@ -196,25 +229,35 @@ def run(args) -> dict:
     results["gflops"] = flops / all_secs / 1e9
     results["peak_gflops"] = matmul_peak_gflops(args.threads)
     flat = [len(x) for s in ids for x in s]
-    results["naive_padding_efficiency"] = padding_efficiency(flat, [list(range(i, min(i + 16, len(flat))))
-                                                                    for i in range(0, len(flat), 16)])
+    results["naive_padding_efficiency"] = padding_efficiency(
+        flat, [list(range(i, min(i + 16, len(flat)))) for i in range(0, len(flat), 16)]
+    )
     spec = cfg.extract
-    padded = sum(padded_tokens(ls, plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch,
-                                                      ext.overhead_tokens))
-                 for ls in ([len(x) for x in s] for s in ids))
+    padded = sum(
+        padded_tokens(
+            ls, plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch, ext.overhead_tokens)
+        )
+        for ls in ([len(x) for x in s] for s in ids)
+    )
     results["pipeline_padding_efficiency"] = sum(flat) / padded
     print(f"same Extractor, plain loop, all {n_layers + 1} layers: {results['plain_tok_s']:,.0f} tok/s")
     print(f"layers 0..{n_layers // 2} vs all: {half_secs:.2f} s / {all_secs:.2f} s = {results['half_over_all']:.2f}x")
-    print(f"real / padded tokens: naive {results['naive_padding_efficiency']:.0%}, "
-          f"raysafe token-budget batches {results['pipeline_padding_efficiency']:.0%}")
-    print(f"achieved {results['gflops']:.1f} GFLOP/s vs fp32 matmul peak {results['peak_gflops']:.1f} GFLOP/s "
-          f"= {results['gflops'] / results['peak_gflops']:.0%}")
+    print(
+        f"real / padded tokens: naive {results['naive_padding_efficiency']:.0%}, "
+        f"raysafe token-budget batches {results['pipeline_padding_efficiency']:.0%}"
+    )
+    print(
+        f"achieved {results['gflops']:.1f} GFLOP/s vs fp32 matmul peak {results['peak_gflops']:.1f} GFLOP/s "
+        f"= {results['gflops'] / results['peak_gflops']:.0%}"
+    )
     print()
-    print(f"RATIO pipeline(steady)/naive = {results['pipeline_steady_tok_s'] / results['naive_tok_s']:.2f}x   "
-          f"pipeline(end-to-end)/naive(end-to-end) = {results['pipeline_e2e_tok_s'] / results['naive_e2e_tok_s']:.2f}x   "
-          f"pipeline(end-to-end)/naive(loop only) = {results['pipeline_e2e_tok_s'] / results['naive_tok_s']:.2f}x   "
-          f"pipeline(steady)/plain-loop = {results['pipeline_steady_tok_s'] / results['plain_tok_s']:.0%}   "
-          f"half/all layers = {results['half_over_all']:.2f}x")
+    print(
+        f"RATIO pipeline(steady)/naive = {results['pipeline_steady_tok_s'] / results['naive_tok_s']:.2f}x   "
+        f"pipeline(end-to-end)/naive(end-to-end) = {results['pipeline_e2e_tok_s'] / results['naive_e2e_tok_s']:.2f}x   "
+        f"pipeline(end-to-end)/naive(loop only) = {results['pipeline_e2e_tok_s'] / results['naive_tok_s']:.2f}x   "
+        f"pipeline(steady)/plain-loop = {results['pipeline_steady_tok_s'] / results['plain_tok_s']:.0%}   "
+        f"half/all layers = {results['half_over_all']:.2f}x"
+    )
     return results
 
 
@@ -246,10 +289,17 @@ def driver_memory(args) -> dict:
         df = pl.concat([base.with_columns(pl.col("group_id") + f"-{r}") for r in range(reps)]).head(n)
         path = work / f"rows-{n}.jsonl"
         df.write_ndjson(path)
-        cfg = {"models": [{"path": str(model), "name": "tiny"}], "data": {"kind": "file", "path": str(path)},
-               "output_dir": str(work / f"acts-{n}"), "extract": {"shard_rows": 500, "layers": [2, 4]},
-               "ray": {"torch_threads": 1}, "tracking": {"enabled": False}}
-        p = subprocess.run([sys.executable, "-c", DRIVER_SCRIPT, json.dumps(cfg)], capture_output=True, text=True, cwd=work)
+        cfg = {
+            "models": [{"path": str(model), "name": "tiny"}],
+            "data": {"kind": "file", "path": str(path)},
+            "output_dir": str(work / f"acts-{n}"),
+            "extract": {"shard_rows": 500, "layers": [2, 4]},
+            "ray": {"torch_threads": 1},
+            "tracking": {"enabled": False},
+        }
+        p = subprocess.run(
+            [sys.executable, "-c", DRIVER_SCRIPT, json.dumps(cfg)], capture_output=True, text=True, cwd=work
+        )
         if p.returncode != 0:
             raise SystemExit(p.stderr[-3000:])
         rec = json.loads(p.stdout.strip().splitlines()[-1])
@@ -261,18 +311,25 @@ def driver_memory(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="raysafe bench extract", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="raysafe bench extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="gemma3-270m", help="model path or alias (default: the packaged Gemma 3 270M)")
     p.add_argument("--per-lang", type=int, default=60, help="texts per language (10 languages)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads for every measurement")
     p.add_argument("--shard-rows", type=int, default=100)
     p.add_argument("--max-tokens", type=int, default=4096, help="token budget per batch")
-    p.add_argument("--batch-overhead-tokens", default="auto",
-                   help="the batch planner's cost of one more forward, in tokens (default auto: 32 on CPU)")
-    p.add_argument("--omp-wait-policy", default="passive", choices=["passive", "active", "inherit"],
-                   help="ray.omp_wait_policy of the pipeline's model actor (passive: +9 %% on 2 cores, see "
-                        "docs/benchmarks.md)")
+    p.add_argument(
+        "--batch-overhead-tokens",
+        default="auto",
+        help="the batch planner's cost of one more forward, in tokens (default auto: 32 on CPU)",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default="passive",
+        choices=["passive", "active", "inherit"],
+        help="ray.omp_wait_policy of the pipeline's model actor (passive: +9 %% on 2 cores, see docs/benchmarks.md)",
+    )
     p.add_argument("--driver-memory", action="store_true", help="measure driver peak RSS for N and 10N rows instead")
     p.add_argument("--rows", type=int, default=2000, help="N for --driver-memory")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")

@@ -26,13 +26,17 @@ class ExtractSpec(Strict):
     store_dtype: Literal["float16", "float32"] = "float32"
     max_length: int = Field(512, ge=2, description="tokens per text after the chat template")
     on_overflow: Literal["truncate", "error"] = "truncate"
-    chat_template: bool = Field(False, description="wrap each text as a user turn and read the generation prompt's last token")
+    chat_template: bool = Field(
+        False, description="wrap each text as a user turn and read the generation prompt's last token"
+    )
     padding_side: Literal["right", "left"] = "right"
     max_tokens_per_batch: int = Field(8192, ge=16, description="token budget of one padded batch (rows x longest)")
     max_rows_per_batch: int = Field(256, ge=1)
     batch_overhead_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="cost of one more forward call, in tokens: the batch planner minimises padded tokens + "
-        "this x batches; auto = 32 on CPU (a forward costs little beyond its tokens), 256 on GPU (launch overhead)")
+        "auto",
+        description="cost of one more forward call, in tokens: the batch planner minimises padded tokens + "
+        "this x batches; auto = 32 on CPU (a forward costs little beyond its tokens), 256 on GPU (launch overhead)",
+    )
     shard_rows: int = Field(512, ge=1, description="rows per output shard: the unit of atomic writes and resume")
 
     @field_validator("layers")

@@ -33,7 +33,11 @@ CONTRACTS = {
     "parallel_detox": schemas.PARALLEL_DETOX,
     "concept_pairs": schemas.CONCEPT_PAIRS,
 }
-FIXTURE_CONTRACTS = {"safety_prompts": "prompt_variants", "detox_pairs": "parallel_detox", "concept_pairs": "concept_pairs"}
+FIXTURE_CONTRACTS = {
+    "safety_prompts": "prompt_variants",
+    "detox_pairs": "parallel_detox",
+    "concept_pairs": "concept_pairs",
+}
 
 
 @dataclass
@@ -64,11 +68,15 @@ class ExtractResult:
         return ActivationStore(self.output_dir)
 
     def summary(self) -> str:
-        lines = [f"activations in {self.output_dir}  (dataset {self.dataset_fingerprint}, rows per language "
-                 f"{self.rows_per_lang})"]
+        lines = [
+            f"activations in {self.output_dir}  (dataset {self.dataset_fingerprint}, rows per language "
+            f"{self.rows_per_lang})"
+        ]
         for m in self.models.values():
-            lines.append(f"  {m.label}: {m.shards_extracted}/{m.shards_total} shards extracted now, {m.tokens:,} "
-                         f"tokens, {m.tokens_per_s:,.0f} tokens/s, {m.n_truncated} truncated")
+            lines.append(
+                f"  {m.label}: {m.shards_extracted}/{m.shards_total} shards extracted now, {m.tokens:,} "
+                f"tokens, {m.tokens_per_s:,.0f} tokens/s, {m.n_truncated} truncated"
+            )
         if self.mlflow_run_id:
             lines.append(f"MLflow run {self.mlflow_run_id}")
         return "\n".join(lines)
@@ -79,8 +87,11 @@ def contract_name(cfg: ExtractConfig) -> str:
         return cfg.data.contract
     if cfg.data.kind == "fixture":
         if cfg.data.name not in FIXTURE_CONTRACTS:
-            raise ConfigError(f"fixture {cfg.data.name!r} holds no texts to extract", where="data.name",
-                              fix=f"use one of {sorted(FIXTURE_CONTRACTS)}")
+            raise ConfigError(
+                f"fixture {cfg.data.name!r} holds no texts to extract",
+                where="data.name",
+                fix=f"use one of {sorted(FIXTURE_CONTRACTS)}",
+            )
         return FIXTURE_CONTRACTS[cfg.data.name]
     return "prompt_variants"
 
@@ -89,8 +100,6 @@ def load_text_rows(cfg: ExtractConfig) -> pl.DataFrame:
     """Validated rows, one text per row (pairs flattened: label 1 = toxic / positive side)."""
     contract = CONTRACTS[contract_name(cfg)]
     return to_text_rows(load_table(cfg.data, contract), contract.name)
-
-
 
 
 def write_inputs(store: ActivationStore, rows: pl.DataFrame, shard_rows: int, fp: str) -> int:
@@ -124,7 +133,9 @@ def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[di
 
     resolved = resolve(spec)
     try:
-        hf = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code)
+        hf = AutoConfig.from_pretrained(
+            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
+        )
     except OSError as e:
         from raysafe.models.loading import _load_error
 
@@ -157,8 +168,14 @@ def _actor_threads(cfg: ExtractConfig) -> int | None:
     return max(1, int(cfg.ray.num_cpus_per_actor))
 
 
-def extract_model(cfg: ExtractConfig, spec: ModelSpec, layers: list[int], store: ActivationStore, missing: list[int],
-                  progress: bool = True) -> list[dict]:
+def extract_model(
+    cfg: ExtractConfig,
+    spec: ModelSpec,
+    layers: list[int],
+    store: ActivationStore,
+    missing: list[int],
+    progress: bool = True,
+) -> list[dict]:
     """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard."""
     import ray
     from tqdm.auto import tqdm
@@ -181,8 +198,12 @@ def extract_model(cfg: ExtractConfig, spec: ModelSpec, layers: list[int], store:
     ds = ds.map_batches(
         ExtractorStage,
         fn_constructor_kwargs={
-            "model": model_kw, "extract": extract_kw, "layers": layers, "store_root": str(store.root),
-            "model_label": spec.label, "torch_threads": _actor_threads(cfg),
+            "model": model_kw,
+            "extract": extract_kw,
+            "layers": layers,
+            "store_root": str(store.root),
+            "model_label": spec.label,
+            "torch_threads": _actor_threads(cfg),
         },
         batch_size=1,
         num_gpus=cfg.ray.num_gpus_per_actor or None,
@@ -217,24 +238,39 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     with tracking.run(cfg.tracking, "extract", tags={"raysafe.flow": "extract"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
-        for spec, info, layers in plans:
+        for spec, _info, layers in plans:
             done = store.done_shards(spec.label)
             missing = [k for k in range(n_shards) if k not in done]
             t0 = time.perf_counter()
             summaries = extract_model(cfg, spec, layers, store, missing, progress) if missing else []
             wall = time.perf_counter() - t0
             tokens = sum(int(s["tokens"]) for s in summaries)
-            mr = ModelResult(spec.label, n_shards, len(missing), sum(int(s["rows"]) for s in summaries), tokens, wall,
-                             sum(int(s["n_truncated"]) for s in summaries))
+            mr = ModelResult(
+                spec.label,
+                n_shards,
+                len(missing),
+                sum(int(s["rows"]) for s in summaries),
+                tokens,
+                wall,
+                sum(int(s["n_truncated"]) for s in summaries),
+            )
             result.models[spec.label] = mr
             if mr.n_truncated:
                 log.warning("%s: %d text(s) truncated to %d tokens", spec.label, mr.n_truncated, cfg.extract.max_length)
-            tracking.log_metrics({f"{spec.label}.tokens_per_s": mr.tokens_per_s, f"{spec.label}.seconds": wall,
-                                  f"{spec.label}.shards_extracted": len(missing),
-                                  f"{spec.label}.n_truncated": mr.n_truncated})
+            tracking.log_metrics(
+                {
+                    f"{spec.label}.tokens_per_s": mr.tokens_per_s,
+                    f"{spec.label}.seconds": wall,
+                    f"{spec.label}.shards_extracted": len(missing),
+                    f"{spec.label}.n_truncated": mr.n_truncated,
+                }
+            )
             if store.done_shards(spec.label) != set(range(n_shards)):
-                raise OutputError(f"extraction of {spec.label} ended with shards missing", where=str(store.model_dir(spec.label)),
-                                  fix="re-run the same command: it resumes from the shards already written")
+                raise OutputError(
+                    f"extraction of {spec.label} ended with shards missing",
+                    where=str(store.model_dir(spec.label)),
+                    fix="re-run the same command: it resumes from the shards already written",
+                )
         manifest = {
             "dataset_fingerprint": fp,
             "rows": rows.height,

@@ -28,7 +28,9 @@ from raysafe.models.batching import pad_batch, plan_token_batches
 from raysafe.models.layers import text_config
 
 
-def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None) -> tuple[list[list[int]], int]:
+def tokenize_texts(
+    tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None
+) -> tuple[list[list[int]], int]:
     """Token ids per text (chat template applied when asked) and the number truncated to ``spec.max_length``.
 
     Truncation keeps a leading BOS and the last ``max_length - 1`` tokens, so the prompt's end (where the ``last``
@@ -36,10 +38,17 @@ def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | No
     """
     if spec.chat_template:
         if not getattr(tok, "chat_template", None):
-            raise DataError("extract.chat_template is on but the tokenizer has no chat template",
-                            where="extract.chat_template", fix="turn it off for base models, or use an instruct model")
-        ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for t in texts]
+            raise DataError(
+                "extract.chat_template is on but the tokenizer has no chat template",
+                where="extract.chat_template",
+                fix="turn it off for base models, or use an instruct model",
+            )
+        ids = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            for t in texts
+        ]
         ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
     else:
         ids = tok(texts, add_special_tokens=True)["input_ids"]
@@ -53,10 +62,13 @@ def tokenize_texts(tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | No
                 if meta is not None:
                     r = meta.slice(i, 1).to_pylist()[0]
                     where = f"row_id {r.get('row_id')}, group_id {r.get('group_id')!r}, lang {r.get('lang')!r}"
-                raise DataError(f"text has {len(x)} tokens, over extract.max_length={spec.max_length}", where=where,
-                                fix="raise extract.max_length, shorten the text, or set extract.on_overflow=truncate")
+                raise DataError(
+                    f"text has {len(x)} tokens, over extract.max_length={spec.max_length}",
+                    where=where,
+                    fix="raise extract.max_length, shorten the text, or set extract.on_overflow=truncate",
+                )
             n_trunc += 1
-            x = ([bos] + x[-(spec.max_length - 1):]) if (bos is not None and x[0] == bos) else x[-spec.max_length:]
+            x = ([bos] + x[-(spec.max_length - 1) :]) if (bos is not None and x[0] == bos) else x[-spec.max_length :]
         out.append(list(x))
     return out, n_trunc
 
@@ -103,8 +115,9 @@ class TokenizeStage:
 class Extractor:
     """Pooled hidden states for token-id lists; the model is loaded once. Used by the Ray stage and by plain loops."""
 
-    def __init__(self, model: dict, extract: dict, layers: list[int], device: str | None = None,
-                 torch_threads: int | None = None):
+    def __init__(
+        self, model: dict, extract: dict, layers: list[int], device: str | None = None, torch_threads: int | None = None
+    ):
         from raysafe.models.loading import load_causal_lm, resolve
 
         if torch_threads:
@@ -128,13 +141,15 @@ class Extractor:
     def extract(self, ids: list[list[int]]) -> dict[tuple[int, str], np.ndarray]:
         """{(layer, position): [n, hidden] float32 numpy} in the order of ``ids``."""
         n = len(ids)
-        plan = plan_token_batches([len(x) for x in ids], self.spec.max_tokens_per_batch, self.spec.max_rows_per_batch,
-                                  self.overhead_tokens)
+        plan = plan_token_batches(
+            [len(x) for x in ids], self.spec.max_tokens_per_batch, self.spec.max_rows_per_batch, self.overhead_tokens
+        )
         out: dict[tuple[int, str], np.ndarray] = {}
         for rows in plan:
             input_ids, mask = pad_batch([ids[i] for i in rows], self.pad_id, self.spec.padding_side)
-            pooled = pooled_hidden_states(self.model, input_ids.to(self.device), mask.to(self.device), self.layers,
-                                          self.spec.positions)
+            pooled = pooled_hidden_states(
+                self.model, input_ids.to(self.device), mask.to(self.device), self.layers, self.spec.positions
+            )
             idx = np.asarray(rows)
             for key, v in pooled.items():
                 if key not in out:
@@ -146,8 +161,15 @@ class Extractor:
 class ExtractorStage(Extractor):
     """Ray Data stage: {shard_id, ids, n_truncated} → one summary row per shard, after writing the shard's files."""
 
-    def __init__(self, model: dict, extract: dict, layers: list[int], store_root: str, model_label: str,
-                 torch_threads: int | None = None):
+    def __init__(
+        self,
+        model: dict,
+        extract: dict,
+        layers: list[int],
+        store_root: str,
+        model_label: str,
+        torch_threads: int | None = None,
+    ):
         super().__init__(model, extract, layers, None, torch_threads)
         self.store = ActivationStore(store_root)
         self.label = model_label
@@ -160,13 +182,19 @@ class ExtractorStage(Extractor):
             vectors = self.extract(ids)
             seconds = time.perf_counter() - t0
             self.write_shard(int(k), vectors, ids, int(n_trunc), seconds)
-            for key, v in (("shard_id", int(k)), ("rows", len(ids)), ("tokens", sum(map(len, ids))),
-                           ("seconds", seconds), ("n_truncated", int(n_trunc))):
+            for key, v in (
+                ("shard_id", int(k)),
+                ("rows", len(ids)),
+                ("tokens", sum(map(len, ids))),
+                ("seconds", seconds),
+                ("n_truncated", int(n_trunc)),
+            ):
                 summaries[key].append(v)
         return {k: np.asarray(v) for k, v in summaries.items()}
 
-    def write_shard(self, k: int, vectors: dict[tuple[int, str], np.ndarray], ids: list[list[int]], n_trunc: int,
-                    seconds: float) -> None:
+    def write_shard(
+        self, k: int, vectors: dict[tuple[int, str], np.ndarray], ids: list[list[int]], n_trunc: int, seconds: float
+    ) -> None:
         inputs = pq.read_table(self.store.input_path(k))
         meta = inputs.select([c for c in META_COLUMNS if c in inputs.column_names])
         n = meta.num_rows
@@ -179,8 +207,16 @@ class ExtractorStage(Extractor):
             table = table.append_column("vector", vectors_to_arrow(x, self.spec.store_dtype))
             atomic_write_parquet(self.store.layer_dir(self.label, layer, position) / f"shard-{k:05d}.parquet", table)
         langs = Counter(meta.column("lang").to_pylist())
-        atomic_write_json(self.store.done_path(self.label, k), {
-            "rows": n, "tokens": int(sum(map(len, ids))), "seconds": seconds, "n_truncated": n_trunc,
-            "rows_per_lang": dict(langs), "device": str(self.device), "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        })
+        atomic_write_json(
+            self.store.done_path(self.label, k),
+            {
+                "rows": n,
+                "tokens": int(sum(map(len, ids))),
+                "seconds": seconds,
+                "n_truncated": n_trunc,
+                "rows_per_lang": dict(langs),
+                "device": str(self.device),
+                "torch_threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            },
+        )

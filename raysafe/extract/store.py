@@ -72,16 +72,22 @@ class ActivationStore:
     def manifest(self) -> dict:
         p = self.root / "manifest.json"
         if not p.exists():
-            raise OutputError(f"no activations at {self.root} (manifest.json missing)", where=str(self.root),
-                              fix="run `raysafe extract` first, or point to the extraction's output_dir")
+            raise OutputError(
+                f"no activations at {self.root} (manifest.json missing)",
+                where=str(self.root),
+                fix="run `raysafe extract` first, or point to the extraction's output_dir",
+            )
         return json.loads(p.read_text())
 
     def model_info(self, model: str) -> dict:
         p = self.model_dir(model) / "model.json"
         if not p.exists():
             have = ", ".join(self.models()) or "none"
-            raise OutputError(f"no activations of model {model!r} in {self.root} (it has: {have})", where=str(p),
-                              fix="check the model label, or extract that model first")
+            raise OutputError(
+                f"no activations of model {model!r} in {self.root} (it has: {have})",
+                where=str(p),
+                fix="check the model label, or extract that model first",
+            )
         return json.loads(p.read_text())
 
     def models(self) -> list[str]:
@@ -104,8 +110,16 @@ class ActivationStore:
         p = self.model_dir(model) / "model.json"
         if p.exists():
             old = json.loads(p.read_text())
-            for key in ("fingerprint", "dataset_fingerprint", "layers", "positions", "store_dtype", "shard_rows",
-                        "max_length", "chat_template"):
+            for key in (
+                "fingerprint",
+                "dataset_fingerprint",
+                "layers",
+                "positions",
+                "store_dtype",
+                "shard_rows",
+                "max_length",
+                "chat_template",
+            ):
                 if old.get(key) != info.get(key):
                     raise OutputError(
                         f"{self.model_dir(model)} holds activations of model {model!r} made with a different "

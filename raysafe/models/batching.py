@@ -58,7 +58,7 @@ def plan_token_batches(lengths: list[int], max_tokens: int, max_rows: int, overh
     batches: list[list[int]] = []
     j = n
     while j > 0:
-        batches.append(order[cut[j]:j].tolist())
+        batches.append(order[cut[j] : j].tolist())
         j = int(cut[j])
     return batches[::-1]
 
@@ -70,8 +70,8 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tens
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
         if side == "left":
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
+            ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
         else:
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1

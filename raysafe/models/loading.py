@@ -103,7 +103,9 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     path = Path(p).expanduser()
     if p.endswith(".gguf"):
         if not path.is_file():
-            raise ModelError(f"GGUF file {path} does not exist", where=f"model {spec.label}: path", fix="give an existing .gguf file")
+            raise ModelError(
+                f"GGUF file {path} does not exist", where=f"model {spec.label}: path", fix="give an existing .gguf file"
+            )
         fp = _hash_file(path)
         return ResolvedModel(str(convert_gguf(path, cache_root() / "models" / f"{path.stem}-{fp}")), None, "gguf", fp)
     if path.exists() or p.startswith((".", "/", "~")):

@@ -30,8 +30,14 @@ from torch import nn
 
 from raysafe.errors import ConfigError, ModelError
 
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
-                "language_model.layers", "transformer.h", "layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "language_model.layers",
+    "transformer.h",
+    "layers",
+)
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -46,8 +52,10 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
         layers = getattr(owner, parts[-1], None) if owner is not None else None
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return owner, layers  # type: ignore[return-value]
-    raise ModelError(f"cannot find the decoder layers of {type(model).__name__}",
-                     fix=f"steering supports models whose layers live at one of {', '.join(_LAYER_PATHS)}")
+    raise ModelError(
+        f"cannot find the decoder layers of {type(model).__name__}",
+        fix=f"steering supports models whose layers live at one of {', '.join(_LAYER_PATHS)}",
+    )
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -62,8 +70,11 @@ def _as_vector(v: object, size: int, layer: int) -> torch.Tensor:
     else:
         t = torch.from_numpy(np.asarray(v, dtype=np.float32).copy())
     if t.dim() != 1 or t.shape[0] != size:
-        raise ModelError(f"steering vector for layer {layer} has shape {tuple(t.shape)}, expected ({size},)",
-                         where=f"layer {layer}", fix="use a concept vector of this model's hidden size")
+        raise ModelError(
+            f"steering vector for layer {layer} has shape {tuple(t.shape)}, expected ({size},)",
+            where=f"layer {layer}",
+            fix="use a concept vector of this model's hidden size",
+        )
     if not torch.isfinite(t).all():
         raise ModelError(f"steering vector for layer {layer} has non-finite values", where=f"layer {layer}")
     return t
@@ -74,8 +85,11 @@ def _check_layers(vectors: Mapping[int, object], n_layers: int) -> None:
         raise ConfigError("no steering layers given", fix="pass {layer: vector} for at least one layer")
     bad = [L for L in vectors if not isinstance(L, (int, np.integer)) or not 1 <= int(L) <= n_layers]
     if bad:
-        raise ModelError(f"steering layer(s) {bad} out of range", where=f"model with {n_layers} decoder layers",
-                         fix=f"layers are 1-based outputs of decoder layers: 1..{n_layers}")
+        raise ModelError(
+            f"steering layer(s) {bad} out of range",
+            where=f"model with {n_layers} decoder layers",
+            fix=f"layers are 1-based outputs of decoder layers: 1..{n_layers}",
+        )
 
 
 @contextmanager
@@ -97,8 +111,10 @@ def steering(model: nn.Module, vectors: Mapping[int, object], alpha: float) -> I
         if isinstance(mask, dict):  # some models pass one mask per attention type
             mask = None
         if mask is not None and mask.dim() != 2:
-            raise ModelError(f"steering needs a 2-D [batch, seq] attention mask, got shape {tuple(mask.shape)}",
-                             fix="call the model with the tokenizer's 2-D attention_mask")
+            raise ModelError(
+                f"steering needs a 2-D [batch, seq] attention mask, got shape {tuple(mask.shape)}",
+                fix="call the model with the tokenizer's 2-D attention_mask",
+            )
         state["mask"] = mask
 
     def clear_mask(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -114,8 +130,10 @@ def steering(model: nn.Module, vectors: Mapping[int, object], alpha: float) -> I
             else:
                 batch, seq = hidden.shape[0], hidden.shape[1]
                 if mask.shape[0] != batch or mask.shape[1] < seq:
-                    raise ModelError(f"attention mask of shape {tuple(mask.shape)} does not cover hidden states "
-                                     f"of shape {tuple(hidden.shape)}")
+                    raise ModelError(
+                        f"attention mask of shape {tuple(mask.shape)} does not cover hidden states "
+                        f"of shape {tuple(hidden.shape)}"
+                    )
                 keep = mask[:, -seq:].to(hidden.device).bool().unsqueeze(-1)
                 steered = torch.where(keep, hidden + delta, hidden)
             if isinstance(output, tuple):
@@ -168,8 +186,8 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Ten
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if tokenizer.padding_side == "left":
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
         else:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
@@ -178,8 +196,14 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Ten
 
 @torch.inference_mode()
 def text_stats(
-    model: nn.Module, tokenizer, texts: Sequence[str], *, probe_layer: int | None = None, batch_size: int = 8,
-    max_length: int = 256, logprobs: bool = True,
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    probe_layer: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 256,
+    logprobs: bool = True,
 ) -> TextStats:
     """Log-likelihood of each text under the model (any active steering applies) and, with ``probe_layer``, the
     output of that decoder layer (1-based) at each text's last non-pad token. With ``logprobs=False`` only the
@@ -200,7 +224,7 @@ def text_stats(
     handle = layers[probe_layer - 1].register_forward_hook(capture) if probe_layer is not None else None
     try:
         for start in range(0, len(texts), batch_size):
-            ids, mask = _encode(tokenizer, texts[start:start + batch_size], max_length)
+            ids, mask = _encode(tokenizer, texts[start : start + batch_size], max_length)
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() does, so padding side does not matter
             if not logprobs:
@@ -280,35 +304,54 @@ def measure_steering(
         texts = [p for p, _ in pairs] + [n for _, n in pairs]
         neutral_texts = list(neutral.get(lang, ()))
 
-        def run(alpha: float) -> dict:
+        # bound as defaults: the closure is called within this iteration, and binding says so
+        def run(alpha: float, texts=texts, neutral_texts=neutral_texts, pairs=pairs, p_layer=p_layer, u=u) -> dict:
             ctx = steering(model, vectors, alpha) if alpha != 0 else nullcontext()
             with ctx:
-                st = text_stats(model, tokenizer, texts, probe_layer=p_layer, batch_size=batch_size,
-                                max_length=max_length)
-                nt = (text_stats(model, tokenizer, neutral_texts, batch_size=batch_size, max_length=max_length)
-                      if neutral_texts else None)
+                st = text_stats(
+                    model, tokenizer, texts, probe_layer=p_layer, batch_size=batch_size, max_length=max_length
+                )
+                nt = (
+                    text_stats(model, tokenizer, neutral_texts, batch_size=batch_size, max_length=max_length)
+                    if neutral_texts
+                    else None
+                )
             k = len(pairs)
             pos = TextStats(st.logprob_sum[:k], st.n_tokens[:k], None)
             neg = TextStats(st.logprob_sum[k:], st.n_tokens[k:], None)
             proj = st.last_state.astype(np.float64) @ u
-            return {"projection": float(proj.mean()), "pair_gap": float(proj[:k].mean() - proj[k:].mean()),
-                    "behaviour_score": behaviour_score(pos, neg),
-                    "perplexity": perplexity(nt) if nt is not None else float("nan")}
+            return {
+                "projection": float(proj.mean()),
+                "pair_gap": float(proj[:k].mean() - proj[k:].mean()),
+                "behaviour_score": behaviour_score(pos, neg),
+                "perplexity": perplexity(nt) if nt is not None else float("nan"),
+            }
 
         base = run(0.0)
         for alpha in alphas:
             m = base if alpha == 0 else run(float(alpha))
-            rows.append({
-                "lang": lang, "layers": label, "alpha": float(alpha), "probe_layer": int(p_layer),
-                "n_pairs": len(pairs), "n_neutral": len(neutral_texts),
-                "projection": m["projection"], "projection_shift": m["projection"] - base["projection"],
-                "pair_gap": m["pair_gap"],
-                "projection_shift_in_gaps": ((m["projection"] - base["projection"]) / base["pair_gap"]
-                                             if base["pair_gap"] != 0 else float("nan")),
-                "behaviour_score": m["behaviour_score"],
-                "behaviour_shift": m["behaviour_score"] - base["behaviour_score"],
-                "perplexity": m["perplexity"], "perplexity_ratio": m["perplexity"] / base["perplexity"],
-            })
+            rows.append(
+                {
+                    "lang": lang,
+                    "layers": label,
+                    "alpha": float(alpha),
+                    "probe_layer": int(p_layer),
+                    "n_pairs": len(pairs),
+                    "n_neutral": len(neutral_texts),
+                    "projection": m["projection"],
+                    "projection_shift": m["projection"] - base["projection"],
+                    "pair_gap": m["pair_gap"],
+                    "projection_shift_in_gaps": (
+                        (m["projection"] - base["projection"]) / base["pair_gap"]
+                        if base["pair_gap"] != 0
+                        else float("nan")
+                    ),
+                    "behaviour_score": m["behaviour_score"],
+                    "behaviour_shift": m["behaviour_score"] - base["behaviour_score"],
+                    "perplexity": m["perplexity"],
+                    "perplexity_ratio": m["perplexity"] / base["perplexity"],
+                }
+            )
     return pl.DataFrame(rows)
 
 
@@ -331,9 +374,22 @@ def sweep_steering(
     for layer_set in layer_sets:
         missing = [L for L in layer_set if L not in vectors_by_layer]
         if missing:
-            raise ConfigError(f"no steering vector for layer(s) {missing}", where="sweep_steering(layer_sets=...)",
-                              fix="pass vectors_by_layer for every layer you steer")
-        frames.append(measure_steering(model, tokenizer, {L: vectors_by_layer[L] for L in layer_set}, alphas,
-                                       held_out, neutral, probe=probe, batch_size=batch_size, max_length=max_length))
+            raise ConfigError(
+                f"no steering vector for layer(s) {missing}",
+                where="sweep_steering(layer_sets=...)",
+                fix="pass vectors_by_layer for every layer you steer",
+            )
+        frames.append(
+            measure_steering(
+                model,
+                tokenizer,
+                {L: vectors_by_layer[L] for L in layer_set},
+                alphas,
+                held_out,
+                neutral,
+                probe=probe,
+                batch_size=batch_size,
+                max_length=max_length,
+            )
+        )
     return pl.concat(frames)
-

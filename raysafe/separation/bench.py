@@ -76,12 +76,14 @@ class SyntheticActivations:
         depth = (layer + 1) / self.layers
         scale = self.strength[self.lang_of] * depth * (0.25 if m == 0 else 1.0) * self.label
         X += scale[:, None] * self.dirs[self.lang_of]
-        meta = pl.DataFrame({
-            "row_id": np.arange(n),
-            "group_id": [f"g{i // 2}" for i in range(n)],
-            "lang": [self.langs[i] for i in self.lang_of],
-            "label": self.label,
-        })
+        meta = pl.DataFrame(
+            {
+                "row_id": np.arange(n),
+                "group_id": [f"g{i // 2}" for i in range(n)],
+                "lang": [self.langs[i] for i in self.lang_of],
+                "label": self.label,
+            }
+        )
         self.gen_seconds += time.perf_counter() - t0
         self.gen_cpu += time.process_time() - c0
         return meta, X
@@ -111,13 +113,20 @@ def run_raysafe(cfg: dict, queue: mp.Queue) -> None:
     table = analyse_separation(store, models, list(range(cfg["layers"])), opts, progress=False)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     keep = table.filter(pl.col("layer").is_in(cfg["baseline_layer_ids"]) & (pl.col("model") == models[0]))
-    queue.put({
-        "wall_s": wall, "gen_s": store.gen_seconds, "compute_s": wall - store.gen_seconds,
-        "compute_cpu_s": cpu - store.gen_cpu, "load_avg_end": os.getloadavg()[0],
-        "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss0, "threads": torch.get_num_threads(),
-        "statuses": table["status"].value_counts().to_dicts(),
-        "points": keep.select("lang", "layer", "metric", "value").to_dicts(),
-    })
+    queue.put(
+        {
+            "wall_s": wall,
+            "gen_s": store.gen_seconds,
+            "compute_s": wall - store.gen_seconds,
+            "compute_cpu_s": cpu - store.gen_cpu,
+            "load_avg_end": os.getloadavg()[0],
+            "peak_rss_mib": peak_rss_mib(),
+            "rss_before_mib": rss0,
+            "threads": torch.get_num_threads(),
+            "statuses": table["status"].value_counts().to_dicts(),
+            "points": keep.select("lang", "layer", "metric", "value").to_dicts(),
+        }
+    )
 
 
 # ================================================================================================ sklearn
@@ -145,8 +154,9 @@ def _moments_np(Z0: np.ndarray, Z1: np.ndarray) -> tuple[float, float]:
     return math.sqrt(gap2 / within), between / (within + between)
 
 
-def _cell_sklearn(Z: np.ndarray, X: np.ndarray, y: np.ndarray, fold: np.ndarray, idx0: np.ndarray | None,
-                  idx1: np.ndarray | None) -> dict[str, float]:
+def _cell_sklearn(
+    Z: np.ndarray, X: np.ndarray, y: np.ndarray, fold: np.ndarray, idx0: np.ndarray | None, idx1: np.ndarray | None
+) -> dict[str, float]:
     """Every metric of one cell with scikit-learn / numpy, on the data or on one stratified resample."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import silhouette_score
@@ -167,8 +177,9 @@ def _cell_sklearn(Z: np.ndarray, X: np.ndarray, y: np.ndarray, fold: np.ndarray,
     out["centroid_distance"], out["between_var_ratio"] = _moments_np(Z0, Z1)
     _, out["between_var_ratio_full"] = _moments_np(X0.astype(np.float64), X1.astype(np.float64))
     if idx0 is None:
-        acc = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=1.0)), Z, y,
-                              cv=PredefinedSplit(fold))
+        acc = cross_val_score(
+            make_pipeline(StandardScaler(), LogisticRegression(C=1.0)), Z, y, cv=PredefinedSplit(fold)
+        )
         out["probe_accuracy"] = float(np.average(acc, weights=np.bincount(fold)))
         Xf = X.astype(np.float64)
         out["pca_explained_variance"] = float(Z.var(0).sum() / Xf.var(0).sum())
@@ -212,15 +223,26 @@ def run_sklearn(cfg: dict, queue: mp.Queue) -> None:
             rng = np.random.default_rng(seed)
             n0, n1 = int((y == 0).sum()), int((y == 1).sum())
             t0, c0 = time.perf_counter(), time.process_time()
-            reps = [_cell_sklearn(Z, Xl, y, fold, rng.integers(0, n0, n0), rng.integers(0, n1, n1))
-                    for _ in range(cfg["baseline_resamples"])]
+            reps = [
+                _cell_sklearn(Z, Xl, y, fold, rng.integers(0, n0, n0), rng.integers(0, n1, n1))
+                for _ in range(cfg["baseline_resamples"])
+            ]
             for m in reps[0] if reps else []:
                 np.percentile([r[m] for r in reps], [2.5, 97.5])
             boot_s += time.perf_counter() - t0
             boot_cpu += time.process_time() - c0
-    queue.put({"point_s": point_s, "boot_s": boot_s, "point_cpu_s": point_cpu, "boot_cpu_s": boot_cpu,
-               "peak_rss_mib": peak_rss_mib(), "points": points, "gen_s": store.gen_seconds,
-               "load_avg_end": os.getloadavg()[0]})
+    queue.put(
+        {
+            "point_s": point_s,
+            "boot_s": boot_s,
+            "point_cpu_s": point_cpu,
+            "boot_cpu_s": boot_cpu,
+            "peak_rss_mib": peak_rss_mib(),
+            "points": points,
+            "gen_s": store.gen_seconds,
+            "load_avg_end": os.getloadavg()[0],
+        }
+    )
 
 
 def _in_child(target, cfg: dict) -> dict:
@@ -236,9 +258,11 @@ def _in_child(target, cfg: dict) -> dict:
 
 # =================================================================================================== main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
     ap.add_argument("--items", type=int, default=20_000, help="vectors per model and layer, all languages together")
     ap.add_argument("--dim", type=int, default=640, help="hidden size")
     ap.add_argument("--layers", type=int, default=18)
@@ -247,54 +271,95 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10, help="PCA components")
     ap.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per cell")
     ap.add_argument("--baseline-layers", type=int, default=1, help="layers the scikit-learn baseline really runs")
-    ap.add_argument("--baseline-resamples", type=int, default=10,
-                    help="resamples the baseline really runs per cell (its time is extrapolated to --resamples)")
+    ap.add_argument(
+        "--baseline-resamples",
+        type=int,
+        default=10,
+        help="resamples the baseline really runs per cell (its time is extrapolated to --resamples)",
+    )
     ap.add_argument("--skip-point-only", action="store_true", help="do not also time raysafe without bootstrap")
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads, and BLAS/OpenMP threads of the baseline (0: the libraries' defaults)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads, and BLAS/OpenMP threads of the baseline (0: the libraries' defaults)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     n_baseline = max(1, min(a.baseline_layers, a.layers))
-    cfg = dict(items=a.items, dim=a.dim, layers=a.layers, languages=a.languages, models=a.models, k=a.k,
-               resamples=a.resamples, seed=a.seed, threads=a.threads,
-               baseline_layer_ids=[round(i * (a.layers - 1) / max(1, n_baseline - 1)) for i in range(n_baseline)]
-               if n_baseline > 1 else [a.layers - 1], baseline_resamples=a.baseline_resamples)
+    cfg = dict(
+        items=a.items,
+        dim=a.dim,
+        layers=a.layers,
+        languages=a.languages,
+        models=a.models,
+        k=a.k,
+        resamples=a.resamples,
+        seed=a.seed,
+        threads=a.threads,
+        baseline_layer_ids=[round(i * (a.layers - 1) / max(1, n_baseline - 1)) for i in range(n_baseline)]
+        if n_baseline > 1
+        else [a.layers - 1],
+        baseline_resamples=a.baseline_resamples,
+    )
     cells = a.models * a.layers * a.languages
-    print(f"workload: {a.models} model(s) × {a.layers} layers × {a.languages} languages = {cells} cells; "
-          f"{a.items} vectors × {a.dim} dims per model and layer ({a.items // a.languages} per language); "
-          f"k = {a.k}; {a.resamples} bootstrap resamples per cell")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average before start {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}")
+    print(
+        f"workload: {a.models} model(s) × {a.layers} layers × {a.languages} languages = {cells} cells; "
+        f"{a.items} vectors × {a.dim} dims per model and layer ({a.items // a.languages} per language); "
+        f"k = {a.k}; {a.resamples} bootstrap resamples per cell"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average before start {os.getloadavg()[0]:.2f}; python {sys.version.split()[0]}"
+    )
     res: dict = {"config": cfg}
     full = _in_child(run_raysafe, cfg)
     res["raysafe"] = full
-    print(f"raysafe  (torch, {full['threads']} threads, bootstrap {a.resamples}): compute {full['compute_s']:.1f} s "
-          f"(+ {full['gen_s']:.1f} s generating data), CPU time {full['compute_cpu_s']:.1f} s, peak RSS "
-          f"{full['peak_rss_mib']:.0f} MiB; statuses {full['statuses']}")
+    print(
+        f"raysafe  (torch, {full['threads']} threads, bootstrap {a.resamples}): compute {full['compute_s']:.1f} s "
+        f"(+ {full['gen_s']:.1f} s generating data), CPU time {full['compute_cpu_s']:.1f} s, peak RSS "
+        f"{full['peak_rss_mib']:.0f} MiB; statuses {full['statuses']}"
+    )
     if not a.skip_point_only:
         pt = _in_child(run_raysafe, {**cfg, "resamples": 0})
         res["raysafe_point_only"] = pt
-        print(f"raysafe  (no bootstrap): compute {pt['compute_s']:.1f} s, CPU time {pt['compute_cpu_s']:.1f} s, "
-              f"peak RSS {pt['peak_rss_mib']:.0f} MiB")
+        print(
+            f"raysafe  (no bootstrap): compute {pt['compute_s']:.1f} s, CPU time {pt['compute_cpu_s']:.1f} s, "
+            f"peak RSS {pt['peak_rss_mib']:.0f} MiB"
+        )
     if not a.skip_baseline:
         sk = _in_child(run_sklearn, cfg)
         per_layer_point = sk["point_s"] / n_baseline
         per_layer_boot = sk["boot_s"] / n_baseline / max(1, a.baseline_resamples) * a.resamples
         est_point = per_layer_point * a.layers * a.models
         est_full = (per_layer_point + per_layer_boot) * a.layers * a.models
-        cpu_full = (sk["point_cpu_s"] + sk["boot_cpu_s"] / max(1, a.baseline_resamples) * a.resamples) / n_baseline \
-            * a.layers * a.models
-        res["sklearn"] = {**sk, "extrapolated_point_s": est_point, "extrapolated_full_s": est_full,
-                          "extrapolated_full_cpu_s": cpu_full}
-        print(f"sklearn  measured: {n_baseline} layer(s) {cfg['baseline_layer_ids']} of 1 model, point estimates "
-              f"{sk['point_s']:.1f} s, {a.baseline_resamples} resamples/cell {sk['boot_s']:.1f} s; "
-              f"peak RSS {sk['peak_rss_mib']:.0f} MiB")
-        print(f"sklearn  extrapolated linearly to {a.models} model(s) × {a.layers} layers and {a.resamples} "
-              f"resamples: {est_full:.0f} s ({est_point:.0f} s of it point estimates); CPU time {cpu_full:.0f} s")
-        print(f"speed-up with bootstrap ({a.resamples} resamples): {est_full / full['compute_s']:.1f}× in wall "
-              f"time, {cpu_full / full['compute_cpu_s']:.1f}× in CPU time (robust to other load on the machine)")
+        cpu_full = (
+            (sk["point_cpu_s"] + sk["boot_cpu_s"] / max(1, a.baseline_resamples) * a.resamples)
+            / n_baseline
+            * a.layers
+            * a.models
+        )
+        res["sklearn"] = {
+            **sk,
+            "extrapolated_point_s": est_point,
+            "extrapolated_full_s": est_full,
+            "extrapolated_full_cpu_s": cpu_full,
+        }
+        print(
+            f"sklearn  measured: {n_baseline} layer(s) {cfg['baseline_layer_ids']} of 1 model, point estimates "
+            f"{sk['point_s']:.1f} s, {a.baseline_resamples} resamples/cell {sk['boot_s']:.1f} s; "
+            f"peak RSS {sk['peak_rss_mib']:.0f} MiB"
+        )
+        print(
+            f"sklearn  extrapolated linearly to {a.models} model(s) × {a.layers} layers and {a.resamples} "
+            f"resamples: {est_full:.0f} s ({est_point:.0f} s of it point estimates); CPU time {cpu_full:.0f} s"
+        )
+        print(
+            f"speed-up with bootstrap ({a.resamples} resamples): {est_full / full['compute_s']:.1f}× in wall "
+            f"time, {cpu_full / full['compute_cpu_s']:.1f}× in CPU time (robust to other load on the machine)"
+        )
         if not a.skip_point_only:
             print(f"speed-up, point estimates only: {est_point / res['raysafe_point_only']['compute_s']:.1f}×")
         ours = {(p["lang"], p["layer"], p["metric"]): p["value"] for p in full["points"]}
@@ -304,8 +369,10 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None:
                 diffs[p["metric"]] = max(diffs.get(p["metric"], 0.0), abs(v - p["value"]))
         res["max_abs_diff"] = diffs
-        print("agreement of point estimates (max |raysafe − sklearn| over the measured cells): "
-              + ", ".join(f"{m} {d:.1e}" for m, d in diffs.items()))
+        print(
+            "agreement of point estimates (max |raysafe − sklearn| over the measured cells): "
+            + ", ".join(f"{m} {d:.1e}" for m, d in diffs.items())
+        )
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(res, f, indent=2, default=str)

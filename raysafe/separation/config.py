@@ -36,32 +36,45 @@ class SeparationConfig(Strict):
     base: ModelSpec | None = None
     aligned: list[ModelSpec] = Field(
         default_factory=list,
-        description="aligned counterparts of `base` (hub ids, local dirs, training outputs); empty: base-only analysis")
+        description="aligned counterparts of `base` (hub ids, local dirs, training outputs); empty: base-only analysis",
+    )
     pairs: list[ModelFamily] = Field(
-        default_factory=list, description="several base/aligned families in one run, instead of base/aligned")
+        default_factory=list, description="several base/aligned families in one run, instead of base/aligned"
+    )
     safety: SourceSpec = Field(
         default_factory=lambda: SourceSpec(kind="fixture", name="safety_prompts"),
-        description="toxic / benign texts with a 0/1 `label` (prompt-variants contract)")
+        description="toxic / benign texts with a 0/1 `label` (prompt-variants contract)",
+    )
     detox: SourceSpec | None = Field(
         default_factory=lambda: SourceSpec(kind="fixture", name="detox_pairs"),
-        description="parallel toxic / neutral pairs (parallel-detox contract); null: no detox analysis")
+        description="parallel toxic / neutral pairs (parallel-detox contract); null: no detox analysis",
+    )
     activations_dir: str = Field(
         "outputs/activations/separation",
-        description="activation stores: <dir>/safety and <dir>/detox (extracted there when missing)")
-    safety_activations: str | None = Field(None, description="store of the safety set (default <activations_dir>/safety)")
-    detox_activations: str | None = Field(None, description="store of the detox pairs (default <activations_dir>/detox)")
+        description="activation stores: <dir>/safety and <dir>/detox (extracted there when missing)",
+    )
+    safety_activations: str | None = Field(
+        None, description="store of the safety set (default <activations_dir>/safety)"
+    )
+    detox_activations: str | None = Field(
+        None, description="store of the detox pairs (default <activations_dir>/detox)"
+    )
     extract_if_missing: bool = Field(True, description="run the extraction flow for missing activations (else fail)")
     output_dir: str = "outputs/separation"
     layers: list[int] | Literal["all"] = Field("all", description="layers analysed; all: every extracted layer")
     position: Literal["last", "mean"] | None = Field(None, description="pooled position; default extract.positions[0]")
     english: str = Field("en", description="the reference language of the ratios and of the detox safety direction")
     scatter_layers: list[int] | Literal["best"] = Field(
-        "best", description="layers of the PCA scatter plots; best: where the last model separates English most")
+        "best", description="layers of the PCA scatter plots; best: where the last model separates English most"
+    )
     scatter_points_per_class: int = Field(300, ge=10, description="points per language and class in a scatter plot")
     options: SeparationOptions = SeparationOptions()
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads of the analysis (default: torch's, one per core); 1 is "
-        "faster for small cells and on a busy machine (docs/separation.md, Cost)")
+        None,
+        ge=1,
+        description="torch intra-op threads of the analysis (default: torch's, one per core); 1 is "
+        "faster for small cells and on a busy machine (docs/separation.md, Cost)",
+    )
     extract: ExtractSpec = ExtractSpec()
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
@@ -89,16 +102,21 @@ class SeparationConfig(Strict):
         labels = [m.label for m in self.models]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
-            raise ValueError(f"model labels must be unique across base and aligned, {dup} repeats: set `name` on "
-                             "each model")
+            raise ValueError(
+                f"model labels must be unique across base and aligned, {dup} repeats: set `name` on each model"
+            )
         if self.position is not None and self.position not in self.extract.positions:
-            raise ValueError(f"position {self.position!r} is not extracted (extract.positions = "
-                             f"{self.extract.positions}): add it there")
+            raise ValueError(
+                f"position {self.position!r} is not extracted (extract.positions = "
+                f"{self.extract.positions}): add it there"
+            )
         if self.layers != "all" and self.extract.layers != "all":
             missing = sorted(set(self.layers) - set(self.extract.layers))
             if missing:
-                raise ValueError(f"layers {missing} are analysed but not extracted (extract.layers = "
-                                 f"{self.extract.layers}): add them there, or set extract.layers: all")
+                raise ValueError(
+                    f"layers {missing} are analysed but not extracted (extract.layers = "
+                    f"{self.extract.layers}): add them there, or set extract.layers: all"
+                )
         return self
 
     @property

@@ -61,10 +61,6 @@ SUMMARY_COLUMNS: dict[str, str] = {
 }
 
 
-
-
-
-
 # ================================================================================================== result
 @dataclass
 class SeparationResult:
@@ -106,8 +102,10 @@ class SeparationResult:
 
     def summary(self) -> str:
         """A short per-language text summary and where the outputs are."""
-        lines = [f"separation of {', '.join(self.models)} (position {self.position}, layers "
-                 f"{_ranges(self.layers)}, {len(self.languages)} languages)"]
+        lines = [
+            f"separation of {', '.join(self.models)} (position {self.position}, layers "
+            f"{_ranges(self.layers)}, {len(self.languages)} languages)"
+        ]
         best = self.best if self.best is not None else pl.DataFrame()
         metrics = [m for m in SUMMARY_COLUMNS if best.height and m in set(best["metric"].to_list())]
         detox_best = _detox_best(self.detox)
@@ -130,8 +128,11 @@ class SeparationResult:
         if self.shift is not None and self.shift.height:
             lines += _shift_text(self.shift, self.english)
         counts = self.status_counts
-        lines.append("metric rows: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-                     + ("  (see the report's last section)" if set(counts) - {"ok"} else ""))
+        lines.append(
+            "metric rows: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            + ("  (see the report's last section)" if set(counts) - {"ok"} else "")
+        )
         for p in self.problems:
             lines.append(f"problem: {p}")
         lines.append(f"tables:  {self.output_dir / 'tables'}  ({', '.join(sorted(self.tables))})")
@@ -171,8 +172,12 @@ def _detox_best(detox: pl.DataFrame | None) -> pl.DataFrame | None:
     ok = detox.filter((pl.col("metric") == "detox_cos_en") & pl.col("value").is_not_null())
     if ok.height == 0:
         return None
-    return (ok.sort(["value", "layer"], descending=[True, False]).group_by(["model", "lang"], maintain_order=True)
-            .first().select("model", "lang", "layer", "value"))
+    return (
+        ok.sort(["value", "layer"], descending=[True, False])
+        .group_by(["model", "lang"], maintain_order=True)
+        .first()
+        .select("model", "lang", "layer", "value")
+    )
 
 
 def _shift_text(shift: pl.DataFrame, english: str) -> list[str]:
@@ -180,8 +185,9 @@ def _shift_text(shift: pl.DataFrame, english: str) -> list[str]:
     metric = "bhattacharyya" if "bhattacharyya" in set(shift["metric"].to_list()) else shift["metric"][0]
     lines = []
     for aligned in dict.fromkeys(shift["aligned_model"].to_list()):
-        s = shift.filter((pl.col("aligned_model") == aligned) & (pl.col("metric") == metric)
-                         & pl.col("shift").is_not_null())
+        s = shift.filter(
+            (pl.col("aligned_model") == aligned) & (pl.col("metric") == metric) & pl.col("shift").is_not_null()
+        )
         if s.height == 0:
             continue
         best = s.sort(["shift", "layer"], descending=[True, False]).group_by("lang", maintain_order=True).first()
@@ -207,13 +213,23 @@ def extract_config(cfg: SeparationConfig, which: Literal["safety", "detox"]) -> 
     source = cfg.safety if which == "safety" else cfg.detox
     assert source is not None
     run_name = f"{cfg.tracking.run_name}-extract-{which}" if cfg.tracking.run_name else f"extract-{which}"
-    return ExtractConfig(models=cfg.models, data=_source_for(which, source), output_dir=str(cfg.store_dir(which)),
-                         extract=cfg.extract, ray=cfg.ray,
-                         tracking=cfg.tracking.model_copy(update={"run_name": run_name}))
+    return ExtractConfig(
+        models=cfg.models,
+        data=_source_for(which, source),
+        output_dir=str(cfg.store_dir(which)),
+        extract=cfg.extract,
+        ray=cfg.ray,
+        tracking=cfg.tracking.model_copy(update={"run_name": run_name}),
+    )
 
 
-def activation_gaps(store: ActivationStore, models: Sequence[ModelSpec], source: SourceSpec, position: str,
-                    layers: list[int] | Literal["all"]) -> list[str]:
+def activation_gaps(
+    store: ActivationStore,
+    models: Sequence[ModelSpec],
+    source: SourceSpec,
+    position: str,
+    layers: list[int] | Literal["all"],
+) -> list[str]:
     """Why ``store`` cannot serve this analysis as it stands (empty: it can): no manifest, another source, a model
     missing or with unfinished shards or other weights, the position or an extractable layer not stored."""
     try:
@@ -244,17 +260,23 @@ def activation_gaps(store: ActivationStore, models: Sequence[ModelSpec], source:
 
             fp = resolve(spec).fingerprint
         except ModelError as e:
-            log.warning("cannot check that the stored activations of %r come from %s (%s); using them as they are",
-                        label, spec.path, e.what)
+            log.warning(
+                "cannot check that the stored activations of %r come from %s (%s); using them as they are",
+                label,
+                spec.path,
+                e.what,
+            )
             continue
         if fp != info.get("fingerprint"):
-            gaps.append(f"model {label!r}: stored activations come from other weights ({info.get('fingerprint')} "
-                        f"vs {fp})")
+            gaps.append(
+                f"model {label!r}: stored activations come from other weights ({info.get('fingerprint')} vs {fp})"
+            )
     return gaps
 
 
-def ensure_activations(cfg: SeparationConfig, which: Literal["safety", "detox"], progress: bool = True
-                       ) -> tuple[ActivationStore, str | None]:
+def ensure_activations(
+    cfg: SeparationConfig, which: Literal["safety", "detox"], progress: bool = True
+) -> tuple[ActivationStore, str | None]:
     """The activation store of one data set, extracted first when something is missing. Returns the store and the
     extraction's MLflow run id (None when nothing was extracted)."""
     ecfg = extract_config(cfg, which)
@@ -264,10 +286,14 @@ def ensure_activations(cfg: SeparationConfig, which: Literal["safety", "detox"],
         log.info("separation [activations/%s]: complete in %s, nothing to extract", which, store.root)
         return store, None
     if not cfg.extract_if_missing:
-        raise OutputError(f"the {which} activations are incomplete: " + "; ".join(gaps), where=str(store.root),
-                          fix="set extract_if_missing: true, or run `raysafe extract` with the same models and data")
-    log.info("separation [activations/%s]: %s → running the extraction flow into %s", which, "; ".join(gaps),
-             store.root)
+        raise OutputError(
+            f"the {which} activations are incomplete: " + "; ".join(gaps),
+            where=str(store.root),
+            fix="set extract_if_missing: true, or run `raysafe extract` with the same models and data",
+        )
+    log.info(
+        "separation [activations/%s]: %s → running the extraction flow into %s", which, "; ".join(gaps), store.root
+    )
     from raysafe.extract.flow import run_extract
 
     res = run_extract(ecfg, progress=progress)
@@ -286,8 +312,12 @@ def family_layers(cfg: SeparationConfig, family: ModelFamily, store: ActivationS
     for label, have in per_model.items():
         lacking = [x for x in layers if x not in have]
         if lacking:
-            log.warning("separation: model %r has no activations for layers %s (it has %s): those cells will be "
-                        "marked skipped", label, _ranges(lacking), _ranges(sorted(have)))
+            log.warning(
+                "separation: model %r has no activations for layers %s (it has %s): those cells will be marked skipped",
+                label,
+                _ranges(lacking),
+                _ranges(sorted(have)),
+            )
     return layers
 
 
@@ -297,8 +327,15 @@ def _logged_reader(read: Callable, stage: str, total: int) -> ReadLayer:
 
     def read_layer(model: str, layer: int):
         state["i"] += 1
-        log.info("separation [%s]: model %r layer %d (%d/%d, %.0f s)", stage, model, layer, state["i"], total,
-                 time.perf_counter() - state["t0"])
+        log.info(
+            "separation [%s]: model %r layer %d (%d/%d, %.0f s)",
+            stage,
+            model,
+            layer,
+            state["i"],
+            total,
+            time.perf_counter() - state["t0"],
+        )
         return read(model, layer)
 
     return read_layer
@@ -327,8 +364,9 @@ def scatter_layers(cfg: SeparationConfig, family: ModelFamily, table: pl.DataFra
     computed (the mean over languages when English is absent)."""
     if cfg.scatter_layers != "best":
         return [x for x in cfg.scatter_layers if x in layers] or layers[-1:]
-    order = [m for m in ("bhattacharyya", *cfg.options.metrics) if m in cfg.options.metrics
-             and m != "pca_explained_variance"]
+    order = [
+        m for m in ("bhattacharyya", *cfg.options.metrics) if m in cfg.options.metrics and m != "pca_explained_variance"
+    ]
     if not order or table.height == 0:
         return layers[-1:]
     model = (family.aligned or [family.base])[-1].label
@@ -372,51 +410,85 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
     # ---- 1. activations (extraction logs its own MLflow runs, so it runs before this flow's run starts)
     log.info("separation [1/5]: activations of %s (position %s)", ", ".join(models), position)
     safety_store, safety_run = ensure_activations(cfg, "safety", progress)
-    detox_store, detox_run = (ensure_activations(cfg, "detox", progress) if cfg.detox is not None else (None, None))
+    detox_store, detox_run = ensure_activations(cfg, "detox", progress) if cfg.detox is not None else (None, None)
     layers_of = {f.base.label: family_layers(cfg, f, safety_store) for f in families}
     all_layers = sorted(set().union(*map(set, layers_of.values())))
     if not all_layers:
-        raise ConfigError("no layers to analyse", where=f"layers / {safety_store.root}",
-                          fix="extract at least one layer (extract.layers) or list the layers to analyse")
+        raise ConfigError(
+            "no layers to analyse",
+            where=f"layers / {safety_store.root}",
+            fix="extract at least one layer (extract.layers) or list the layers to analyse",
+        )
     read_safety = safety_store.reader(position)
     read_detox = detox_store.reader(position) if detox_store is not None else None
     n_reads = sum(len(layers_of[f.base.label]) * (1 + len(f.aligned)) for f in families)
 
-    result = SeparationResult(output_dir=out, models=models, aligned=[m.label for f in families for m in f.aligned],
-                              layers=all_layers, languages=[], position=position, english=cfg.english,
-                              table=pl.DataFrame(), extracted={"safety": safety_run is not None,
-                                                               "detox": detox_run is not None})
+    result = SeparationResult(
+        output_dir=out,
+        models=models,
+        aligned=[m.label for f in families for m in f.aligned],
+        layers=all_layers,
+        languages=[],
+        position=position,
+        english=cfg.english,
+        table=pl.DataFrame(),
+        extracted={"safety": safety_run is not None, "detox": detox_run is not None},
+    )
     tables_dir, fig_dir = out / "tables", out / "figures"
     tags = {"raysafe.flow": "separation", "raysafe.base": ",".join(f.base.label for f in families)}
     with tracking.run(cfg.tracking, "separation", tags=tags) as mlrun:
         if mlrun is not None:
             result.mlflow_run_id = mlrun.info.run_id
-        tracking.log_params({"config": cfg.model_dump(mode="json"), "analysed_layers": _ranges(all_layers),
-                             "safety_activations": str(safety_store.root.resolve()),
-                             "detox_activations": str(detox_store.root.resolve()) if detox_store else "none"})
+        tracking.log_params(
+            {
+                "config": cfg.model_dump(mode="json"),
+                "analysed_layers": _ranges(all_layers),
+                "safety_activations": str(safety_store.root.resolve()),
+                "detox_activations": str(detox_store.root.resolve()) if detox_store else "none",
+            }
+        )
         extract_runs = {f"raysafe.extract_run.{k}": v for k, v in (("safety", safety_run), ("detox", detox_run)) if v}
         if extract_runs:
             tracking.set_tags(extract_runs)
 
         # ---- 2. separation metrics, one layer of one model at a time
         o = cfg.options
-        log.info("separation [2/5]: metrics of %d model(s), %d (model, layer) reads (k = %d, %s PCA, %d bootstrap "
-                 "resamples)", len(models), n_reads, o.k, o.pca_fit, o.bootstrap)
+        log.info(
+            "separation [2/5]: metrics of %d model(s), %d (model, layer) reads (k = %d, %s PCA, %d bootstrap "
+            "resamples)",
+            len(models),
+            n_reads,
+            o.k,
+            o.pca_fit,
+            o.bootstrap,
+        )
         reader = _logged_reader(read_safety, "2/5 metrics", n_reads)
-        table = pl.concat([analyse_separation(reader, [f.base.label] + [a.label for a in f.aligned],
-                                              layers_of[f.base.label], o, progress=False) for f in families])
+        table = pl.concat(
+            [
+                analyse_separation(
+                    reader, [f.base.label] + [a.label for a in f.aligned], layers_of[f.base.label], o, progress=False
+                )
+                for f in families
+            ]
+        )
         result.table = table
-        result.languages = sorted((set(table["lang"].to_list()) - {"*"}) if table.height else set(),
-                                  key=lambda lg: (lg != cfg.english, lg))
+        result.languages = sorted(
+            (set(table["lang"].to_list()) - {"*"}) if table.height else set(), key=lambda lg: (lg != cfg.english, lg)
+        )
         result.tables["separation"] = write_table(table, tables_dir, "separation")[0]
         best = best_layers(table, cfg.english)
         result.best = best
         result.tables["best_layers"] = write_table(best, tables_dir, "best_layers")[0]
         log_layer_metrics(table, "value", lambda r: _metric_key(r["metric"], r["model"], r["lang"]))
-        tracking.log_metrics({_metric_key("best", r["metric"], r["model"], r["lang"]): r["value"]
-                              for r in best.iter_rows(named=True)})
-        tracking.log_metrics({_metric_key("best_layer", r["metric"], r["model"], r["lang"]): r["layer"]
-                              for r in best.iter_rows(named=True)})
+        tracking.log_metrics(
+            {_metric_key("best", r["metric"], r["model"], r["lang"]): r["value"] for r in best.iter_rows(named=True)}
+        )
+        tracking.log_metrics(
+            {
+                _metric_key("best_layer", r["metric"], r["model"], r["lang"]): r["layer"]
+                for r in best.iter_rows(named=True)
+            }
+        )
 
         # ---- 3. alignment shift
         pairs = [(f.base.label, a.label) for f in families for a in f.aligned]
@@ -424,8 +496,9 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
             log.info("separation [3/5]: alignment shift of %s", ", ".join(f"{a} − {b}" for b, a in pairs))
             result.shift = pl.concat([alignment_shift(table, b, a, cfg.english) for b, a in pairs])
             result.tables["shift"] = write_table(result.shift, tables_dir, "shift")[0]
-            log_layer_metrics(result.shift, "shift",
-                              lambda r: _metric_key("shift", r["metric"], r["aligned_model"], r["lang"]))
+            log_layer_metrics(
+                result.shift, "shift", lambda r: _metric_key("shift", r["metric"], r["aligned_model"], r["lang"])
+            )
         else:
             log.info("separation [3/5]: no aligned model: alignment shift skipped")
 
@@ -433,10 +506,20 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         if read_detox is not None:
             log.info("separation [4/5]: detox displacement against the %r safety direction", cfg.english)
             dreader = _logged_reader(read_detox, "4/5 detox", n_reads)
-            result.detox = pl.concat([
-                detox_displacement(dreader, read_safety, [f.base.label] + [a.label for a in f.aligned],
-                                   layers_of[f.base.label], cfg.english, options=o, progress=False)
-                for f in families])
+            result.detox = pl.concat(
+                [
+                    detox_displacement(
+                        dreader,
+                        read_safety,
+                        [f.base.label] + [a.label for a in f.aligned],
+                        layers_of[f.base.label],
+                        cfg.english,
+                        options=o,
+                        progress=False,
+                    )
+                    for f in families
+                ]
+            )
             result.tables["detox"] = write_table(result.detox, tables_dir, "detox")[0]
             log_layer_metrics(result.detox, "value", lambda r: _metric_key(r["metric"], r["model"], r["lang"]))
         else:
@@ -446,11 +529,22 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         log.info("separation [5/5]: figures and report")
         figures = _figures(cfg, result, read_safety, fig_dir, layers_of)
         result.report = write_separation_report(
-            out, table, shift=result.shift, detox=result.detox, figures=figures, english=cfg.english,
-            notes=_report_notes(cfg, result, safety_store, detox_store))
-        tracking.log_metrics({f"cells_{st}": n for st, n in result.status_counts.items()} | {
-            "n_languages": len(result.languages), "n_layers": len(all_layers),
-            "seconds": time.perf_counter() - t_start})
+            out,
+            table,
+            shift=result.shift,
+            detox=result.detox,
+            figures=figures,
+            english=cfg.english,
+            notes=_report_notes(cfg, result, safety_store, detox_store),
+        )
+        tracking.log_metrics(
+            {f"cells_{st}": n for st, n in result.status_counts.items()}
+            | {
+                "n_languages": len(result.languages),
+                "n_layers": len(all_layers),
+                "seconds": time.perf_counter() - t_start,
+            }
+        )
         if mlrun is not None:
             tracking.log_artifact(tables_dir, "tables")
             if fig_dir.exists():
@@ -461,8 +555,13 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
     return result
 
 
-def _figures(cfg: SeparationConfig, result: SeparationResult, read_safety: ReadLayer, fig_dir: Path,
-             layers_of: dict[str, list[int]]) -> dict[str, list[Path]]:
+def _figures(
+    cfg: SeparationConfig,
+    result: SeparationResult,
+    read_safety: ReadLayer,
+    fig_dir: Path,
+    layers_of: dict[str, list[int]],
+) -> dict[str, list[Path]]:
     """Every figure, by report section. A figure that fails is logged and listed in ``result.problems``; the
     tables and the other figures are kept."""
     from raysafe.separation.plots import (
@@ -490,44 +589,66 @@ def _figures(cfg: SeparationConfig, result: SeparationResult, read_safety: ReadL
         fam_dir = fig_dir if len(families) == 1 else fig_dir / f"scatter_{fam.base.label}"
         fam_table = result.table.filter(pl.col("model").is_in(fam_models))
         for layer in scatter_layers(cfg, fam, fam_table, layers_of[fam.base.label]):
+
             def scatter(layer=layer, fam_models=fam_models, fam_dir=fam_dir) -> list[Path]:
-                pts = pca_scatter_points(read_safety, fam_models, layer, cfg.options,
-                                         max_points_per_class=cfg.scatter_points_per_class)
+                pts = pca_scatter_points(
+                    read_safety, fam_models, layer, cfg.options, max_points_per_class=cfg.scatter_points_per_class
+                )
                 write_table(pts, fig_dir / "data", f"scatter_{fam_models[0]}_layer{layer}")
                 return plot_pca_scatter(pts, fam_dir, models=fam_models, english=cfg.english)
 
             title = f"PCA scatter per language, layer {layer}" + (f" ({fam.base.label})" if len(families) > 1 else "")
             attempt(title, f"scatter {fam.base.label} layer {layer}", scatter)
-    attempt("Metrics by layer", "layer curves",
-            lambda: plot_layer_curves(result.table, fig_dir, metrics=metrics, english=cfg.english))
+    attempt(
+        "Metrics by layer",
+        "layer curves",
+        lambda: plot_layer_curves(result.table, fig_dir, metrics=metrics, english=cfg.english),
+    )
     if result.shift is not None:
         for a in dict.fromkeys(result.shift["aligned_model"].to_list()):
             sub = result.shift.filter(pl.col("aligned_model") == a)
-            attempt("Alignment shift (aligned − base)", f"shift heatmap {a}",
-                    lambda sub=sub, a=a: plot_shift_heatmap(sub, fig_dir, metrics=metrics, english=cfg.english,
-                                                            name=f"shift_heatmap_{a}"))
+            attempt(
+                "Alignment shift (aligned − base)",
+                f"shift heatmap {a}",
+                lambda sub=sub, a=a: plot_shift_heatmap(
+                    sub, fig_dir, metrics=metrics, english=cfg.english, name=f"shift_heatmap_{a}"
+                ),
+            )
     if result.detox is not None:
-        attempt("Detox displacement by layer", "detox curves",
-                lambda: plot_layer_curves(result.detox, fig_dir, english=cfg.english, prefix="detox_curves"))
+        attempt(
+            "Detox displacement by layer",
+            "detox curves",
+            lambda: plot_layer_curves(result.detox, fig_dir, english=cfg.english, prefix="detox_curves"),
+        )
     return figures
 
 
-def _report_notes(cfg: SeparationConfig, result: SeparationResult, safety: ActivationStore,
-                  detox: ActivationStore | None) -> list[str]:
+def _report_notes(
+    cfg: SeparationConfig, result: SeparationResult, safety: ActivationStore, detox: ActivationStore | None
+) -> list[str]:
     """The settings a reader of the report needs."""
     o = cfg.options
     notes = []
     for f in cfg.families:
-        notes.append(f"Base model `{f.base.label}` ({f.base.path})"
-                     + (", aligned: " + ", ".join(f"`{m.label}` ({m.path})" for m in f.aligned) if f.aligned
-                        else "; no aligned model (base-only: no shift tables)") + ".")
+        notes.append(
+            f"Base model `{f.base.label}` ({f.base.path})"
+            + (
+                ", aligned: " + ", ".join(f"`{m.label}` ({m.path})" for m in f.aligned)
+                if f.aligned
+                else "; no aligned model (base-only: no shift tables)"
+            )
+            + "."
+        )
     notes += [
         f"Hidden states: position `{result.position}`, activations in `{safety.root}`"
-        + (f" and `{detox.root}`" if detox else "") + ".",
+        + (f" and `{detox.root}`" if detox else "")
+        + ".",
         f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya shrinkage {o.shrinkage}; "
         f"{o.bootstrap} stratified bootstrap resamples, {o.ci_level:.0%} {o.ci_method} intervals; probe: "
         f"{o.probe_folds}-fold logistic regression (C = {o.probe_C}) on the {o.probe_space} space.",
         "Tables (Parquet + CSV): `tables/` (separation, best_layers"
-        + (", shift" if result.shift is not None else "") + (", detox" if result.detox is not None else "") + ").",
+        + (", shift" if result.shift is not None else "")
+        + (", detox" if result.detox is not None else "")
+        + ").",
     ]
     return notes + [f"Problem: {p}" for p in result.problems]

@@ -53,8 +53,14 @@ SEPARATION_METRICS: tuple[str, ...] = (
 FULL_SPACE_METRICS: frozenset[str] = frozenset({"between_var_ratio_full", "pca_explained_variance"})
 #: Metrics whose interval comes from the stratified bootstrap (the probe gets a Wilson interval instead).
 BOOTSTRAP_METRICS: frozenset[str] = frozenset(
-    {"bhattacharyya", "silhouette_euclidean", "silhouette_cosine", "centroid_distance", "between_var_ratio",
-     "between_var_ratio_full"}
+    {
+        "bhattacharyya",
+        "silhouette_euclidean",
+        "silhouette_cosine",
+        "centroid_distance",
+        "between_var_ratio",
+        "between_var_ratio_full",
+    }
 )
 
 
@@ -93,7 +99,7 @@ class PCAFit:
         mean = self.mean.to(X.device)
         comps_t = self.components.to(X.device).T
         for s in range(0, X.shape[0], chunk_rows):
-            out[s:s + chunk_rows] = (X[s:s + chunk_rows].to(F64) - mean) @ comps_t
+            out[s : s + chunk_rows] = (X[s : s + chunk_rows].to(F64) - mean) @ comps_t
         return out
 
 
@@ -101,7 +107,7 @@ def _column_mean(X: Tensor, chunk_rows: int) -> Tensor:
     """Column means of ``X`` in float64, accumulated over row chunks."""
     total = torch.zeros(X.shape[1], dtype=F64, device=X.device)
     for s in range(0, X.shape[0], chunk_rows):
-        total += X[s:s + chunk_rows].to(F64).sum(0)
+        total += X[s : s + chunk_rows].to(F64).sum(0)
     return total / X.shape[0]
 
 
@@ -139,8 +145,9 @@ def _randomized_top(X: Tensor, mean: Tensor, k: int, oversample: int, niter: int
     return vh[:k], s[:k]
 
 
-def fit_pca(X: Tensor, k: int, *, solver: PCASolver = "auto", chunk_rows: int = 8192, exact_max_dim: int = 2048,
-            seed: int = 0) -> PCAFit:
+def fit_pca(
+    X: Tensor, k: int, *, solver: PCASolver = "auto", chunk_rows: int = 8192, exact_max_dim: int = 2048, seed: int = 0
+) -> PCAFit:
     """Fit a k-component PCA on ``X`` [n, d] (rows = items).
 
     Keeps ``min(k, d, n - 1)`` components (check ``fit.k``). Solvers: ``covariance`` — eigh of the d×d scatter
@@ -166,7 +173,7 @@ def fit_pca(X: Tensor, k: int, *, solver: PCASolver = "auto", chunk_rows: int = 
     if solver == "covariance":
         scatter = torch.zeros(d, d, dtype=F64, device=X.device)
         for s in range(0, n, chunk_rows):
-            xc = X[s:s + chunk_rows].to(F64) - mean
+            xc = X[s : s + chunk_rows].to(F64) - mean
             scatter += xc.T @ xc
         total = float(torch.diagonal(scatter).sum()) / (n - 1)
         evals, evecs = torch.linalg.eigh(scatter)
@@ -186,14 +193,19 @@ def fit_pca(X: Tensor, k: int, *, solver: PCASolver = "auto", chunk_rows: int = 
     elif solver == "randomized":
         total = 0.0
         for s in range(0, n, chunk_rows):
-            total += float(((X[s:s + chunk_rows].to(F64) - mean) ** 2).sum())
+            total += float(((X[s : s + chunk_rows].to(F64) - mean) ** 2).sum())
         total /= n - 1
         comps, sv = _randomized_top(X, mean, k_eff, oversample=10, niter=7, seed=seed)
         ev = sv**2 / (n - 1)
     else:
         raise ValueError(f"unknown PCA solver {solver!r}; use auto, covariance, gram or randomized")
-    return PCAFit(mean=mean, components=_fix_signs(comps.to(F64)), explained_variance=ev.to(F64),
-                  total_variance=total, n_samples=n)
+    return PCAFit(
+        mean=mean,
+        components=_fix_signs(comps.to(F64)),
+        explained_variance=ev.to(F64),
+        total_variance=total,
+        n_samples=n,
+    )
 
 
 # ================================================================================== Gaussian / moment metrics
@@ -215,19 +227,26 @@ def weighted_class_moments(Z: Tensor, W: Tensor | None = None) -> tuple[Tensor, 
         W = torch.ones(1, n, dtype=F64, device=Z.device)
     W = W.to(device=Z.device, dtype=F64)
     sq = (x * x).sum(1)
-    feats = torch.cat([x, (x[:, :, None] * x[:, None, :]).reshape(n, k * k), sq[:, None] * x, sq[:, None],
-                       (sq * sq)[:, None]], dim=1)
+    feats = torch.cat(
+        [x, (x[:, :, None] * x[:, None, :]).reshape(n, k * k), sq[:, None] * x, sq[:, None], (sq * sq)[:, None]], dim=1
+    )
     S = W @ feats / n  # weighted means of the features [B, 2k + k² + 2]
     m = S[:, :k]
-    M2 = S[:, k:k + k * k].reshape(-1, k, k)
-    sq_x = S[:, k + k * k:2 * k + k * k]  # E[‖x‖² x]
+    M2 = S[:, k : k + k * k].reshape(-1, k, k)
+    sq_x = S[:, k + k * k : 2 * k + k * k]  # E[‖x‖² x]
     e_sq = S[:, -2]  # E[‖x‖²]
     e_sq2 = S[:, -1]  # E[‖x‖⁴]
     cov = M2 - m[:, :, None] * m[:, None, :]
     # E‖x − m‖⁴ = E‖x‖⁴ − 4 E[‖x‖² x]·m + 4 mᵀ E[xxᵀ] m + 2 E‖x‖² ‖m‖² − 4 E[x]·m ‖m‖² + ‖m‖⁴  (E[x] = m)
     mm = (m * m).sum(1)
-    e4 = (e_sq2 - 4 * (sq_x * m).sum(1) + 4 * torch.einsum("bi,bij,bj->b", m, M2, m) + 2 * e_sq * mm
-          - 4 * mm * mm + mm * mm)
+    e4 = (
+        e_sq2
+        - 4 * (sq_x * m).sum(1)
+        + 4 * torch.einsum("bi,bij,bj->b", m, M2, m)
+        + 2 * e_sq * mm
+        - 4 * mm * mm
+        + mm * mm
+    )
     tr = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1)
     mu = tr / k
     delta_ = (cov * cov).sum(dim=(1, 2))
@@ -269,8 +288,9 @@ def bhattacharyya_gaussian(mu0: Tensor, cov0: Tensor, mu1: Tensor, cov1: Tensor)
     return torch.where(ok & torch.isfinite(d), d, torch.full_like(d, float("nan")))
 
 
-def moment_metrics(Z0: Tensor, Z1: Tensor, W0: Tensor | None = None, W1: Tensor | None = None,
-                   shrinkage: Shrinkage = "ledoit_wolf") -> dict[str, Tensor]:
+def moment_metrics(
+    Z0: Tensor, Z1: Tensor, W0: Tensor | None = None, W1: Tensor | None = None, shrinkage: Shrinkage = "ledoit_wolf"
+) -> dict[str, Tensor]:
     """Bhattacharyya distance, normalised centroid distance and between-class variance ratio [B] of the benign rows
     ``Z0`` [n0, k] and toxic rows ``Z1`` [n1, k] under count weights ``W0`` [B, n0], ``W1`` [B, n1] (None: the
     data itself, B = 1), all from the same class moments (:func:`weighted_class_moments`).
@@ -361,9 +381,14 @@ def _pairwise(A: Tensor, B: Tensor, metric: str) -> Tensor:
     return (1.0 - A @ B.T).clamp_(0.0, 2.0)
 
 
-def silhouette_pass(Z0: Tensor, Z1: Tensor, metric: Literal["euclidean", "cosine"] = "euclidean",
-                    W0: Tensor | None = None, W1: Tensor | None = None,
-                    chunk_rows: int = 2048) -> tuple[Tensor, Tensor | None]:
+def silhouette_pass(
+    Z0: Tensor,
+    Z1: Tensor,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    W0: Tensor | None = None,
+    W1: Tensor | None = None,
+    chunk_rows: int = 2048,
+) -> tuple[Tensor, Tensor | None]:
     """One pass over the pairwise distances of the classes ``Z0`` [n0, k] and ``Z1`` [n1, k], in row blocks of
     ``chunk_rows``: returns the exact silhouette of the data (0-d, float64) and, given count weights ``W0``
     [B, n0] and ``W1`` [B, n1] (stratified bootstrap, row sums n0 and n1), the silhouette of each resampled data
@@ -385,14 +410,14 @@ def silhouette_pass(Z0: Tensor, Z1: Tensor, metric: Literal["euclidean", "cosine
         if n_own < 2:  # s(i) = 0 for a class of one
             continue
         for s in range(0, n_own, chunk_rows):
-            rows = Zs[own][s:s + chunk_rows]
+            rows = Zs[own][s : s + chunk_rows]
             d_own = _pairwise(rows, Zs[own], metric)
             d_oth = _pairwise(rows, Zs[oth], metric)
             point += _silhouette_sum(d_own.sum(1, keepdim=True), d_oth.sum(1, keepdim=True), n_own, n_oth, None)[0]
             if boot:
                 a = d_own.to(torch.float32) @ Wt[own]  # [r, B] weighted sums of own-class distances
                 b = d_oth.to(torch.float32) @ Wt[oth]
-                reps += _silhouette_sum(a, b, n_own, n_oth, Wt[own][s:s + chunk_rows])
+                reps += _silhouette_sum(a, b, n_own, n_oth, Wt[own][s : s + chunk_rows])
     total = n0 + n1
     return point / total, (reps / total if boot else None)
 
@@ -408,8 +433,15 @@ def _silhouette_sum(sum_own: Tensor, sum_oth: Tensor, n_own: int, n_oth: int, w:
     return (w.to(F64) * s_i).sum(0)
 
 
-def silhouette(Z: Tensor, y: Tensor, metric: Literal["euclidean", "cosine"] = "euclidean", *,
-               W0: Tensor | None = None, W1: Tensor | None = None, chunk_rows: int = 2048) -> Tensor:
+def silhouette(
+    Z: Tensor,
+    y: Tensor,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    *,
+    W0: Tensor | None = None,
+    W1: Tensor | None = None,
+    chunk_rows: int = 2048,
+) -> Tensor:
     """Mean silhouette coefficient of the two classes of ``Z`` [n, k], exact (same definition as
     ``sklearn.metrics.silhouette_score``): for item i, a(i) = mean distance to the other items of its class,
     b(i) = mean distance to the items of the other class, s(i) = (b − a) / max(a, b) (0 for a class of one).
@@ -495,8 +527,9 @@ def _fit_newton(Xs: Tensor, y: Tensor, M: Tensor, C: float, max_iter: int, tol: 
     return w
 
 
-def _fit_lbfgs(Xd: Tensor, y: Tensor, M: Tensor, mean: Tensor, std: Tensor, C: float, max_iter: int,
-               tol: float) -> tuple[Tensor, Tensor]:
+def _fit_lbfgs(
+    Xd: Tensor, y: Tensor, M: Tensor, mean: Tensor, std: Tensor, C: float, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor]:
     """Fit F independent L2 logistic regressions on standardised features by one L-BFGS run (strong Wolfe line
     search) over all folds, without materialising the standardised copies: with u = w / std the logits are
     ``X @ u + (b − mean·u)``, one shared matrix product for all folds. Objective per fold
@@ -505,8 +538,15 @@ def _fit_lbfgs(Xd: Tensor, y: Tensor, M: Tensor, mean: Tensor, std: Tensor, C: f
     ntr = M.sum(1)
     w = torch.zeros(F_, d, dtype=F64, device=Xd.device, requires_grad=True)
     b = torch.zeros(F_, dtype=F64, device=Xd.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tol,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
 
     def logits() -> Tensor:
         u = w / std
@@ -524,8 +564,16 @@ def _fit_lbfgs(Xd: Tensor, y: Tensor, M: Tensor, mean: Tensor, std: Tensor, C: f
     return u, (b - (mean * w / std).sum(1)).detach()
 
 
-def probe_cv_accuracy(X: Tensor, y: Tensor, *, folds: int = 5, C: float = 1.0, seed: int = 0,
-                      newton_max_dim: int = 256, max_iter: int = 100) -> ProbeResult:
+def probe_cv_accuracy(
+    X: Tensor,
+    y: Tensor,
+    *,
+    folds: int = 5,
+    C: float = 1.0,
+    seed: int = 0,
+    newton_max_dim: int = 256,
+    max_iter: int = 100,
+) -> ProbeResult:
     """Stratified ``folds``-fold cross-validated accuracy of an L2-regularised logistic regression on ``X`` [n, d].
 
     Each fold standardises the features with its training rows' mean and standard deviation, then minimises
@@ -582,8 +630,9 @@ def _normal_quantile(p: float) -> float:
     return float(torch.special.ndtri(torch.tensor(p, dtype=F64)))
 
 
-def bootstrap_interval(replicates: Tensor, point: float, level: float = 0.95,
-                       method: Literal["percentile", "bc"] = "percentile") -> tuple[float, float, int]:
+def bootstrap_interval(
+    replicates: Tensor, point: float, level: float = 0.95, method: Literal["percentile", "bc"] = "percentile"
+) -> tuple[float, float, int]:
     """Bootstrap interval at ``level`` from ``replicates`` [B] of a statistic whose estimate is ``point``,
     ignoring NaN replicates; also returns how many replicates were NaN ((NaN, NaN, B) when none is finite).
 
@@ -720,16 +769,17 @@ def cell_metrics(
         for m in moment_names:
             note = ""
             if m == "bhattacharyya" and small:
-                note = (f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient "
-                        f"and held finite only by shrinkage")
+                note = (
+                    f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient "
+                    f"and held finite only by shrinkage"
+                )
             put(m, float(mom[m][0]), mom[m][1:] if B > 0 else None, note)
 
     # ---- silhouettes (exact point estimate in float64 and all resamples in one pass over the distances)
     for dist in ("euclidean", "cosine"):
         name = f"silhouette_{dist}"
         if name in want:
-            pt, reps_s = silhouette_pass(Z0, Z1, dist, W0[1:] if B > 0 else None, W1[1:] if B > 0 else None,
-                                         chunk_rows)
+            pt, reps_s = silhouette_pass(Z0, Z1, dist, W0[1:] if B > 0 else None, W1[1:] if B > 0 else None, chunk_rows)
             put(name, float(pt), reps_s)
 
     # ---- full-space metrics

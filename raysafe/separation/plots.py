@@ -57,8 +57,9 @@ def _lang_order(langs: Sequence[str], english: str) -> list[str]:
     return sorted(set(langs), key=lambda lg: (lg != english, lg))
 
 
-def plot_pca_scatter(points: pl.DataFrame, out_dir: str | Path, *, models: Sequence[str] | None = None,
-                     english: str = "en") -> list[Path]:
+def plot_pca_scatter(
+    points: pl.DataFrame, out_dir: str | Path, *, models: Sequence[str] | None = None, english: str = "en"
+) -> list[Path]:
     """One PNG per language, ``scatter_<lang>_layer<L>.png``: a panel per model (in ``models`` order, e.g. base then
     aligned) of the points of :func:`~raysafe.separation.tables.pca_scatter_points`, toxic in red and
     benign in blue, all panels of the figure on the same axis limits (coordinates are in units of each fit's PC1
@@ -82,8 +83,9 @@ def plot_pca_scatter(points: pl.DataFrame, out_dir: str | Path, *, models: Seque
                 else:
                     for label, colour, name in ((0, BENIGN_COLOUR, "benign"), (1, TOXIC_COLOUR, "toxic")):
                         p = pts.filter(pl.col("label") == label)
-                        ax.scatter(p["pc1"], p["pc2"], s=6, alpha=0.5, c=colour, label=f"{name} ({p.height})",
-                                   linewidths=0)
+                        ax.scatter(
+                            p["pc1"], p["pc2"], s=6, alpha=0.5, c=colour, label=f"{name} ({p.height})", linewidths=0
+                        )
                     ax.set_xlabel(f"PC1 ({100 * pts['ev1'][0]:.1f} % var.)")
                     ax.set_ylabel(f"PC2 ({100 * pts['ev2'][0]:.1f} % var.)")
                     ax.legend(loc="upper right", fontsize=7, markerscale=2)
@@ -102,8 +104,14 @@ def plot_pca_scatter(points: pl.DataFrame, out_dir: str | Path, *, models: Seque
     return paths
 
 
-def plot_layer_curves(table: pl.DataFrame, out_dir: str | Path, *, metrics: Sequence[str] | None = None,
-                      english: str = "en", prefix: str = "curves") -> list[Path]:
+def plot_layer_curves(
+    table: pl.DataFrame,
+    out_dir: str | Path,
+    *,
+    metrics: Sequence[str] | None = None,
+    english: str = "en",
+    prefix: str = "curves",
+) -> list[Path]:
     """One PNG per model, ``<prefix>_<model>.png``: a panel per metric with the metric against the layer, one line
     per language (English thicker and black) and a shaded band between ci_low and ci_high. Works on the tables of
     :func:`~raysafe.separation.tables.analyse_separation` and
@@ -130,17 +138,25 @@ def plot_layer_curves(table: pl.DataFrame, out_dir: str | Path, *, metrics: Sequ
                 if s.height == 0:
                     continue
                 x = s["layer"].to_numpy()
-                ax.plot(x, s["value"].to_numpy(), marker="o", ms=3, color=colours[lg], label=lg,
-                        lw=2.2 if lg == english else 1.2)
+                ax.plot(
+                    x,
+                    s["value"].to_numpy(),
+                    marker="o",
+                    ms=3,
+                    color=colours[lg],
+                    label=lg,
+                    lw=2.2 if lg == english else 1.2,
+                )
                 lo, hi = s["ci_low"].to_numpy(), s["ci_high"].to_numpy()
                 band = ~(np.isnan(lo.astype(float)) | np.isnan(hi.astype(float)))
                 if band.any():
-                    ax.fill_between(x[band], lo[band].astype(float), hi[band].astype(float), color=colours[lg],
-                                    alpha=0.15, lw=0)
+                    ax.fill_between(
+                        x[band], lo[band].astype(float), hi[band].astype(float), color=colours[lg], alpha=0.15, lw=0
+                    )
             ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(metrics):]:
+        for ax in list(axes.flat)[len(metrics) :]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         if handles:
@@ -154,8 +170,14 @@ def plot_layer_curves(table: pl.DataFrame, out_dir: str | Path, *, metrics: Sequ
     return paths
 
 
-def plot_shift_heatmap(shift: pl.DataFrame, out_dir: str | Path, *, metrics: Sequence[str] | None = None,
-                       english: str = "en", name: str = "shift_heatmap") -> list[Path]:
+def plot_shift_heatmap(
+    shift: pl.DataFrame,
+    out_dir: str | Path,
+    *,
+    metrics: Sequence[str] | None = None,
+    english: str = "en",
+    name: str = "shift_heatmap",
+) -> list[Path]:
     """One PNG, ``<name>.png``: a panel per metric with a language × layer heatmap of the alignment shift
     (``shift`` column of :func:`~raysafe.separation.tables.alignment_shift`), diverging colormap centred at
     0 (red: the aligned model separates more), each panel on its own symmetric colour scale; missing cells grey.
@@ -170,8 +192,12 @@ def plot_shift_heatmap(shift: pl.DataFrame, out_dir: str | Path, *, metrics: Seq
     layers = sorted(shift["layer"].unique().to_list())
     ncol = min(2, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.2 + 0.42 * len(layers) * ncol + 1.5 * ncol,
-                                                  0.9 + 0.36 * len(langs) * nrow + 0.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=(1.2 + 0.42 * len(layers) * ncol + 1.5 * ncol, 0.9 + 0.36 * len(langs) * nrow + 0.6 * nrow),
+        squeeze=False,
+    )
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
     for ax, metric in zip(axes.flat, metrics, strict=False):
         grid = np.full((len(langs), len(layers)), np.nan)
@@ -181,14 +207,19 @@ def plot_shift_heatmap(shift: pl.DataFrame, out_dir: str | Path, *, metrics: Seq
                 grid[langs.index(r["lang"]), layers.index(r["layer"])] = r["shift"]
         vmax = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
         vmax = vmax or 1.0
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap,
-                       norm=TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax), interpolation="nearest")
+        im = ax.imshow(
+            np.ma.masked_invalid(grid),
+            aspect="auto",
+            cmap=cmap,
+            norm=TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax),
+            interpolation="nearest",
+        )
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
         ax.set_yticks(range(len(langs)), langs, fontsize=8)
         ax.set_xlabel("layer")
         ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.85)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     base = shift["base_model"][0]
     aligned = shift["aligned_model"][0]

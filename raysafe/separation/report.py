@@ -37,21 +37,38 @@ def best_layers(table: pl.DataFrame, english: str = "en") -> pl.DataFrame:
     no positive best value). Rows with no value are ignored."""
     ok = table.filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
     if ok.height == 0:
-        return pl.DataFrame(schema={"model": pl.String, "metric": pl.String, "lang": pl.String, "layer": pl.Int64,
-                                    "value": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64,
-                                    "ratio_en": pl.Float64})
-    best = (ok.sort(["value", "layer"], descending=[True, False])
-            .group_by(["model", "metric", "lang"], maintain_order=True).first()
-            .select("model", "metric", "lang", "layer", "value", "ci_low", "ci_high"))
+        return pl.DataFrame(
+            schema={
+                "model": pl.String,
+                "metric": pl.String,
+                "lang": pl.String,
+                "layer": pl.Int64,
+                "value": pl.Float64,
+                "ci_low": pl.Float64,
+                "ci_high": pl.Float64,
+                "ratio_en": pl.Float64,
+            }
+        )
+    best = (
+        ok.sort(["value", "layer"], descending=[True, False])
+        .group_by(["model", "metric", "lang"], maintain_order=True)
+        .first()
+        .select("model", "metric", "lang", "layer", "value", "ci_low", "ci_high")
+    )
     en = best.filter(pl.col("lang") == english).select("model", "metric", pl.col("value").alias("_en"))
-    best = best.join(en, on=["model", "metric"], how="left").with_columns(
-        pl.when(pl.col("_en") > 0).then(pl.col("value") / pl.col("_en")).otherwise(None).alias("ratio_en")
-    ).drop("_en")
+    best = (
+        best.join(en, on=["model", "metric"], how="left")
+        .with_columns(
+            pl.when(pl.col("_en") > 0).then(pl.col("value") / pl.col("_en")).otherwise(None).alias("ratio_en")
+        )
+        .drop("_en")
+    )
     return best.sort(["model", "metric", "lang"])
 
 
-def _summary_section(table: pl.DataFrame, shift: pl.DataFrame | None, metric: str, models: list[str],
-                     english: str) -> list[str]:
+def _summary_section(
+    table: pl.DataFrame, shift: pl.DataFrame | None, metric: str, models: list[str], english: str
+) -> list[str]:
     """Markdown lines of one metric's per-language summary table."""
     best = best_layers(table.filter(pl.col("metric") == metric), english)
     langs = _lang_order(table.filter(pl.col("metric") == metric)["lang"].to_list(), english)
@@ -63,11 +80,19 @@ def _summary_section(table: pl.DataFrame, shift: pl.DataFrame | None, metric: st
         head += [f"{m}: best layer", f"{m}: value [CI]", f"{m}: ×{english}"]
     sh = None
     if shift is not None and shift.height:
-        sh = (shift.filter((pl.col("metric") == metric) & pl.col("shift").is_not_null())
-              .sort(["shift", "layer"], descending=[True, False]).group_by("lang", maintain_order=True).first())
+        sh = (
+            shift.filter((pl.col("metric") == metric) & pl.col("shift").is_not_null())
+            .sort(["shift", "layer"], descending=[True, False])
+            .group_by("lang", maintain_order=True)
+            .first()
+        )
         head += ["largest shift at layer", "shift", f"shift ×{english} (same layer)"]
-    lines = [f"### {METRIC_LABELS.get(metric, metric)} (`{metric}`)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"### {METRIC_LABELS.get(metric, metric)} (`{metric}`)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for lg in langs:
         cells = [lg]
         for m in models:
@@ -95,24 +120,34 @@ def _detox_section(detox: pl.DataFrame, english: str) -> list[str]:
     ok = detox.filter((pl.col("metric") == "detox_cos_en") & pl.col("value").is_not_null())
     if ok.height == 0:
         return ["## Detox displacement", "", "No detox displacement could be computed (see the log).", ""]
-    best = ok.sort(["value", "layer"], descending=[True, False]).group_by(["model", "lang"],
-                                                                         maintain_order=True).first()
-    wide = detox.filter(pl.col("value").is_not_null()).pivot(on="metric", index=["model", "lang", "layer"],
-                                                            values="value", aggregate_function="first")
-    lines = ["## Detox displacement", "",
-             f"Mean displacement toxic → neutral of the parallel detox pairs, compared with the {english} safety "
-             "direction (mean benign − mean toxic of the safety set). Per model and language, the layer where "
-             "their cosine is largest:", "",
-             "| model | lang | layer | cos with en direction [CI] | projection on en direction | consistency | "
-             "cos with own direction |", "|---|---|---|---|---|---|---|"]
+    best = (
+        ok.sort(["value", "layer"], descending=[True, False]).group_by(["model", "lang"], maintain_order=True).first()
+    )
+    wide = detox.filter(pl.col("value").is_not_null()).pivot(
+        on="metric", index=["model", "lang", "layer"], values="value", aggregate_function="first"
+    )
+    lines = [
+        "## Detox displacement",
+        "",
+        f"Mean displacement toxic → neutral of the parallel detox pairs, compared with the {english} safety "
+        "direction (mean benign − mean toxic of the safety set). Per model and language, the layer where "
+        "their cosine is largest:",
+        "",
+        "| model | lang | layer | cos with en direction [CI] | projection on en direction | consistency | "
+        "cos with own direction |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in best.sort(["model", "lang"]).iter_rows(named=True):
-        w = wide.filter((pl.col("model") == r["model"]) & (pl.col("lang") == r["lang"]) &
-                        (pl.col("layer") == r["layer"]))
+        w = wide.filter(
+            (pl.col("model") == r["model"]) & (pl.col("lang") == r["lang"]) & (pl.col("layer") == r["layer"])
+        )
         wr = w.row(0, named=True) if w.height else {}
         ci = f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r["ci_low"] is not None else ""
-        lines.append(f"| {r['model']} | {r['lang']} | {r['layer']} | {_fmt(r['value'])}{ci} | "
-                     f"{_fmt(wr.get('detox_proj_en'))} | {_fmt(wr.get('detox_consistency'))} | "
-                     f"{_fmt(wr.get('detox_cos_own'))} |")
+        lines.append(
+            f"| {r['model']} | {r['lang']} | {r['layer']} | {_fmt(r['value'])}{ci} | "
+            f"{_fmt(wr.get('detox_proj_en'))} | {_fmt(wr.get('detox_consistency'))} | "
+            f"{_fmt(wr.get('detox_cos_own'))} |"
+        )
     return lines + [""]
 
 
@@ -129,8 +164,11 @@ def _problems_section(tables: Mapping[str, pl.DataFrame], limit: int = 30) -> li
             continue
         found = True
         counts = t.group_by("status").len().sort("status")
-        lines.append(f"**{name}**: " + ", ".join(f"{r['len']} {r['status']}" for r in counts.iter_rows(named=True))
-                     + " metric rows.")
+        lines.append(
+            f"**{name}**: "
+            + ", ".join(f"{r['len']} {r['status']}" for r in counts.iter_rows(named=True))
+            + " metric rows."
+        )
         lines.append("")
         for r in bad.head(limit).iter_rows(named=True):
             who = r.get("model") or f"{r.get('base_model')} → {r.get('aligned_model')}"
@@ -143,11 +181,17 @@ def _problems_section(tables: Mapping[str, pl.DataFrame], limit: int = 30) -> li
     return lines
 
 
-def write_separation_report(out_dir: str | Path, table: pl.DataFrame, *, shift: pl.DataFrame | None = None,
-                            detox: pl.DataFrame | None = None,
-                            figures: Mapping[str, Sequence[str | Path]] | None = None, english: str = "en",
-                            title: str = "Hidden space of safety: per-language separation",
-                            notes: Sequence[str] = ()) -> Path:
+def write_separation_report(
+    out_dir: str | Path,
+    table: pl.DataFrame,
+    *,
+    shift: pl.DataFrame | None = None,
+    detox: pl.DataFrame | None = None,
+    figures: Mapping[str, Sequence[str | Path]] | None = None,
+    english: str = "en",
+    title: str = "Hidden space of safety: per-language separation",
+    notes: Sequence[str] = (),
+) -> Path:
     """Write ``<out_dir>/separation_report.md`` and return its path.
 
     Contents: ``notes`` (e.g. the options used), the figures (``figures`` maps a section title to PNG paths, linked
@@ -164,8 +208,10 @@ def write_separation_report(out_dir: str | Path, table: pl.DataFrame, *, shift: 
     layers = sorted(table["layer"].unique().to_list()) if table.height else []
     langs = [lg for lg in _lang_order(table["lang"].to_list(), english) if lg != "*"] if table.height else []
     lines = [f"# {title}", ""]
-    lines.append(f"Models: {', '.join(models) or '–'}. Languages: {', '.join(langs) or '–'}. "
-                 f"Layers: {', '.join(map(str, layers)) or '–'}.")
+    lines.append(
+        f"Models: {', '.join(models) or '–'}. Languages: {', '.join(langs) or '–'}. "
+        f"Layers: {', '.join(map(str, layers)) or '–'}."
+    )
     if table.height:
         fits = sorted(set(table["pca_fit"].drop_nulls().to_list()))
         ks = sorted(set(table["k"].drop_nulls().to_list()))
@@ -185,11 +231,19 @@ def write_separation_report(out_dir: str | Path, table: pl.DataFrame, *, shift: 
                 rel = os.path.relpath(Path(p).resolve(), out.resolve()).replace(os.sep, "/")
                 lines.append(f"![{Path(p).stem}]({rel})")
             lines.append("")
-    lines += ["## Per-language summary", "",
-              f"Best layer = the layer with the largest value for that language; ×{english} = that value divided by "
-              f"{english}'s best value for the same model."
-              + (f" Shift = aligned − base at the layer where it is largest; its ×{english} divides by the "
-                 f"{english} shift at the same layer." if shift is not None else ""), ""]
+    lines += [
+        "## Per-language summary",
+        "",
+        f"Best layer = the layer with the largest value for that language; ×{english} = that value divided by "
+        f"{english}'s best value for the same model."
+        + (
+            f" Shift = aligned − base at the layer where it is largest; its ×{english} divides by the "
+            f"{english} shift at the same layer."
+            if shift is not None
+            else ""
+        ),
+        "",
+    ]
     present = set(table["metric"].to_list()) if table.height else set()
     for metric in SUMMARY_METRICS:
         if metric in present:

@@ -117,10 +117,12 @@ class SeparationOptions(Strict):
 
     k: int = Field(10, ge=1, description="principal components the metrics are computed on")
     pca_fit: Literal["pooled", "per_language"] = Field(
-        "pooled", description="fit the PCA on all languages of a model/layer together, or on each language")
+        "pooled", description="fit the PCA on all languages of a model/layer together, or on each language"
+    )
     pca_solver: Literal["auto", "covariance", "gram", "randomized"] = "auto"
     shrinkage: Literal["ledoit_wolf"] | float = Field(
-        "ledoit_wolf", description="covariance shrinkage of the Bhattacharyya Gaussians: ledoit_wolf or a fixed α")
+        "ledoit_wolf", description="covariance shrinkage of the Bhattacharyya Gaussians: ledoit_wolf or a fixed α"
+    )
     metrics: list[str] = Field(default_factory=lambda: list(SEPARATION_METRICS))
     bootstrap: int = Field(200, ge=0, description="stratified bootstrap resamples per cell (0: no intervals)")
     ci_level: float = Field(0.95, gt=0, lt=1)
@@ -195,8 +197,14 @@ def _read(read_layer: ReadLayer, model: str, layer: int) -> tuple[pl.DataFrame |
     return meta, X, None
 
 
-def _prepare(meta: pl.DataFrame, X: np.ndarray, where: str, langs_wanted: list[str] | None, device: torch.device,
-             ref: _Reference | None) -> _Layer:
+def _prepare(
+    meta: pl.DataFrame,
+    X: np.ndarray,
+    where: str,
+    langs_wanted: list[str] | None,
+    device: torch.device,
+    ref: _Reference | None,
+) -> _Layer:
     """Validate one read (``where`` names it in messages) and split it into the wanted languages that are present:
     drop rows with a label other than 0/1 or a non-finite vector, and note (per language) rows that differ from the
     reference read."""
@@ -276,18 +284,45 @@ def _row_identity_notes(meta: pl.DataFrame, lang: np.ndarray, ref: _Reference | 
         extra = int((~a.is_in(b.implode())).sum())
         gone = int((~b.is_in(a.implode())).sum())
         kind = f"{gone} missing, {extra} extra" if (extra or gone) else "same ids in another order"
-        notes[lg] = [f"rows differ from model {ref.model!r} layer {ref.layer} ({a.len()} vs {b.len()} rows: {kind}); "
-                     f"comparisons between the two are not paired"]
+        notes[lg] = [
+            f"rows differ from model {ref.model!r} layer {ref.layer} ({a.len()} vs {b.len()} rows: {kind}); "
+            f"comparisons between the two are not paired"
+        ]
     return notes
 
 
 # ====================================================================================================== driver
-def _rows_for(model: str, lang: str, layer: int, metrics: Sequence[str], status: str, message: str, pca_fit: str,
-              k: int | None, n_pos: int | None = None, n_neg: int | None = None) -> list[dict]:
+def _rows_for(
+    model: str,
+    lang: str,
+    layer: int,
+    metrics: Sequence[str],
+    status: str,
+    message: str,
+    pca_fit: str,
+    k: int | None,
+    n_pos: int | None = None,
+    n_neg: int | None = None,
+) -> list[dict]:
     """Rows with no value (skipped cells)."""
-    return [dict(model=model, lang=lang, layer=layer, metric=m, value=None, ci_low=None, ci_high=None, n_pos=n_pos,
-                 n_neg=n_neg, status=status, message=_located(model, lang, layer, message), pca_fit=pca_fit, k=k)
-            for m in metrics]
+    return [
+        dict(
+            model=model,
+            lang=lang,
+            layer=layer,
+            metric=m,
+            value=None,
+            ci_low=None,
+            ci_high=None,
+            n_pos=n_pos,
+            n_neg=n_neg,
+            status=status,
+            message=_located(model, lang, layer, message),
+            pca_fit=pca_fit,
+            k=k,
+        )
+        for m in metrics
+    ]
 
 
 def _located(model: str, lang: str, layer: int, message: str) -> str:
@@ -300,8 +335,13 @@ def _warn(model: str, lang: str, layer: int, status: str, message: str) -> None:
     log.warning("separation %s: %s", status, _located(model, lang, layer, message))
 
 
-def analyse_separation(read_layer: ReadLayer, models: Sequence[str], layers: Sequence[int],
-                       options: SeparationOptions | None = None, progress: bool = True) -> pl.DataFrame:
+def analyse_separation(
+    read_layer: ReadLayer,
+    models: Sequence[str],
+    layers: Sequence[int],
+    options: SeparationOptions | None = None,
+    progress: bool = True,
+) -> pl.DataFrame:
     """The per-language separation table of ``models`` × ``layers``, streaming one layer of one model at a time.
 
     For each (model, layer): read the vectors, fit the PCA (on all analysed languages together or on each language,
@@ -312,8 +352,11 @@ def analyse_separation(read_layer: ReadLayer, models: Sequence[str], layers: Seq
     """
     opts = options or SeparationOptions()
     if not models or not layers:
-        raise DataError("no models or no layers to analyse", where="analyse_separation",
-                        fix="pass at least one model name and one layer index")
+        raise DataError(
+            "no models or no layers to analyse",
+            where="analyse_separation",
+            fix="pass at least one model name and one layer index",
+        )
     device = resolve_device(opts.device)
     rows: list[dict] = []
     ref: _Reference | None = None
@@ -367,8 +410,10 @@ def _analyse_layer(lay: _Layer, model: str, layer: int, opts: SeparationOptions)
         pooled = fit_pca(Xp, opts.k, solver=opts.pca_solver, chunk_rows=max(opts.chunk_rows, 4096), seed=opts.seed)
         del Xp
         if pooled.k < opts.k:
-            pooled_note = (f"PCA keeps {pooled.k} instead of {opts.k} components "
-                           f"({all_rows.numel()} items, {lay.X.shape[1]} dimensions)")
+            pooled_note = (
+                f"PCA keeps {pooled.k} instead of {opts.k} components "
+                f"({all_rows.numel()} items, {lay.X.shape[1]} dimensions)"
+            )
     for lg, idx in lay.lang_rows.items():
         y = lay.labels[idx]
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -388,18 +433,42 @@ def _analyse_layer(lay: _Layer, model: str, layer: int, opts: SeparationOptions)
             if fit.k < opts.k:
                 notes.append(f"PCA keeps {fit.k} instead of {opts.k} components ({idx.numel()} items)")
         Z = fit.transform(Xl)
-        res = cell_metrics(Z, y, X=Xl, metrics=opts.metrics, shrinkage=opts.shrinkage, bootstrap=opts.bootstrap,
-                           ci_level=opts.ci_level, ci_method=opts.ci_method, seed=cell_seed(opts.seed, lg, layer),
-                           probe_folds=opts.probe_folds, probe_C=opts.probe_C, probe_on=opts.probe_space,
-                           chunk_rows=opts.chunk_rows)
+        res = cell_metrics(
+            Z,
+            y,
+            X=Xl,
+            metrics=opts.metrics,
+            shrinkage=opts.shrinkage,
+            bootstrap=opts.bootstrap,
+            ci_level=opts.ci_level,
+            ci_method=opts.ci_method,
+            seed=cell_seed(opts.seed, lg, layer),
+            probe_folds=opts.probe_folds,
+            probe_C=opts.probe_C,
+            probe_on=opts.probe_space,
+            chunk_rows=opts.chunk_rows,
+        )
         worst = "ok"
         worst_msg = ""
         for m, mv in res.items():
             status, msg = _combine(mv, notes)
-            rows.append(dict(model=model, lang=lg, layer=layer, metric=m, value=mv.value, ci_low=mv.ci_low,
-                             ci_high=mv.ci_high, n_pos=n_pos, n_neg=n_neg, status=status,
-                             message=_located(model, lg, layer, msg),
-                             pca_fit=opts.pca_fit, k=fit.k))
+            rows.append(
+                dict(
+                    model=model,
+                    lang=lg,
+                    layer=layer,
+                    metric=m,
+                    value=mv.value,
+                    ci_low=mv.ci_low,
+                    ci_high=mv.ci_high,
+                    n_pos=n_pos,
+                    n_neg=n_neg,
+                    status=status,
+                    message=_located(model, lg, layer, msg),
+                    pca_fit=opts.pca_fit,
+                    k=fit.k,
+                )
+            )
             if _RANK[status] > _RANK[worst]:
                 worst, worst_msg = status, msg
         if worst != "ok":
@@ -434,8 +503,11 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
     models = set(table["model"].unique().to_list()) if table.height else set()
     for m in (base, aligned):
         if m not in models:
-            raise DataError(f"model {m!r} is not in the separation table", where="alignment_shift",
-                            fix=f"use one of {sorted(models)}")
+            raise DataError(
+                f"model {m!r} is not in the separation table",
+                where="alignment_shift",
+                fix=f"use one of {sorted(models)}",
+            )
     keys = ["lang", "layer", "metric"]
     cols = keys + ["value", "ci_low", "ci_high", "n_pos", "n_neg", "status", "message"]
     b = table.filter(pl.col("model") == base).select(cols).unique(keys, keep="first")
@@ -445,19 +517,26 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
     out_rows: list[dict] = []
     for r in j.iter_rows(named=True):
         status, msgs = "ok", []
-        for side, st, msg, name in (("base", r["status"], r["message"], base),
-                                    ("aligned", r["status_a"], r["message_a"], aligned)):
+        for side, st, msg, name in (
+            ("base", r["status"], r["message"], base),
+            ("aligned", r["status_a"], r["message_a"], aligned),
+        ):
             if st is None:
                 status = "skipped"
                 msgs.append(f"no {side} ({name!r}) row")
             elif st != "ok":
                 status = max(status, st, key=_RANK.__getitem__)
                 msgs.append(f"{side}: {msg}")
-        if r["n_pos"] is not None and r["n_pos_a"] is not None and (r["n_pos"], r["n_neg"]) != (r["n_pos_a"],
-                                                                                              r["n_neg_a"]):
+        if (
+            r["n_pos"] is not None
+            and r["n_pos_a"] is not None
+            and (r["n_pos"], r["n_neg"]) != (r["n_pos_a"], r["n_neg_a"])
+        ):
             status = max(status, "degraded", key=_RANK.__getitem__)
-            msgs.append(f"different item counts: base {r['n_pos']} toxic / {r['n_neg']} benign, aligned "
-                        f"{r['n_pos_a']} / {r['n_neg_a']}")
+            msgs.append(
+                f"different item counts: base {r['n_pos']} toxic / {r['n_neg']} benign, aligned "
+                f"{r['n_pos_a']} / {r['n_neg_a']}"
+            )
         bv, av = r["value"], r["value_a"]
         shift = av - bv if (bv is not None and av is not None) else None
         lo = hi = None
@@ -467,16 +546,34 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
         if shift is None and status == "ok":
             status = "skipped"
             msgs.append("no value on one side")
-        out_rows.append(dict(base_model=base, aligned_model=aligned, lang=r["lang"], layer=r["layer"],
-                             metric=r["metric"], base_value=bv, aligned_value=av, shift=shift, shift_ci_low=lo,
-                             shift_ci_high=hi, status=status, message="; ".join(msgs)))
+        out_rows.append(
+            dict(
+                base_model=base,
+                aligned_model=aligned,
+                lang=r["lang"],
+                layer=r["layer"],
+                metric=r["metric"],
+                base_value=bv,
+                aligned_value=av,
+                shift=shift,
+                shift_ci_low=lo,
+                shift_ci_high=hi,
+                status=status,
+                message="; ".join(msgs),
+            )
+        )
     if not out_rows:
         return pl.DataFrame(schema=SHIFT_SCHEMA)
-    df = pl.DataFrame(out_rows, schema={k: v for k, v in SHIFT_SCHEMA.items() if "ratio_en" not in k
-                                        and k != "shift_diff_en"})
+    df = pl.DataFrame(
+        out_rows, schema={k: v for k, v in SHIFT_SCHEMA.items() if "ratio_en" not in k and k != "shift_diff_en"}
+    )
     en = df.filter(pl.col("lang") == english).select(
-        "layer", "metric", pl.col("base_value").alias("_b_en"), pl.col("aligned_value").alias("_a_en"),
-        pl.col("shift").alias("_s_en"))
+        "layer",
+        "metric",
+        pl.col("base_value").alias("_b_en"),
+        pl.col("aligned_value").alias("_a_en"),
+        pl.col("shift").alias("_s_en"),
+    )
     df = df.join(en, on=["layer", "metric"], how="left")
 
     def ratio(num: str, den: str) -> pl.Expr:
@@ -494,8 +591,9 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
 
 
 # ============================================================================================ detox displacement
-def _directions(meta: pl.DataFrame, X: np.ndarray, device: torch.device, where: str
-                ) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _directions(
+    meta: pl.DataFrame, X: np.ndarray, device: torch.device, where: str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Per language of a safety set, the safety direction mean(benign) − mean(toxic) in float64 (it points from
     toxic to non-toxic, like a detox displacement), and a note for each language where it cannot be formed."""
     lay = _prepare(meta, X, f"the safety set of {where}", None, device, None)
@@ -516,8 +614,15 @@ def _directions(meta: pl.DataFrame, X: np.ndarray, device: torch.device, where: 
 def _pairs(meta: pl.DataFrame, lang: np.ndarray, keep: np.ndarray, lg: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Row indices of matched (toxic, neutral) pairs of language ``lg`` (matched by group_id), and notes on rows that
     could not be paired."""
-    df = pl.DataFrame({"i": np.arange(meta.height), "g": meta["group_id"].cast(pl.String),
-                       "label": meta["label"].cast(pl.Int64, strict=False), "lang": lang, "keep": keep})
+    df = pl.DataFrame(
+        {
+            "i": np.arange(meta.height),
+            "g": meta["group_id"].cast(pl.String),
+            "label": meta["label"].cast(pl.Int64, strict=False),
+            "lang": lang,
+            "keep": keep,
+        }
+    )
     df = df.filter((pl.col("lang") == lg) & pl.col("keep"))
     tox = df.filter(pl.col("label") == 1)
     neu = df.filter(pl.col("label") == 0)
@@ -533,9 +638,16 @@ def _pairs(meta: pl.DataFrame, lang: np.ndarray, keep: np.ndarray, lg: str) -> t
     return pairs["i"].to_numpy(), pairs["i_n"].to_numpy(), notes
 
 
-def detox_displacement(read_layer_detox: ReadLayer, read_layer_safety: ReadLayer, models: Sequence[str],
-                       layers: Sequence[int], english: str = "en", *, options: SeparationOptions | None = None,
-                       progress: bool = True) -> pl.DataFrame:
+def detox_displacement(
+    read_layer_detox: ReadLayer,
+    read_layer_safety: ReadLayer,
+    models: Sequence[str],
+    layers: Sequence[int],
+    english: str = "en",
+    *,
+    options: SeparationOptions | None = None,
+    progress: bool = True,
+) -> pl.DataFrame:
     """Per (model, language, layer), how parallel detoxification moves hidden states, and whether it moves them
     along the English safety direction.
 
@@ -562,8 +674,16 @@ def detox_displacement(read_layer_detox: ReadLayer, read_layer_safety: ReadLayer
     return pl.DataFrame(rows, schema=TABLE_SCHEMA) if rows else pl.DataFrame(schema=TABLE_SCHEMA)
 
 
-def _detox_layer(read_detox: ReadLayer, read_safety: ReadLayer, model: str, layer: int, english: str,
-                 opts: SeparationOptions, device: torch.device, known: list[str]) -> list[dict]:
+def _detox_layer(
+    read_detox: ReadLayer,
+    read_safety: ReadLayer,
+    model: str,
+    layer: int,
+    english: str,
+    opts: SeparationOptions,
+    device: torch.device,
+    known: list[str],
+) -> list[dict]:
     """All languages of one (model, layer) of :func:`detox_displacement`."""
     rows: list[dict] = []
 
@@ -601,8 +721,11 @@ def _detox_layer(read_detox: ReadLayer, read_safety: ReadLayer, model: str, laye
     for idx in lay.lang_rows.values():
         keep_mask[idx.cpu().numpy()] = True
     d_en = dirs.get(english)
-    en_note = dir_notes.get(english) or dir_notes.get("*") or (
-        f"no English ({english!r}) rows in the safety set of model {model!r} layer {layer}")
+    en_note = (
+        dir_notes.get(english)
+        or dir_notes.get("*")
+        or (f"no English ({english!r}) rows in the safety set of model {model!r} layer {layer}")
+    )
     for lg in lay.lang_rows:
         ti, ni, notes = _pairs(meta, lang_arr, keep_mask, lg)
         notes = lay.notes[lg] + notes
@@ -645,9 +768,23 @@ def _detox_layer(read_detox: ReadLayer, read_safety: ReadLayer, model: str, laye
                     msgs.append("not finite (zero-length displacement or direction)")
                 status = "degraded" if msgs else "ok"
             msg = "; ".join(msgs)
-            rows.append(dict(model=model, lang=lg, layer=layer, metric=name, value=value, ci_low=lo, ci_high=hi,
-                             n_pos=m, n_neg=m, status=status, message=_located(model, lg, layer, msg),
-                             pca_fit="none", k=None))
+            rows.append(
+                dict(
+                    model=model,
+                    lang=lg,
+                    layer=layer,
+                    metric=name,
+                    value=value,
+                    ci_low=lo,
+                    ci_high=hi,
+                    n_pos=m,
+                    n_neg=m,
+                    status=status,
+                    message=_located(model, lg, layer, msg),
+                    pca_fit="none",
+                    k=None,
+                )
+            )
             if _RANK[status] > _RANK[worst]:
                 worst, worst_msg = status, msg
         if worst != "ok":
@@ -684,8 +821,14 @@ def _detox_values(V: Tensor, d_en: Tensor | None, d_own: Tensor | None, W: Tenso
 
 
 # ================================================================================================ scatter data
-def pca_scatter_points(read_layer: ReadLayer, models: Sequence[str], layer: int,
-                       options: SeparationOptions | None = None, *, max_points_per_class: int = 300) -> pl.DataFrame:
+def pca_scatter_points(
+    read_layer: ReadLayer,
+    models: Sequence[str],
+    layer: int,
+    options: SeparationOptions | None = None,
+    *,
+    max_points_per_class: int = 300,
+) -> pl.DataFrame:
     """2-D PCA coordinates of one layer of each model, for the per-language scatter plots.
 
     The PCA is fitted as ``options.pca_fit`` says (all languages together, or each language). Each component is
@@ -716,8 +859,9 @@ def pca_scatter_points(read_layer: ReadLayer, models: Sequence[str], layer: int,
             shared = fit_pca(lay.X[allr], 2, solver=opts.pca_solver, seed=opts.seed)
             fits = {lg: (shared, allr) for lg in groups}
         else:
-            fits = {lg: (fit_pca(lay.X[idx], 2, solver=opts.pca_solver, seed=opts.seed), idx)
-                    for lg, idx in groups.items()}
+            fits = {
+                lg: (fit_pca(lay.X[idx], 2, solver=opts.pca_solver, seed=opts.seed), idx) for lg, idx in groups.items()
+            }
         for lg, idx in groups.items():
             fit, orient_rows = fits[lg]
             sign = _orientation(fit.transform(lay.X[orient_rows]), lay.labels[orient_rows])
@@ -728,9 +872,21 @@ def pca_scatter_points(read_layer: ReadLayer, models: Sequence[str], layer: int,
             if Z.shape[1] < 2:
                 Z = np.concatenate([Z, np.zeros((Z.shape[0], 1))], axis=1)
             ev = fit.explained_variance_ratio.cpu().numpy().tolist() + [0.0]
-            frames.append(pl.DataFrame({
-                "model": model, "layer": layer, "lang": lg, "label": lay.labels[rows_i].cpu().numpy(),
-                "pc1": Z[:, 0], "pc2": Z[:, 1], "ev1": ev[0], "ev2": ev[1]}, schema=SCATTER_SCHEMA))
+            frames.append(
+                pl.DataFrame(
+                    {
+                        "model": model,
+                        "layer": layer,
+                        "lang": lg,
+                        "label": lay.labels[rows_i].cpu().numpy(),
+                        "pc1": Z[:, 0],
+                        "pc2": Z[:, 1],
+                        "ev1": ev[0],
+                        "ev2": ev[1],
+                    },
+                    schema=SCATTER_SCHEMA,
+                )
+            )
     return pl.concat(frames) if frames else pl.DataFrame(schema=SCATTER_SCHEMA)
 
 

@@ -29,8 +29,10 @@ class StudyConfig(Strict):
     control: bool = Field(False, description="also train the λ = 0 control (same seed and data) and analyse it")
     force: list[str] = Field(default_factory=list, description=f"stages to redo although their output exists: {STAGES}")
     skip: list[str] = Field(default_factory=list, description="analyses to leave out: separation, concepts, evaluate")
-    consistency_split: str | None = Field("test", description="held-out split of the safety prompts for the "
-                                          "cross-lingual consistency of the trained models")
+    consistency_split: str | None = Field(
+        "test",
+        description="held-out split of the safety prompts for the cross-lingual consistency of the trained models",
+    )
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields (model is the study's)")
     separation: dict[str, Any] = Field(default_factory=dict, description="SeparationConfig fields (models filled in)")
     concepts: dict[str, Any] = Field(default_factory=dict, description="ConceptsConfig fields (models filled in)")
@@ -94,23 +96,32 @@ class StudyConfig(Strict):
     def separation_config(self, base: ModelSpec, aligned: list[ModelSpec]):
         from raysafe.separation.config import SeparationConfig
 
-        tree = {**self._common(self.separation), "base": base.model_dump(),
-                "aligned": [m.model_dump() for m in aligned],
-                "activations_dir": str(self.root / "activations"),
-                "output_dir": str(self.root / ("separation_after" if aligned else "separation_before"))}
+        tree = {
+            **self._common(self.separation),
+            "base": base.model_dump(),
+            "aligned": [m.model_dump() for m in aligned],
+            "activations_dir": str(self.root / "activations"),
+            "output_dir": str(self.root / ("separation_after" if aligned else "separation_before")),
+        }
         return self._build(SeparationConfig, "separation", tree)
 
     def concepts_config(self, models: list[ModelSpec], phase: str):
         from raysafe.concepts.config import ConceptsConfig
 
-        tree = {**self._common(self.concepts), "models": [m.model_dump() for m in models],
-                "activations_dir": str(self.root / "activations" / "concepts"),
-                "output_dir": str(self.root / f"concepts_{phase}")}
+        tree = {
+            **self._common(self.concepts),
+            "models": [m.model_dump() for m in models],
+            "activations_dir": str(self.root / "activations" / "concepts"),
+            "output_dir": str(self.root / f"concepts_{phase}"),
+        }
         return self._build(ConceptsConfig, "concepts", tree)
 
     def evaluate_config(self, models: list[ModelSpec], phase: str):
         from raysafe.evaluate.config import EvaluateConfig
 
-        tree = {**self._common(self.evaluate), "models": [m.model_dump() for m in models],
-                "output_dir": str(self.root / f"evaluate_{phase}")}
+        tree = {
+            **self._common(self.evaluate),
+            "models": [m.model_dump() for m in models],
+            "output_dir": str(self.root / f"evaluate_{phase}"),
+        }
         return self._build(EvaluateConfig, "evaluate", tree)

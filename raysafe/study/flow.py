@@ -84,8 +84,9 @@ class _Stages:
             self.result.reused.append(name)
         else:
             if previous is not None and not forced:
-                log.info("[study %d/%d] %s: its settings changed since it ran; running it again", k,
-                         len(self.planned), name)
+                log.info(
+                    "[study %d/%d] %s: its settings changed since it ran; running it again", k, len(self.planned), name
+                )
             log.info("[study %d/%d] %s ...", k, len(self.planned), name)
             t0 = time.perf_counter()
             with tracking.parent_run(self.parent):
@@ -135,8 +136,9 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
     base = cfg.model
     parent_file = cfg.root / "stages" / "mlflow_parent_run.json"
     previous = json.loads(parent_file.read_text())["run_id"] if parent_file.exists() else None
-    with tracking.run(cfg.tracking, f"study {base.label}", tags={"raysafe.flow": "study"},
-                      resume_run_id=previous) as parent:
+    with tracking.run(
+        cfg.tracking, f"study {base.label}", tags={"raysafe.flow": "study"}, resume_run_id=previous
+    ) as parent:
         parent_id = parent.info.run_id if parent is not None else None
         if parent is not None and parent_id != previous:
             tracking.log_params({"study": cfg.model_dump(mode="json")})
@@ -174,9 +176,15 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
             c = cfg.evaluate_config(trained, "after")
             st.run("evaluate_after", lambda c=c: _evaluate(run_evaluate, c), c)
         if "consistency" in planned:
-            st.run("consistency", lambda: _consistency(cfg, base, trained),
-                   {"trained": [m.model_dump() for m in trained], "split": cfg.consistency_split,
-                    "train": cfg.train_config("mlc", base).mixture.model_dump()})
+            st.run(
+                "consistency",
+                lambda: _consistency(cfg, base, trained),
+                {
+                    "trained": [m.model_dump() for m in trained],
+                    "split": cfg.consistency_split,
+                    "train": cfg.train_config("mlc", base).mixture.model_dump(),
+                },
+            )
 
         # ---- the report
         from raysafe.study.report import write_study_report
@@ -193,16 +201,33 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
 # ------------------------------------------------------------------------------------------------- stages
 def _separation(run, scfg) -> dict[str, Any]:
     res = run(scfg, progress=False)
-    return {"output_dir": str(res.output_dir), "tables": _paths(res.tables), "figures": [str(p) for p in res.figures],
-            "report": str(res.report), "models": res.models, "mlflow_run_id": res.mlflow_run_id,
-            "problems": res.problems[:50]}
+    return {
+        "output_dir": str(res.output_dir),
+        "tables": _paths(res.tables),
+        "figures": [str(p) for p in res.figures],
+        "report": str(res.report),
+        "models": res.models,
+        "mlflow_run_id": res.mlflow_run_id,
+        "problems": res.problems[:50],
+    }
 
 
 def _concepts(run, ccfg) -> dict[str, Any]:
     res = run(ccfg, progress=False)
-    return {"output_dir": str(res.output_dir), "report": str(res.report), "mlflow_run_id": res.mlflow_run_id,
-            "models": {k: {"headline": m.headline, "recognition_by_lang": m.recognition_by_lang, "error": m.error,
-                           "report": str(m.report)} for k, m in res.models.items()}}
+    return {
+        "output_dir": str(res.output_dir),
+        "report": str(res.report),
+        "mlflow_run_id": res.mlflow_run_id,
+        "models": {
+            k: {
+                "headline": m.headline,
+                "recognition_by_lang": m.recognition_by_lang,
+                "error": m.error,
+                "report": str(m.report),
+            }
+            for k, m in res.models.items()
+        },
+    }
 
 
 def _evaluate(run, ecfg) -> dict[str, Any]:
@@ -212,9 +237,14 @@ def _evaluate(run, ecfg) -> dict[str, Any]:
 
 def _train(run, tcfg) -> dict[str, Any]:
     res = run(tcfg, progress=False)
-    return {"checkpoint_dir": str(res.checkpoint_dir), "model_dir": str(res.model_dir), "steps": res.steps,
-            "metrics": {k: float(v) for k, v in res.metrics.items()}, "mlflow_run_id": res.mlflow_run_id,
-            "mlc_weight": tcfg.mlc.weight}
+    return {
+        "checkpoint_dir": str(res.checkpoint_dir),
+        "model_dir": str(res.model_dir),
+        "steps": res.steps,
+        "metrics": {k: float(v) for k, v in res.metrics.items()},
+        "mlflow_run_id": res.mlflow_run_id,
+        "mlc_weight": tcfg.mlc.weight,
+    }
 
 
 def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) -> dict[str, Any]:
@@ -238,7 +268,11 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     with tracking.run(cfg.tracking, "consistency", tags={"raysafe.flow": "consistency"}) as r:
         if r is not None:
             at = table.filter(pl.col("layer") == mlc_layer)
-            tracking.log_metrics({f"{m}_rank1_energy_L{mlc_layer}": v for m, v in at.select("model", "rank1_energy").iter_rows()})
-            tracking.log_metrics({f"{m}_mean_cosine_L{mlc_layer}": v for m, v in at.select("model", "mean_cosine").iter_rows()})
+            tracking.log_metrics(
+                {f"{m}_rank1_energy_L{mlc_layer}": v for m, v in at.select("model", "rank1_energy").iter_rows()}
+            )
+            tracking.log_metrics(
+                {f"{m}_mean_cosine_L{mlc_layer}": v for m, v in at.select("model", "mean_cosine").iter_rows()}
+            )
             tracking.log_artifact(out / "consistency.csv")
     return {"table": str(path), "mlc_layer": mlc_layer, "languages": list(langs)}

@@ -47,8 +47,9 @@ def _read(path: str | None) -> pl.DataFrame | None:
 def _evaluation_table(stages: dict, key: str) -> pl.DataFrame | None:
     """An evaluation table (``per_language`` or ``summary``) of the before and after stages, for the first judge and
     the first set."""
-    frames = [_read(stages[s]["paths"].get(f"{key}_parquet")) for s in ("evaluate_before", "evaluate_after")
-              if s in stages]
+    frames = [
+        _read(stages[s]["paths"].get(f"{key}_parquet")) for s in ("evaluate_before", "evaluate_after") if s in stages
+    ]
     frames = [f for f in frames if f is not None and f.height]
     if not frames:
         return None
@@ -65,8 +66,11 @@ def _separation_shift(stages: dict) -> pl.DataFrame | None:
     if shift is None or not shift.height:
         return None
     shift = shift.filter(pl.col("metric").is_in(SEPARATION_METRICS) & pl.col("shift").is_not_null())
-    best = (shift.sort("base_value", descending=True, nulls_last=True)
-            .group_by(["aligned_model", "lang", "metric"], maintain_order=True).first())
+    best = (
+        shift.sort("base_value", descending=True, nulls_last=True)
+        .group_by(["aligned_model", "lang", "metric"], maintain_order=True)
+        .first()
+    )
     return best.select("aligned_model", "lang", "metric", "layer", "shift")
 
 
@@ -85,8 +89,9 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
         for r in safety.iter_rows(named=True):
             model = _match(r["model"], models)
             if model:
-                row(model, r["lang"]).update(safety=r["value"], safety_ci_low=r["ci_low"], safety_ci_high=r["ci_high"],
-                                             n_prompts=r["n_prompts"])
+                row(model, r["lang"]).update(
+                    safety=r["value"], safety_ci_low=r["ci_low"], safety_ci_high=r["ci_high"], n_prompts=r["n_prompts"]
+                )
     shift = _separation_shift(stages)
     if shift is not None:
         for r in shift.iter_rows(named=True):
@@ -102,8 +107,11 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
     table = pl.DataFrame([per_lang[(m, lg)] for lg in langs for m in models if (m, lg) in per_lang])
     if table.height and "safety" in table.columns:
         base_safety = table.filter(pl.col("model") == base.label).select("lang", pl.col("safety").alias("_b"))
-        table = table.join(base_safety, on="lang", how="left").with_columns(
-            (pl.col("safety") - pl.col("_b")).alias("safety_change")).drop("_b")
+        table = (
+            table.join(base_safety, on="lang", how="left")
+            .with_columns((pl.col("safety") - pl.col("_b")).alias("safety_change"))
+            .drop("_b")
+        )
 
     # ---- per model
     summary: dict[str, dict[str, Any]] = {m: {"model": m} for m in models}
@@ -112,15 +120,17 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
         for r in sums.iter_rows(named=True):
             model = _match(r["model"], models)
             if model:
-                summary[model].update({k: r.get(k) for k in ("mean", "variance_pp2", "agreement", "utility_accuracy")
-                                       if k in r})
+                summary[model].update(
+                    {k: r.get(k) for k in ("mean", "variance_pp2", "agreement", "utility_accuracy") if k in r}
+                )
     cons = _read(stages.get("consistency", {}).get("table"))
     if cons is not None:
         layer = stages["consistency"]["mlc_layer"]
         for r in cons.filter(pl.col("layer") == layer).iter_rows(named=True):
             if r["model"] in summary:
-                summary[r["model"]].update({f"rank1_energy_L{layer}": r["rank1_energy"],
-                                            f"mean_cosine_L{layer}": r["mean_cosine"]})
+                summary[r["model"]].update(
+                    {f"rank1_energy_L{layer}": r["rank1_energy"], f"mean_cosine_L{layer}": r["mean_cosine"]}
+                )
     for phase in ("concepts_before", "concepts_after"):
         for name, m in (stages.get(phase, {}).get("models") or {}).items():
             model = _match(name, models)
@@ -156,23 +166,49 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
     figures: list[tuple[str, Path]] = []
     if table.height and "safety" in table.columns:
         bars = table.filter(pl.col("safety").is_not_null())
-        figures.append(("Safety rate per language, before and after", per_language_bars(
-            bars, out / "safety_before_after.png", value="safety", lo="safety_ci_low", hi="safety_ci_high",
-            title="safety rate per language (95% bootstrap CI)", ylabel="safety rate")))
+        figures.append(
+            (
+                "Safety rate per language, before and after",
+                per_language_bars(
+                    bars,
+                    out / "safety_before_after.png",
+                    value="safety",
+                    lo="safety_ci_low",
+                    hi="safety_ci_high",
+                    title="safety rate per language (95% bootstrap CI)",
+                    ylabel="safety rate",
+                ),
+            )
+        )
     cons = _read(stages.get("consistency", {}).get("table"))
     if cons is not None:
-        figures.append(("Held-out cross-lingual consistency by layer", _consistency_figure(
-            cons, stages["consistency"]["mlc_layer"], out / "consistency_by_layer.png")))
+        figures.append(
+            (
+                "Held-out cross-lingual consistency by layer",
+                _consistency_figure(cons, stages["consistency"]["mlc_layer"], out / "consistency_by_layer.png"),
+            )
+        )
     heat = [Path(p) for p in stages.get("separation_after", {}).get("figures", []) if "shift" in Path(p).name]
-    lines = [f"# Study: {base.label} before and after MLC alignment", "",
-             f"Config: `{cfg.root / 'study_config.yaml'}`. Models: " + ", ".join(
-                 f"`{m}`" for m in summary["model"].to_list()) + ".", "",
-             "## Per model", "", markdown(summary), "",
-             "## Per language", "",
-             "`safety_change` is against the base model; `shift_*` is the trained model minus the base at the layer "
-             "where the base separates that language best (separation stage); `concept_recognition` is the "
-             "concept test accuracy at the train-selected layer, mean over concepts.", "",
-             markdown(table) if table.height else "(no per-language results)", ""]
+    lines = [
+        f"# Study: {base.label} before and after MLC alignment",
+        "",
+        f"Config: `{cfg.root / 'study_config.yaml'}`. Models: "
+        + ", ".join(f"`{m}`" for m in summary["model"].to_list())
+        + ".",
+        "",
+        "## Per model",
+        "",
+        markdown(summary),
+        "",
+        "## Per language",
+        "",
+        "`safety_change` is against the base model; `shift_*` is the trained model minus the base at the layer "
+        "where the base separates that language best (separation stage); `concept_recognition` is the "
+        "concept test accuracy at the train-selected layer, mean over concepts.",
+        "",
+        markdown(table) if table.height else "(no per-language results)",
+        "",
+    ]
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     for p in heat:
@@ -188,8 +224,12 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
             lines.append(f"- {name}: checkpoint `{info['checkpoint_dir']}`")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"report": str(report), "table": str(paths["per_language"]), "per_model": str(paths["per_model"]),
-            "figures": [str(p) for _, p in figures]}
+    return {
+        "report": str(report),
+        "table": str(paths["per_language"]),
+        "per_model": str(paths["per_model"]),
+        "figures": [str(p) for _, p in figures],
+    }
 
 
 def _rel(p: Path, start: Path) -> str:

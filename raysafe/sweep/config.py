@@ -22,18 +22,22 @@ from raysafe.train.config import TrainConfig
 # --------------------------------------------------------------------------------------------------- config
 class SearchSpec(Strict):
     algorithm: Literal["grid", "random"] = Field(
-        "grid", description="grid: every combination of the grid keys (choice/range keys drawn per trial); "
-        "random: every key drawn per trial")
+        "grid",
+        description="grid: every combination of the grid keys (choice/range keys drawn per trial); "
+        "random: every key drawn per trial",
+    )
     num_samples: int = Field(1, ge=1, description="grid: repeats of the whole grid; random: number of trials")
     seed: int | None = Field(0, description="seed of the draws (None: unseeded)")
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="trials at once (default: as many as the cluster's CPUs / GPUs fit)")
+        None, ge=1, description="trials at once (default: as many as the cluster's CPUs / GPUs fit)"
+    )
 
 
 class SchedulerSpec(Strict):
     kind: Literal["none", "asha"] = "none"
     metric: Literal["train_loss_align", "train_loss_total"] = Field(
-        "train_loss_align", description="intermediate metric ASHA compares at each rung (from the trial's checkpoints)")
+        "train_loss_align", description="intermediate metric ASHA compares at each rung (from the trial's checkpoints)"
+    )
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1, description="training steps before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
@@ -47,15 +51,18 @@ class TrialResources(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     torch_threads: int | None = Field(None, ge=1, description="torch threads per train worker (default: base config)")
-    driver_cpus: float = Field(0.0, ge=0, description="CPUs the trial's driver process reserves (it only launches "
-                               "and watches the Train run)")
+    driver_cpus: float = Field(
+        0.0, ge=0, description="CPUs the trial's driver process reserves (it only launches and watches the Train run)"
+    )
     driver_memory_mb: int = Field(256, ge=1, description="memory the trial's driver process reserves")
 
 
 class SweepEvaluation(Strict):
     enabled: bool = True
-    evaluate: dict[str, Any] = Field(default_factory=dict, description="EvaluateConfig fields (models, output_dir "
-                                     "and tracking are filled in by the sweep)")
+    evaluate: dict[str, Any] = Field(
+        default_factory=dict,
+        description="EvaluateConfig fields (models, output_dir and tracking are filled in by the sweep)",
+    )
     set: str | None = Field(None, description="set whose safety feeds safety_* (default: the first)")
     judge: str | None = Field(None, description="judge whose verdicts count (default: the first)")
     baseline: bool = Field(True, description="evaluate the base model once, for utility_drop and safety_gain")
@@ -72,8 +79,10 @@ class SweepConfig(Strict):
     name: str = Field("sweep", description="sweep name: its directory under output_dir and its MLflow run name")
     train: str | dict[str, Any] = Field(description="the base train config: a YAML path or an inline mapping")
     train_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted TrainConfig fields set on the base, like `raysafe train --set` "
-        "(e.g. {optim.max_steps: 400} to shorten every trial)")
+        default_factory=dict,
+        description="dotted TrainConfig fields set on the base, like `raysafe train --set` "
+        "(e.g. {optim.max_steps: 400} to shorten every trial)",
+    )
     space: SearchSpace = SearchSpace()
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
@@ -103,15 +112,17 @@ class SweepConfig(Strict):
                 raise ValueError(f"evaluation.set {ev.set!r} is not one of the evaluation's sets {sets}")
             if ev.judge is not None and ev.judge not in judges:
                 raise ValueError(f"evaluation.judge {ev.judge!r} is not one of the evaluation's judges {judges}")
-        known = M.known_metrics(ev.enabled, ev.enabled and ev.baseline, ev.consistency.enabled,
-                                langs or list(self._base.mixture.languages))
+        known = M.known_metrics(
+            ev.enabled, ev.enabled and ev.baseline, ev.consistency.enabled, langs or list(self._base.mixture.languages)
+        )
         for name in self.objective.metrics():
             if name not in known:
                 raise ValueError(
                     f"objective metric {name!r} is not reported by this sweep's trials; reported: "
                     f"{sorted(n for n in known if not n.startswith('safety_') or n in M.EVAL_METRICS)} "
                     f"(+ safety_<lang>); evaluation.enabled={ev.enabled}, baseline={ev.baseline}, "
-                    f"consistency.enabled={ev.consistency.enabled}")
+                    f"consistency.enabled={ev.consistency.enabled}"
+                )
         return self
 
     def _load_base(self) -> TrainConfig:
@@ -129,8 +140,10 @@ class SweepConfig(Strict):
         try:
             return TrainConfig.model_validate(apply_overrides(base.model_dump(mode="json"), self.train_overrides))
         except ValidationError as e:
-            lines = [f"train_overrides: {'.'.join(str(x) for x in err['loc'])}: {err['msg']} "
-                     f"(value {err.get('input')!r})" for err in e.errors()]
+            lines = [
+                f"train_overrides: {'.'.join(str(x) for x in err['loc'])}: {err['msg']} (value {err.get('input')!r})"
+                for err in e.errors()
+            ]
             raise ValueError("; ".join(lines)) from None
 
     @property
@@ -144,11 +157,17 @@ class SweepConfig(Strict):
         for key in ("models", "output_dir", "tracking"):
             if key in self.evaluation.evaluate:
                 raise ValueError(f"evaluation.evaluate.{key} is set by the sweep; remove it")
-        tree = {**self.evaluation.evaluate, "models": [{**model, "name": name}], "output_dir": output_dir,
-                "tracking": tracking_spec or self.tracking.model_dump()}
+        tree = {
+            **self.evaluation.evaluate,
+            "models": [{**model, "name": name}],
+            "output_dir": output_dir,
+            "tracking": tracking_spec or self.tracking.model_dump(),
+        }
         try:
             return EvaluateConfig.model_validate(tree)
         except ValidationError as e:
-            lines = [f"evaluation.evaluate.{'.'.join(str(x) for x in err['loc'])}: {err['msg']} "
-                     f"(value {err.get('input')!r})" for err in e.errors()]
+            lines = [
+                f"evaluation.evaluate.{'.'.join(str(x) for x in err['loc'])}: {err['msg']} (value {err.get('input')!r})"
+                for err in e.errors()
+            ]
             raise ValueError("; ".join(lines)) from None

@@ -58,18 +58,6 @@ from raysafe.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------------------------------- result
 @dataclass
 class SweepResult:
@@ -89,8 +77,10 @@ class SweepResult:
 
         n = self.table.height
         counts = dict(self.table.group_by("status").len().iter_rows()) if n else {}
-        lines = [f"sweep {self.sweep_dir} ({'resumed, ' if self.resumed else ''}{self.seconds:.0f} s): "
-                 f"{n}/{self.planned_trials} trials — " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))]
+        lines = [
+            f"sweep {self.sweep_dir} ({'resumed, ' if self.resumed else ''}{self.seconds:.0f} s): "
+            f"{n}/{self.planned_trials} trials — " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        ]
         obj = self.objective
         shown = ["trial_id", "status", *self.param_keys, "objective"]
         if obj is not None:
@@ -154,8 +144,7 @@ def _fingerprint(cfg: SweepConfig) -> str:
         tree["evaluation"]["consistency"].pop(key, None)
     tree["train"] = cfg.base.model_dump(mode="json")
     tree["train"].pop("ray", None)  # the trials' train resources come from `resources`
-    tree["search"] = {"algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples,
-                      "seed": cfg.search.seed}
+    tree["search"] = {"algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples, "seed": cfg.search.seed}
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -168,26 +157,40 @@ def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
     r = cfg.resources
     need_cpu = r.num_workers * r.cpus_per_worker
     if need_cpu > cpus + 1e-9:
-        raise ConfigError(f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster "
-                          f"has {cpus:g}", where="resources.num_workers / resources.cpus_per_worker",
-                          fix="lower them, or run on a bigger cluster (RAY_ADDRESS)")
+        raise ConfigError(
+            f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster has {cpus:g}",
+            where="resources.num_workers / resources.cpus_per_worker",
+            fix="lower them, or run on a bigger cluster (RAY_ADDRESS)",
+        )
     if r.use_gpu and r.num_workers > gpus:
-        raise ConfigError(f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
-                          where="resources.num_workers / resources.use_gpu", fix="lower num_workers or add GPUs")
+        raise ConfigError(
+            f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
+            where="resources.num_workers / resources.use_gpu",
+            fix="lower num_workers or add GPUs",
+        )
     if evaluate_cfg is not None and evaluate_cfg.ray.num_cpus_per_actor > cpus:
-        raise ConfigError(f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has "
-                          f"{cpus:g}", where="evaluation.evaluate.ray.num_cpus_per_actor", fix="lower it")
+        raise ConfigError(
+            f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has {cpus:g}",
+            where="evaluation.evaluate.ray.num_cpus_per_actor",
+            fix="lower it",
+        )
     c = cfg.evaluation.consistency
     if cfg.evaluation.consistency.enabled and (c.cpus > cpus or c.gpus > gpus):
-        raise ConfigError(f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has "
-                          f"{cpus:g} / {gpus:g}", where="evaluation.consistency.cpus / gpus", fix="lower them")
+        raise ConfigError(
+            f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has {cpus:g} / {gpus:g}",
+            where="evaluation.consistency.cpus / gpus",
+            fix="lower them",
+        )
     fits = math.floor((cpus + 1e-9) / need_cpu)
     if r.use_gpu:
         fits = min(fits, math.floor(gpus / r.num_workers))
     if cfg.search.max_concurrent_trials is not None:
         if cfg.search.max_concurrent_trials > fits:
-            log.warning("max_concurrent_trials=%d but the cluster fits %d trial(s) at once: the others wait for "
-                        "resources", cfg.search.max_concurrent_trials, fits)
+            log.warning(
+                "max_concurrent_trials=%d but the cluster fits %d trial(s) at once: the others wait for resources",
+                cfg.search.max_concurrent_trials,
+                fits,
+            )
         return cfg.search.max_concurrent_trials
     return max(1, fits)
 
@@ -223,8 +226,9 @@ def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
             row["mlflow_run_id"] = json.loads((tdir / RUN_FILE).read_text())["run_id"]
         if row["status"] == "finished" and (tdir / RESULT_FILE).exists():
             d = json.loads((tdir / RESULT_FILE).read_text())
-            row.update(violations="; ".join(d["violations"]), checkpoint_dir=d["checkpoint_dir"],
-                       model_dir=d["model_dir"])
+            row.update(
+                violations="; ".join(d["violations"]), checkpoint_dir=d["checkpoint_dir"], model_dir=d["model_dir"]
+            )
         if res.error is not None:
             row["error"] = str(res.error).strip().splitlines()[-1][:500] if str(res.error).strip() else repr(res.error)
         rows.append(row)
@@ -245,9 +249,12 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
     named = validate_space(cfg.space, base, depth)
     mlc_only = [k for k in ("mixture", "m", "tau", "layer") if getattr(cfg.space, k) is not None]
     if cfg.space.weight is not None and 0 in cfg.space.weight.values and mlc_only:
-        log.warning("space.weight includes λ = 0: those trials train the alignment loss alone and ignore %s, so "
-                    "they are equivalent across those values (one λ = 0 control is enough: `raysafe train` with "
-                    "mlc.weight=0)", ", ".join(f"space.{k}" for k in mlc_only))
+        log.warning(
+            "space.weight includes λ = 0: those trials train the alignment loss alone and ignore %s, so "
+            "they are equivalent across those values (one λ = 0 control is enough: `raysafe train` with "
+            "mlc.weight=0)",
+            ", ".join(f"space.{k}" for k in mlc_only),
+        )
     ms = cfg.space.m.values if cfg.space.m is not None else [base.mixture.m]
     combos = [(name, m) for name in named for m in ms] if cfg.space.mixture is not None else [(None, m) for m in ms]
     steps = None
@@ -256,9 +263,16 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
         params = {**first, "m": m, **({"mixture": name} if name is not None else {})}
         if "layer" in params and cfg.space.layer is not None and cfg.space.layer.kind == "uniform":
             params["layer"] = float(params["layer"])
-        tcfg = trial_train_config(base, params, named, {"ray.num_workers": cfg.resources.num_workers,
-                                                         "ray.use_gpu": cfg.resources.use_gpu,
-                                                         "ray.cpus_per_worker": cfg.resources.cpus_per_worker})
+        tcfg = trial_train_config(
+            base,
+            params,
+            named,
+            {
+                "ray.num_workers": cfg.resources.num_workers,
+                "ray.use_gpu": cfg.resources.use_gpu,
+                "ray.cpus_per_worker": cfg.resources.cpus_per_worker,
+            },
+        )
         try:
             samples, _ = validate(tcfg)
         except RaysafeError as e:
@@ -269,12 +283,18 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
     sch = cfg.scheduler
     if sch.kind == "asha":
         if sch.grace_period >= steps:
-            raise ConfigError(f"ASHA grace period {sch.grace_period} is not below the trials' {steps} training steps",
-                              where="scheduler.grace_period", fix=f"use a grace period below {steps}")
+            raise ConfigError(
+                f"ASHA grace period {sch.grace_period} is not below the trials' {steps} training steps",
+                where="scheduler.grace_period",
+                fix=f"use a grace period below {steps}",
+            )
         if sch.report_every_n_steps >= steps:
-            raise ConfigError(f"trials report every {sch.report_every_n_steps} steps but train only {steps}: ASHA "
-                              "would never see an intermediate result", where="scheduler.report_every_n_steps",
-                              fix=f"report more often than every {steps} steps")
+            raise ConfigError(
+                f"trials report every {sch.report_every_n_steps} steps but train only {steps}: ASHA "
+                "would never see an intermediate result",
+                where="scheduler.report_every_n_steps",
+                fix=f"report more often than every {steps} steps",
+            )
     out: dict[str, Any] = {"base": base, "named": named, "depth": depth, "total_steps": steps, "consistency": None}
     c = cfg.evaluation.consistency
     if c.enabled:
@@ -292,8 +312,12 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
             rows = heldout_rows(variants, c.split, langs, c.max_items)
         except RaysafeError as e:
             raise _wrap(e, "evaluation.consistency") from None
-        out["consistency"] = {"spec": c.model_dump(mode="json"), "rows": rows.to_dicts(), "languages": langs,
-                              "layer": layer}
+        out["consistency"] = {
+            "spec": c.model_dump(mode="json"),
+            "rows": rows.to_dicts(),
+            "languages": langs,
+            "layer": layer,
+        }
     return out
 
 
@@ -315,16 +339,23 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
     tspec = _tracking_spec(cfg.tracking)
     ev_template = None
     if cfg.evaluation.enabled:
-        ev_template = cfg.evaluate_config(base.model.model_dump(mode="json"), str(sweep_dir / "baseline" / "evaluate"),
-                                          f"base-{base.model.label}", tspec)
+        ev_template = cfg.evaluate_config(
+            base.model.model_dump(mode="json"),
+            str(sweep_dir / "baseline" / "evaluate"),
+            f"base-{base.model.label}",
+            tspec,
+        )
     # ---- the sweep directory belongs to this sweep
     state_path = sweep_dir / "sweep_state.json"
     fp = _fingerprint(cfg)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state and state.get("fingerprint") != fp:
-        raise OutputError(f"{sweep_dir} holds another sweep (its search space, base config, scheduler, objective or "
-                          "evaluation differ)", where="output_dir / name",
-                          fix="give the sweep a new `name`, or delete that directory to start over")
+        raise OutputError(
+            f"{sweep_dir} holds another sweep (its search space, base config, scheduler, objective or "
+            "evaluation differ)",
+            where="output_dir / name",
+            fix="give the sweep a new `name`, or delete that directory to start over",
+        )
     ensure_ray(RaySpec(address=cfg.ray.address))
     concurrent = _check_resources(cfg, ev_template)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -336,13 +367,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
     resumed = tune.Tuner.can_restore(str(exp_path))
     spec = TrackingSpec.model_validate(tspec)
 
-    with tracking.run(spec, f"sweep {cfg.name}", tags={"raysafe.flow": "sweep"},
-                      resume_run_id=state.get("parent_run_id")) as parent:
+    with tracking.run(
+        spec, f"sweep {cfg.name}", tags={"raysafe.flow": "sweep"}, resume_run_id=state.get("parent_run_id")
+    ) as parent:
         parent_id = parent.info.run_id if parent is not None else None
         state.update(fingerprint=fp, parent_run_id=parent_id, planned_trials=planned)
         state_path.write_text(json.dumps(state))
-        tracking.log_params({"config": cfg.model_dump(mode="json"), "planned_trials": planned,
-                             "total_steps": prep["total_steps"], "model_depth": prep["depth"]})
+        tracking.log_params(
+            {
+                "config": cfg.model_dump(mode="json"),
+                "planned_trials": planned,
+                "total_steps": prep["total_steps"],
+                "model_depth": prep["depth"],
+            }
+        )
         baseline: dict[str, float] = dict(state.get("baseline") or {})
         if cfg.evaluation.enabled and cfg.evaluation.baseline and not baseline:  # once per sweep, kept on resume
             from raysafe.evaluate.flow import run_evaluate
@@ -353,47 +391,82 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
             state["baseline"] = baseline
             state_path.write_text(json.dumps(state))
         r = cfg.resources
-        fixed: dict[str, Any] = {"ray.num_workers": r.num_workers, "ray.cpus_per_worker": r.cpus_per_worker,
-                                 "ray.use_gpu": r.use_gpu, "ray.address": None,
-                                 "checkpoint.storage_path": str(sweep_dir / "train"), "tracking": tspec}
+        fixed: dict[str, Any] = {
+            "ray.num_workers": r.num_workers,
+            "ray.cpus_per_worker": r.cpus_per_worker,
+            "ray.use_gpu": r.use_gpu,
+            "ray.address": None,
+            "checkpoint.storage_path": str(sweep_dir / "train"),
+            "tracking": tspec,
+        }
         if r.torch_threads is not None:
             fixed["ray.torch_threads"] = r.torch_threads
         if cfg.scheduler.kind == "asha":
             fixed["checkpoint.every_n_steps"] = cfg.scheduler.report_every_n_steps
         ctx = TrialContext(
-            base=base.model_dump(mode="json"), named=named, fixed=fixed, sweep_dir=str(sweep_dir), tracking=tspec,
-            parent_run_id=parent_id, objective=cfg.objective.model_dump(mode="json"),
-            evaluate=({k: v for k, v in ev_template.model_dump(mode="json").items()
-                       if k not in ("models", "output_dir", "tracking")} if ev_template is not None else None),
-            eval_set=cfg.evaluation.set, eval_judge=cfg.evaluation.judge, baseline=baseline,
-            consistency=prep["consistency"], total_steps=prep["total_steps"], depth=prep["depth"])
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                        {"CPU": r.driver_cpus, "memory": r.driver_memory_mb * 2**20})
+            base=base.model_dump(mode="json"),
+            named=named,
+            fixed=fixed,
+            sweep_dir=str(sweep_dir),
+            tracking=tspec,
+            parent_run_id=parent_id,
+            objective=cfg.objective.model_dump(mode="json"),
+            evaluate=(
+                {
+                    k: v
+                    for k, v in ev_template.model_dump(mode="json").items()
+                    if k not in ("models", "output_dir", "tracking")
+                }
+                if ev_template is not None
+                else None
+            ),
+            eval_set=cfg.evaluation.set,
+            eval_judge=cfg.evaluation.judge,
+            baseline=baseline,
+            consistency=prep["consistency"],
+            total_steps=prep["total_steps"],
+            depth=prep["depth"],
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, ctx=ctx), {"CPU": r.driver_cpus, "memory": r.driver_memory_mb * 2**20}
+        )
         if resumed:
             log.info("resuming the sweep in %s: finished trials are kept, unfinished ones run again", exp_path)
-            tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True,
-                                       restart_errored=cfg.retry_errored)
+            tuner = tune.Tuner.restore(
+                str(exp_path), trainable, resume_unfinished=True, restart_errored=cfg.retry_errored
+            )
         else:
             scheduler = None
             asha_state = sweep_dir / "asha_state.json"
             asha_state.unlink(missing_ok=True)  # a new Tune experiment starts with empty rungs
             if cfg.scheduler.kind == "asha":
                 s = cfg.scheduler
-                scheduler = ResumableASHA(str(asha_state), time_attr="train_step", metric=s.metric, mode=s.mode,
-                                          max_t=prep["total_steps"], grace_period=s.grace_period,
-                                          reduction_factor=s.reduction_factor)
+                scheduler = ResumableASHA(
+                    str(asha_state),
+                    time_attr="train_step",
+                    metric=s.metric,
+                    mode=s.mode,
+                    max_t=prep["total_steps"],
+                    grace_period=s.grace_period,
+                    reduction_factor=s.reduction_factor,
+                )
             tuner = tune.Tuner(
                 trainable,
                 param_space=param_space(cfg.space, named, cfg.search.algorithm),
                 tune_config=tune.TuneConfig(
-                    num_samples=cfg.search.num_samples, scheduler=scheduler,
+                    num_samples=cfg.search.num_samples,
+                    scheduler=scheduler,
                     # the generator itself caps the trials in flight (Tune ignores TuneConfig.max_concurrent_trials
                     # when it is given a SearchGenerator such as this one)
                     search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent),
-                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-                run_config=tune.RunConfig(name=exp_path.name, storage_path=str(sweep_dir),
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                          verbose=1 if progress else 0),
+                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+                ),
+                run_config=tune.RunConfig(
+                    name=exp_path.name,
+                    storage_path=str(sweep_dir),
+                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                    verbose=1 if progress else 0,
+                ),
             )
         results = tuner.fit()
 
@@ -402,27 +475,48 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
         if parent is not None:
             for row in rows:  # the scheduler ended these trials' processes mid-run: close their runs here
                 if row["status"] == "stopped" and row.get("mlflow_run_id"):
-                    tracking.end_run(row["mlflow_run_id"], "KILLED", {
-                        "raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"})
+                    tracking.end_run(
+                        row["mlflow_run_id"],
+                        "KILLED",
+                        {"raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"},
+                    )
         table = R.results_table(rows, cfg.objective, param_keys)
         paths: dict[str, Path] = {}
         paths["results_parquet"], paths["results_csv"] = write_table(table, sweep_dir, "results")
-        paths["pareto_plot"] = R.pareto_plot(table, cfg.objective, sweep_dir / "pareto.png",
-                                             f"sweep {cfg.name}: {table.height} trials, Pareto front over "
-                                             f"{', '.join(t.metric for t in cfg.objective.pareto)}", param_keys)
+        paths["pareto_plot"] = R.pareto_plot(
+            table,
+            cfg.objective,
+            sweep_dir / "pareto.png",
+            f"sweep {cfg.name}: {table.height} trials, Pareto front over "
+            f"{', '.join(t.metric for t in cfg.objective.pareto)}",
+            param_keys,
+        )
         best = table.filter(pl.col("best")).row(0, named=True) if table.height and table["best"].any() else None
         if best is not None:
             from raysafe.sweep.trial import trial_dir
 
             trial_cfg = load_config(TrainConfig, trial_dir(sweep_dir, best["trial_id"]) / "train_config.yaml")
-            text = R.best_train_config(trial_cfg, f"{cfg.name}-best", base.checkpoint.storage_path,
-                                       cfg.base.tracking.model_dump(mode="json"))
+            text = R.best_train_config(
+                trial_cfg, f"{cfg.name}-best", base.checkpoint.storage_path, cfg.base.tracking.model_dump(mode="json")
+            )
             paths["best_config"] = sweep_dir / "best_train_config.yaml"
-            header = (f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
-                      f"run: raysafe train {paths['best_config']}\n")
+            header = (
+                f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
+                f"run: raysafe train {paths['best_config']}\n"
+            )
             paths["best_config"].write_text(header + text, encoding="utf-8")
-        result = SweepResult(sweep_dir, table, best, paths, planned, resumed, time.perf_counter() - t0, parent_id,
-                             cfg.objective, param_keys)
+        result = SweepResult(
+            sweep_dir,
+            table,
+            best,
+            paths,
+            planned,
+            resumed,
+            time.perf_counter() - t0,
+            parent_id,
+            cfg.objective,
+            param_keys,
+        )
         (sweep_dir / "summary.txt").write_text(result.summary() + "\n", encoding="utf-8")
         paths["summary"] = sweep_dir / "summary.txt"
         if parent is not None:
@@ -436,4 +530,3 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
                     tracking.log_artifact(paths[key])
             tracking.log_artifact(sweep_dir / "sweep_config.yaml")
     return result
-

@@ -25,7 +25,8 @@ class ConsistencySpec(Strict):
     split: str | None = Field("test", description="held-out split (None: every row)")
     languages: list[str] | None = Field(None, description="languages compared (default: the base mixture's)")
     layer: int | float | None = Field(
-        None, description="layer read (int, 0 = embeddings, or depth fraction); default: the base config's mlc.layer")
+        None, description="layer read (int, 0 = embeddings, or depth fraction); default: the base config's mlc.layer"
+    )
     max_items: int = Field(64, ge=1, description="held-out items used (the first ones, by group_id)")
     max_length: int = Field(256, ge=8)
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="auto: when the tokenizer has one")
@@ -43,19 +44,37 @@ def heldout_rows(variants: SourceSpec, split: str | None, languages: list[str], 
     if split is not None and "split" in rows.columns:
         rows = rows.filter(pl.col("split") == split)
     rows = rows.filter(pl.col("lang").is_in(languages))
-    complete = (rows.group_by("group_id").agg(pl.col("lang").n_unique().alias("k"))
-                .filter(pl.col("k") == len(languages)).sort("group_id").head(max_items))
+    complete = (
+        rows.group_by("group_id")
+        .agg(pl.col("lang").n_unique().alias("k"))
+        .filter(pl.col("k") == len(languages))
+        .sort("group_id")
+        .head(max_items)
+    )
     if complete.height == 0:
-        raise DataError(f"no held-out item (split {split!r}) has a prompt variant in every one of {languages}",
-                        where="evaluation.consistency", fix="choose languages every item was translated into, or "
-                        "another split (evaluation.consistency.split)")
-    return (rows.join(complete.select("group_id"), on="group_id").unique(["group_id", "lang"], keep="first",
-                                                                         maintain_order=True)
-            .select("group_id", "lang", "text").sort(["group_id", "lang"]))
+        raise DataError(
+            f"no held-out item (split {split!r}) has a prompt variant in every one of {languages}",
+            where="evaluation.consistency",
+            fix="choose languages every item was translated into, or another split (evaluation.consistency.split)",
+        )
+    return (
+        rows.join(complete.select("group_id"), on="group_id")
+        .unique(["group_id", "lang"], keep="first", maintain_order=True)
+        .select("group_id", "lang", "text")
+        .sort(["group_id", "lang"])
+    )
 
 
-def measure(model_path: str, rows: list[dict], languages: list[str], layer: int, max_length: int,
-            chat_template: str, torch_threads: int | None = None, use_gpu: bool = False) -> dict[str, float]:
+def measure(
+    model_path: str,
+    rows: list[dict],
+    languages: list[str],
+    layer: int,
+    max_length: int,
+    chat_template: str,
+    torch_threads: int | None = None,
+    use_gpu: bool = False,
+) -> dict[str, float]:
     """consistency_rank1_energy, consistency_mean_cosine, consistency_items for the model at ``model_path``."""
     import numpy as np
     import torch
@@ -67,23 +86,35 @@ def measure(model_path: str, rows: list[dict], languages: list[str], layer: int,
     meta = pl.DataFrame(rows)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     probe = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length)
-    ex = Extractor({"path": model_path, "dtype": "float32" if device == "cpu" else "auto"}, probe.model_dump(),
-                   [layer], device=device, torch_threads=torch_threads)
+    ex = Extractor(
+        {"path": model_path, "dtype": "float32" if device == "cpu" else "auto"},
+        probe.model_dump(),
+        [layer],
+        device=device,
+        torch_threads=torch_threads,
+    )
     use_template = {"on": True, "off": False}.get(chat_template, bool(getattr(ex.tok, "chat_template", None)))
     spec = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length, chat_template=use_template)
     ids, _ = tokenize_texts(ex.tok, meta["text"].to_list(), spec)
     X = ex.extract(ids)[(layer, "last")]
     states, items, _ = stack_items(meta, np.asarray(X), languages, split=None)
     c = consistency(states)
-    return {"consistency_rank1_energy": c["rank1_energy"], "consistency_mean_cosine": c["mean_cosine"],
-            "consistency_items": float(len(items))}
+    return {
+        "consistency_rank1_energy": c["rank1_energy"],
+        "consistency_mean_cosine": c["mean_cosine"],
+        "consistency_items": float(len(items)),
+    }
 
 
 def measure_remote(model_path: str, rows: list[dict], languages: list[str], layer: int, spec: ConsistencySpec) -> dict:
     """:func:`measure` as a Ray task with the spec's resources, outside the calling trial's placement group."""
     import ray
 
-    task = ray.remote(measure).options(num_cpus=spec.cpus, num_gpus=spec.gpus or None,
-                                       scheduling_strategy="DEFAULT", max_retries=0)
-    return ray.get(task.remote(model_path, rows, languages, layer, spec.max_length, spec.chat_template,
-                               spec.torch_threads, spec.gpus > 0))
+    task = ray.remote(measure).options(
+        num_cpus=spec.cpus, num_gpus=spec.gpus or None, scheduling_strategy="DEFAULT", max_retries=0
+    )
+    return ray.get(
+        task.remote(
+            model_path, rows, languages, layer, spec.max_length, spec.chat_template, spec.torch_threads, spec.gpus > 0
+        )
+    )

@@ -31,10 +31,23 @@ ALWAYS_TRAIN = ("train_loss_align", "train_loss_total")
 EVAL_METRICS = ("safety_mean", "safety_variance", "safety_agreement", "utility_accuracy")
 BASELINE_METRICS = ("utility_drop", "safety_gain")
 CONSISTENCY_METRICS = ("consistency_rank1_energy", "consistency_mean_cosine")
-TRAIN_METRICS = ("train_loss_align", "train_loss_total", "train_loss_mlc", "train_align_rewards_accuracy",
-                 "train_align_rewards_margins", "train_align_rewards_chosen", "train_align_rewards_rejected",
-                 "train_mlc_rank1_energy", "train_mlc_cosine_z", "train_mlc_cosine_hidden", "train_mlc_sigma1",
-                 "train_lr", "train_step_time_s", "train_tokens_per_s", "train_memory_mb")
+TRAIN_METRICS = (
+    "train_loss_align",
+    "train_loss_total",
+    "train_loss_mlc",
+    "train_align_rewards_accuracy",
+    "train_align_rewards_margins",
+    "train_align_rewards_chosen",
+    "train_align_rewards_rejected",
+    "train_mlc_rank1_energy",
+    "train_mlc_cosine_z",
+    "train_mlc_cosine_hidden",
+    "train_mlc_sigma1",
+    "train_lr",
+    "train_step_time_s",
+    "train_tokens_per_s",
+    "train_memory_mb",
+)
 
 
 def train_name(key: str) -> str:
@@ -44,25 +57,35 @@ def train_name(key: str) -> str:
 
 def train_metrics(step_metrics: Mapping[str, float], step: int) -> dict[str, float]:
     """The training record's metrics of one step under ``train_*`` names, with ``train_step``."""
-    out = {train_name(k): float(v) for k, v in step_metrics.items() if k not in ("step", "epoch")
-           and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {
+        train_name(k): float(v)
+        for k, v in step_metrics.items()
+        if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     out["train_step"] = float(step)
     return out
 
 
-def eval_metrics(per_language: pl.DataFrame, summary: pl.DataFrame, set_name: str | None = None,
-                 judge: str | None = None) -> dict[str, float]:
+def eval_metrics(
+    per_language: pl.DataFrame, summary: pl.DataFrame, set_name: str | None = None, judge: str | None = None
+) -> dict[str, float]:
     """Safety and utility of one evaluated model on one set by one judge (the first of each when not named)."""
     if summary.height == 0:
-        raise OutputError("the evaluation produced no summary row", where="evaluation",
-                          fix="check the evaluation's sets and languages")
+        raise OutputError(
+            "the evaluation produced no summary row",
+            where="evaluation",
+            fix="check the evaluation's sets and languages",
+        )
     set_name = set_name or summary["set"][0]
     judge = judge or summary["judge"][0]
     row = summary.filter((pl.col("set") == set_name) & (pl.col("judge") == judge))
     if row.height == 0:
-        raise OutputError(f"no evaluation of set {set_name!r} by judge {judge!r}", where="evaluation.set / judge",
-                          fix=f"choose from sets {summary['set'].unique().to_list()} and judges "
-                              f"{summary['judge'].unique().to_list()}")
+        raise OutputError(
+            f"no evaluation of set {set_name!r} by judge {judge!r}",
+            where="evaluation.set / judge",
+            fix=f"choose from sets {summary['set'].unique().to_list()} and judges "
+            f"{summary['judge'].unique().to_list()}",
+        )
     r = row.row(0, named=True)
     flip = r["metric"] == "attack_success_rate"
     mean = float(r["mean"])

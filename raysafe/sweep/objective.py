@@ -46,8 +46,9 @@ class ObjectiveSpec(Strict):
     primary: Term = Term(metric="safety_mean", mode="max")
     terms: list[Term] = Field(default_factory=list, description="extra weighted terms of the score")
     constraints: list[Constraint] = Field(default_factory=list)
-    pareto: list[Term] = Field(default_factory=lambda: [Term(metric="safety_mean", mode="max"),
-                                                        Term(metric="safety_variance", mode="min")])
+    pareto: list[Term] = Field(
+        default_factory=lambda: [Term(metric="safety_mean", mode="max"), Term(metric="safety_variance", mode="min")]
+    )
 
     @model_validator(mode="after")
     def _pareto(self) -> "ObjectiveSpec":
@@ -60,8 +61,12 @@ class ObjectiveSpec(Strict):
 
     def metrics(self) -> list[str]:
         """Every metric name the objective reads."""
-        names = [self.primary.metric, *(t.metric for t in self.terms), *(c.metric for c in self.constraints),
-                 *(t.metric for t in self.pareto)]
+        names = [
+            self.primary.metric,
+            *(t.metric for t in self.terms),
+            *(c.metric for c in self.constraints),
+            *(t.metric for t in self.pareto),
+        ]
         return list(dict.fromkeys(names))
 
 

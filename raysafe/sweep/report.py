@@ -37,18 +37,25 @@ def results_table(rows: list[dict[str, Any]], objective: ObjectiveSpec, param_ke
     if not out:
         return pl.DataFrame()
     df = pl.DataFrame(out, infer_schema_length=None, strict=False)
-    metric_cols = sorted(c for c in df.columns if c not in (*FIRST_COLUMNS, *param_keys)
-                         and c not in ("checkpoint_dir", "model_dir", "mlflow_run_id", "error", "violations"))
+    metric_cols = sorted(
+        c
+        for c in df.columns
+        if c not in (*FIRST_COLUMNS, *param_keys)
+        and c not in ("checkpoint_dir", "model_dir", "mlflow_run_id", "error", "violations")
+    )
     tail = [c for c in ("violations", "error", "checkpoint_dir", "model_dir", "mlflow_run_id") if c in df.columns]
-    order = [c for c in FIRST_COLUMNS if c in df.columns] + [k for k in param_keys if k in df.columns] + metric_cols + tail
+    order = (
+        [c for c in FIRST_COLUMNS if c in df.columns] + [k for k in param_keys if k in df.columns] + metric_cols + tail
+    )
     df = df.select(order)
     if "objective" in df.columns:
         df = df.sort("objective", descending=True, nulls_last=True)
     return df
 
 
-def pareto_plot(df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: str,
-                param_keys: list[str] | None = None) -> Path:
+def pareto_plot(
+    df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: str, param_keys: list[str] | None = None
+) -> Path:
     """Scatter of the evaluated trials over the first Pareto metric against each other one (one panel per pair),
     the front highlighted and joined, the best trial starred, points labelled by trial id and searched values."""
     import matplotlib
@@ -65,23 +72,45 @@ def pareto_plot(df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: s
             ax.text(0.5, 0.5, "no evaluated trial", ha="center", va="center", transform=ax.transAxes)
         else:
             keys = [k for k in (param_keys or []) if k in done.columns]
-            label = pl.concat_str([pl.col("trial_id").str.slice(-5)]
-                                  + [pl.lit(f" {k}=") + pl.col(k).cast(pl.String) for k in keys]).alias("_label")
-            pts = (done.with_columns(label).select("_label", x.metric, y.metric, "pareto", "best")
-                   .drop_nans(subset=[x.metric, y.metric]).drop_nulls(subset=[x.metric, y.metric]))
+            label = pl.concat_str(
+                [pl.col("trial_id").str.slice(-5)] + [pl.lit(f" {k}=") + pl.col(k).cast(pl.String) for k in keys]
+            ).alias("_label")
+            pts = (
+                done.with_columns(label)
+                .select("_label", x.metric, y.metric, "pareto", "best")
+                .drop_nans(subset=[x.metric, y.metric])
+                .drop_nulls(subset=[x.metric, y.metric])
+            )
             xs, ys = pts[x.metric].to_list(), pts[y.metric].to_list()
             ax.scatter(xs, ys, c="#9aa5b1", s=36, label="trials", zorder=2)
             fr = pts.filter(pl.col("pareto")).sort(x.metric)
             if fr.height:
-                ax.plot(fr[x.metric].to_list(), fr[y.metric].to_list(), "-o", c="#c0392b", ms=7, lw=1.4,
-                        label="Pareto front (all objectives)", zorder=3)
+                ax.plot(
+                    fr[x.metric].to_list(),
+                    fr[y.metric].to_list(),
+                    "-o",
+                    c="#c0392b",
+                    ms=7,
+                    lw=1.4,
+                    label="Pareto front (all objectives)",
+                    zorder=3,
+                )
             bst = pts.filter(pl.col("best"))
             if bst.height:
-                ax.scatter(bst[x.metric].to_list(), bst[y.metric].to_list(), marker="*", s=260, c="#f1c40f",
-                           edgecolors="k", label="best (score, constraints)", zorder=4)
+                ax.scatter(
+                    bst[x.metric].to_list(),
+                    bst[y.metric].to_list(),
+                    marker="*",
+                    s=260,
+                    c="#f1c40f",
+                    edgecolors="k",
+                    label="best (score, constraints)",
+                    zorder=4,
+                )
             for (xv, yv), texts in _coincident_labels(pts["_label"].to_list(), xs, ys).items():
-                ax.annotate("\n".join(texts), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                            va="bottom")
+                ax.annotate(
+                    "\n".join(texts), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=6, va="bottom"
+                )
             ax.margins(x=0.12, y=0.18)  # room for the labels at the edges
             ax.legend(fontsize=7, loc="best")
         ax.set_xlabel(f"{x.metric} ({'higher' if x.mode == 'max' else 'lower'} is better)")
@@ -95,8 +124,9 @@ def pareto_plot(df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: s
     return path
 
 
-def _coincident_labels(labels: list[str], xs: list[float], ys: list[float],
-                       tol: float = 0.03) -> dict[tuple[float, float], list[str]]:
+def _coincident_labels(
+    labels: list[str], xs: list[float], ys: list[float], tol: float = 0.03
+) -> dict[tuple[float, float], list[str]]:
     """Labels of trials that land on (nearly) the same point — within ``tol`` of the axis ranges, e.g. λ = 0 trials,
     which the mixture does not change — stacked in one annotation instead of printed over each other."""
     span_x = (max(xs) - min(xs)) or 1.0

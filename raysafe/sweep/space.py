@@ -106,14 +106,17 @@ class MixtureOption(Strict):
     languages: list[str]
     weights: list[float] | None = Field(None, description="fixed: sampling weights, one per language, > 0")
     anchor: str = "en"
-    dominant: list[str] | None = Field(None, description="dominant_balanced: the favoured languages (besides the "
-                                       "anchor, which every prompt has anyway)")
+    dominant: list[str] | None = Field(
+        None,
+        description="dominant_balanced: the favoured languages (besides the anchor, which every prompt has anyway)",
+    )
     dominant_share: float = Field(0.5, description="dominant_balanced: their share of the sampling weight, in (0, 1)")
 
     @field_validator("dominant", mode="before")
     @classmethod
     def _one_or_more(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
     concentration: float | list[float] = Field(1.0, description="dirichlet: α (one value, or one per language)")
     draws: int = Field(1, ge=1, description="dirichlet: weight vectors drawn")
     seed: int = Field(0, description="dirichlet: seed of the draws")
@@ -181,15 +184,23 @@ def expand_mixture(opt: MixtureOption, index: int) -> list[tuple[str, dict]]:
     base = {"languages": list(opt.languages), "anchor": opt.anchor}
     if opt.kind == "fixed":
         name = opt.name or (f"uniform{len(opt.languages)}" if opt.weights is None else f"fixed{index}")
-        return [(name, {**base, "weights": None if opt.weights is None else [float(w) for w in opt.weights],
-                        "preset": "none"})]
+        return [
+            (
+                name,
+                {**base, "weights": None if opt.weights is None else [float(w) for w in opt.weights], "preset": "none"},
+            )
+        ]
     if opt.kind == "dominant_balanced":
         dom = [x for x in opt.languages if x in (opt.dominant or [])]  # in the option's language order
         rest = [x for x in opt.languages if x not in dom]
         w_dom, w_rest = opt.dominant_share / len(dom), (1.0 - opt.dominant_share) / len(rest)
         name = opt.name or f"dominant-{'+'.join(dom)}-{_fmt(opt.dominant_share)}"
-        return [(name, {**base, "weights": [round(w_dom if x in dom else w_rest, 6) for x in opt.languages],
-                        "preset": "none"})]
+        return [
+            (
+                name,
+                {**base, "weights": [round(w_dom if x in dom else w_rest, 6) for x in opt.languages], "preset": "none"},
+            )
+        ]
     alpha = opt.concentration if isinstance(opt.concentration, list) else [opt.concentration] * len(opt.languages)
     rng = np.random.default_rng(opt.seed)
     draws = rng.dirichlet(np.asarray(alpha, dtype=np.float64), size=opt.draws)
@@ -223,54 +234,102 @@ def _check_mixture_option(opt: MixtureOption, i: int) -> None:
     key = f"mixture[{i}]"
     langs = opt.languages
     if len(langs) < 2:
-        raise _refuse(f"{key}.languages", langs, "a mixture needs at least 2 languages (the MLC loss compares "
-                      "variants across languages)", "list at least two ISO 639-1 codes")
+        raise _refuse(
+            f"{key}.languages",
+            langs,
+            "a mixture needs at least 2 languages (the MLC loss compares variants across languages)",
+            "list at least two ISO 639-1 codes",
+        )
     bad = [x for x in langs if not is_known(x)]
     if bad:
-        raise _refuse(f"{key}.languages", bad, f"unknown language code(s) {bad}",
-                      "use ISO 639-1 codes such as en, zh, sw (or add codes to RAYSAFE_EXTRA_LANGS)")
+        raise _refuse(
+            f"{key}.languages",
+            bad,
+            f"unknown language code(s) {bad}",
+            "use ISO 639-1 codes such as en, zh, sw (or add codes to RAYSAFE_EXTRA_LANGS)",
+        )
     dup = sorted({x for x in langs if langs.count(x) > 1})
     if dup:
         raise _refuse(f"{key}.languages", dup, f"language(s) {dup} listed twice", "list each language once")
     if opt.anchor not in langs:
-        raise _refuse(f"{key}.anchor", opt.anchor, f"the anchor language is not one of the option's languages {langs}",
-                      "add the anchor to languages or set anchor to one of them")
+        raise _refuse(
+            f"{key}.anchor",
+            opt.anchor,
+            f"the anchor language is not one of the option's languages {langs}",
+            "add the anchor to languages or set anchor to one of them",
+        )
     if opt.kind == "fixed" and opt.weights is not None:
         if len(opt.weights) != len(langs):
-            raise _refuse(f"{key}.weights", opt.weights, f"{len(opt.weights)} weights for {len(langs)} languages",
-                          "give one weight per language, in the order of languages")
+            raise _refuse(
+                f"{key}.weights",
+                opt.weights,
+                f"{len(opt.weights)} weights for {len(langs)} languages",
+                "give one weight per language, in the order of languages",
+            )
         bad_w = [w for w in opt.weights if not (math.isfinite(w) and w > 0)]
         if bad_w:
-            raise _refuse(f"{key}.weights", bad_w, "sampling weights must be finite and > 0",
-                          "give positive weights (leave a language out instead of giving it weight 0)")
+            raise _refuse(
+                f"{key}.weights",
+                bad_w,
+                "sampling weights must be finite and > 0",
+                "give positive weights (leave a language out instead of giving it weight 0)",
+            )
     if opt.kind != "fixed" and opt.weights is not None:
-        raise _refuse(f"{key}.weights", opt.weights, f"weights apply to kind 'fixed' only, not {opt.kind!r}",
-                      "remove weights, or set kind: fixed")
+        raise _refuse(
+            f"{key}.weights",
+            opt.weights,
+            f"weights apply to kind 'fixed' only, not {opt.kind!r}",
+            "remove weights, or set kind: fixed",
+        )
     if opt.kind == "dominant_balanced":
         dom = opt.dominant or []
         outside = [x for x in dom if x not in langs]
         if outside:
-            raise _refuse(f"{key}.dominant", outside, f"dominant language(s) {outside} are not among the option's "
-                          f"languages {langs}", "choose the dominant languages from the option's languages")
+            raise _refuse(
+                f"{key}.dominant",
+                outside,
+                f"dominant language(s) {outside} are not among the option's languages {langs}",
+                "choose the dominant languages from the option's languages",
+            )
         if not [x for x in dom if x != opt.anchor]:
-            raise _refuse(f"{key}.dominant", dom, f"no dominant language besides the anchor {opt.anchor!r}: the anchor "
-                          "is one of the m variants of every prompt anyway, so this mixture would equal the uniform one",
-                          "name the other languages to favour, e.g. dominant: [zh, ru]")
+            raise _refuse(
+                f"{key}.dominant",
+                dom,
+                f"no dominant language besides the anchor {opt.anchor!r}: the anchor "
+                "is one of the m variants of every prompt anyway, so this mixture would equal the uniform one",
+                "name the other languages to favour, e.g. dominant: [zh, ru]",
+            )
         if len(set(dom)) == len(langs):
-            raise _refuse(f"{key}.dominant", dom, "every language is dominant: no balanced rest is left",
-                          "leave some languages out of dominant (or use kind: fixed)")
+            raise _refuse(
+                f"{key}.dominant",
+                dom,
+                "every language is dominant: no balanced rest is left",
+                "leave some languages out of dominant (or use kind: fixed)",
+            )
         if not 0 < opt.dominant_share < 1:
-            raise _refuse(f"{key}.dominant_share", opt.dominant_share, "the dominant share must lie in (0, 1)",
-                          "e.g. 0.5: half of the sampling weight on the dominant languages")
+            raise _refuse(
+                f"{key}.dominant_share",
+                opt.dominant_share,
+                "the dominant share must lie in (0, 1)",
+                "e.g. 0.5: half of the sampling weight on the dominant languages",
+            )
     if opt.kind == "dirichlet":
         alpha = opt.concentration if isinstance(opt.concentration, list) else [opt.concentration]
         if isinstance(opt.concentration, list) and len(alpha) != len(langs):
-            raise _refuse(f"{key}.concentration", opt.concentration,
-                          f"{len(alpha)} concentrations for {len(langs)} languages", "give one α, or one per language")
+            raise _refuse(
+                f"{key}.concentration",
+                opt.concentration,
+                f"{len(alpha)} concentrations for {len(langs)} languages",
+                "give one α, or one per language",
+            )
         bad_a = [a for a in alpha if not (math.isfinite(a) and a > 0)]
         if bad_a:
-            raise _refuse(f"{key}.concentration", bad_a, "Dirichlet concentrations must be finite and > 0",
-                          "e.g. 1.0 (uniform over the simplex), 0.3 (peaked mixtures), 10 (near-uniform)")
+            raise _refuse(
+                f"{key}.concentration",
+                bad_a,
+                "Dirichlet concentrations must be finite and > 0",
+                "e.g. 1.0 (uniform over the simplex), 0.3 (peaked mixtures), 10 (near-uniform)",
+            )
 
 
 def _check_positive(key: str, axis: Axis, allow_zero: bool) -> None:
@@ -283,19 +342,35 @@ def _check_positive(key: str, axis: Axis, allow_zero: bool) -> None:
 
 def _check_layer(axis: Axis, depth: int) -> None:
     if axis.kind == "loguniform":
-        raise _refuse("layer", axis.values, "layer takes grid, choice or uniform over a depth fraction",
-                      "e.g. layer: {grid: [0.25, 0.5, 12]} or layer: {uniform: [0.3, 0.7]}")
+        raise _refuse(
+            "layer",
+            axis.values,
+            "layer takes grid, choice or uniform over a depth fraction",
+            "e.g. layer: {grid: [0.25, 0.5, 12]} or layer: {uniform: [0.3, 0.7]}",
+        )
     for v in axis.values:
         if axis.kind == "uniform" or isinstance(v, float):
             if not 0 < v <= 1:
-                raise _refuse("layer", v, "a fractional MLC layer must lie in (0, 1] (a fraction of the depth)",
-                              f"use a fraction such as 0.5, or an integer layer 1..{depth}")
+                raise _refuse(
+                    "layer",
+                    v,
+                    "a fractional MLC layer must lie in (0, 1] (a fraction of the depth)",
+                    f"use a fraction such as 0.5, or an integer layer 1..{depth}",
+                )
         elif v > depth:
-            raise _refuse("layer", v, f"MLC layer {v} is beyond the model's depth ({depth} decoder layers)",
-                          f"use an integer layer 0..{depth} (1-based; 0 = embeddings) or a depth fraction in (0, 1]")
+            raise _refuse(
+                "layer",
+                v,
+                f"MLC layer {v} is beyond the model's depth ({depth} decoder layers)",
+                f"use an integer layer 0..{depth} (1-based; 0 = embeddings) or a depth fraction in (0, 1]",
+            )
         elif v < 0:
-            raise _refuse("layer", v, "MLC layers are >= 0 (0 = embeddings, L = output of decoder layer L)",
-                          f"use an integer layer 0..{depth} or a depth fraction in (0, 1]")
+            raise _refuse(
+                "layer",
+                v,
+                "MLC layers are >= 0 (0 = embeddings, L = output of decoder layer L)",
+                f"use an integer layer 0..{depth} or a depth fraction in (0, 1]",
+            )
 
 
 def validate_space(space: SearchSpace, base: TrainConfig, depth: int) -> dict[str, dict]:
@@ -317,30 +392,46 @@ def validate_space(space: SearchSpace, base: TrainConfig, depth: int) -> dict[st
         for i, opt in enumerate(space.mixture.options):
             for name, _ in expand_mixture(opt, i):
                 if name in seen:
-                    raise _refuse(f"mixture[{i}].name", name, "two mixture options have the same name",
-                                  "give each option a distinct `name`")
+                    raise _refuse(
+                        f"mixture[{i}].name",
+                        name,
+                        "two mixture options have the same name",
+                        "give each option a distinct `name`",
+                    )
                 seen.append(name)
     else:
         mx = base.mixture
-        named = {"base": {"languages": list(mx.languages), "weights": mx.weights, "anchor": mx.anchor,
-                          "preset": mx.preset, "dominant": mx.dominant, "dominant_share": mx.dominant_share}}
+        named = {
+            "base": {
+                "languages": list(mx.languages),
+                "weights": mx.weights,
+                "anchor": mx.anchor,
+                "preset": mx.preset,
+                "dominant": mx.dominant,
+                "dominant_share": mx.dominant_share,
+            }
+        }
     if space.m is not None:
         if space.m.kind in ("uniform", "loguniform"):
-            raise _refuse("m", space.m.values, "m is a count: give grid or choice values",
-                          "e.g. m: {grid: [2, 4]}")
+            raise _refuse("m", space.m.values, "m is a count: give grid or choice values", "e.g. m: {grid: [2, 4]}")
         bad = [v for v in space.m.values if not isinstance(v, int) or isinstance(v, bool) or v < 2]
         if bad:
-            raise _refuse("m", bad, "m must be an integer >= 2 (the MLC loss needs two variants per prompt)",
-                          "give integers >= 2")
+            raise _refuse(
+                "m", bad, "m must be an integer >= 2 (the MLC loss needs two variants per prompt)", "give integers >= 2"
+            )
     ms = space.m.values if space.m is not None else [base.mixture.m]
     for name, spec in named.items():
         n = len(spec["languages"])
         too_many = [m for m in ms if m > n]
         if too_many:
             key = "m" if space.m is not None else "mixture"
-            raise _refuse(key, too_many, f"m={too_many[0]} variants per prompt but mixture {name!r} offers only "
-                          f"{n} language(s) {spec['languages']}",
-                          f"lower m to <= {n}, or add languages to mixture {name!r}")
+            raise _refuse(
+                key,
+                too_many,
+                f"m={too_many[0]} variants per prompt but mixture {name!r} offers only "
+                f"{n} language(s) {spec['languages']}",
+                f"lower m to <= {n}, or add languages to mixture {name!r}",
+            )
     return named
 
 
@@ -366,8 +457,9 @@ def param_space(space: SearchSpace, named: dict[str, dict], algorithm: str) -> d
             out[key] = tune.loguniform(*axis.values)
     if space.mixture is not None:
         names = list(named)
-        out["mixture"] = (tune.grid_search(names) if space.mixture.kind == "grid" and algorithm == "grid"
-                          else tune.choice(names))
+        out["mixture"] = (
+            tune.grid_search(names) if space.mixture.kind == "grid" and algorithm == "grid" else tune.choice(names)
+        )
     return out
 
 
@@ -418,15 +510,19 @@ def apply_overrides(tree: dict, dotted: dict[str, Any]) -> dict:
     return out
 
 
-def trial_train_config(base: TrainConfig, params: dict[str, Any], named: dict[str, dict],
-                       fixed: dict[str, Any] | None = None) -> TrainConfig:
+def trial_train_config(
+    base: TrainConfig, params: dict[str, Any], named: dict[str, dict], fixed: dict[str, Any] | None = None
+) -> TrainConfig:
     """The TrainConfig of one trial: the base, the trial's params, then ``fixed`` (resources, storage, name)."""
     tree = apply_overrides(base.model_dump(mode="json"), {**overrides(params, named), **(fixed or {})})
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:  # a searched value the train config refuses
-        raise ConfigError(f"trial parameters {params} do not form a valid train config: {e}", where="space",
-                          fix="check the searched values against docs/training.md") from None
+        raise ConfigError(
+            f"trial parameters {params} do not form a valid train config: {e}",
+            where="space",
+            fix="check the searched values against docs/training.md",
+        ) from None
 
 
 def mixture_spec(named: dict[str, dict], name: str, m: int) -> MixtureSpec:

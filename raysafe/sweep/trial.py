@@ -130,20 +130,30 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     objective = ObjectiveSpec.model_validate(ctx.objective)
     spec = TrackingSpec.model_validate(ctx.tracking)
     label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
-    with tracking.run(spec, f"trial {trial_id} ({label})", parent_run_id=ctx.parent_run_id,
-                      tags={"raysafe.flow": "sweep-trial", "raysafe.trial_id": trial_id},
-                      resume_run_id=_child_run_id(tdir)) as child:
+    with tracking.run(
+        spec,
+        f"trial {trial_id} ({label})",
+        parent_run_id=ctx.parent_run_id,
+        tags={"raysafe.flow": "sweep-trial", "raysafe.trial_id": trial_id},
+        resume_run_id=_child_run_id(tdir),
+    ) as child:
         child_id = child.info.run_id if child is not None else None
         if child_id:
             if (tdir / RUN_FILE).exists():  # a restarted trial: runs of the attempt that was cut short
                 for stale in tracking.running_children(child_id):
                     tracking.end_run(stale, "KILLED", {"raysafe.note": "attempt cut short; the trial was restarted"})
             (tdir / RUN_FILE).write_text(json.dumps({"run_id": child_id}))
-            tracking.log_params({"trial_id": trial_id, **{f"param.{k}": v for k, v in params.items()},
-                                 "mixture.languages": ",".join(cfg.mixture.languages),
-                                 "mixture.weights": cfg.mixture.weights, "mixture.m": cfg.mixture.m,
-                                 "mlc.layer": cfg.mlc.layer,
-                                 "mlc.layer_resolved": cfg.mlc.resolve_layer(ctx.depth) if ctx.depth else None})
+            tracking.log_params(
+                {
+                    "trial_id": trial_id,
+                    **{f"param.{k}": v for k, v in params.items()},
+                    "mixture.languages": ",".join(cfg.mixture.languages),
+                    "mixture.weights": cfg.mixture.weights,
+                    "mixture.m": cfg.mixture.m,
+                    "mlc.layer": cfg.mlc.layer,
+                    "mlc.layer_resolved": cfg.mlc.resolve_layer(ctx.depth) if ctx.depth else None,
+                }
+            )
         final = _train_and_watch(cfg, ctx, child_id)
         res = final["result"]
         out = M.train_metrics(res.metrics, res.steps)
@@ -155,18 +165,34 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             from raysafe.sweep.heldout import ConsistencySpec, measure_remote
 
             c = ctx.consistency
-            out.update(measure_remote(str(res.model_dir), c["rows"], c["languages"], c["layer"],
-                                      ConsistencySpec.model_validate(c["spec"])))
+            out.update(
+                measure_remote(
+                    str(res.model_dir), c["rows"], c["languages"], c["layer"], ConsistencySpec.model_validate(c["spec"])
+                )
+            )
         out["objective"] = score(out, objective.primary, objective.terms)
         broken = violations(out, objective.constraints)
         out["feasible"] = 0.0 if broken else 1.0
         if child_id:
-            tracking.set_tags({"raysafe.violations": "; ".join(broken) or "none",
-                               "raysafe.checkpoint": str(res.checkpoint_dir)})
-        (tdir / RESULT_FILE).write_text(json.dumps({
-            "trial_id": trial_id, "params": params, "metrics": out, "violations": broken,
-            "checkpoint_dir": str(res.checkpoint_dir), "model_dir": str(res.model_dir),
-            "train_run_id": res.mlflow_run_id, "mlflow_run_id": child_id}, default=float, indent=1))
+            tracking.set_tags(
+                {"raysafe.violations": "; ".join(broken) or "none", "raysafe.checkpoint": str(res.checkpoint_dir)}
+            )
+        (tdir / RESULT_FILE).write_text(
+            json.dumps(
+                {
+                    "trial_id": trial_id,
+                    "params": params,
+                    "metrics": out,
+                    "violations": broken,
+                    "checkpoint_dir": str(res.checkpoint_dir),
+                    "model_dir": str(res.model_dir),
+                    "train_run_id": res.mlflow_run_id,
+                    "mlflow_run_id": child_id,
+                },
+                default=float,
+                indent=1,
+            )
+        )
         tracking.log_metrics(out, step=res.steps)
     # Reported after the trial's MLflow run is closed: at the last step ASHA answers STOP (the trial is at max_t or
     # at a rung), which ends this function with SystemExit; the trial is complete by then.
@@ -194,8 +220,11 @@ def _train_and_watch(cfg: TrainConfig, ctx: TrialContext, child_id: str | None) 
     if "error" in box:
         raise box["error"]
     if "result" not in box:
-        raise OutputError("the training thread ended without a result", where=str(run_dir),
-                          fix="look at the trial's log above; re-running the sweep resumes it")
+        raise OutputError(
+            "the training thread ended without a result",
+            where=str(run_dir),
+            fix="look at the trial's log above; re-running the sweep resumes it",
+        )
     return box
 
 
@@ -203,8 +232,13 @@ def _evaluate(model_dir: Path, ctx: TrialContext, tdir: Path, trial_id: str, chi
     from raysafe.evaluate.config import EvaluateConfig
     from raysafe.evaluate.flow import run_evaluate
 
-    ecfg = EvaluateConfig.model_validate({**ctx.evaluate, "models": [{"path": str(model_dir), "name": f"trial-{trial_id}"}],
-                                          "output_dir": str(tdir / "evaluate"),
-                                          "tracking": {**ctx.tracking, "run_name": None}})
+    ecfg = EvaluateConfig.model_validate(
+        {
+            **ctx.evaluate,
+            "models": [{"path": str(model_dir), "name": f"trial-{trial_id}"}],
+            "output_dir": str(tdir / "evaluate"),
+            "tracking": {**ctx.tracking, "run_name": None},
+        }
+    )
     ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False)
     return M.eval_metrics(ev.per_language, ev.summary_table, ctx.eval_set, ctx.eval_judge)

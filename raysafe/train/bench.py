@@ -135,18 +135,22 @@ def run_steps(args) -> dict:
     device = torch.device(args.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     steps = args.warmup + args.steps
-    cfg = TrainConfig.model_validate({
-        "model": {"path": args.model or "tiny-gemma3"},
-        "data": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length},
-        "mixture": {"languages": LANGS[: max(args.m, 2)] if args.m <= len(LANGS) else LANGS, "m": args.m},
-        "loss": {"name": "dpo", "beta": args.beta},
-        "mlc": {"weight": 0.8, "layer": 0.5, "d": args.d, "every_k": 2},
-        "optim": {"lr": args.lr, "micro_batch": args.pairs, "grad_accum": 1, "clip": 1.0, "schedule": "constant"},
-        "seed": args.seed,
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"path": args.model or "tiny-gemma3"},
+            "data": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length},
+            "mixture": {"languages": LANGS[: max(args.m, 2)] if args.m <= len(LANGS) else LANGS, "m": args.m},
+            "loss": {"name": "dpo", "beta": args.beta},
+            "mlc": {"weight": 0.8, "layer": 0.5, "d": args.d, "every_k": 2},
+            "optim": {"lr": args.lr, "micro_batch": args.pairs, "grad_accum": 1, "clip": 1.0, "schedule": "constant"},
+            "seed": args.seed,
+        }
+    )
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if samples.height < steps * args.pairs:
-        raise SystemExit(f"{samples.height} pairs cannot fill {steps} steps of {args.pairs} pairs; lower --steps/--pairs")
+        raise SystemExit(
+            f"{samples.height} pairs cannot fill {steps} steps of {args.pairs} pairs; lower --steps/--pairs"
+        )
     rows = samples.head(steps * args.pairs).to_dicts()
 
     tok = _tokenizer(args)
@@ -161,10 +165,19 @@ def run_steps(args) -> dict:
     collator = make_collator(cfg, tok)
     batches = []
     for i in range(steps):
-        chunk = rows[i * args.pairs:(i + 1) * args.pairs]
-        batch = collator([{"group_id": r["group_id"], "prompt": r["prompt"], "chosen": r["chosen"],
-                           "rejected": r["rejected"], "variants": list(zip(r["variant_langs"], r["variant_texts"]))}
-                          for r in chunk])
+        chunk = rows[i * args.pairs : (i + 1) * args.pairs]
+        batch = collator(
+            [
+                {
+                    "group_id": r["group_id"],
+                    "prompt": r["prompt"],
+                    "chosen": r["chosen"],
+                    "rejected": r["rejected"],
+                    "variants": list(zip(r["variant_langs"], r["variant_texts"])),
+                }
+                for r in chunk
+            ]
+        )
         batches.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     t0 = time.perf_counter()
@@ -206,29 +219,59 @@ def run_steps(args) -> dict:
         vals = {k: _scalar(v) for k, v in metrics.items()}  # what the worker logs every step
         _sync(device)
         t_d, c_d = time.perf_counter(), time.process_time()
-        return {"step_s": t_d - t_a, "cpu_s": c_d - c_a, "fwd_s": t_b - t_a, "bwd_s": t_c - t_b, "opt_s": t_d - t_c,
-                "tokens": int(b["attention_mask"][: 2 * int(b["n_pairs"])].sum()), "loss": vals["loss/total"],
-                "rows": int(b["input_ids"].shape[0]) if mlc else 2 * int(b["n_pairs"]),
-                "width": int(b["input_ids"].shape[1]) if mlc else answer_width[i]}
+        return {
+            "step_s": t_d - t_a,
+            "cpu_s": c_d - c_a,
+            "fwd_s": t_b - t_a,
+            "bwd_s": t_c - t_b,
+            "opt_s": t_d - t_c,
+            "tokens": int(b["attention_mask"][: 2 * int(b["n_pairs"])].sum()),
+            "loss": vals["loss/total"],
+            "rows": int(b["input_ids"].shape[0]) if mlc else 2 * int(b["n_pairs"]),
+            "width": int(b["input_ids"].shape[1]) if mlc else answer_width[i],
+        }
 
     # ---- TRL: the same English pairs in the same order
     conversational = collator.use_chat_template
     if conversational:
-        data = {"prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
-                "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
-                "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows]}
+        data = {
+            "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
+            "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
+            "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
+        }
     else:
         data = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
     out_dir = tempfile.mkdtemp(prefix="raysafe-bench-trl-")
     dpo_args = trl.DPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1, max_steps=steps,
-        num_train_epochs=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=args.beta, loss_type=["sigmoid"], max_length=args.max_length,
-        precompute_ref_log_probs=True, precompute_ref_batch_size=args.pairs, gradient_checkpointing=False,
+        output_dir=out_dir,
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=args.beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=args.pairs,
+        gradient_checkpointing=False,
         activation_checkpointing=False,
-        bf16=bf16, fp16=False, use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
-        logging_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="sequential", seed=args.seed, **({"optim": args.trl_optim} if args.trl_optim else {}),
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device.type == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        seed=args.seed,
+        **({"optim": args.trl_optim} if args.trl_optim else {}),
     )
     step_tokens: list[int] = []
     step_shapes: list[tuple[int, int]] = []
@@ -260,44 +303,80 @@ def run_steps(args) -> dict:
             t = self.t + [time.perf_counter()]
             cpu = time.process_time() - self.c
             i = state.global_step - 1
-            series["trl"].append({"step_s": t[-1] - t[0], "cpu_s": cpu, "fwd_bwd_s": t[1] - t[0], "opt_s": t[-1] - t[1],
-                                  "tokens": step_tokens[-1], "rows": step_shapes[-1][0], "width": step_shapes[-1][1]})
+            series["trl"].append(
+                {
+                    "step_s": t[-1] - t[0],
+                    "cpu_s": cpu,
+                    "fwd_bwd_s": t[1] - t[0],
+                    "opt_s": t[-1] - t[1],
+                    "tokens": step_tokens[-1],
+                    "rows": step_shapes[-1][0],
+                    "width": step_shapes[-1][1],
+                }
+            )
             order = (False, True) if i % 2 == 0 else (True, False)
             for mlc in order:
                 series["dpo_mlc" if mlc else "dpo"].append(raysafe_step(i, mlc))
-            print(f"  step {i + 1}/{steps}: TRL {series['trl'][-1]['step_s']:.2f} s, raysafe DPO "
-                  f"{series['dpo'][-1]['step_s']:.2f} s, DPO+MLC {series['dpo_mlc'][-1]['step_s']:.2f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  step {i + 1}/{steps}: TRL {series['trl'][-1]['step_s']:.2f} s, raysafe DPO "
+                f"{series['dpo'][-1]['step_s']:.2f} s, DPO+MLC {series['dpo_mlc'][-1]['step_s']:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     t0 = time.perf_counter()
-    trainer = CountingDPOTrainer(model=trl_policy, args=dpo_args, train_dataset=Dataset.from_dict(data),
-                                 processing_class=tok, callbacks=[Interleave()])
+    trainer = CountingDPOTrainer(
+        model=trl_policy,
+        args=dpo_args,
+        train_dataset=Dataset.from_dict(data),
+        processing_class=tok,
+        callbacks=[Interleave()],
+    )
     trl_init_s = time.perf_counter() - t0
     optim_name = str(getattr(trainer.args.optim, "value", trainer.args.optim))
     trl_checkpointing = bool(getattr(trainer.model, "is_activation_checkpointing", False))
     trainer.train()
 
     def summary(name: str) -> dict:
-        xs = series[name][args.warmup:]
+        xs = series[name][args.warmup :]
         total_s = sum(x["step_s"] for x in xs)
         total_tok = sum(x["tokens"] for x in xs)
-        s = {"step_s_median": statistics.median(x["step_s"] for x in xs), "tokens_per_step": total_tok / len(xs),
-             "tokens_per_s": total_tok / total_s, "steps": len(xs), "per_step": series[name],
-             "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
-             "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs)}
+        s = {
+            "step_s_median": statistics.median(x["step_s"] for x in xs),
+            "tokens_per_step": total_tok / len(xs),
+            "tokens_per_s": total_tok / total_s,
+            "steps": len(xs),
+            "per_step": series[name],
+            "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
+            "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs),
+        }
         for k in ("fwd_s", "bwd_s", "opt_s", "fwd_bwd_s"):
             if k in xs[0]:
                 s[k + "_median"] = statistics.median(x[k] for x in xs)
         if "rows" in xs[0]:
-            s["rows_x_width"] = f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
+            s["rows_x_width"] = (
+                f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
+            )
         return s
 
     report = {
-        "model": label, "params": _n_params(policy), "mlc_layer": layer, "device": str(device),
-        "precision": "bf16 autocast" if bf16 else "fp32", "threads": torch.get_num_threads(),
-        "load_s": load_s, "raysafe_reference_pass_s": ref_s, "trl_init_s (incl. tokenising + reference pass)": trl_init_s,
-        "trl": {"version": trl.__version__, "optim": optim_name, "precompute_ref_log_probs": True,
-                "gradient_checkpointing": trl_checkpointing, "report_to": "none", "sampling": "sequential"},
+        "model": label,
+        "params": _n_params(policy),
+        "mlc_layer": layer,
+        "device": str(device),
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "threads": torch.get_num_threads(),
+        "load_s": load_s,
+        "raysafe_reference_pass_s": ref_s,
+        "trl_init_s (incl. tokenising + reference pass)": trl_init_s,
+        "trl": {
+            "version": trl.__version__,
+            "optim": optim_name,
+            "precompute_ref_log_probs": True,
+            "gradient_checkpointing": trl_checkpointing,
+            "report_to": "none",
+            "sampling": "sequential",
+        },
         "raysafe_optim": "torch.optim.AdamW (defaults) + clip_grad_norm_(1.0), no DeepSpeed",
         "series": {k: summary(k) for k in series},
     }
@@ -380,20 +459,27 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
     res: dict[str, float] = {}
     with autocast:
         res["DPO step forward+backward (answer rows)"] = timed(
-            lambda: module(b, refs[0][0], refs[0][1], False)[0].backward())
+            lambda: module(b, refs[0][0], refs[0][1], False)[0].backward()
+        )
         res["DPO+MLC step forward+backward (today: one pass over all rows)"] = timed(
-            lambda: module(b, refs[0][0], refs[0][1], True)[0].backward())
+            lambda: module(b, refs[0][0], refs[0][1], True)[0].backward()
+        )
         res["  decoder only, all rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(None), False).float().pow(2).mean().backward())
+            lambda: rows_pass(slice(None), False).float().pow(2).mean().backward()
+        )
         res["  decoder only, answer rows, full depth, own width"] = timed(
-            lambda: rows_pass(slice(0, resp), True).float().pow(2).mean().backward())
+            lambda: rows_pass(slice(0, resp), True).float().pow(2).mean().backward()
+        )
         res["  decoder only, variant rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(resp, None), False).float().pow(2).mean().backward())
+            lambda: rows_pass(slice(resp, None), False).float().pow(2).mean().backward()
+        )
         res["  variant rows to layer L, own width + MLC term"] = timed(
-            lambda: mlc_term(variant_hidden(True, True)).backward())
+            lambda: mlc_term(variant_hidden(True, True)).backward()
+        )
         pooled = variant_hidden(False, False).detach()
         res["  MLC term alone (head + loss on pooled states)"] = timed(
-            lambda: mlc_term(pooled.clone().requires_grad_(True)).backward())
+            lambda: mlc_term(pooled.clone().requires_grad_(True)).backward()
+        )
         with torch.no_grad():
             today = policy_forward(policy, b, layer).variant_hidden.float()
             proposed = variant_hidden(True, True).float()
@@ -440,8 +526,17 @@ def measured_train_loop(config: dict) -> None:
     finally:
         ray.train.report = original
         out = Path(config["cfg"]["checkpoint"]["storage_path"]) / f"bench_memory_rank{rank}.json"
-        out.write_text(json.dumps({"rank": rank, "baseline_rss_mb": baseline_mb, "memory_mb": per_step,
-                                   "peak_rss_mb_at_step": peak_at_step, "peak_rss_mb": _status_kib("VmHWM:") / 1024}))
+        out.write_text(
+            json.dumps(
+                {
+                    "rank": rank,
+                    "baseline_rss_mb": baseline_mb,
+                    "memory_mb": per_step,
+                    "peak_rss_mb_at_step": peak_at_step,
+                    "peak_rss_mb": _status_kib("VmHWM:") / 1024,
+                }
+            )
+        )
 
 
 def run_memory(args) -> dict:
@@ -458,7 +553,9 @@ def run_memory(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="raysafe-bench-mem-"))
     model_dir = save_tiny(work / "model", "llama", hidden=args.mem_hidden, num_layers=args.mem_layers)
     with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(tiny_config("llama", hidden=args.mem_hidden, num_layers=args.mem_layers))
+        meta = AutoModelForCausalLM.from_config(
+            tiny_config("llama", hidden=args.mem_hidden, num_layers=args.mem_layers)
+        )
     # MLC head width: small enough that ZeRO-3 keeps the head whole (hidden·d + d below DeepSpeed's
     # stage3_param_persistence_threshold of 1e4 set by raysafe.train.ds_config). A partitioned head fails when the
     # final checkpoint is written (raysafe.train.checkpoint.save_hf loads the gathered head weights into the
@@ -474,36 +571,62 @@ def run_memory(args) -> dict:
         for stage in args.mem_stages:
             storage = work / f"zero{stage}"
             storage.mkdir()
-            cfg = TrainConfig.model_validate({
-                "model": {"path": str(model_dir), "name": "tiny-llama"},
-                "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
-                "mixture": {"languages": LANGS, "m": 4},
-                "loss": {"name": "dpo", "beta": 0.1},
-                "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
-                "optim": {"lr": 1e-4, "epochs": 1, "micro_batch": 1, "grad_accum": 1, "max_steps": args.mem_steps,
-                          "warmup_ratio": 0.0},
-                "deepspeed": {"zero_stage": stage},
-                "checkpoint": {"every_n_steps": 10**6, "storage_path": str(storage), "max_failures": 0,
-                               "name": f"bench-zero{stage}"},
-                "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
-                "tracking": {"enabled": False},
-                "seed": args.seed,
-            })
+            cfg = TrainConfig.model_validate(
+                {
+                    "model": {"path": str(model_dir), "name": "tiny-llama"},
+                    "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
+                    "mixture": {"languages": LANGS, "m": 4},
+                    "loss": {"name": "dpo", "beta": 0.1},
+                    "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
+                    "optim": {
+                        "lr": 1e-4,
+                        "epochs": 1,
+                        "micro_batch": 1,
+                        "grad_accum": 1,
+                        "max_steps": args.mem_steps,
+                        "warmup_ratio": 0.0,
+                    },
+                    "deepspeed": {"zero_stage": stage},
+                    "checkpoint": {
+                        "every_n_steps": 10**6,
+                        "storage_path": str(storage),
+                        "max_failures": 0,
+                        "name": f"bench-zero{stage}",
+                    },
+                    "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
+                    "tracking": {"enabled": False},
+                    "seed": args.seed,
+                }
+            )
             t0 = time.perf_counter()
             res = flow.run_train(cfg, progress=False)
             wall = time.perf_counter() - t0
             workers = [json.loads((storage / f"bench_memory_rank{r}.json").read_text()) for r in range(n)]
-            stages[stage] = {"steps": res.steps, "wall_s": wall, "workers": workers,
-                             "rank0_final_memory_mb": res.metrics.get("memory_mb"),
-                             "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20}
-            print(f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
-                  f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB", file=sys.stderr, flush=True)
+            stages[stage] = {
+                "steps": res.steps,
+                "wall_s": wall,
+                "workers": workers,
+                "rank0_final_memory_mb": res.metrics.get("memory_mb"),
+                "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20,
+            }
+            print(
+                f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
+                f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         flow.train_loop = original
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    return {"model": f"tiny random Llama (hidden {args.mem_hidden}, {args.mem_layers} layers, byte vocabulary)",
-            "params": psi, "mlc_d": d, "workers": n, "max_length": args.mem_max_length, "stages": stages}
+    return {
+        "model": f"tiny random Llama (hidden {args.mem_hidden}, {args.mem_layers} layers, byte vocabulary)",
+        "params": psi,
+        "mlc_d": d,
+        "workers": n,
+        "max_length": args.mem_max_length,
+        "stages": stages,
+    }
 
 
 def expected_state_bytes(stage: int, psi: int, n: int) -> float:
@@ -522,16 +645,26 @@ EXPECTED_FORMULA = {0: "16Ψ", 1: "8Ψ + 12Ψ/N", 2: "4Ψ + 16Ψ/N", 3: "20Ψ/N"
 
 # ------------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     g = p.add_argument_group("model and data (parts 1 and 2)")
-    g.add_argument("--model", default=None,
-                   help="a model path or the packaged alias gemma3-270m\n(default: tiny random Gemma 3, see --hidden)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a model path or the packaged alias gemma3-270m\n(default: tiny random Gemma 3, see --hidden)",
+    )
     g.add_argument("--hidden", type=int, default=640, help="tiny model width (default 640, Gemma 3 270M)")
     g.add_argument("--layers", type=int, default=4, help="tiny model decoder layers (default 4)")
     g.add_argument("--vocab", type=int, default=262144, help="tiny model vocabulary (default 262144, Gemma 3)")
-    g.add_argument("--tokenizer", choices=["gemma3", "byte"], default="gemma3",
-                   help="tokenizer of the tiny model: the packaged Gemma 3 one (default) or the byte-level one")
+    g.add_argument(
+        "--tokenizer",
+        choices=["gemma3", "byte"],
+        default="gemma3",
+        help="tokenizer of the tiny model: the packaged Gemma 3 one (default) or the byte-level one",
+    )
     g.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation (default sdpa)")
     g.add_argument("--pairs", type=int, default=2, help="preference pairs per step B (default 2)")
     g.add_argument("--m", type=int, default=10, help="prompt variants per pair (default 10)")
@@ -544,8 +677,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--steps", type=int, default=6, help="measured optimiser steps per series (default 6)")
     g.add_argument("--warmup", type=int, default=2, help="leading steps left out of the figures (default 2)")
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on cuda, fp32 on cpu; bf16 = autocast for both trainers")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 autocast on cuda, fp32 on cpu; bf16 = autocast for both trainers",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     g.add_argument("--trl-optim", default=None, help="TRL's optim (default: its own, adamw_torch_fused on torch>=2.8)")
     g.add_argument("--profile-mlc", action="store_true", help="also break the MLC step down into its pieces")
@@ -555,8 +692,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mem-layers", type=int, default=6, help="tiny Llama layers (default 6, about 57 M parameters)")
     g.add_argument("--mem-steps", type=int, default=3, help="optimiser steps per stage (default 3)")
     g.add_argument("--mem-max-length", type=int, default=96, help="max tokens per sequence (default 96)")
-    g.add_argument("--mem-stages", type=int, nargs="+", default=[0, 2, 3], choices=[0, 1, 2, 3],
-                   help="ZeRO stages (default 0 2 3)")
+    g.add_argument(
+        "--mem-stages", type=int, nargs="+", default=[0, 2, 3], choices=[0, 1, 2, 3], help="ZeRO stages (default 0 2 3)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--skip-steps", action="store_true", help="skip parts 1 and 2")
     p.add_argument("--skip-memory", action="store_true", help="skip part 3")
@@ -581,39 +719,59 @@ def _run_worker(name: str, argv: list[str]) -> dict:
 
 def _print_steps(r: dict, args) -> None:
     s = r["series"]
-    print(f"\n[1, 2] one optimiser step: {r['model']}, {r['params'] / 1e6:.1f} M trainable parameters; "
-          f"B={args.pairs} pairs, m={args.m}, MLC layer {r['mlc_layer']}, d={args.d}, max_length {args.max_length}")
-    print(f"       {r['device']} {r['precision']}, {r['threads']} threads; {s['trl']['steps']} measured steps after "
-          f"{args.warmup} warm-up, interleaved step by step (TRL, raysafe DPO, raysafe DPO+MLC on the same pairs)")
+    print(
+        f"\n[1, 2] one optimiser step: {r['model']}, {r['params'] / 1e6:.1f} M trainable parameters; "
+        f"B={args.pairs} pairs, m={args.m}, MLC layer {r['mlc_layer']}, d={args.d}, max_length {args.max_length}"
+    )
+    print(
+        f"       {r['device']} {r['precision']}, {r['threads']} threads; {s['trl']['steps']} measured steps after "
+        f"{args.warmup} warm-up, interleaved step by step (TRL, raysafe DPO, raysafe DPO+MLC on the same pairs)"
+    )
     t = r["trl"]
-    print(f"       TRL {t['version']} DPOTrainer: precompute_ref_log_probs=True, optim {t['optim']}, gradient "
-          f"checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, report_to none; raysafe: AlignModule + "
-          f"{r['raysafe_optim']}")
-    print(f"{'series':<28}{'rows x width':>13}{'step s':>9}{'fwd s':>8}{'bwd s':>8}{'optim s':>9}"
-          f"{'tok/step':>10}{'tokens/s':>10}{'CPU s':>8}{'tok/CPU s':>11}")
+    print(
+        f"       TRL {t['version']} DPOTrainer: precompute_ref_log_probs=True, optim {t['optim']}, gradient "
+        f"checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, report_to none; raysafe: AlignModule + "
+        f"{r['raysafe_optim']}"
+    )
+    print(
+        f"{'series':<28}{'rows x width':>13}{'step s':>9}{'fwd s':>8}{'bwd s':>8}{'optim s':>9}"
+        f"{'tok/step':>10}{'tokens/s':>10}{'CPU s':>8}{'tok/CPU s':>11}"
+    )
     names = {"trl": "TRL DPOTrainer (DPO)", "dpo": "raysafe DPO", "dpo_mlc": f"raysafe DPO + MLC (m={args.m})"}
     for k, label in names.items():
         x = s[k]
         fwd = f"{x['fwd_s_median']:.3f}" if "fwd_s_median" in x else f"{x['fwd_bwd_s_median']:.3f}*"
         bwd = f"{x['bwd_s_median']:.3f}" if "bwd_s_median" in x else "*"
-        print(f"{label:<28}{x.get('rows_x_width', ''):>13}{x['step_s_median']:>9.3f}{fwd:>8}{bwd:>8}"
-              f"{x['opt_s_median']:>9.3f}{x['tokens_per_step']:>10.0f}{x['tokens_per_s']:>10.1f}"
-              f"{x['cpu_s_median']:>8.2f}{x['tokens_per_cpu_s']:>11.1f}")
-    print("  (medians over the measured steps; tokens/s = all measured tokens / all measured step seconds; CPU s ="
-          " process CPU time of a step, all threads;\n   * TRL: forward + backward + clipping together; optim ="
-          " optimiser step + scheduler + zero_grad; raysafe bwd includes clipping)")
+        print(
+            f"{label:<28}{x.get('rows_x_width', ''):>13}{x['step_s_median']:>9.3f}{fwd:>8}{bwd:>8}"
+            f"{x['opt_s_median']:>9.3f}{x['tokens_per_step']:>10.0f}{x['tokens_per_s']:>10.1f}"
+            f"{x['cpu_s_median']:>8.2f}{x['tokens_per_cpu_s']:>11.1f}"
+        )
+    print(
+        "  (medians over the measured steps; tokens/s = all measured tokens / all measured step seconds; CPU s ="
+        " process CPU time of a step, all threads;\n   * TRL: forward + backward + clipping together; optim ="
+        " optimiser step + scheduler + zero_grad; raysafe bwd includes clipping)"
+    )
     ratio = s["dpo_mlc"]["step_s_median"] / s["dpo"]["step_s_median"]
-    print(f"ratio step time raysafe DPO+MLC / DPO = {ratio:.2f}x (aim <= 1.6x); with the paper's schedule (MLC every "
-          f"2nd step) {(1 + ratio) / 2:.2f}x")
-    print(f"ratio tokens/s raysafe DPO / TRL = {s['dpo']['tokens_per_s'] / s['trl']['tokens_per_s']:.2f}x (aim >= 1x);"
-          f" raysafe DPO+MLC / TRL = {s['dpo_mlc']['tokens_per_s'] / s['trl']['tokens_per_s']:.2f}x")
-    print(f"  same ratios on CPU time (less sensitive to other load): step DPO+MLC / DPO = "
-          f"{s['dpo_mlc']['cpu_s_median'] / s['dpo']['cpu_s_median']:.2f}x; tokens per CPU-second raysafe DPO / TRL"
-          f" = {s['dpo']['tokens_per_cpu_s'] / s['trl']['tokens_per_cpu_s']:.2f}x, DPO+MLC / TRL = "
-          f"{s['dpo_mlc']['tokens_per_cpu_s'] / s['trl']['tokens_per_cpu_s']:.2f}x")
-    print(f"  (set-up, not timed above: model {r['load_s']:.1f} s, raysafe reference pass "
-          f"{r['raysafe_reference_pass_s']:.1f} s, TRL init incl. tokenising + reference pass "
-          f"{r['trl_init_s (incl. tokenising + reference pass)']:.1f} s)")
+    print(
+        f"ratio step time raysafe DPO+MLC / DPO = {ratio:.2f}x (aim <= 1.6x); with the paper's schedule (MLC every "
+        f"2nd step) {(1 + ratio) / 2:.2f}x"
+    )
+    print(
+        f"ratio tokens/s raysafe DPO / TRL = {s['dpo']['tokens_per_s'] / s['trl']['tokens_per_s']:.2f}x (aim >= 1x);"
+        f" raysafe DPO+MLC / TRL = {s['dpo_mlc']['tokens_per_s'] / s['trl']['tokens_per_s']:.2f}x"
+    )
+    print(
+        f"  same ratios on CPU time (less sensitive to other load): step DPO+MLC / DPO = "
+        f"{s['dpo_mlc']['cpu_s_median'] / s['dpo']['cpu_s_median']:.2f}x; tokens per CPU-second raysafe DPO / TRL"
+        f" = {s['dpo']['tokens_per_cpu_s'] / s['trl']['tokens_per_cpu_s']:.2f}x, DPO+MLC / TRL = "
+        f"{s['dpo_mlc']['tokens_per_cpu_s'] / s['trl']['tokens_per_cpu_s']:.2f}x"
+    )
+    print(
+        f"  (set-up, not timed above: model {r['load_s']:.1f} s, raysafe reference pass "
+        f"{r['raysafe_reference_pass_s']:.1f} s, TRL init incl. tokenising + reference pass "
+        f"{r['trl_init_s (incl. tokenising + reference pass)']:.1f} s)"
+    )
     if "profile_mlc" in r:
         print("\nMLC step breakdown (first batch, forward + backward, median s):")
         for k, v in r["profile_mlc"].items():
@@ -622,24 +780,32 @@ def _print_steps(r: dict, args) -> None:
 
 def _print_memory(r: dict) -> None:
     psi = r["params"]
-    print(f"\n[3] memory per worker: run_train, {r['model']}, Ψ = {psi / 1e6:.1f} M trainable parameters, "
-          f"{r['workers']} CPU workers (fp32), DPO + MLC (m=4, d={r.get('mlc_d')}), max_length {r['max_length']}")
-    print(f"{'ZeRO':<6}{'expected states/worker':>24}{'RSS before model':>18}{'memory_mb per step':>34}"
-          f"{'peak in training':>18}{'peak at end':>14}{'step RSS - before':>19}")
+    print(
+        f"\n[3] memory per worker: run_train, {r['model']}, Ψ = {psi / 1e6:.1f} M trainable parameters, "
+        f"{r['workers']} CPU workers (fp32), DPO + MLC (m=4, d={r.get('mlc_d')}), max_length {r['max_length']}"
+    )
+    print(
+        f"{'ZeRO':<6}{'expected states/worker':>24}{'RSS before model':>18}{'memory_mb per step':>34}"
+        f"{'peak in training':>18}{'peak at end':>14}{'step RSS - before':>19}"
+    )
     for stage, x in sorted(r["stages"].items(), key=lambda kv: int(kv[0])):
         ws = x["workers"]
         exp = f"{EXPECTED_FORMULA[int(stage)]} = {x['expected_state_mb']:.0f}"
         before = " | ".join(f"{w['baseline_rss_mb']:.0f}" for w in ws)
         steps = " | ".join(",".join(f"{v:.0f}" for v in w["memory_mb"]) for w in ws)
         # the last step's report comes after the final checkpoint was written: peak before it = training only
-        train_peak = " | ".join(f"{(w['peak_rss_mb_at_step'][-2] if len(w['peak_rss_mb_at_step']) > 1 else w['peak_rss_mb']):.0f}"
-                                for w in ws)
+        train_peak = " | ".join(
+            f"{(w['peak_rss_mb_at_step'][-2] if len(w['peak_rss_mb_at_step']) > 1 else w['peak_rss_mb']):.0f}"
+            for w in ws
+        )
         peak = " | ".join(f"{w['peak_rss_mb']:.0f}" for w in ws)
         growth = " | ".join(f"{statistics.median(w['memory_mb']) - w['baseline_rss_mb']:.0f}" for w in ws)
         print(f"{stage:<6}{exp:>24}{before:>18}{steps:>34}{train_peak:>18}{peak:>14}{growth:>19}")
-    print("  (MiB, rank 0 | rank 1. memory_mb = RSS after each optimiser step as the worker reports it; peak in "
-          "training = VmHWM\n   before the final checkpoint; step RSS - before = median memory_mb minus the RSS "
-          "before the model was loaded.\n   RSS also holds activations, DeepSpeed's buffers and allocator slack.)")
+    print(
+        "  (MiB, rank 0 | rank 1. memory_mb = RSS after each optimiser step as the worker reports it; peak in "
+        "training = VmHWM\n   before the final checkpoint; step RSS - before = median memory_mb minus the RSS "
+        "before the model was loaded.\n   RSS also holds activations, DeepSpeed's buffers and allocator slack.)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -651,8 +817,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     child = []  # the parts get their own --json
     skip = False
     for a in argv:
@@ -660,8 +828,10 @@ def main(argv: list[str] | None = None) -> int:
             skip = a == "--json"
             continue
         child.append(a)
-    report: dict[str, object] = {"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                 "load_average_start": os.getloadavg()}
+    report: dict[str, object] = {
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "load_average_start": os.getloadavg(),
+    }
     if not args.skip_steps:
         report["steps"] = _run_worker("steps", child)
         _print_steps(report["steps"], args)

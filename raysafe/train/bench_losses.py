@@ -236,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         both = _run_worker("step-dpo-mlc", argv)
         term = _run_worker("mlc-term", argv)
         print(f"{'step':<34}{'rows x width':>14}{'peak MiB':>10}{'time s':>10}")
-        print(f"{'DPO only (answer rows)':<34}{dpo['rows']:>7} x {dpo['width']:<4}{dpo['peak_mib']:>10.0f}"
-              f"{dpo['time_s']:>10.3f}")
-        print(f"{'DPO + MLC (answer + variant rows)':<34}{both['rows']:>7} x {both['width']:<4}"
-              f"{both['peak_mib']:>10.0f}{both['time_s']:>10.3f}")
+        print(
+            f"{'DPO only (answer rows)':<34}{dpo['rows']:>7} x {dpo['width']:<4}{dpo['peak_mib']:>10.0f}"
+            f"{dpo['time_s']:>10.3f}"
+        )
+        print(
+            f"{'DPO + MLC (answer + variant rows)':<34}{both['rows']:>7} x {both['width']:<4}"
+            f"{both['peak_mib']:>10.0f}{both['time_s']:>10.3f}"
+        )
         print(f"{'MLC term alone (head + loss)':<34}{'':>14}{term['peak_mib']:>10.1f}{term['time_s']:>10.4f}")
         print(
             f"ratio: DPO+MLC step / DPO step = {both['time_s'] / dpo['time_s']:.2f}x time,"

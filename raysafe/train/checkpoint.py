@@ -84,7 +84,9 @@ def save_hf(policy: nn.Module, head, tok, state_dict: dict | None, out: Path) ->
 
         merged = copy.deepcopy(policy)
         if state_dict is not None:
-            merged.load_state_dict({k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")})
+            merged.load_state_dict(
+                {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+            )
         target, state_dict = merged.merge_and_unload(), None
     if state_dict is not None:
         sd = {k.removeprefix("policy."): v.detach().cpu() for k, v in state_dict.items() if k.startswith("policy.")}
@@ -100,8 +102,18 @@ def save_hf(policy: nn.Module, head, tok, state_dict: dict | None, out: Path) ->
         head.save(out)
 
 
-def write_checkpoint(engine, module, tok, cfg, step: int, record: list, metrics: dict, rank: int, probe: dict,
-                     expected: dict[str, torch.Tensor]) -> None:
+def write_checkpoint(
+    engine,
+    module,
+    tok,
+    cfg,
+    step: int,
+    record: list,
+    metrics: dict,
+    rank: int,
+    probe: dict,
+    expected: dict[str, torch.Tensor],
+) -> None:
     """Every rank saves its DeepSpeed shard; rank 0 adds the HF directory, the trainer state and the probe; then
     ``ray.train.report(checkpoint=...)`` persists the union of the ranks' files as one checkpoint."""
     import ray.train
@@ -117,8 +129,18 @@ def write_checkpoint(engine, module, tok, cfg, step: int, record: list, metrics:
     if rank == 0:
         save_hf(module.policy, module.head, tok, state_dict, tmp / HF_DIR)
         save_probe(tmp / PROBE_FILE, probe, expected)
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "record": record, "model": cfg.model.label,
-                                                  "model_path": cfg.model.path, "metrics": metrics}, default=float))
+        (tmp / STATE_FILE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "record": record,
+                    "model": cfg.model.label,
+                    "model_path": cfg.model.path,
+                    "metrics": metrics,
+                },
+                default=float,
+            )
+        )
     if dist.is_initialized():
         dist.barrier()
     ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=Checkpoint.from_directory(str(tmp)))

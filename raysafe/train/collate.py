@@ -116,7 +116,9 @@ class PreferenceCollator:
                 f"max_prompt_length must be >= 1 or None, got {max_prompt_length}", where="collate.max_prompt_length"
             )
         if on_overflow not in ("error", "skip"):
-            raise ConfigError(f"on_overflow must be 'error' or 'skip', got {on_overflow!r}", where="collate.on_overflow")
+            raise ConfigError(
+                f"on_overflow must be 'error' or 'skip', got {on_overflow!r}", where="collate.on_overflow"
+            )
         side = padding_side or tokenizer.padding_side
         if side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', got {side!r}", where="collate.padding_side")
@@ -184,13 +186,17 @@ class PreferenceCollator:
         group_id = str(gid.item() if hasattr(gid, "item") else gid) if gid is not None else "<missing>"
         missing = [f for f in REQUIRED_FIELDS if f not in sample or sample[f] is None]
         if missing:
-            raise DataError(f"sample lacks field(s) {missing}", where=f"group_id={group_id}", fix=f"need {REQUIRED_FIELDS}")
+            raise DataError(
+                f"sample lacks field(s) {missing}", where=f"group_id={group_id}", fix=f"need {REQUIRED_FIELDS}"
+            )
         prompt = _text(sample["prompt"], group_id, "prompt")
         chosen = _text(sample["chosen"], group_id, "chosen")
         rejected = _text(sample["rejected"], group_id, "rejected")
         raw = sample["variants"]
         if isinstance(raw, (str, Mapping)) or not hasattr(raw, "__len__"):
-            raise DataError("field 'variants' must be a list of (lang, text)", where=f"group_id={group_id}, field=variants")
+            raise DataError(
+                "field 'variants' must be a list of (lang, text)", where=f"group_id={group_id}, field=variants"
+            )
         variants = [_variant(v, group_id, i) for i, v in enumerate(raw)]
         if len(variants) < 2:
             raise DataError(

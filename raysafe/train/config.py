@@ -136,7 +136,9 @@ class CheckpointSpec(Strict):
     every_n_steps: int = Field(50, ge=1)
     keep: int = Field(2, ge=1)
     storage_path: str = Field("outputs/train", description="Ray Train storage (shared path or s3:// URI)")
-    name: str | None = Field(None, description="run directory name under storage_path (default: derived from the model)")
+    name: str | None = Field(
+        None, description="run directory name under storage_path (default: derived from the model)"
+    )
     resume_from: str | None = Field(None, description="a checkpoint directory to start from, or 'latest' in this run")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
 
@@ -169,5 +171,3 @@ class TrainConfig(Strict):
     seed: int = 0
 
     _switch = field_validator("precompute_reference", mode="before")(classmethod(lambda cls, v: on_off(v)))
-
-

@@ -20,8 +20,9 @@ def build_mixture(spec: MixtureSpec, seed: int) -> LanguageMixture:
     if spec.preset == "dominant_balanced":
         dominant = spec.dominant or spec.anchor
         rest = [lang for lang in spec.languages if lang != dominant]
-        return LanguageMixture.dominant_balanced(dominant, rest, spec.dominant_share, m=spec.m,
-                                                 always_include_anchor=True, seed=seed)
+        return LanguageMixture.dominant_balanced(
+            dominant, rest, spec.dominant_share, m=spec.m, always_include_anchor=True, seed=seed
+        )
     return LanguageMixture(spec.languages, spec.weights, m=spec.m, anchor=spec.anchor, seed=seed)
 
 
@@ -58,10 +59,16 @@ def load_samples(data: TrainDataSpec, mixture_spec: MixtureSpec, seed: int) -> p
                 fix="add the missing variants, drop the language from mixture.languages, or remove the pair",
             )
         chosen_langs = mixture.choose(avail, rng, group_id=r["group_id"])
-        rows.append({
-            "group_id": r["group_id"], "prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
-            "variant_langs": list(chosen_langs), "variant_texts": [avail[lang] for lang in chosen_langs],
-        })
+        rows.append(
+            {
+                "group_id": r["group_id"],
+                "prompt": r["prompt"],
+                "chosen": r["chosen"],
+                "rejected": r["rejected"],
+                "variant_langs": list(chosen_langs),
+                "variant_texts": [avail[lang] for lang in chosen_langs],
+            }
+        )
     return pl.DataFrame(rows).with_row_index("sample_idx").with_columns(pl.col("sample_idx").cast(pl.Int64))
 
 
@@ -71,19 +78,24 @@ def epoch_order(n: int, epochs: int, seed: int) -> pl.DataFrame:
     for e in range(epochs):
         perm = np.random.default_rng(seed * 1000 + e).permutation(n)
         frames.append(pl.DataFrame({"epoch": np.full(n, e), "pos": np.arange(e * n, (e + 1) * n), "sample_idx": perm}))
-    return pl.concat(frames).with_columns(pl.col("epoch").cast(pl.Int64), pl.col("pos").cast(pl.Int64),
-                                          pl.col("sample_idx").cast(pl.Int64))
+    return pl.concat(frames).with_columns(
+        pl.col("epoch").cast(pl.Int64), pl.col("pos").cast(pl.Int64), pl.col("sample_idx").cast(pl.Int64)
+    )
 
 
 def to_collator_samples(batch: dict) -> list[dict]:
     """Ray Data columnar batch → the collator's sample dicts."""
     out = []
     for i in range(len(batch["group_id"])):
-        out.append({
-            "group_id": str(batch["group_id"][i]),
-            "prompt": str(batch["prompt"][i]),
-            "chosen": str(batch["chosen"][i]),
-            "rejected": str(batch["rejected"][i]),
-            "variants": list(zip([str(x) for x in batch["variant_langs"][i]], [str(x) for x in batch["variant_texts"][i]])),
-        })
+        out.append(
+            {
+                "group_id": str(batch["group_id"][i]),
+                "prompt": str(batch["prompt"][i]),
+                "chosen": str(batch["chosen"][i]),
+                "rejected": str(batch["rejected"][i]),
+                "variants": list(
+                    zip([str(x) for x in batch["variant_langs"][i]], [str(x) for x in batch["variant_texts"][i]])
+                ),
+            }
+        )
     return out

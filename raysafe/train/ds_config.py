@@ -22,25 +22,38 @@ def check_hardware(spec: DeepSpeedSpec, on_gpu: bool, lora: bool) -> None:
     """Raise ConfigError for ZeRO/offload/precision settings that cannot work on this hardware."""
     where = "deepspeed"
     if spec.offload_params and spec.zero_stage != 3:
-        raise ConfigError(f"parameter offload needs ZeRO stage 3, got stage {spec.zero_stage}", where=f"{where}.offload_params",
-                          fix="set deepspeed.zero_stage=3 or deepspeed.offload_params=false")
+        raise ConfigError(
+            f"parameter offload needs ZeRO stage 3, got stage {spec.zero_stage}",
+            where=f"{where}.offload_params",
+            fix="set deepspeed.zero_stage=3 or deepspeed.offload_params=false",
+        )
     if (spec.offload_optimizer or spec.offload_params) and spec.zero_stage == 0:
-        raise ConfigError("offload needs ZeRO stage >= 1", where=f"{where}.offload_optimizer", fix="raise deepspeed.zero_stage")
+        raise ConfigError(
+            "offload needs ZeRO stage >= 1", where=f"{where}.offload_optimizer", fix="raise deepspeed.zero_stage"
+        )
     if (spec.offload_optimizer or spec.offload_params) and not on_gpu:
-        raise ConfigError("offload moves state from GPU to CPU memory; these workers run on the CPU already",
-                          where=f"{where}.offload_optimizer / offload_params",
-                          fix="turn offload off on CPU workers, or set ray.use_gpu=true on a GPU cluster")
+        raise ConfigError(
+            "offload moves state from GPU to CPU memory; these workers run on the CPU already",
+            where=f"{where}.offload_optimizer / offload_params",
+            fix="turn offload off on CPU workers, or set ray.use_gpu=true on a GPU cluster",
+        )
     if spec.precision == "bf16" and not on_gpu:
-        raise ConfigError("bf16 training is set but the workers have no GPU", where=f"{where}.precision",
-                          fix="use precision auto or fp32 on CPU workers")
+        raise ConfigError(
+            "bf16 training is set but the workers have no GPU",
+            where=f"{where}.precision",
+            fix="use precision auto or fp32 on CPU workers",
+        )
     if on_gpu and spec.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16", where=f"{where}.precision", fix="use precision fp32")
     if spec.offload_optimizer:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
         if not CPUAdamBuilder().is_compatible(verbose=False):
-            raise ConfigError("optimizer offload needs DeepSpeed's CPU Adam op, which cannot be built here",
-                              where=f"{where}.offload_optimizer", fix="install a compiler toolchain, or turn offload off")
+            raise ConfigError(
+                "optimizer offload needs DeepSpeed's CPU Adam op, which cannot be built here",
+                where=f"{where}.offload_optimizer",
+                fix="install a compiler toolchain, or turn offload off",
+            )
 
 
 def deepspeed_config(spec: DeepSpeedSpec, optim: OptimSpec, on_gpu: bool) -> dict:
@@ -49,8 +62,11 @@ def deepspeed_config(spec: DeepSpeedSpec, optim: OptimSpec, on_gpu: bool) -> dic
     if spec.zero_stage >= 2:
         zero.update(overlap_comm=on_gpu, contiguous_gradients=True, reduce_bucket_size=spec.reduce_bucket_size)
     if spec.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=1e4,
-                    stage3_prefetch_bucket_size=spec.prefetch_bucket_size)
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            stage3_param_persistence_threshold=1e4,
+            stage3_prefetch_bucket_size=spec.prefetch_bucket_size,
+        )
     if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if spec.offload_params:

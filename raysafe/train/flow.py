@@ -38,9 +38,11 @@ class TrainResult:
     mlflow_run_id: str | None
 
     def summary(self) -> str:
-        lines = [f"trained {self.steps} steps; final loss {self.metrics.get('loss/total', float('nan')):.4f}",
-                 f"checkpoint: {self.checkpoint_dir}",
-                 f"model (Hugging Face dir, usable as a model path): {self.model_dir}"]
+        lines = [
+            f"trained {self.steps} steps; final loss {self.metrics.get('loss/total', float('nan')):.4f}",
+            f"checkpoint: {self.checkpoint_dir}",
+            f"model (Hugging Face dir, usable as a model path): {self.model_dir}",
+        ]
         if self.mlflow_run_id:
             lines.append(f"MLflow run {self.mlflow_run_id}")
         return "\n".join(lines)
@@ -61,8 +63,11 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     p = Path(path)
     state = p / STATE_FILE
     if not state.exists():
-        raise OutputError(f"{p} is not a raysafe training checkpoint (no {STATE_FILE})", where="checkpoint.resume_from",
-                          fix="give a checkpoint directory written by `raysafe train` (.../checkpoint_*)")
+        raise OutputError(
+            f"{p} is not a raysafe training checkpoint (no {STATE_FILE})",
+            where="checkpoint.resume_from",
+            fix="give a checkpoint directory written by `raysafe train` (.../checkpoint_*)",
+        )
     info = json.loads(state.read_text())
     if info.get("model_path") != cfg.model.path:
         raise OutputError(
@@ -81,7 +86,9 @@ def model_depth(cfg: TrainConfig) -> int:
     from raysafe.models.loading import resolve
 
     resolved = resolve(cfg.model)
-    hf = AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code)
+    hf = AutoConfig.from_pretrained(
+        resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     return int(text_config(hf).num_hidden_layers)
 
 
@@ -94,16 +101,24 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
         import ray
 
         if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
-            raise ConfigError(f"ray.use_gpu is set but the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs for "
-                              f"{cfg.ray.num_workers} workers", where="ray.use_gpu", fix="lower ray.num_workers or add GPUs")
+            raise ConfigError(
+                f"ray.use_gpu is set but the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs for "
+                f"{cfg.ray.num_workers} workers",
+                where="ray.use_gpu",
+                fix="lower ray.num_workers or add GPUs",
+            )
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if cfg.mlc.weight > 0:
         cfg.mlc.resolve_layer(model_depth(cfg))
     resume = _check_resume(cfg)
     per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
     if samples.height < per_step:
-        raise ConfigError(f"{samples.height} training pairs cannot fill one optimiser step of {per_step} pairs "
-                          "(micro_batch x workers x grad_accum)", where="optim", fix="lower micro_batch or grad_accum")
+        raise ConfigError(
+            f"{samples.height} training pairs cannot fill one optimiser step of {per_step} pairs "
+            "(micro_batch x workers x grad_accum)",
+            where="optim",
+            fix="lower micro_batch or grad_accum",
+        )
     return samples, resume
 
 
@@ -130,7 +145,9 @@ def precompute_reference(cfg: TrainConfig, samples: pl.DataFrame) -> pl.DataFram
     )
     import pyarrow as pa
 
-    return pl.from_arrow(pa.concat_tables(ray.get(out.to_arrow_refs()))).select("sample_idx", "ref_chosen", "ref_rejected")
+    return pl.from_arrow(pa.concat_tables(ray.get(out.to_arrow_refs()))).select(
+        "sample_idx", "ref_chosen", "ref_rejected"
+    )
 
 
 def _reference_mode(cfg: TrainConfig) -> tuple[bool, bool]:
@@ -186,22 +203,35 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "total_steps": steps,
-                               "reference_on_worker": ref_on_worker,
-                               "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None, "mlflow_uri": uri},
-            scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                         resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-            run_config=RunConfig(name=name, storage_path=storage_path,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures)),
+            train_loop_config={
+                "cfg": cfg.model_dump(mode="json"),
+                "total_steps": steps,
+                "reference_on_worker": ref_on_worker,
+                "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
+                "mlflow_uri": uri,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.ray.num_workers,
+                use_gpu=cfg.ray.use_gpu,
+                resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            ),
             datasets={"train": ds},
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
             resume_from_checkpoint=Checkpoint.from_directory(resume) if resume else None,
         )
         result = trainer.fit()
         if result.checkpoint is None:
-            raise OutputError(f"training run {name} produced no checkpoint", where=storage_path,
-                              fix="look at the worker logs above; re-running resumes from the latest checkpoint")
+            raise OutputError(
+                f"training run {name} produced no checkpoint",
+                where=storage_path,
+                fix="look at the worker logs above; re-running resumes from the latest checkpoint",
+            )
         ckpt_dir = Path(result.checkpoint.path)
         state = json.loads((ckpt_dir / STATE_FILE).read_text())
         (ckpt_dir / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -210,5 +240,11 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
             tracking.log_artifact(ckpt_dir / STATE_FILE)
             tracking.log_artifact(ckpt_dir / "train_config.yaml")
-    return TrainResult(ckpt_dir, ckpt_dir / HF_DIR, state["step"], state["metrics"], state["record"],
-                       mlrun.info.run_id if mlrun is not None else None)
+    return TrainResult(
+        ckpt_dir,
+        ckpt_dir / HF_DIR,
+        state["step"],
+        state["metrics"],
+        state["record"],
+        mlrun.info.run_id if mlrun is not None else None,
+    )

@@ -158,9 +158,7 @@ def policy_forward(
     decoder = decoder_of(model)
     capture = _LayerCapture(decoder, mlc_layer) if mlc_layer is not None else None
     try:
-        out = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         if capture is not None:
             capture.remove()
@@ -181,9 +179,7 @@ def policy_forward(
     variant_hidden = None
     if capture is not None:
         assert capture.value is not None, "the layer hook did not fire"
-        pooled = pool_hidden(
-            capture.value[resp:], attention_mask[resp:], batch["variant_last_index"], pooling
-        )
+        pooled = pool_hidden(capture.value[resp:], attention_mask[resp:], batch["variant_last_index"], pooling)
         variant_hidden = pooled.reshape(n_pairs, m, -1)
     return ForwardOutput(chosen_logps, rejected_logps, chosen_ntok, rejected_ntok, chosen_nll_mean, variant_hidden)
 

@@ -62,8 +62,6 @@ def singular_values(z: torch.Tensor) -> torch.Tensor:
     return _SingularValues.apply(z)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------- the losses
 def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 1e-6, form: str = "released") -> LossOutput:
     """MLC loss of projected variant representations ``z [B, m, d]`` (m ≥ 2), averaged over the batch.
@@ -101,8 +99,6 @@ def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 1e-6, form: str = "
     return LossOutput(loss, metrics)
 
 
-
-
 def pairwise_cosine_loss(z: torch.Tensor) -> LossOutput:
     """Ablation baseline to MLC: ``1 − mean over items and distinct row pairs of cos(z_i, z_j)`` for ``z [B, m, d]``."""
     if z.dim() != 3 or z.shape[1] < 2:
@@ -116,8 +112,6 @@ def consistency_loss(z: torch.Tensor, config: MLCConfig) -> LossOutput:
     if config.kind == "mlc":
         return mlc_loss(z, tau=config.tau, eps=config.eps, form=config.form)
     return pairwise_cosine_loss(z)
-
-
 
 
 # ------------------------------------------------------------------------------------------------- head and config
@@ -187,5 +181,3 @@ class MLCSchedule:
     def active(self, step: int) -> bool:
         """Whether the MLC term is added at optimiser step ``step``."""
         return step % self.every_k == 0
-
-

@@ -32,5 +32,8 @@ class ReferenceStage:
         enc = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
         with torch.inference_mode():
             out = policy_forward(self.model, enc, None)
-        return {"sample_idx": batch["sample_idx"], "ref_chosen": out.chosen_logps.float().cpu().numpy(),
-                "ref_rejected": out.rejected_logps.float().cpu().numpy()}
+        return {
+            "sample_idx": batch["sample_idx"],
+            "ref_chosen": out.chosen_logps.float().cpu().numpy(),
+            "ref_rejected": out.rejected_logps.float().cpu().numpy(),
+        }

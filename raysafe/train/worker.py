@@ -39,14 +39,22 @@ class AlignModule(nn.Module):
         self.mlc: MLCConfig = cfg.mlc
         self.mlc_layer = mlc_layer
 
-    def forward(self, batch: dict, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None,
-                mlc_active: bool) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, batch: dict, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, mlc_active: bool
+    ) -> tuple[torch.Tensor, dict]:
         layer = self.mlc_layer if (mlc_active and self.head is not None) else None
         out = policy_forward(self.policy, batch, layer, pooling=self.mlc.pooling, head_chunk=512)
-        align = alignment_loss(self.loss_name, chosen_logps=out.chosen_logps, rejected_logps=out.rejected_logps,
-                               chosen_ntok=out.chosen_ntok, rejected_ntok=out.rejected_ntok,
-                               chosen_nll_mean=out.chosen_nll_mean, ref_chosen_logps=ref_chosen,
-                               ref_rejected_logps=ref_rejected, **self.loss_params)
+        align = alignment_loss(
+            self.loss_name,
+            chosen_logps=out.chosen_logps,
+            rejected_logps=out.rejected_logps,
+            chosen_ntok=out.chosen_ntok,
+            rejected_ntok=out.rejected_ntok,
+            chosen_nll_mean=out.chosen_nll_mean,
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            **self.loss_params,
+        )
         metrics = {f"align/{k}": v for k, v in align.metrics.items()}
         metrics["loss/align"] = align.loss.detach()
         loss = align.loss
@@ -87,15 +95,24 @@ def build_policy(cfg: TrainConfig, device: torch.device):
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model, tok
 
 
 def make_collator(cfg: TrainConfig, tok) -> PreferenceCollator:
     template = {"auto": "auto", "on": True, "off": False}[cfg.data.chat_template]
-    return PreferenceCollator(tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                              use_chat_template=template)
+    return PreferenceCollator(
+        tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, use_chat_template=template
+    )
 
 
 def train_loop(config: dict) -> None:
@@ -122,10 +139,13 @@ def train_loop(config: dict) -> None:
     module = AlignModule(policy, head, cfg, mlc_layer)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio)
+    )
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=ds_cfg, dist_init_required=False)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
+    )
 
     step, record = 0, []
     ckpt = ray.train.get_checkpoint()
@@ -170,7 +190,7 @@ def train_loop(config: dict) -> None:
         if step >= total_steps:
             break
         lo = rank * mb
-        mine = {k: v[lo:lo + mb] for k, v in gbatch.items()}
+        mine = {k: v[lo : lo + mb] for k, v in gbatch.items()}
         batch = collator(to_collator_samples(mine))
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         ref_c = ref_r = None
@@ -194,10 +214,25 @@ def train_loop(config: dict) -> None:
         # ---- an optimiser step finished
         dt = time.perf_counter() - t_step
         out = {k: sum(v) / len(v) for k, v in acc.items()}
-        out.update(step=step + 1, epoch=int(gbatch["epoch"][-1]), lr=scheduler.get_last_lr()[0], step_time_s=dt,
-                   tokens_per_s=step_tokens / dt, memory_mb=_memory_mb(device), mlc_active=float(schedule.active(step)))
-        record.append({"step": step + 1, "epoch": out["epoch"], "groups": step_groups,
-                       "loss": out["loss/total"], "loss_align": out["loss/align"], "mlc_active": bool(out["mlc_active"])})
+        out.update(
+            step=step + 1,
+            epoch=int(gbatch["epoch"][-1]),
+            lr=scheduler.get_last_lr()[0],
+            step_time_s=dt,
+            tokens_per_s=step_tokens / dt,
+            memory_mb=_memory_mb(device),
+            mlc_active=float(schedule.active(step)),
+        )
+        record.append(
+            {
+                "step": step + 1,
+                "epoch": out["epoch"],
+                "groups": step_groups,
+                "loss": out["loss/total"],
+                "loss_align": out["loss/align"],
+                "mlc_active": bool(out["mlc_active"]),
+            }
+        )
         step += 1
         if log_mlflow:
             import mlflow
