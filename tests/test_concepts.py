@@ -465,7 +465,7 @@ def test_report_writes_tables_figures_and_markdown(tmp_path):
 
 
 def test_without_uriel_data_the_rest_of_the_analysis_completes(monkeypatch, tmp_path):
-    from raysafe.analysis import language_distance as LD
+    from raysafe.concepts import language_distance as LD
 
     monkeypatch.setenv(LD.DATA_ENV, str(tmp_path))  # a directory without lang2vec's files
     LD._load_feature_table.cache_clear()

@@ -12,7 +12,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from raysafe.analysis import language_distance as ld
+from raysafe.concepts import language_distance as ld
 from raysafe.errors import ConfigError
 
 # The language codes our data use, with the ISO 639-3 code URIEL keys them by.
