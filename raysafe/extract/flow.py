@@ -24,7 +24,7 @@ from raysafe.errors import ConfigError, OutputError
 from raysafe.extract.config import ExtractConfig
 from raysafe.extract.store import ActivationStore
 from raysafe.identity import fingerprint
-from raysafe.models.layers import resolve_layers, text_config
+from raysafe.models.layers import config_depth, resolve_layers, text_config
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +127,12 @@ def write_inputs(store: ActivationStore, rows: pl.DataFrame, shard_rows: int, fp
 
 def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[dict, list[int]]:
     """The model's identity record for the store, and its validated layer list (raises before any work starts)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.loading import resolve
+    from raysafe.models.loading import load_hf_config, resolve
 
     resolved = resolve(spec)
-    try:
-        hf = AutoConfig.from_pretrained(
-            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except OSError as e:
-        from raysafe.models.loading import _load_error
-
-        raise _load_error(spec, resolved, e) from None
+    hf = load_hf_config(spec, resolved)
     text = text_config(hf)
-    n_layers = int(text.num_hidden_layers)
+    n_layers = config_depth(hf)
     layers = resolve_layers(cfg.extract.layers, n_layers, spec.label)
     info = {
         "model": spec.label,

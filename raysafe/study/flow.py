@@ -252,13 +252,13 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     extracted, for the base and each trained model (the activations of the separation stages)."""
     from raysafe.consistency import consistency_table
     from raysafe.extract.store import ActivationStore
-    from raysafe.train.flow import model_depth
+    from raysafe.models.loading import model_depth
 
     scfg = cfg.separation_config(base, trained)
     store = ActivationStore(scfg.store_dir("safety"))
     models = [m.label for m in [base, *trained] if m.label in store.models()]
     tcfg = cfg.train_config("mlc", base)
-    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg))
+    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg.model))
     layers = sorted(set(store.layers(models[0])))
     langs = tcfg.mixture.languages
     table = consistency_table(store.reader("last"), models, layers, langs, cfg.consistency_split)
