@@ -15,6 +15,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from raysafe.bootstrap import bootstrap_indices, interval
 from raysafe.errors import DataError
 
 ReadLayer = Callable[[str, int], tuple[pl.DataFrame, np.ndarray]]
@@ -188,22 +189,6 @@ def _cka_replicates(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray
     matching pair and inflates CKA, so each replicate keeps one copy of each drawn item — about 63 % of the items,
     which makes the interval wider (conservative), not narrower."""
     return np.array([linear_cka(x[u], y[u]) for u in (np.unique(j) for j in idx)])
-
-
-def bootstrap_indices(n: int, resamples: int, seed: int) -> np.ndarray:
-    """[resamples, n] item indices drawn with replacement; the same seed gives the same draws, so two models
-    measured on the same items share their resamples (a paired bootstrap)."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-
-
-def interval(replicates: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of bootstrap replicates (NaN replicates left out)."""
-    r = np.asarray(replicates, dtype=np.float64)
-    r = r[~np.isnan(r)]
-    if r.size == 0:
-        return float("nan"), float("nan")
-    q = (1 - level) / 2
-    return float(np.quantile(r, q)), float(np.quantile(r, 1 - q))
 
 
 def item_measures(states: np.ndarray, langs: Sequence[str], anchor: str) -> dict[str, dict[str, np.ndarray]]:

@@ -4,10 +4,9 @@ the raw-state measures saturate (a shared direction as in real LM hidden states)
 import numpy as np
 import pytest
 
+from raysafe.bootstrap import bootstrap_indices, interval, paired_rate_differences
 from raysafe.consistency import (
-    bootstrap_indices,
     centre,
-    interval,
     item_measures,
     linear_cka,
     measure_rows,
@@ -128,3 +127,19 @@ def test_centre_removes_the_common_mean_and_anchor_is_required():
     assert np.allclose(centre(s).reshape(-1, s.shape[-1]).mean(0), 0, atol=1e-12)
     with pytest.raises(DataError, match="anchor"):
         item_measures(s, LANGS, "fr")
+
+
+def test_paired_rate_differences_against_a_loop():
+    rng = np.random.default_rng(6)
+    a = (rng.random((3, 40)) < 0.8).astype(float)
+    b = (rng.random((3, 40)) < 0.3).astype(float)
+    a[1, :5] = np.nan  # a language without outcomes for some groups
+    rows = paired_rate_differences(a, b, ["en", "ru", "zh"], resamples=300, seed=2)
+    idx = bootstrap_indices(40, 300, seed=2)
+    for i, r in enumerate(rows):
+        reps = [np.nanmean(a[i, j]) - np.nanmean(b[i, j]) for j in idx]
+        assert r["difference"] == pytest.approx(np.nanmean(a[i]) - np.nanmean(b[i]))
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(interval(np.array(reps)))
+        assert r["excludes_zero"]
+    same = paired_rate_differences(a, a, ["en", "ru", "zh"], resamples=50)
+    assert all(r["difference"] == 0 and not r["excludes_zero"] for r in same)
