@@ -343,6 +343,10 @@ def test_openai_judge_times_out_and_retries(monkeypatch):
     with Endpoint([(*JSON_SAFE, 1.5), completion("unsafe")]) as ep:
         out = openai_judge(monkeypatch, ep.url, timeout_s=0.3).judge([ITEM])
     assert out[0].verdict == "unsafe" and len(ep.requests) == 2
+    with Endpoint([(*JSON_SAFE, 1.0)]) as ep:
+        with pytest.raises(ModelError, match=r"no reply within timeout_s=0.2 \(ReadTimeout\) \(after 2 tries\)"):
+            openai_judge(monkeypatch, ep.url, timeout_s=0.2, max_retries=1, concurrency=1).judge([ITEM])
+    assert len(ep.requests) == 2
 
 
 def test_openai_judge_reports_an_unreachable_endpoint(monkeypatch):
