@@ -394,3 +394,30 @@ def test_openai_judge_refuses_bad_redirects(monkeypatch, reply, words):
         with pytest.raises(ModelError, match=words):
             openai_judge(monkeypatch, ep.url, concurrency=1).judge([ITEM])
     assert len(ep.requests) == (6 if "more than" in words else 1)  # nothing was sent to judge.example.com
+
+
+def test_a_failing_endpoint_keeps_the_shards_already_judged_and_a_rerun_resumes(monkeypatch, tmp_path):
+    import pyarrow as pa
+
+    from raysafe.evaluate.stages import judge_shard
+    from raysafe.evaluate.store import EvalStore
+
+    store = EvalStore(tmp_path)
+    for k, (lang, response) in enumerate([("en", "I can't help with that."), ("sw", "Siwezi kusaidia.")]):
+        prompt = {"row_id": k, "harmful": True, "reference_safe": None, "reference_unsafe": None}
+        gen = {"row_id": k, "set": "s", "group_id": f"g{k}", "lang": lang, "prompt": "p", "response": response}
+        store.prompts.write(k, pa.Table.from_pylist([prompt]), {"shard_id": k})
+        store.generations("m").write(k, pa.Table.from_pylist([{**gen, "empty": False}]), {"token": f"t{k}"})
+    with Endpoint([completion("safe"), ERROR_500]) as ep:
+        judge = openai_judge(monkeypatch, ep.url, max_retries=1)
+        assert judge_shard(judge, store, "m", 0)["safe"] == 1
+        with pytest.raises(ModelError, match=r"HTTP 500.*after 2 tries"):
+            judge_shard(judge, store, "m", 1)
+    judged = store.judgements("m", judge.label)
+    assert judged.missing(2) == [1] and judged.info(0)["generation_token"] == "t0"  # shard 0 kept, 1 not written
+    with Endpoint([completion("unsafe")]) as ep:
+        judge = openai_judge(monkeypatch, ep.url)
+        for k in judged.missing(2):
+            judge_shard(judge, store, "m", k)
+    assert len(ep.requests) == 1 and judged.missing(2) == []  # only the failed shard was judged again
+    assert [r["verdict"] for r in judged.read(2).to_dicts()] == ["safe", "unsafe"]
