@@ -39,6 +39,16 @@ class MLCConfig(BaseModel):
     every_k: int = Field(2, ge=1)
     weight: float = Field(0.8, ge=0, description="λ")
     kind: Literal["mlc", "cosine"] = "mlc"
+    head: Literal["linear", "linear_nobias", "frozen_random"] = Field(
+        "linear",
+        description="the extractor: linear = trainable Linear(hidden → d) with bias, as the released code "
+        "(LLaMA-Factory's dpo/trainer.py adds torch.nn.Linear(hidden_size, extractor_dim) to the model); "
+        "linear_nobias = the same without bias (a bias alone can make every language's vector equal); "
+        "frozen_random = a fixed random orthogonal projection, no bias: only the backbone can lower the loss",
+    )
+    head_lr_scale: float = Field(
+        1.0, ge=0, description="the head's learning rate as a multiple of optim.lr (1 = one lr for all, as released)"
+    )
 
     def resolve_layer(self, num_layers: int) -> int:
         """The ``hidden_states`` index of ``layer`` for a model of ``num_layers`` decoder layers

@@ -24,7 +24,7 @@ from raysafe.train.data import to_collator_samples
 from raysafe.train.ds_config import deepspeed_config, lr_lambda
 from raysafe.train.forward import policy_forward
 from raysafe.train.losses import alignment_loss
-from raysafe.train.mlc import MLCHead, consistency_loss
+from raysafe.train.mlc import MLCHead, consistency_loss, head_monitor
 
 
 class AlignModule(nn.Module):
@@ -38,6 +38,7 @@ class AlignModule(nn.Module):
         self.loss_params = cfg.loss.params()
         self.mlc: MLCConfig = cfg.mlc
         self.mlc_layer = mlc_layer
+        self.grad_norms: list[float] = []  # norm of the MLC gradient reaching the model, per MLC micro-batch
 
     def forward(
         self, batch: dict, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, mlc_active: bool
@@ -59,7 +60,10 @@ class AlignModule(nn.Module):
         metrics["loss/align"] = align.loss.detach()
         loss = align.loss
         if layer is not None:
-            z = self.head(out.variant_hidden.float())
+            hidden = out.variant_hidden
+            if hidden.requires_grad:  # the head is its only consumer: what arrives here is λ·∂L_mlc/∂h
+                hidden.register_hook(lambda g: self.grad_norms.append(float(g.float().norm(dim=-1).mean())))
+            z = self.head(hidden.float())
             cons = consistency_loss(z, self.mlc)
             loss = loss + self.mlc.weight * cons.loss
             metrics["loss/mlc"] = cons.loss.detach()
@@ -68,8 +72,20 @@ class AlignModule(nn.Module):
             metrics["mlc/cosine_z"] = diag["cosine_z"]
             metrics["mlc/cosine_hidden"] = diag["cosine_hidden"]
             metrics["mlc/sigma1"] = diag["spectrum"][0]
+            metrics.update(head_monitor(self.head, out.variant_hidden.detach()))
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+
+def param_groups(module: AlignModule, cfg: TrainConfig) -> list[dict]:
+    """The optimiser's parameter groups: the policy at ``optim.lr``, the MLC head (if it has trainable parameters)
+    at ``optim.lr × mlc.head_lr_scale``."""
+    policy = [p for p in module.policy.parameters() if p.requires_grad]
+    groups = [{"params": policy, "lr": cfg.optim.lr}]
+    head = [p for p in module.head.parameters() if p.requires_grad] if module.head is not None else []
+    if head:
+        groups.append({"params": head, "lr": cfg.optim.lr * cfg.mlc.head_lr_scale})
+    return groups
 
 
 def _scalar(v) -> float:
@@ -135,10 +151,9 @@ def train_loop(config: dict) -> None:
 
     n_layers = num_layers(policy.get_base_model() if hasattr(policy, "get_base_model") else policy)
     mlc_layer = cfg.mlc.resolve_layer(n_layers) if cfg.mlc.weight > 0 else None
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d).to(device) if mlc_layer is not None else None
-    module = AlignModule(policy, head, cfg, mlc_layer)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head, cfg.seed) if mlc_layer is not None else None
+    module = AlignModule(policy, head.to(device) if head is not None else None, cfg, mlc_layer)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio)
     )
@@ -207,6 +222,9 @@ def train_loop(config: dict) -> None:
         micro += 1
         for k, v in metrics.items():
             acc.setdefault(k, []).append(_scalar(v))
+        if module.grad_norms:
+            acc.setdefault("head/grad_norm_hidden", []).extend(module.grad_norms)
+            module.grad_norms.clear()
         step_groups.extend(str(g) for g in gbatch["group_id"])
         step_tokens += int(batch["attention_mask"].sum()) * world
         if micro % ga:
