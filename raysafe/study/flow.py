@@ -251,7 +251,7 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     """Held-out cross-lingual consistency of last-prompt-token states of the base, MLC and control models, every
     extracted layer (the activations of the separation stages): the movable measures with bootstrap intervals and
     the paired MLC − control, MLC − base and control − base differences at the MLC layer (raysafe.study.measures)."""
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
     from raysafe.study.measures import HEADLINE_MEASURES, held_out_tables
     from raysafe.train.flow import model_depth
 
