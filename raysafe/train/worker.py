@@ -51,7 +51,6 @@ class AlignModule(nn.Module):
             rejected_logps=out.rejected_logps,
             chosen_ntok=out.chosen_ntok,
             rejected_ntok=out.rejected_ntok,
-            chosen_nll_mean=out.chosen_nll_mean,
             ref_chosen_logps=ref_chosen,
             ref_rejected_logps=ref_rejected,
             **self.loss_params,
