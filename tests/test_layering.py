@@ -132,3 +132,18 @@ def test_allowed_imports_pass(module, source):
 
 def test_an_unclassified_package_is_reported():
     assert "neither shared machinery nor a flow" in violations("raysafe.newthing.x", "")[0]
+
+
+def test_only_tracking_imports_mlflow():
+    """Every MLflow call goes through raysafe/tracking.py, so another tracker is one file."""
+    found = []
+    for f in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(f, PACKAGE)
+        if module == "raysafe.tracking":
+            continue
+        for line, name in imported_modules(f.read_text(encoding="utf-8"), module, f.name == "__init__.py"):
+            if name.split(".")[0] == "mlflow":
+                found.append(f"{module}:{line} imports {name}")
+    assert not found, "mlflow imported outside raysafe.tracking:\n" + "\n".join(found)
+    tracking = imported_modules((PACKAGE / "tracking.py").read_text(encoding="utf-8"), "raysafe.tracking", False)
+    assert any(name == "mlflow" for _, name in tracking)  # the check looks where the imports are

@@ -268,6 +268,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     result = ExtractResult(Path(cfg.output_dir), fp, rows_per_lang)
     with tracking.run(cfg.tracking, "extract", tags={"raysafe.flow": "extract"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
+        name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
+        tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
         for spec, _info, layers in plans:
             done = store.done_shards(spec.label)

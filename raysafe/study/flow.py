@@ -96,9 +96,7 @@ class _Stages:
             atomic_write_json(self.marker(name), info)
             log.info("[study %d/%d] %s finished in %.0f s", k, len(self.planned), name, info["seconds"])
             if self.parent:
-                import mlflow
-
-                mlflow.MlflowClient().log_metric(self.parent, f"stage_seconds_{name}", info["seconds"])
+                tracking.log_metrics({f"stage_seconds_{name}": info["seconds"]}, run_id=self.parent)
         self.result.stages[name] = info
         return info
 
