@@ -303,7 +303,7 @@ class AttachedRun:
     ``close`` stops the system-metrics sampler. The run's status stays with the process that owns it: a worker that
     finishes, fails or is restarted by Ray Train neither ends nor fails it."""
 
-    def __init__(self, info: dict | None):
+    def __init__(self, info: dict | None, node: str | None = None):
         self.run_id = info["run_id"] if info else None
         self._client = None
         self._monitor = None
@@ -316,7 +316,9 @@ class AttachedRun:
         if info.get("system_metrics"):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=info["uri"])
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, node_id=node, tracking_uri=info["uri"]
+            )
             self._monitor.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -329,6 +331,7 @@ class AttachedRun:
             self._monitor = None
 
 
-def attach(info: dict | None) -> AttachedRun:
-    """Attach to the run :func:`attach_info` describes (``None``: a logger that does nothing, e.g. on ranks > 0)."""
-    return AttachedRun(info)
+def attach(info: dict | None, node: str | None = None) -> AttachedRun:
+    """Attach to the run :func:`attach_info` describes (``None``: a logger that does nothing, e.g. on ranks > 0).
+    ``node`` names this process in system metrics (``system/<node>/...``), apart from the driver's ``system/...``."""
+    return AttachedRun(info, node)

@@ -143,9 +143,10 @@ def test_system_metrics_only_when_asked(mlflow_local, monkeypatch):
         time.sleep(0.6)
     with tracking.run(TrackingSpec(experiment="t", log_system_metrics=True), "on") as on:
         time.sleep(1.0)
-        worker = tracking.attach(tracking.attach_info(TrackingSpec(log_system_metrics=True), on))
+        worker = tracking.attach(tracking.attach_info(TrackingSpec(log_system_metrics=True), on), node="rank0")
         time.sleep(1.0)
         worker.close()
     assert not [k for k in client.get_run(off.info.run_id).data.metrics if k.startswith("system/")]
     keys = set(client.get_run(on.info.run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
+    assert "system/rank0/cpu_utilization_percentage" in keys  # the worker's own series, apart from the driver's

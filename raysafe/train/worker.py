@@ -183,7 +183,7 @@ def train_loop(config: dict) -> None:
     group = mb * world  # rows per global micro-batch
     skip = step * ga  # global micro-batches the checkpoint covers
     shard = ray.train.get_dataset_shard("train")
-    run_log = tracking.attach(config.get("mlflow") if rank == 0 else None)  # rank 0 logs; others get a no-op
+    run_log = tracking.attach(config.get("mlflow") if rank == 0 else None, node="rank0")  # others: a no-op
 
     acc: dict[str, list[float]] = {}
     step_groups: list[str] = []
