@@ -96,9 +96,7 @@ class _Stages:
             atomic_write_json(self.marker(name), info)
             log.info("[study %d/%d] %s finished in %.0f s", k, len(self.planned), name, info["seconds"])
             if self.parent:
-                import mlflow
-
-                mlflow.MlflowClient().log_metric(self.parent, f"stage_seconds_{name}", info["seconds"])
+                tracking.log_metrics({f"stage_seconds_{name}": info["seconds"]}, run_id=self.parent)
         self.result.stages[name] = info
         return info
 
@@ -251,7 +249,7 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     """Held-out cross-lingual consistency of last-prompt-token states of the base, MLC and control models, every
     extracted layer (the activations of the separation stages): the movable measures with bootstrap intervals and
     the paired MLC − control, MLC − base and control − base differences at the MLC layer (raysafe.study.measures)."""
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
     from raysafe.models.loading import model_depth
     from raysafe.study.measures import HEADLINE_MEASURES, held_out_tables
 

@@ -16,6 +16,7 @@ import psutil
 import torch
 from torch import nn
 
+from raysafe import tracking
 from raysafe.consistency import mlc_diagnostics
 from raysafe.train.checkpoint import DS_DIR, STATE_FILE, probe_logps, write_checkpoint
 from raysafe.train.collate import PreferenceCollator
@@ -51,7 +52,6 @@ class AlignModule(nn.Module):
             rejected_logps=out.rejected_logps,
             chosen_ntok=out.chosen_ntok,
             rejected_ntok=out.rejected_ntok,
-            chosen_nll_mean=out.chosen_nll_mean,
             ref_chosen_logps=ref_chosen,
             ref_rejected_logps=ref_rejected,
             **self.loss_params,
@@ -183,12 +183,7 @@ def train_loop(config: dict) -> None:
     group = mb * world  # rows per global micro-batch
     skip = step * ga  # global micro-batches the checkpoint covers
     shard = ray.train.get_dataset_shard("train")
-    log_mlflow = rank == 0 and config.get("mlflow_run_id")
-    if log_mlflow:
-        import mlflow
-
-        mlflow.set_tracking_uri(config["mlflow_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"])
+    run_log = tracking.attach(config.get("mlflow") if rank == 0 else None, node="rank0")  # others: a no-op
 
     acc: dict[str, list[float]] = {}
     step_groups: list[str] = []
@@ -252,10 +247,7 @@ def train_loop(config: dict) -> None:
             }
         )
         step += 1
-        if log_mlflow:
-            import mlflow
-
-            mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in out.items() if k != "step"}, step=step)
+        run_log.log_metrics({k: v for k, v in out.items() if k != "step"}, step=step)
         last = step >= total_steps
         if step % cfg.checkpoint.every_n_steps == 0 or last:
             expected = probe_logps(module.policy, probe, device)
@@ -263,7 +255,4 @@ def train_loop(config: dict) -> None:
         else:
             ray.train.report({k: float(v) for k, v in out.items()})
         acc, step_groups, step_tokens, t_step = {}, [], 0, time.perf_counter()
-    if log_mlflow:
-        import mlflow
-
-        mlflow.end_run()
+    run_log.close()
