@@ -56,18 +56,61 @@ def _read_file(path: Path) -> pl.DataFrame:
     )
 
 
+def _json_kind(value) -> str | None:
+    """The JSON type of a value as a user would name it; None for null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
 def _read_jsonl(path: Path) -> pl.DataFrame:
+    """Rows of a JSONL file. Each line must be UTF-8 and a JSON object, and each field must keep one JSON type across
+    the rows: a number among strings is an error naming its line, never silently turned into text."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    kinds: dict[str, tuple[str, int]] = {}  # field -> (JSON type, first line holding it)
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"line {i} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})",
+                    where=f"{path}:{i}",
+                    fix="re-encode the file as UTF-8 (e.g. `iconv -f <its encoding> -t utf-8`)",
+                ) from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"line {i} is not valid JSON: {e.msg}", where=f"{path}:{i}", fix="fix or remove that line"
                 ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"line {i} holds a JSON {_json_kind(row) or 'null'}, not an object",
+                    where=f"{path}:{i}",
+                    fix='write one object per line, e.g. {"group_id": "g1", "lang": "en", "text": "..."}',
+                )
+            for key, value in row.items():
+                kind = _json_kind(value)
+                if kind is None:
+                    continue
+                first = kinds.setdefault(key, (kind, i))
+                if first[0] != kind:
+                    raise DataError(
+                        f"field {key!r} on line {i} holds a {kind} ({value!r}) where line {first[1]} holds a "
+                        f"{first[0]}",
+                        where=f"{path}:{i}, field {key}",
+                        fix=f"give {key!r} one type in every row (quote numbers meant as text)",
+                    )
+            rows.append(row)
     return pl.DataFrame(rows, strict=False, infer_schema_length=None)
 
 
@@ -122,10 +165,16 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
     if spec.lang is not None:
         df = df.with_columns(pl.lit(spec.lang).alias("lang"))
     if spec.label_map and "label" in df.columns:
-        df = df.with_columns(
-            pl.col("label").cast(pl.String).replace_strict(spec.label_map, default=None, return_dtype=pl.Int64)
-        )
+        df = _map_labels(df, spec.label_map, _source_label(spec))
     if spec.languages and "lang" in df.columns:
+        have = set(df["lang"].cast(pl.String).unique().to_list())
+        absent = [lang for lang in spec.languages if lang not in have]
+        if absent:
+            raise DataError(
+                f"data.languages asks for {absent}, which the source has no rows in",
+                where=f"{_source_label(spec)}, field lang",
+                fix=f"drop them from data.languages; the source has {sorted(x for x in have if x is not None)}",
+            )
         df = df.filter(pl.col("lang").is_in(spec.languages))
     if spec.limit_per_lang and "lang" in df.columns:
         df = df.with_row_index("_i").filter(pl.int_range(pl.len()).over("lang") < spec.limit_per_lang).drop("_i")
@@ -134,6 +183,21 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
     if spec.items_per_class:
         df = _items_per_class(df, spec.items_per_class, _source_label(spec))
     return df
+
+
+def _map_labels(df: pl.DataFrame, label_map: dict[str, int], where: str) -> pl.DataFrame:
+    """Replace raw labels by ``label_map``'s ints; a raw value the map lacks is an error naming it and its rows."""
+    raw = df["label"].cast(pl.String)
+    unmapped = df.with_row_index("_row").filter(raw.is_not_null() & ~raw.is_in(list(label_map)))
+    if unmapped.height:
+        values = sorted(set(unmapped["label"].cast(pl.String).to_list()))
+        rows = ", ".join(str(r) for r in unmapped["_row"].head(5).to_list())
+        raise DataError(
+            f"label value(s) {values} are not in data.label_map {label_map}",
+            where=f"{where}, field label, row(s) {rows}" + (" ..." if unmapped.height > 5 else ""),
+            fix="add them to data.label_map, or drop those rows from the source",
+        )
+    return df.with_columns(raw.replace_strict(label_map, default=None, return_dtype=pl.Int64).alias("label"))
 
 
 def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
@@ -217,6 +281,26 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
                 where=f"{where}, field label",
                 fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})",
             ) from None
+    key = [c for c in contract.key if c in df.columns]
+    if key:
+        dup = df.filter(pl.len().over(key) > 1)
+        if dup.height:
+            shown = ", ".join(f"{c}" for c in key)
+            raise DataError(
+                f"{contract.name}: {dup.height} rows share their ({shown}) with another row; the later one would "
+                "silently replace the earlier",
+                where=f"{where}: {rows_desc(dup)}",
+                fix=f"keep one row per ({shown}): give each item its own group_id, or remove the duplicates",
+            )
+    if contract.distinct:
+        a, b = contract.distinct
+        same = df.filter(pl.col(a).str.strip_chars() == pl.col(b).str.strip_chars())
+        if same.height:
+            raise DataError(
+                f"{contract.name}: {same.height} row(s) have {a} equal to {b}, which teaches no preference",
+                where=f"{where}: {rows_desc(same)}",
+                fix=f"remove those rows or correct their {a} / {b}",
+            )
     keep = ["row_id"] + [c for c in contract.columns if c in df.columns]
     extra = [c for c in ("category", "concept", "split", "source") if c in df.columns and c not in keep]
     return df.select(keep + extra)

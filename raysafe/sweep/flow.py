@@ -40,7 +40,7 @@ import polars as pl
 
 from raysafe import tracking
 from raysafe.config import TrackingSpec, dump_config, load_config
-from raysafe.errors import ConfigError, OutputError, RaysafeError
+from raysafe.errors import ConfigError, OutputError, RaysafeError, remote_errors, unwrap_remote_error
 from raysafe.sweep import metrics as M
 from raysafe.sweep.config import (
     SweepConfig,
@@ -208,6 +208,14 @@ def _status(metrics: dict, error: Any) -> str:
 _METRIC_PREFIXES = ("train_", "safety_", "utility_", "consistency_")
 
 
+def _error_text(error: BaseException) -> str:
+    """A failed trial's error for the table: the raysafe error inside Ray's wrapping on one line (what, where, fix),
+    else the last line of Ray's text."""
+    err = unwrap_remote_error(error)
+    text = " | ".join(x.strip() for x in str(err).splitlines()) if err is not None else str(error).strip()
+    return (text.splitlines()[-1] if text else repr(error))[:500]
+
+
 def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
     from raysafe.sweep.trial import RESULT_FILE, RUN_FILE, trial_dir
 
@@ -230,7 +238,7 @@ def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
                 violations="; ".join(d["violations"]), checkpoint_dir=d["checkpoint_dir"], model_dir=d["model_dir"]
             )
         if res.error is not None:
-            row["error"] = str(res.error).strip().splitlines()[-1][:500] if str(res.error).strip() else repr(res.error)
+            row["error"] = _error_text(res.error)
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
 
@@ -468,7 +476,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
                     verbose=1 if progress else 0,
                 ),
             )
-        results = tuner.fit()
+        with remote_errors():
+            results = tuner.fit()
 
         # ---- report
         rows = _rows(results, sweep_dir, param_keys)
