@@ -207,7 +207,7 @@ def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
         raise DataError(
             "items_per_class needs a group_id column (one id per item across its translations)",
             where=where,
-            fix="map the item id column to group_id in data.columns, or use limit_per_lang",
+            fix="map the item id column to group_id in data.columns, or use data.limit_per_lang",
         )
     strata = [c for c in ("label", "concept", "split") if c in df.columns]
     items = df.select("group_id", *strata).unique(subset="group_id", keep="first", maintain_order=True)
@@ -229,7 +229,9 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
         )
     if df.height == 0:
         raise DataError(
-            f"{contract.name}: the source has no rows (after filters)", where=where, fix="check data.languages / limits"
+            f"{contract.name}: the source has no rows (after filters)",
+            where=where,
+            fix="check data.languages, data.limit_per_lang and data.items_per_class",
         )
     df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
 

@@ -160,26 +160,26 @@ def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
         raise ConfigError(
             f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster has {cpus:g}",
             where="resources.num_workers / resources.cpus_per_worker",
-            fix="lower them, or run on a bigger cluster (RAY_ADDRESS)",
+            fix="lower resources.num_workers or resources.cpus_per_worker, or run on a bigger cluster (RAY_ADDRESS)",
         )
     if r.use_gpu and r.num_workers > gpus:
         raise ConfigError(
             f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
             where="resources.num_workers / resources.use_gpu",
-            fix="lower num_workers or add GPUs",
+            fix="lower resources.num_workers or add GPUs",
         )
     if evaluate_cfg is not None and evaluate_cfg.ray.num_cpus_per_actor > cpus:
         raise ConfigError(
             f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has {cpus:g}",
             where="evaluation.evaluate.ray.num_cpus_per_actor",
-            fix="lower it",
+            fix="lower evaluation.evaluate.ray.num_cpus_per_actor, or run on a bigger cluster (RAY_ADDRESS)",
         )
     c = cfg.evaluation.consistency
     if cfg.evaluation.consistency.enabled and (c.cpus > cpus or c.gpus > gpus):
         raise ConfigError(
             f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has {cpus:g} / {gpus:g}",
             where="evaluation.consistency.cpus / gpus",
-            fix="lower them",
+            fix="lower evaluation.consistency.cpus / evaluation.consistency.gpus",
         )
     fits = math.floor((cpus + 1e-9) / need_cpu)
     if r.use_gpu:

@@ -117,7 +117,7 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
             f"{samples.height} training pairs cannot fill one optimiser step of {per_step} pairs "
             "(micro_batch x workers x grad_accum)",
             where="optim",
-            fix="lower micro_batch or grad_accum",
+            fix="lower optim.micro_batch or optim.grad_accum (or ray.num_workers), or add pairs",
         )
     return samples, resume
 
