@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from raysafe.data.adapters import ADAPTER_NAMES
 from raysafe.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
@@ -60,8 +61,10 @@ class SourceSpec(Strict):
       - ``file``: local Parquet / JSONL / CSV (``path``; a directory of Parquet files works too);
       - ``hub``: a Hugging Face dataset by id (``path``), with ``subset``/``split``, or one subset per language
         (``subsets_by_lang``) or one split per language (``splits_by_lang``).
-    ``columns`` maps the source's column names to the contract's (``{"sentence": "text"}``); ``lang`` sets a constant
-    language when the source has no language column; ``label_map`` maps raw label values to ints.
+    ``adapter`` maps a published layout (PKU-SafeRLHF, MultiJail, MMMLU, the textdetox sets, the MLC release) to
+    the contract and fills its hub defaults (raysafe.data.adapters; docs/data.md). ``columns`` maps the source's
+    column names to the contract's (``{"sentence": "text"}``), after the adapter; ``lang`` sets a constant language
+    when the source has no language column; ``label_map`` maps raw label values to ints.
     """
 
     kind: Literal["fixture", "file", "hub"] = "fixture"
@@ -70,6 +73,9 @@ class SourceSpec(Strict):
     )
     name: str | None = None
     path: str | None = None
+    adapter: Literal[ADAPTER_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="a published layout to map to the contract (see docs/data.md)"
+    )
     subset: str | None = None
     split: str | None = None
     subsets_by_lang: dict[str, str] | None = None

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from importlib import resources
@@ -14,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe.config import SourceSpec
+from raysafe.data.adapters import get_adapter
 from raysafe.data.languages import is_known
 from raysafe.data.schemas import Contract
 from raysafe.errors import DataError
@@ -114,20 +116,29 @@ def _read_jsonl(path: Path) -> pl.DataFrame:
     return pl.DataFrame(rows, strict=False, infer_schema_length=None)
 
 
-def _read_hub(spec: SourceSpec) -> pl.DataFrame:
+def _hub_part(spec: SourceSpec, subset: str | None, split: str) -> pl.DataFrame:
+    """One split of one subset. With ``limit_per_lang`` (and no ``items_per_class``) it is streamed and only its first
+    rows are read; otherwise it is downloaded once into the Hugging Face cache (HF_HOME) and read from there."""
     import datasets
 
+    stream = spec.limit_per_lang is not None and spec.items_per_class is None
+    try:
+        ds = datasets.load_dataset(spec.path, subset, split=split, streaming=stream)
+        if stream:
+            rows = list(itertools.islice(iter(ds), spec.limit_per_lang))
+            return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+    except Exception as e:  # datasets raises many types (connection, missing config, ...)
+        raise DataError(
+            f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {split!r}): {str(e).splitlines()[0]}",
+            where="data.path",
+            fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
+        ) from None
+    return pl.from_arrow(ds.data.table)
+
+
+def _read_hub(spec: SourceSpec) -> pl.DataFrame:
     def one(subset: str | None, split: str | None = None) -> pl.DataFrame:
-        split = split or spec.split or "train"
-        try:
-            ds = datasets.load_dataset(spec.path, subset, split=split)
-        except Exception as e:  # datasets raises many types (connection, missing config, ...)
-            raise DataError(
-                f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {split!r}): {str(e).splitlines()[0]}",
-                where="data.path",
-                fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
-            ) from None
-        return pl.from_arrow(ds.data.table)
+        return _hub_part(spec, subset, split or spec.split or "train")
 
     if spec.subsets_by_lang:
         frames = [one(sub).with_columns(pl.lit(lang).alias("lang")) for lang, sub in spec.subsets_by_lang.items()]
@@ -145,14 +156,23 @@ def _source_label(spec: SourceSpec) -> str:
     return f"fixture {spec.name}" if spec.kind == "fixture" else str(spec.path)
 
 
-def read_source(spec: SourceSpec) -> pl.DataFrame:
-    """Raw rows of a source, columns renamed per ``spec.columns``, constant language applied, filters applied."""
+def read_source(spec: SourceSpec, contract: Contract | None = None) -> pl.DataFrame:
+    """Raw rows of a source, mapped by its adapter (to ``contract``'s view when given), columns renamed per
+    ``spec.columns``, constant language applied, filters applied."""
+    adapter = get_adapter(spec.adapter) if spec.adapter else None
+    if adapter is not None and spec.kind == "hub":
+        spec = spec.model_copy(update=adapter.hub_defaults(spec))
     if spec.kind == "fixture":
         df = _read_jsonl(fixture_path(spec.name))
     elif spec.kind == "file":
         df = _read_file(Path(spec.path).expanduser())
     else:
         df = _read_hub(spec)
+    if adapter is not None:
+        if spec.lang is not None and "lang" not in df.columns:
+            df = df.with_columns(pl.lit(spec.lang).alias("lang"))
+        view = adapter.view_for(contract.name if contract is not None else None, spec.contract)
+        df = adapter.apply(df, view, _source_label(spec))
     if spec.columns:
         missing = [c for c in spec.columns if c not in df.columns]
         if missing:
@@ -313,7 +333,7 @@ def load_table(spec: SourceSpec, contract: Contract) -> pl.DataFrame:
 
     A source with a ``lang`` column but no ``group_id`` (the textdetox toxicity and ParaDetox sets have none) gets
     one per row, ``<lang>-<position within the language>``: its rows are then not linked across languages."""
-    df = read_source(spec)
+    df = read_source(spec, contract)
     if "group_id" in contract.required and "group_id" not in df.columns and "lang" in df.columns:
         log.warning(
             "%s has no group_id column: numbering its rows per language (<lang>-<i>); map an id column with "
