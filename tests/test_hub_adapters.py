@@ -168,9 +168,9 @@ def _pku_row(i: int, safer: int) -> dict:
 def test_pku_saferlhf_safer_answer_is_chosen(tmp_path):
     root = tmp_path / "PKU-SafeRLHF"
     (root / "data" / "Alpaca3-8B").mkdir(parents=True)
-    for split, n in (("train", 3), ("test", 1)):
+    for split, rows in (("train", [_pku_row(i, i % 2) for i in range(3)]), ("test", [_pku_row(0, 0), _pku_row(0, 1)])):
         (root / "data" / "Alpaca3-8B" / f"{split}.jsonl").write_text(
-            "\n".join(json.dumps(_pku_row(i, i % 2)) for i in range(n)) + "\n", encoding="utf-8"
+            "\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8"
         )
     paths = {s: f"data/Alpaca3-8B/{s}.jsonl" for s in ("train", "test")}
     _card(root, {"default": paths, "alpaca3-8b": paths})

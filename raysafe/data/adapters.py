@@ -204,12 +204,13 @@ def _pku_pairs(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _pku_prompts(df: pl.DataFrame) -> pl.DataFrame:
+    """Each distinct prompt once (a prompt recurs with other response pairs), under its first pair's id."""
     return df.select(
         ("pku-" + pl.int_range(pl.len()).cast(pl.String)).alias("group_id"),
         pl.lit("en").alias("lang"),
         pl.col("prompt").alias("text"),
         pl.lit("PKU-Alignment/PKU-SafeRLHF").alias("source"),
-    )
+    ).unique(subset="text", keep="first", maintain_order=True)
 
 
 # ------------------------------------------------------------------------------ MLC release (Yuyan-B/MLC)
