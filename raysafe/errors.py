@@ -46,9 +46,11 @@ def unwrap_remote_error(e: BaseException) -> RaysafeError | None:
     """The user-facing error inside a failure reported by Ray, if there is one.
 
     Ray wraps an exception raised in a task, actor, Ray Data stage or Ray Train worker (``RayTaskError``, Train's
-    ``WorkerGroupError.worker_failures`` / ``ControllerError.controller_failure``, Tune's ``TuneError``) and prints the
-    remote traceback with it. This walks those wrappers (``cause``, ``__cause__``, ``__context__`` and Train's failure
-    maps) and re-creates the first :class:`RaysafeError` it finds as its own raysafe class, without Ray's text."""
+    ``WorkerGroupError.worker_failures`` of ``UserExceptionWithTraceback`` / ``ControllerError.controller_failure``,
+    Tune's ``TuneError``) and prints the remote traceback with it. This walks those wrappers (``cause``,
+    ``__cause__``, ``__context__``, Train's failure maps and the exception a worker raised) and re-creates the
+    first :class:`RaysafeError` it finds as its own raysafe class, without Ray's text. Ray Data stages keep their own
+    exception only with ``DataContext.raise_original_map_exception`` (set by :func:`raysafe.runtime.quiet_ray_data`)."""
     seen: set[int] = set()
     stack: list = [e]
     while stack:
@@ -63,7 +65,15 @@ def unwrap_remote_error(e: BaseException) -> RaysafeError | None:
         failures = getattr(x, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(failures[k] for k in sorted(failures))
-        stack.extend([getattr(x, "controller_failure", None), getattr(x, "cause", None), x.__cause__, x.__context__])
+        stack.extend(
+            [
+                getattr(x, "_base_exc", None),  # Ray Train V2's UserExceptionWithTraceback: what the worker raised
+                getattr(x, "controller_failure", None),
+                getattr(x, "cause", None),
+                x.__cause__,
+                x.__context__,
+            ]
+        )
     return None
 
 

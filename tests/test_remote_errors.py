@@ -35,7 +35,11 @@ def test_nested_wrappers_train_worker_group_and_controller():
         raise RuntimeError("Ray Data stage failed") from inner
     except RuntimeError as e:
         chained = e
-    group = WorkerGroupError("worker 1 failed", {1: chained, 0: RuntimeError("NCCL gone")})
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    group = WorkerGroupError(
+        "worker 1 failed", {1: UserExceptionWithTraceback(chained, "Traceback ..."), 0: RuntimeError("NCCL gone")}
+    )
     err = unwrap_remote_error(ControllerError(group))
     assert type(err) is ConfigError and err.where == "mlc.layer"
 
@@ -61,3 +65,48 @@ def test_driver_side_error_passes_unchanged():
         with remote_errors():
             raise original
     assert info.value is original
+
+
+@pytest.mark.slow
+def test_real_ray_data_actor_error_reaches_the_user_as_itself(ray_local):
+    import ray
+
+    class FailingStage:  # defined here so that Ray pickles it by value; rejects row 1 as a stage rejects bad input
+        def __call__(self, batch):
+            if 1 in list(batch["id"]):
+                raise DataError("row 1 is bad", where="row_id 1", fix="drop it")
+            return batch
+
+    def dataset():  # Ray Data takes the DataContext of the driver when the dataset is created
+        return ray.data.range(3, override_num_blocks=3).map_batches(
+            FailingStage, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5
+        )
+
+    from ray.data import DataContext
+
+    from raysafe.runtime import quiet_ray_data
+
+    DataContext.get_current().raise_original_map_exception = False  # Ray Data's default
+    with pytest.raises(Exception) as raw:
+        with remote_errors():
+            dataset().take_all()
+    assert type(raw.value) is not DataError  # UserCodeException(...) from ours: the link is lost on the way back
+    quiet_ray_data()  # what every raysafe flow calls before its Ray Data pipeline
+    with pytest.raises(DataError) as info:
+        with remote_errors():
+            dataset().take_all()
+    assert type(info.value) is DataError and str(info.value) == "row 1 is bad\n  where: row_id 1\n  fix:   drop it"
+
+
+@pytest.mark.slow
+def test_real_ray_task_error_reaches_the_user_as_itself(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=0.5, max_retries=0)
+    def fail():
+        raise ConfigError("bad layer", where="mlc.layer", fix="use 0..4")
+
+    with pytest.raises(ConfigError) as info:
+        with remote_errors():
+            ray.get(fail.remote())
+    assert type(info.value) is ConfigError and info.value.fix == "use 0..4"
