@@ -110,3 +110,13 @@ def test_real_ray_task_error_reaches_the_user_as_itself(ray_local):
         with remote_errors():
             ray.get(fail.remote())
     assert type(info.value) is ConfigError and info.value.fix == "use 0..4"
+
+
+def test_failed_sweep_trial_error_column_is_the_raysafe_error_on_one_line():
+    from raysafe.sweep.flow import _error_text
+
+    err = _as_ray_task_error(
+        DataError("pair 'g7' has no prompt variant in ['sw']", where="group_id 'g7'", fix="add it")
+    )
+    assert _error_text(err) == "pair 'g7' has no prompt variant in ['sw'] | where: group_id 'g7' | fix: add it"
+    assert _error_text(RuntimeError("line one\nCUDA out of memory")) == "CUDA out of memory"

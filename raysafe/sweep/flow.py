@@ -212,7 +212,7 @@ def _error_text(error: BaseException) -> str:
     """A failed trial's error for the table: the raysafe error inside Ray's wrapping on one line (what, where, fix),
     else the last line of Ray's text."""
     err = unwrap_remote_error(error)
-    text = " | ".join(x.strip() for x in str(err).splitlines()) if err is not None else str(error).strip()
+    text = " | ".join(" ".join(x.split()) for x in str(err).splitlines()) if err is not None else str(error).strip()
     return (text.splitlines()[-1] if text else repr(error))[:500]
 
 
