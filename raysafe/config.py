@@ -109,6 +109,11 @@ class SourceSpec(Strict):
                 f"data.{hub_only[0]} applies to hub sources only, this source is kind={self.kind!r}: "
                 f"remove {hub_only[0]} or set kind: hub"
             )
+        if self.kind == "fixture" and self.adapter:
+            raise ValueError(
+                f"data.adapter {self.adapter!r} maps a published layout, but bundled fixtures are already in the "
+                "contract: remove data.adapter, or set kind: hub / file with the set's path"
+            )
         if self.subsets_by_lang and self.splits_by_lang:
             raise ValueError("give data.subsets_by_lang or data.splits_by_lang, not both")
         if self.lang is not None and (self.subsets_by_lang or self.splits_by_lang):
