@@ -7,6 +7,7 @@ sources, Ray resources, tracking) live here too. ``load_config(ExtractConfig, "j
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -20,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from raysafe.data.adapters import ADAPTER_NAMES
 from raysafe.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
@@ -59,8 +61,10 @@ class SourceSpec(Strict):
       - ``file``: local Parquet / JSONL / CSV (``path``; a directory of Parquet files works too);
       - ``hub``: a Hugging Face dataset by id (``path``), with ``subset``/``split``, or one subset per language
         (``subsets_by_lang``) or one split per language (``splits_by_lang``).
-    ``columns`` maps the source's column names to the contract's (``{"sentence": "text"}``); ``lang`` sets a constant
-    language when the source has no language column; ``label_map`` maps raw label values to ints.
+    ``adapter`` maps a published layout (PKU-SafeRLHF, MultiJail, MMMLU, the textdetox sets, the MLC release) to
+    the contract and fills its hub defaults (raysafe.data.adapters; docs/data.md). ``columns`` maps the source's
+    column names to the contract's (``{"sentence": "text"}``), after the adapter; ``lang`` sets a constant language
+    when the source has no language column; ``label_map`` maps raw label values to ints.
     """
 
     kind: Literal["fixture", "file", "hub"] = "fixture"
@@ -69,6 +73,9 @@ class SourceSpec(Strict):
     )
     name: str | None = None
     path: str | None = None
+    adapter: Literal[ADAPTER_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="a published layout to map to the contract (see docs/data.md)"
+    )
     subset: str | None = None
     split: str | None = None
     subsets_by_lang: dict[str, str] | None = None
@@ -96,6 +103,29 @@ class SourceSpec(Strict):
             raise ValueError("a fixture source needs `name` (safety_prompts, detox_pairs, concept_pairs, ...)")
         if self.kind in ("file", "hub") and not self.path:
             raise ValueError(f"a {self.kind} source needs `path`")
+        hub_only = [k for k in ("subset", "split", "subsets_by_lang", "splits_by_lang") if getattr(self, k)]
+        if self.kind != "hub" and hub_only:
+            raise ValueError(
+                f"data.{hub_only[0]} applies to hub sources only, this source is kind={self.kind!r}: "
+                f"remove {hub_only[0]} or set kind: hub"
+            )
+        if self.kind == "fixture" and self.adapter:
+            raise ValueError(
+                f"data.adapter {self.adapter!r} maps a published layout, but bundled fixtures are already in the "
+                "contract: remove data.adapter, or set kind: hub / file with the set's path"
+            )
+        if self.subsets_by_lang and self.splits_by_lang:
+            raise ValueError("give data.subsets_by_lang or data.splits_by_lang, not both")
+        if self.lang is not None and (self.subsets_by_lang or self.splits_by_lang):
+            raise ValueError(
+                "data.lang sets one language for every row, but subsets_by_lang / splits_by_lang already give "
+                "each part its language: remove data.lang"
+            )
+        if self.languages is not None and self.lang is not None and self.lang not in self.languages:
+            raise ValueError(
+                f"data.languages {self.languages} excludes data.lang {self.lang!r}, the language of every row: "
+                "no row would be kept"
+            )
         return self
 
 
@@ -189,7 +219,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _format_validation_error(err: ValidationError, cls: type[BaseModel], source: str) -> ConfigError:
+def _fields_at(cls: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names allowed at ``loc``'s parent in ``cls`` (following sub-models, lists and dicts), if known."""
+    model: Any = cls
+    for key in loc[:-1]:
+        if isinstance(key, int) or model is None:
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    return sorted(model.model_fields) if model is not None and hasattr(model, "model_fields") else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _override_of(loc: str, overrides: list[str]) -> str | None:
+    """The --set override that wrote field ``loc`` (or a mapping above it), if any."""
+    for ov in reversed(overrides):
+        key = ov.split("=", 1)[0].strip()
+        if loc == key or loc.startswith(key + ".") or key.startswith(loc + "."):
+            return ov
+    return None
+
+
+def _format_validation_error(
+    err: ValidationError, cls: type[BaseModel], source: str, overrides: list[str] | None = None
+) -> ConfigError:
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
@@ -200,18 +265,25 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel], source:
         if "expected" in ctx:
             allowed = f" (allowed: {ctx['expected']})"
         shown = repr(value) if not isinstance(value, dict) else "{...}"
+        ov = _override_of(loc, overrides or []) if loc else None
+        origin = f" [from --set {ov}]" if ov else ""
         if not loc:  # a check across fields (model validator): its message says where
             lines.append(f"- {msg.removeprefix('Value error, ')}")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"- {loc}: unknown field (value {shown}); check its spelling against `raysafe {cls.__name__}`")
+            names = _fields_at(cls, e["loc"])
+            close = difflib.get_close_matches(str(e["loc"][-1]), names or [], n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            known = f" (fields here: {', '.join(names)})" if names else ""
+            lines.append(f"- {loc}: unknown field (value {shown}){origin}{hint}{known}")
         elif e["type"] == "missing":
             lines.append(f"- {loc}: required field is missing")
         else:
-            lines.append(f"- {loc} = {shown}: {msg}{allowed}")
+            lines.append(f"- {loc} = {shown}{origin}: {msg}{allowed}")
     return ConfigError(
         f"invalid {cls.__name__}:\n" + "\n".join(lines),
         where=source,
-        fix="correct the field(s) above in the YAML file or the --set override",
+        fix="correct the field(s) above in the YAML file or the --set override (`--print-config` on an example "
+        "from jobs/configs/ prints every field with its default)",
     )
 
 
@@ -244,13 +316,15 @@ def load_config(
             set_path(tree, key, value)
         except ValueError:
             raise ConfigError(
-                f"cannot apply override {ov!r}", where="--set", fix="check the key path against the config"
+                f"cannot apply override {ov!r}: its key path does not lead to a field",
+                where=f"--set {ov}",
+                fix="check the key path against the config (`--print-config` prints it); list items are numbered "
+                "from 0",
             ) from None
-        source = f"{source} with --set {' '.join(overrides or [])}"
     try:
         return cls.model_validate(tree)
     except ValidationError as e:
-        raise _format_validation_error(e, cls, source) from None
+        raise _format_validation_error(e, cls, source, overrides) from None
 
 
 def dump_config(cfg: BaseModel) -> str:

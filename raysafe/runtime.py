@@ -26,12 +26,16 @@ def ensure_ray(spec: RaySpec) -> None:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's own progress bars are replaced by one bar per flow; keep its logs to warnings."""
+    """Ray Data's own progress bars are replaced by one bar per flow; keep its logs to warnings. A stage's own
+    exception is raised as itself: Ray Data otherwise wraps it in ``UserCodeException(...) from e``, and the ``from``
+    link does not survive the trip to the driver, so a DataError of a stage could not be shown as one
+    (:func:`raysafe.errors.unwrap_remote_error`)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True
 
 
 def actor_remote_args(spec: RaySpec) -> dict:

@@ -56,7 +56,7 @@ class LanguageMixture:
             raise ConfigError(
                 f"anchor language {anchor!r} is not one of the mixture's languages {languages}",
                 where="mixture.anchor",
-                fix="add it to languages or set always_include_anchor=False",
+                fix="add it to mixture.languages or choose another mixture.anchor",
             )
         if not 2 <= m <= len(languages):
             raise ConfigError(
@@ -143,7 +143,7 @@ class LanguageMixture:
             )
         rest = list(rest)
         if not rest:
-            raise ConfigError("a dominant/balanced mixture needs other languages", where="mixture.rest")
+            raise ConfigError("a dominant/balanced mixture needs other languages", where="mixture.languages")
         weights = [dominant_share] + [(1.0 - dominant_share) / len(rest)] * len(rest)
         return cls(
             [dominant, *rest], weights, m=m, anchor=dominant, always_include_anchor=always_include_anchor, seed=seed

@@ -17,6 +17,8 @@ class Contract:
     required: dict[str, pa.DataType]
     optional: dict[str, pa.DataType] = field(default_factory=dict)
     text_fields: tuple[str, ...] = ()  # must be non-empty strings
+    key: tuple[str, ...] = ()  # columns that identify a row: no two rows may share them (those present are used)
+    distinct: tuple[str, ...] = ()  # text fields that must differ within a row (a pair of two equal answers)
 
     @property
     def columns(self) -> list[str]:
@@ -28,6 +30,7 @@ PROMPT_VARIANTS = Contract(
     required={"group_id": pa.string(), "lang": pa.string(), "text": pa.string()},
     optional={"label": pa.int64(), "source": pa.string(), "split": pa.string()},
     text_fields=("text",),
+    key=("group_id", "lang"),
 )
 
 PREFERENCE_PAIRS = Contract(
@@ -35,6 +38,8 @@ PREFERENCE_PAIRS = Contract(
     required={"group_id": pa.string(), "prompt": pa.string(), "chosen": pa.string(), "rejected": pa.string()},
     optional={"lang": pa.string(), "source": pa.string(), "split": pa.string()},
     text_fields=("prompt", "chosen", "rejected"),
+    key=("group_id", "lang"),
+    distinct=("chosen", "rejected"),
 )
 
 PARALLEL_DETOX = Contract(
@@ -42,6 +47,7 @@ PARALLEL_DETOX = Contract(
     required={"group_id": pa.string(), "lang": pa.string(), "toxic": pa.string(), "neutral": pa.string()},
     optional={"source": pa.string(), "split": pa.string()},
     text_fields=("toxic", "neutral"),
+    key=("group_id", "lang"),
 )
 
 CONCEPT_PAIRS = Contract(
@@ -56,6 +62,7 @@ CONCEPT_PAIRS = Contract(
     },
     optional={"source": pa.string()},
     text_fields=("positive", "negative"),
+    key=("group_id", "concept", "lang"),
 )
 
 # One row per (item, layer, position) of one model; stored partitioned by model/layer so one layer of one

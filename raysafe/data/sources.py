@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from importlib import resources
@@ -14,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe.config import SourceSpec
+from raysafe.data.adapters import get_adapter
 from raysafe.data.languages import is_known
 from raysafe.data.schemas import Contract
 from raysafe.errors import DataError
@@ -56,35 +58,87 @@ def _read_file(path: Path) -> pl.DataFrame:
     )
 
 
+def _json_kind(value) -> str | None:
+    """The JSON type of a value as a user would name it; None for null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "list" if isinstance(value, list) else "object"
+
+
 def _read_jsonl(path: Path) -> pl.DataFrame:
+    """Rows of a JSONL file. Each line must be UTF-8 and a JSON object, and each field must keep one JSON type across
+    the rows: a number among strings is an error naming its line, never silently turned into text."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    kinds: dict[str, tuple[str, int]] = {}  # field -> (JSON type, first line holding it)
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"line {i} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})",
+                    where=f"{path}:{i}",
+                    fix="re-encode the file as UTF-8 (e.g. `iconv -f <its encoding> -t utf-8`)",
+                ) from None
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"line {i} is not valid JSON: {e.msg}", where=f"{path}:{i}", fix="fix or remove that line"
                 ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"line {i} holds a JSON {_json_kind(row) or 'null'}, not an object",
+                    where=f"{path}:{i}",
+                    fix='write one object per line, e.g. {"group_id": "g1", "lang": "en", "text": "..."}',
+                )
+            for key, value in row.items():
+                kind = _json_kind(value)
+                if kind is None:
+                    continue
+                first = kinds.setdefault(key, (kind, i))
+                if first[0] != kind:
+                    raise DataError(
+                        f"field {key!r} on line {i} holds a {kind} ({value!r}) where line {first[1]} holds a "
+                        f"{first[0]}",
+                        where=f"{path}:{i}, field {key}",
+                        fix=f"give {key!r} one type in every row (quote numbers meant as text)",
+                    )
+            rows.append(row)
     return pl.DataFrame(rows, strict=False, infer_schema_length=None)
 
 
-def _read_hub(spec: SourceSpec) -> pl.DataFrame:
+def _hub_part(spec: SourceSpec, subset: str | None, split: str) -> pl.DataFrame:
+    """One split of one subset. With ``limit_per_lang`` (and no ``items_per_class``) it is streamed and only its first
+    rows are read; otherwise it is downloaded once into the Hugging Face cache (HF_HOME) and read from there."""
     import datasets
 
+    stream = spec.limit_per_lang is not None and spec.items_per_class is None
+    try:
+        ds = datasets.load_dataset(spec.path, subset, split=split, streaming=stream)
+        if stream:
+            rows = list(itertools.islice(iter(ds), spec.limit_per_lang))
+            return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+    except Exception as e:  # datasets raises many types (connection, missing config, ...)
+        raise DataError(
+            f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {split!r}): {str(e).splitlines()[0]}",
+            where="data.path",
+            fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
+        ) from None
+    return pl.from_arrow(ds.data.table)
+
+
+def _read_hub(spec: SourceSpec) -> pl.DataFrame:
     def one(subset: str | None, split: str | None = None) -> pl.DataFrame:
-        split = split or spec.split or "train"
-        try:
-            ds = datasets.load_dataset(spec.path, subset, split=split)
-        except Exception as e:  # datasets raises many types (connection, missing config, ...)
-            raise DataError(
-                f"cannot load hub dataset {spec.path!r} (subset {subset!r}, split {split!r}): {str(e).splitlines()[0]}",
-                where="data.path",
-                fix="check the dataset id, subset and split; without network use a local file or a bundled fixture",
-            ) from None
-        return pl.from_arrow(ds.data.table)
+        return _hub_part(spec, subset, split or spec.split or "train")
 
     if spec.subsets_by_lang:
         frames = [one(sub).with_columns(pl.lit(lang).alias("lang")) for lang, sub in spec.subsets_by_lang.items()]
@@ -102,14 +156,23 @@ def _source_label(spec: SourceSpec) -> str:
     return f"fixture {spec.name}" if spec.kind == "fixture" else str(spec.path)
 
 
-def read_source(spec: SourceSpec) -> pl.DataFrame:
-    """Raw rows of a source, columns renamed per ``spec.columns``, constant language applied, filters applied."""
+def read_source(spec: SourceSpec, contract: Contract | None = None) -> pl.DataFrame:
+    """Raw rows of a source, mapped by its adapter (to ``contract``'s view when given), columns renamed per
+    ``spec.columns``, constant language applied, filters applied."""
+    adapter = get_adapter(spec.adapter) if spec.adapter else None
+    if adapter is not None and spec.kind == "hub":
+        spec = spec.model_copy(update=adapter.hub_defaults(spec))
     if spec.kind == "fixture":
         df = _read_jsonl(fixture_path(spec.name))
     elif spec.kind == "file":
         df = _read_file(Path(spec.path).expanduser())
     else:
         df = _read_hub(spec)
+    if adapter is not None:
+        if spec.lang is not None and "lang" not in df.columns:
+            df = df.with_columns(pl.lit(spec.lang).alias("lang"))
+        view = adapter.view_for(contract.name if contract is not None else None, spec.contract)
+        df = adapter.apply(df, view, _source_label(spec))
     if spec.columns:
         missing = [c for c in spec.columns if c not in df.columns]
         if missing:
@@ -122,10 +185,16 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
     if spec.lang is not None:
         df = df.with_columns(pl.lit(spec.lang).alias("lang"))
     if spec.label_map and "label" in df.columns:
-        df = df.with_columns(
-            pl.col("label").cast(pl.String).replace_strict(spec.label_map, default=None, return_dtype=pl.Int64)
-        )
+        df = _map_labels(df, spec.label_map, _source_label(spec))
     if spec.languages and "lang" in df.columns:
+        have = set(df["lang"].cast(pl.String).unique().to_list())
+        absent = [lang for lang in spec.languages if lang not in have]
+        if absent:
+            raise DataError(
+                f"data.languages asks for {absent}, which the source has no rows in",
+                where=f"{_source_label(spec)}, field lang",
+                fix=f"drop them from data.languages; the source has {sorted(x for x in have if x is not None)}",
+            )
         df = df.filter(pl.col("lang").is_in(spec.languages))
     if spec.limit_per_lang and "lang" in df.columns:
         df = df.with_row_index("_i").filter(pl.int_range(pl.len()).over("lang") < spec.limit_per_lang).drop("_i")
@@ -136,6 +205,21 @@ def read_source(spec: SourceSpec) -> pl.DataFrame:
     return df
 
 
+def _map_labels(df: pl.DataFrame, label_map: dict[str, int], where: str) -> pl.DataFrame:
+    """Replace raw labels by ``label_map``'s ints; a raw value the map lacks is an error naming it and its rows."""
+    raw = df["label"].cast(pl.String)
+    unmapped = df.with_row_index("_row").filter(raw.is_not_null() & ~raw.is_in(list(label_map)))
+    if unmapped.height:
+        values = sorted(set(unmapped["label"].cast(pl.String).to_list()))
+        rows = ", ".join(str(r) for r in unmapped["_row"].head(5).to_list())
+        raise DataError(
+            f"label value(s) {values} are not in data.label_map {label_map}",
+            where=f"{where}, field label, row(s) {rows}" + (" ..." if unmapped.height > 5 else ""),
+            fix="add them to data.label_map, or drop those rows from the source",
+        )
+    return df.with_columns(raw.replace_strict(label_map, default=None, return_dtype=pl.Int64).alias("label"))
+
+
 def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
     """Rows of the first ``n`` group_ids of each class (label or concept, and split), in source order: the same items
     in every language, so a subset of a parallel set stays parallel."""
@@ -143,7 +227,7 @@ def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
         raise DataError(
             "items_per_class needs a group_id column (one id per item across its translations)",
             where=where,
-            fix="map the item id column to group_id in data.columns, or use limit_per_lang",
+            fix="map the item id column to group_id in data.columns, or use data.limit_per_lang",
         )
     strata = [c for c in ("label", "concept", "split") if c in df.columns]
     items = df.select("group_id", *strata).unique(subset="group_id", keep="first", maintain_order=True)
@@ -165,7 +249,9 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
         )
     if df.height == 0:
         raise DataError(
-            f"{contract.name}: the source has no rows (after filters)", where=where, fix="check data.languages / limits"
+            f"{contract.name}: the source has no rows (after filters)",
+            where=where,
+            fix="check data.languages, data.limit_per_lang and data.items_per_class",
         )
     df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
 
@@ -217,6 +303,26 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
                 where=f"{where}, field label",
                 fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})",
             ) from None
+    key = [c for c in contract.key if c in df.columns]
+    if key:
+        dup = df.filter(pl.len().over(key) > 1)
+        if dup.height:
+            shown = ", ".join(f"{c}" for c in key)
+            raise DataError(
+                f"{contract.name}: {dup.height} rows share their ({shown}) with another row; the later one would "
+                "silently replace the earlier",
+                where=f"{where}: {rows_desc(dup)}",
+                fix=f"keep one row per ({shown}): give each item its own group_id, or remove the duplicates",
+            )
+    if contract.distinct:
+        a, b = contract.distinct
+        same = df.filter(pl.col(a).str.strip_chars() == pl.col(b).str.strip_chars())
+        if same.height:
+            raise DataError(
+                f"{contract.name}: {same.height} row(s) have {a} equal to {b}, which teaches no preference",
+                where=f"{where}: {rows_desc(same)}",
+                fix=f"remove those rows or correct their {a} / {b}",
+            )
     keep = ["row_id"] + [c for c in contract.columns if c in df.columns]
     extra = [c for c in ("category", "concept", "split", "source") if c in df.columns and c not in keep]
     return df.select(keep + extra)
@@ -227,7 +333,7 @@ def load_table(spec: SourceSpec, contract: Contract) -> pl.DataFrame:
 
     A source with a ``lang`` column but no ``group_id`` (the textdetox toxicity and ParaDetox sets have none) gets
     one per row, ``<lang>-<position within the language>``: its rows are then not linked across languages."""
-    df = read_source(spec)
+    df = read_source(spec, contract)
     if "group_id" in contract.required and "group_id" not in df.columns and "lang" in df.columns:
         log.warning(
             "%s has no group_id column: numbering its rows per language (<lang>-<i>); map an id column with "

@@ -23,7 +23,7 @@ from raysafe.config import (
     RaySpec,
     dump_config,
 )
-from raysafe.errors import DataError, ModelError, RaysafeError
+from raysafe.errors import DataError, ModelError, remote_errors
 from raysafe.evaluate.config import (
     EvaluateConfig,
     JudgeSpec,
@@ -98,23 +98,6 @@ class EvaluateResult:
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def _unwrap(e: BaseException) -> RaysafeError | None:
-    """The user-facing error inside a Ray task failure, if any (re-created without Ray's traceback text)."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, RaysafeError):
-            for cls in type(x).__mro__:
-                if cls.__module__.startswith("raysafe") and issubclass(cls, RaysafeError):
-                    return cls(x.what, where=x.where, fix=x.fix)
-        stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
-    return None
-
-
 def _check_model(spec: ModelSpec, where: str) -> str:
     """Fail before any work when a model cannot be found; returns its weights fingerprint."""
     from raysafe.models.loading import load_hf_config, resolve
@@ -153,16 +136,10 @@ def _run_pool(items: list[dict], stage, kwargs: dict, ray_spec: RaySpec, desc: s
         **actor_remote_args(ray_spec),
     )
     out = []
-    try:
-        with tqdm(total=len(items), desc=desc, unit="shard", disable=not progress) as bar:
-            for row in ds.iter_rows():
-                out.append(row)
-                bar.update(1)
-    except Exception as e:  # Ray wraps errors raised in actors; surface ours without the traceback
-        err = _unwrap(e)
-        if err is not None:
-            raise err from None
-        raise
+    with remote_errors(), tqdm(total=len(items), desc=desc, unit="shard", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            out.append(row)
+            bar.update(1)
     return out
 
 

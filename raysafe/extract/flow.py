@@ -20,8 +20,8 @@ from raysafe.atomic import atomic_write_json, atomic_write_parquet
 from raysafe.config import ModelSpec, dump_config
 from raysafe.data import schemas
 from raysafe.data.sources import load_table, to_text_rows
-from raysafe.errors import ConfigError, OutputError
-from raysafe.extract.config import ExtractConfig
+from raysafe.errors import ConfigError, OutputError, remote_errors
+from raysafe.extract.config import ExtractConfig, ExtractSpec
 from raysafe.extract.store import ActivationStore
 from raysafe.identity import fingerprint
 from raysafe.models.layers import config_depth, resolve_layers, text_config
@@ -153,6 +153,17 @@ def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[di
     return info, layers
 
 
+def check_lengths(spec: ModelSpec, extract: ExtractSpec, rows: pl.DataFrame) -> None:
+    """With ``extract.on_overflow=error``: tokenise every text on the driver, as the tokenising stage will, and raise
+    the DataError naming the first text over ``extract.max_length`` before any Ray worker starts."""
+    from raysafe.extract.stages import tokenize_texts
+    from raysafe.models.loading import load_tokenizer, resolve
+
+    tok = load_tokenizer(spec, resolve(spec))
+    meta = rows.select([c for c in ("row_id", "group_id", "lang") if c in rows.columns]).to_arrow()
+    tokenize_texts(tok, rows["text"].to_list(), extract, meta)
+
+
 def _actor_threads(cfg: ExtractConfig) -> int | None:
     if cfg.ray.torch_threads:
         return cfg.ray.torch_threads
@@ -203,7 +214,10 @@ def extract_model(
         **actor_remote_args(cfg.ray),
     )
     summaries = []
-    with tqdm(total=len(missing), desc=f"extract {spec.label}", unit="shard", disable=not progress) as bar:
+    with (
+        remote_errors(),
+        tqdm(total=len(missing), desc=f"extract {spec.label}", unit="shard", disable=not progress) as bar,
+    ):
         for row in ds.iter_rows():
             summaries.append(row)
             bar.update(1)
@@ -251,6 +265,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     plans = []
     for spec in cfg.models:
         info, layers = model_info(spec, cfg, fp)
+        if cfg.extract.on_overflow == "error":
+            check_lengths(spec, cfg.extract, rows)
         plans.append((spec, info, layers))
     n_shards = write_inputs(store, rows, cfg.extract.shard_rows, fp)
     for spec, info, _ in plans:

@@ -40,7 +40,7 @@ import polars as pl
 
 from raysafe import tracking
 from raysafe.config import TrackingSpec, dump_config, load_config
-from raysafe.errors import ConfigError, OutputError, RaysafeError
+from raysafe.errors import ConfigError, OutputError, RaysafeError, remote_errors, unwrap_remote_error
 from raysafe.sweep import metrics as M
 from raysafe.sweep.config import (
     SweepConfig,
@@ -158,26 +158,26 @@ def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
         raise ConfigError(
             f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster has {cpus:g}",
             where="resources.num_workers / resources.cpus_per_worker",
-            fix="lower them, or run on a bigger cluster (RAY_ADDRESS)",
+            fix="lower resources.num_workers or resources.cpus_per_worker, or run on a bigger cluster (RAY_ADDRESS)",
         )
     if r.use_gpu and r.num_workers > gpus:
         raise ConfigError(
             f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
             where="resources.num_workers / resources.use_gpu",
-            fix="lower num_workers or add GPUs",
+            fix="lower resources.num_workers or add GPUs",
         )
     if evaluate_cfg is not None and evaluate_cfg.ray.num_cpus_per_actor > cpus:
         raise ConfigError(
             f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has {cpus:g}",
             where="evaluation.evaluate.ray.num_cpus_per_actor",
-            fix="lower it",
+            fix="lower evaluation.evaluate.ray.num_cpus_per_actor, or run on a bigger cluster (RAY_ADDRESS)",
         )
     c = cfg.evaluation.consistency
     if cfg.evaluation.consistency.enabled and (c.cpus > cpus or c.gpus > gpus):
         raise ConfigError(
             f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has {cpus:g} / {gpus:g}",
             where="evaluation.consistency.cpus / gpus",
-            fix="lower them",
+            fix="lower evaluation.consistency.cpus / evaluation.consistency.gpus",
         )
     fits = math.floor((cpus + 1e-9) / need_cpu)
     if r.use_gpu:
@@ -206,6 +206,14 @@ def _status(metrics: dict, error: Any) -> str:
 _METRIC_PREFIXES = ("train_", "safety_", "utility_", "consistency_")
 
 
+def _error_text(error: BaseException) -> str:
+    """A failed trial's error for the table: the raysafe error inside Ray's wrapping on one line (what, where, fix),
+    else the last line of Ray's text."""
+    err = unwrap_remote_error(error)
+    text = " | ".join(" ".join(x.split()) for x in str(err).splitlines()) if err is not None else str(error).strip()
+    return (text.splitlines()[-1] if text else repr(error))[:500]
+
+
 def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
     from raysafe.sweep.trial import RESULT_FILE, RUN_FILE, trial_dir
 
@@ -228,7 +236,7 @@ def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
                 violations="; ".join(d["violations"]), checkpoint_dir=d["checkpoint_dir"], model_dir=d["model_dir"]
             )
         if res.error is not None:
-            row["error"] = str(res.error).strip().splitlines()[-1][:500] if str(res.error).strip() else repr(res.error)
+            row["error"] = _error_text(res.error)
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
 
@@ -468,7 +476,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
                     verbose=1 if progress else 0,
                 ),
             )
-        results = tuner.fit()
+        with remote_errors():
+            results = tuner.fit()
 
         # ---- report
         rows = _rows(results, sweep_dir, param_keys)

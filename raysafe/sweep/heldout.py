@@ -16,7 +16,7 @@ import polars as pl
 from pydantic import Field
 
 from raysafe.config import SourceSpec, Strict
-from raysafe.errors import DataError
+from raysafe.errors import DataError, remote_errors
 
 
 class ConsistencySpec(Strict):
@@ -105,8 +105,16 @@ def measure_remote(model_path: str, rows: list[dict], languages: list[str], laye
     task = ray.remote(measure).options(
         num_cpus=spec.cpus, num_gpus=spec.gpus or None, scheduling_strategy="DEFAULT", max_retries=0
     )
-    return ray.get(
-        task.remote(
-            model_path, rows, languages, layer, spec.max_length, spec.chat_template, spec.torch_threads, spec.gpus > 0
+    with remote_errors():
+        return ray.get(
+            task.remote(
+                model_path,
+                rows,
+                languages,
+                layer,
+                spec.max_length,
+                spec.chat_template,
+                spec.torch_threads,
+                spec.gpus > 0,
+            )
         )
-    )

@@ -231,7 +231,7 @@ class PreferenceCollator:
             raise DataError(
                 f"sample does not fit max_length={self.max_length}: {reason}",
                 where=f"group_id={group_id}",
-                fix="lower max_prompt_length below max_length, raise max_length, or set on_overflow='skip'",
+                fix="lower data.max_prompt_length below data.max_length, or raise data.max_length",
             )
         budget = self.max_length - len(prompt_ids)
         return EncodedSample(

@@ -9,6 +9,7 @@ from pydantic import (
     ConfigDict,
     Field,
     field_validator,
+    model_validator,
 )
 
 from raysafe.config import (
@@ -74,6 +75,36 @@ class MixtureSpec(Strict):
     preset: Literal["none", "dominant_balanced"] = "none"
     dominant: str | None = Field(None, description="the dominant language of the dominant_balanced preset")
     dominant_share: float = Field(0.5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MixtureSpec":
+        langs = self.languages
+        dupes = sorted({x for x in langs if langs.count(x) > 1})
+        if dupes:
+            raise ValueError(f"mixture.languages repeats {dupes}: list each language once")
+        if self.weights is not None and len(self.weights) != len(langs):
+            raise ValueError(
+                f"mixture.weights has {len(self.weights)} values for {len(langs)} mixture.languages: give one "
+                "weight per language, or none"
+            )
+        if self.m > len(langs):
+            raise ValueError(
+                f"mixture.m={self.m} variants per prompt cannot be drawn from {len(langs)} mixture.languages "
+                "(without replacement): lower mixture.m or add languages"
+            )
+        if self.preset == "none" and self.anchor not in langs:
+            raise ValueError(
+                f"mixture.anchor {self.anchor!r} is not in mixture.languages {langs}: add it there or choose "
+                "another anchor"
+            )
+        if self.preset == "dominant_balanced" and (self.dominant or self.anchor) not in langs:
+            raise ValueError(
+                f"the dominant language {(self.dominant or self.anchor)!r} (mixture.dominant, else mixture.anchor) "
+                f"is not in mixture.languages {langs}"
+            )
+        if self.preset == "dominant_balanced" and self.weights is not None:
+            raise ValueError("mixture.weights and preset dominant_balanced both set the weights: remove one")
+        return self
 
 
 class LossSpec(Strict):
@@ -145,6 +176,15 @@ class TrainDataSpec(Strict):
     chat_template: Literal["auto", "on", "off"] = "auto"
 
     _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: on_off(v)))
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TrainDataSpec":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} leaves no room for an answer within "
+                f"data.max_length={self.max_length}: make max_prompt_length smaller than max_length"
+            )
+        return self
 
 
 class CheckpointSpec(Strict):

@@ -17,7 +17,7 @@ import polars as pl
 
 from raysafe import tracking
 from raysafe.config import dump_config
-from raysafe.errors import ConfigError, OutputError
+from raysafe.errors import ConfigError, OutputError, remote_errors
 from raysafe.identity import fingerprint
 from raysafe.train.checkpoint import HF_DIR, STATE_FILE
 from raysafe.train.config import TrainConfig
@@ -106,7 +106,7 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
             f"{samples.height} training pairs cannot fill one optimiser step of {per_step} pairs "
             "(micro_batch x workers x grad_accum)",
             where="optim",
-            fix="lower micro_batch or grad_accum",
+            fix="lower optim.micro_batch or optim.grad_accum (or ray.num_workers), or add pairs",
         )
     return samples, resume
 
@@ -134,9 +134,9 @@ def precompute_reference(cfg: TrainConfig, samples: pl.DataFrame) -> pl.DataFram
     )
     import pyarrow as pa
 
-    return pl.from_arrow(pa.concat_tables(ray.get(out.to_arrow_refs()))).select(
-        "sample_idx", "ref_chosen", "ref_rejected"
-    )
+    with remote_errors():
+        tables = ray.get(out.to_arrow_refs())
+    return pl.from_arrow(pa.concat_tables(tables)).select("sample_idx", "ref_chosen", "ref_rejected")
 
 
 def _reference_mode(cfg: TrainConfig) -> tuple[bool, bool]:
@@ -217,7 +217,8 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
             resume_from_checkpoint=Checkpoint.from_directory(resume) if resume else None,
         )
-        result = trainer.fit()
+        with remote_errors():
+            result = trainer.fit()
         if result.checkpoint is None:
             raise OutputError(
                 f"training run {name} produced no checkpoint",
