@@ -121,13 +121,14 @@ def _directions(cfg: TranslateConfig) -> list[tuple[str, str]]:
 def preflight(cfg: TranslateConfig) -> list[str]:
     """Refuse before any work when the translator has no code for a language; return warnings for languages the
     language identifier cannot check."""
-    from raysafe.translate.quality import identifier_languages
+    from raysafe.translate.quality import identifier_languages, make_identifier
     from raysafe.translate.translators import Seq2SeqTranslator
 
     if cfg.translator.kind == "seq2seq":
         checker = Seq2SeqTranslator(cfg.translator)
         for s, t in _directions(cfg):
             checker.check(s, t)
+    make_identifier(cfg.quality.langid)  # importable here, or a ConfigError before the actors start
     warnings = []
     covered = identifier_languages(cfg.quality.langid)
     if covered is not None:
