@@ -213,3 +213,24 @@ def test_vllm_backend_is_refused_with_a_clear_error():
 
     with pytest.raises(ConfigError, match="vLLM backend is not available"):
         LLMTranslator(TranslatorSpec(kind="llm", model={"path": "x"}, backend="vllm"))
+
+
+def test_unknown_token_rate_warns_per_language():
+    from raysafe.translate.flow import unk_warnings
+
+    report = pl.DataFrame({"lang": ["zh", "ku", "ru"], "unk_rate_mean": [0.0, 0.31, None]})
+    (w,) = unk_warnings(report, 0.05)
+    assert w.startswith("ku: 31.0 % of output tokens are unknown") and "max_unk_rate=0.05" in w
+
+
+def test_llm_translator_through_the_generation_backend(tiny_llama_dir):
+    from raysafe.translate.translators import LLMTranslator
+
+    s = TranslatorSpec(
+        kind="llm", model={"path": str(tiny_llama_dir)}, max_new_tokens=5, stop_strings=["\n"], batch_size=2
+    )
+    tr = LLMTranslator(s)
+    out = tr.translate(["Hello", "How are you today?", "Bye"], "en", "ja")
+    assert len(out) == 3 and all("\n" not in o.text for o in out)
+    with pytest.raises(DataError, match="max_input_tokens"):
+        LLMTranslator(s.model_copy(update={"max_input_tokens": 8})).translate(["x" * 40], "en", "ja")

@@ -43,7 +43,7 @@ class TranslatorSpec(Strict):
         description="raysafe language code -> the model's own code (zh -> zho_Hant for traditional script), "
         "overriding the built-in tables",
     )
-    num_beams: int = Field(1, ge=1, description="seq2seq/llm: beam search width (1 = greedy)")
+    num_beams: int = Field(1, ge=1, description="seq2seq: beam search width (1 = greedy; the llm decodes greedily)")
     max_new_tokens: int = Field(256, ge=1, description="tokens per translated text")
     max_input_tokens: int = Field(512, ge=8, description="longer inputs are refused with the row named")
     batch_size: int = Field(16, ge=1, description="texts per generate call (length-sorted)")
@@ -53,6 +53,9 @@ class TranslatorSpec(Strict):
         DEFAULT_PROMPT, description="llm/openai: the request, with {text}, {source_name}, {target_name}"
     )
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="llm: wrap the request as a user turn")
+    stop_strings: list[str] = Field(
+        default_factory=list, description="llm: cut the output at the first of these (e.g. a newline for base models)"
+    )
     # openai
     url_env: str = Field("RAYSAFE_TRANSLATE_URL", description="openai: env var holding the base URL (…/v1)")
     key_env: str = Field("RAYSAFE_TRANSLATE_API_KEY", description="openai: env var holding the API key (may be unset)")

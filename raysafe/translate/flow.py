@@ -234,6 +234,16 @@ def assemble(cfg: TranslateConfig, store: TranslationStore, inputs: pl.DataFrame
     return files, report, flagged
 
 
+def unk_warnings(report: pl.DataFrame, max_unk_rate: float) -> list[str]:
+    """One warning per language whose outputs have, on average, more unknown tokens than ``max_unk_rate``."""
+    return [
+        f"{r['lang']}: {100 * r['unk_rate_mean']:.1f} % of output tokens are unknown to the translator's tokenizer "
+        f"(over quality.max_unk_rate={max_unk_rate}): it cannot write this language sensibly; its rows are flagged"
+        for r in report.iter_rows(named=True)
+        if r["unk_rate_mean"] is not None and r["unk_rate_mean"] > max_unk_rate
+    ]
+
+
 def _report_md(cfg: TranslateConfig, report: pl.DataFrame, warnings: list[str], contract: str) -> str:
     cols = report.columns
     lines = [
@@ -280,13 +290,7 @@ def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResul
             )
         files, report, flagged = assemble(cfg, store, inputs, contract, n_shards)
         result_files.update(files)
-        for r in report.iter_rows(named=True):
-            if r["unk_rate_mean"] is not None and r["unk_rate_mean"] > cfg.quality.max_unk_rate:
-                warnings.append(
-                    f"{r['lang']}: {100 * r['unk_rate_mean']:.1f} % of output tokens are unknown to the translator's "
-                    f"tokenizer (over quality.max_unk_rate={cfg.quality.max_unk_rate}): it cannot write this "
-                    "language sensibly"
-                )
+        warnings += unk_warnings(report, cfg.quality.max_unk_rate)
         for w in warnings:
             log.warning(w)
         atomic_write_json(store.root / "report.json", {"languages": report.to_dicts(), "warnings": warnings})

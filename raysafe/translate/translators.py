@@ -246,6 +246,7 @@ class LLMTranslator:
             chat_template=spec.chat_template,
             batch_size=spec.batch_size,
             max_prompt_tokens=spec.max_input_tokens + 512,
+            stop_strings=spec.stop_strings,
         )
         self.gen = Generator(spec.model.model_dump(), gen.model_dump(), device, torch_threads)
 
@@ -304,6 +305,7 @@ def translator_identity(spec: TranslatorSpec, directions: list[tuple[str, str]])
         ident.update(
             prompt_format=spec.prompt_format,
             chat_template=spec.chat_template,
+            stop_strings=spec.stop_strings,
             backend=spec.backend,
             model=_fingerprint(spec.model.path, spec.model.revision),
         )
