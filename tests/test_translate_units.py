@@ -234,3 +234,17 @@ def test_llm_translator_through_the_generation_backend(tiny_llama_dir):
     assert len(out) == 3 and all("\n" not in o.text for o in out)
     with pytest.raises(DataError, match="max_input_tokens"):
         LLMTranslator(s.model_copy(update={"max_input_tokens": 8})).translate(["x" * 40], "en", "ja")
+
+
+def test_translator_identity_tells_two_checkpoints_of_one_config_apart(tmp_path):
+    from raysafe.models.tiny import save_tiny_mt
+    from raysafe.translate.translators import translator_identity
+
+    a = save_tiny_mt(tmp_path / "a", "m2m100", ["__en__", "__zh__"], seed=0)
+    b = save_tiny_mt(tmp_path / "b", "m2m100", ["__en__", "__zh__"], seed=1)
+    assert (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    ia = translator_identity(spec(a), [("en", "zh")])
+    assert ia == translator_identity(spec(a), [("en", "zh")])
+    assert ia["models"] != translator_identity(spec(b), [("en", "zh")])["models"]
+    assert ia != translator_identity(spec(a, num_beams=4), [("en", "zh")])
+    assert ia == translator_identity(spec(a, batch_size=3), [("en", "zh")])  # a throughput knob

@@ -281,9 +281,24 @@ def make_translator(spec: TranslatorSpec, device: str | None = None, torch_threa
 
 @functools.cache
 def _fingerprint(path: str, revision: str | None) -> str:
+    """The weights' identity: ``resolve``'s fingerprint (hub id@revision, or a hash of a local config.json), and for
+    a local directory also the size and first 16 MiB of every weight file, so that two checkpoints with one config
+    (a fine-tuned MT model, two random test models) are told apart."""
+    import hashlib
+    from pathlib import Path
+
     from raysafe.models.loading import resolve
 
-    return resolve(ModelSpec(path=path, revision=revision)).fingerprint
+    resolved = resolve(ModelSpec(path=path, revision=revision))
+    if resolved.source != "local":
+        return resolved.fingerprint
+    h = hashlib.sha256(resolved.fingerprint.encode())
+    for f in sorted(Path(resolved.path).glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+            h.update(f.name.encode() + str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 24))
+    return h.hexdigest()[:16]
 
 
 def translator_identity(spec: TranslatorSpec, directions: list[tuple[str, str]]) -> dict:
