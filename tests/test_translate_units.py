@@ -248,3 +248,33 @@ def test_translator_identity_tells_two_checkpoints_of_one_config_apart(tmp_path)
     assert ia["models"] != translator_identity(spec(b), [("en", "zh")])["models"]
     assert ia != translator_identity(spec(a, num_beams=4), [("en", "zh")])
     assert ia == translator_identity(spec(a, batch_size=3), [("en", "zh")])  # a throughput knob
+
+
+def test_pairs_table_flags_a_pair_when_any_field_fails_and_counts_per_language():
+    from raysafe.translate.report import flag, language_report, pairs_table, variants_table
+
+    inputs = pl.DataFrame(
+        {"row_id": [0, 1], "group_id": ["p0", "p1"], "prompt": ["P0", "P1"], "chosen": ["C0", "C1"],
+         "rejected": ["R0", "R1"], "split": ["train", "test"]}
+    )  # fmt: skip
+    rows = []
+    for row_id in (0, 1):
+        for field in ("prompt", "chosen", "rejected"):
+            bad = row_id == 1 and field == "rejected"
+            rows.append(
+                {"row_id": row_id, "group_id": f"p{row_id}", "lang": "zh", "field": field,
+                 "source_text": f"{field}{row_id}", "text": f"译{field}{row_id}", "back_text": None,
+                 "n_tokens": 3, "n_unk": 0, "langid_lang": "ja" if bad else "zh", "langid_prob": 0.9,
+                 "chrf_round_trip": None, "length_ratio": 1.0, "unk_rate": 0.0}
+            )  # fmt: skip
+    flagged = flag(pl.DataFrame(rows), T)
+    pairs = pairs_table(inputs, flagged, "en", exclude_flagged=False)
+    zh = pairs.filter(pl.col("lang") == "zh").sort("group_id")
+    assert zh["flagged"].to_list() == [False, True] and zh["flag_reasons"].to_list() == ["", "rejected:langid"]
+    assert zh["chosen"].to_list() == ["译chosen0", "译chosen1"] and zh["split"].to_list() == ["train", "test"]
+    assert pairs_table(inputs, flagged, "en", exclude_flagged=True).filter(pl.col("lang") == "zh").height == 1
+    # the pair's prompt passed: its prompt variant is kept
+    assert variants_table(inputs, flagged, "en", "prompt", True).filter(pl.col("lang") == "zh").height == 2
+    units = flagged.group_by(["row_id", "lang"]).agg(pl.col("flagged").any())
+    rep = language_report(flagged, 2, units).row(0, named=True)
+    assert (rep["translated"], rep["flagged"], rep["kept"], rep["flag_langid"], rep["texts"]) == (2, 1, 1, 1, 6)

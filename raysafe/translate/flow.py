@@ -61,7 +61,7 @@ class TranslateResult:
         for r in self.report.iter_rows(named=True):
             lines.append(
                 f"  {r['lang']}: {r['kept']}/{r['translated']} kept, {r['flagged']} flagged "
-                f"(chrF median {r['chrf_median'] if r['chrf_median'] is not None else 'n/a'})"
+                f"(round-trip chrF median {'n/a' if r['chrf_median'] is None else format(r['chrf_median'], '.1f')})"
             )
         lines += [f"  warning: {w}" for w in self.warnings]
         lines += [f"  {name}: {p}" for name, p in self.files.items()]

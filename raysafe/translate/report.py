@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
+from raysafe.translate.codes import LANGID
 from raysafe.translate.quality import FLAG_REASONS, Thresholds, flag_reasons
 
 QUALITY_COLUMNS = ("langid_lang", "langid_prob", "chrf_round_trip", "length_ratio", "unk_rate")
@@ -115,7 +116,7 @@ def language_report(flagged: pl.DataFrame, rows_per_lang: int, unit_flagged: pl.
         *per_reason,
         pl.col("chrf_round_trip").median().alias("chrf_median"),
         pl.col("langid_prob").median().alias("langid_prob_median"),
-        (pl.col("langid_lang") == pl.col("lang")).mean().alias("langid_match_share"),
+        (pl.col("langid_lang") == pl.col("lang").replace(LANGID)).mean().alias("langid_match_share"),
         pl.col("length_ratio").median().alias("length_ratio_median"),
         pl.col("unk_rate").mean().alias("unk_rate_mean"),
     )
