@@ -90,11 +90,19 @@ def save_tiny(path: str | Path, arch: str = "llama", **kwargs) -> Path:
 
 
 def save_tiny_mt(
-    path: str | Path, arch: str = "m2m100", codes: list[str] = (), *, d_model: int = 32, layers: int = 1, seed: int = 0
+    path: str | Path,
+    arch: str = "m2m100",
+    codes: list[str] = (),
+    *,
+    d_model: int = 32,
+    layers: int = 1,
+    seed: int = 0,
+    never_stop: bool = False,
 ) -> Path:
     """Write a tiny random encoder-decoder MT model (``m2m100`` or ``marian`` config) with the byte-level tokenizer
     plus ``codes`` as special tokens (``__en__``, ``eng_Latn`` or ``>>zho<<``: the language tokens the real models
-    use), as a Hugging Face directory; returns the path."""
+    use), as a Hugging Face directory; returns the path. ``never_stop`` (Marian only): a -1e4 logit bias on the
+    special tokens, so greedy decoding never ends early and always writes text (fixed work for benchmarks)."""
     from transformers import AutoModelForSeq2SeqLM, M2M100Config, MarianConfig
 
     path = Path(path)
@@ -123,6 +131,11 @@ def save_tiny_mt(
         raise ValueError(f"unknown tiny MT architecture {arch!r}; use 'm2m100' or 'marian'")
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    if never_stop:
+        if arch != "marian":
+            raise ValueError("never_stop needs the marian architecture (its final_logits_bias)")
+        with torch.no_grad():
+            model.final_logits_bias[:, tok.all_special_ids] = -1e4
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)

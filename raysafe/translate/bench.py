@@ -9,9 +9,10 @@ safety prompts:
 2. the pipeline (``run_translate``: Ray Data, ``--actors`` translator actors of ``--threads / --actors`` threads each);
    Ray itself is started before the clock.
 
-A sentence is one text translated (forward or back). Without ``--model`` the model is a random M2M100 of the given
-size built in a temporary directory (no MT model is available offline here): random weights never emit EOS, so each
-output is exactly ``--max-new-tokens`` long and both sides do identical work. With ``--model`` (a local NLLB/M2M100/
+A sentence is one text translated (forward or back). Without ``--model`` the model is a random multi-target Marian
+model of the given size built in a temporary directory (no MT model is available offline here), its special tokens
+biased away so that every output is exactly ``--max-new-tokens`` tokens of text: each text is translated and
+back-translated, and both sides do identical work. With ``--model`` (a local NLLB/M2M100/
 Marian directory or a hub id) the figures are those of that model.
 """
 
@@ -63,9 +64,12 @@ def run(args) -> dict:
     model = args.model
     if model is None:
         from raysafe.models.tiny import save_tiny_mt
+        from raysafe.translate.codes import NLLB
 
-        codes = [f"__{c}__" for c in ("en", *args.langs.split(","))]
-        model = str(save_tiny_mt(work / "mt", "m2m100", codes, d_model=args.d_model, layers=args.layers))
+        codes = [f">>{NLLB[c][:3]}<<" for c in ("en", *args.langs.split(","))]
+        model = str(
+            save_tiny_mt(work / "mt", "marian", codes, d_model=args.d_model, layers=args.layers, never_stop=True)
+        )
     threads_per_actor = max(1, args.threads // args.actors)
 
     def cfg(out: str, actors: int, threads: int):
@@ -96,7 +100,7 @@ def run(args) -> dict:
     res = run_translate(cfg("pool", args.actors, threads_per_actor), progress=False)
     ray.shutdown()
     out = {
-        "model": args.model or f"random M2M100 d_model={args.d_model} layers={args.layers}",
+        "model": args.model or f"random Marian d_model={args.d_model} layers={args.layers}",
         "rows": args.rows,
         "langs": args.langs,
         "cells": res.cells_total,
@@ -119,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="raysafe bench translate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", default=None, help="MT model directory or hub id (default: a random M2M100)")
-    p.add_argument("--d-model", type=int, default=256, help="width of the random M2M100")
-    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers of the random M2M100")
+    p.add_argument("--model", default=None, help="MT model directory or hub id (default: a random Marian model)")
+    p.add_argument("--d-model", type=int, default=256, help="width of the random model")
+    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers of the random model")
     p.add_argument("--rows", type=int, default=40, help="English source prompts (at most 120)")
     p.add_argument("--langs", default="zh,ru", help="target languages")
     p.add_argument("--shard-rows", type=int, default=10)
