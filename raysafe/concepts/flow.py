@@ -186,7 +186,7 @@ def extract_config(
 def store_is_complete(root: Path, label: str, layers: list[int], position: str, fingerprint: str) -> bool | None:
     """True: the store holds every shard of ``label`` for these inputs, layers and position; False: it holds a
     partial extraction that covers them (resume it); None: nothing usable (extract anew)."""
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
 
     store = ActivationStore(root)
     info_path = store.model_dir(label) / "model.json"
@@ -375,7 +375,7 @@ def analyse_model(
 ) -> None:
     """Analysis, outputs, steering and logging of one model (fills ``out``)."""
     from raysafe.concepts.report import write_concept_report
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
     from raysafe.tables import write_table
 
     label = spec.label
