@@ -100,12 +100,14 @@ def test_variants_valid_flags_counted_reflag_without_translating_and_identity(
     assert (rep["zh"]["flagged"], rep["zh"]["kept"]) == (0, 6)
     assert (tmp_path / "out" / "figures" / "quality_chrf_round_trip.png").is_file()
 
-    import mlflow
+    from mlflow import MlflowClient
 
-    run = mlflow.get_run(res.mlflow_run_id)
+    run = MlflowClient().get_run(res.mlflow_run_id)
     assert run.data.metrics["flagged_ru"] == 6 and run.data.metrics["kept_zh"] == 6
     assert run.data.metrics["progress_zh"] == 1.0
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "figures")}
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == res.dataset_fingerprint and inp.dataset.name == "prompt_variants-en"
+    arts = {a.path for a in MlflowClient().list_artifacts(res.mlflow_run_id, "figures")}
     assert "figures/quality_langid_prob.png" in arts
 
     # a threshold change re-flags from the stored scores: nothing is translated again

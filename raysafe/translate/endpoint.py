@@ -10,7 +10,6 @@ first bytes, never a silent empty translation.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import time
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urljoin, urlsplit
 
 from raysafe.errors import ConfigError, ModelError
+from raysafe.evaluate.config import endpoint_url_problem
 from raysafe.translate.config import TranslatorSpec
 from raysafe.translate.translators import Translation, llm_request
 
@@ -25,31 +25,15 @@ RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 3
 
 
-def is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_url(url: str, where: str) -> None:
-    """https, or http on the loopback interface only; no credentials in the URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{url!r} is not an http(s) URL", where=where, fix="give https://host/v1")
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
+    """The judge's rule (``evaluate.config.endpoint_url_problem``): https, or http to a loopback host; no credentials."""
+    problem = endpoint_url_problem(url)
+    if problem:
         raise ConfigError(
-            f"refusing plain http to {parts.hostname}: the request carries the texts and the API key",
+            f"the translation endpoint is refused: {problem}",
             where=where,
-            fix="use https (plain http is allowed on 127.0.0.1 / ::1 / localhost only)",
-        )
-    if parts.username or parts.password:
-        raise ConfigError(
-            "the endpoint URL carries credentials", where=where, fix="put the key in the key_env variable instead"
+            fix="give the endpoint's https:// URL (or reach a local server through http://127.0.0.1:<port>/v1); the "
+            "key belongs in the key_env variable",
         )
 
 
@@ -88,7 +72,10 @@ class OpenAITranslator:
         self.url = endpoint_base(spec) + "/chat/completions"
         self.key = os.environ.get(spec.key_env) or None
         self.backoff_s = backoff_s
-        self.client = httpx.Client(timeout=spec.timeout_s, follow_redirects=False)
+        # Plain http is loopback only: never through a proxy from the environment (it would carry the key in clear).
+        self.client = httpx.Client(
+            timeout=spec.timeout_s, follow_redirects=False, mounts={"http://": httpx.HTTPTransport()}
+        )
 
     def check(self, src: str, tgt: str) -> None:
         """The endpoint is reached on the first request; its URL was checked when the translator was built."""

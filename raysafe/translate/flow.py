@@ -278,6 +278,9 @@ def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResul
     result_files: dict[str, Path] = {}
     with tracking.run(cfg.tracking, "translate", tags={"raysafe.flow": "translate"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
+        tracking.log_input(
+            f"{contract}-{cfg.translate.source_lang}", {"data": cfg.data}, fp, inputs.height, context="translation"
+        )
         t0 = time.perf_counter()
         summaries = translate_cells(cfg, store, missing, fields, progress) if missing else []
         seconds = time.perf_counter() - t0

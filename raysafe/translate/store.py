@@ -22,12 +22,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from raysafe.atomic import atomic_write_json, atomic_write_parquet
+from raysafe.atomic import atomic_write_json, atomic_write_parquet, shard_name
 from raysafe.errors import OutputError
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}"
 
 
 class TranslationStore:
