@@ -278,3 +278,19 @@ def test_pairs_table_flags_a_pair_when_any_field_fails_and_counts_per_language()
     units = flagged.group_by(["row_id", "lang"]).agg(pl.col("flagged").any())
     rep = language_report(flagged, 2, units).row(0, named=True)
     assert (rep["translated"], rep["flagged"], rep["kept"], rep["flag_langid"], rep["texts"]) == (2, 1, 1, 1, 6)
+
+
+def test_preflight_refuses_an_unimportable_identifier_and_warns_on_uncovered_languages():
+    from raysafe.translate.flow import preflight
+
+    base = {
+        "data": {"kind": "fixture", "name": "safety_prompts"},
+        "translator": {"kind": "llm", "model": {"path": "x"}},
+        "translate": {"target_langs": ["zh", "yo"]},
+    }
+    (w,) = preflight(load_config(TranslateConfig, data=base))
+    assert "does not know ['yo']" in w and "not language-checked" in w
+    bad = {**base, "quality": {"langid": "no_such_module:identify"}}
+    with pytest.raises(ConfigError, match="cannot import the language identifier 'no_such_module:identify'") as e:
+        preflight(load_config(TranslateConfig, data=bad))
+    assert e.value.where == "quality.langid"
