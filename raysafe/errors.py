@@ -40,3 +40,21 @@ class ModelError(RaysafeError):
 
 class OutputError(RaysafeError):
     """An output location holds something incompatible (another model's activations, another run's checkpoint)."""
+
+
+def raysafe_cause(e: BaseException) -> RaysafeError | None:
+    """The user-facing error inside a failure that Ray wrapped (an error raised in an actor or task reaches the
+    driver inside Ray's own exception types), re-created without Ray's traceback text; None when there is none."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, RaysafeError):
+            for cls in type(x).__mro__:
+                if cls.__module__.startswith("raysafe") and issubclass(cls, RaysafeError):
+                    return cls(x.what, where=x.where, fix=x.fix)
+        stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
+    return None

@@ -150,6 +150,18 @@ def test_pairs_keep_structure_and_ids(tmp_path, tiny_marian, ray_local):
     assert variants.filter(pl.col("lang") == "zh").height == 3
 
 
+def test_an_error_in_an_actor_reaches_the_user_as_itself(tmp_path, tiny_m2m, ray_local):
+    from raysafe.errors import DataError
+
+    data = {"kind": "fixture", "name": "safety_prompts", "languages": ["en"], "limit_per_lang": 3}
+    cfg = config(tmp_path / "long", tiny_m2m, data, ["zh"], {"langid": "off"})
+    cfg.translator.max_input_tokens = 10
+    with pytest.raises(DataError, match="over translator.max_input_tokens=10") as e:
+        run_translate(cfg, False)
+    assert "group_id 'harm-001', field 'text', en -> zh" in e.value.where
+    assert "Traceback" not in str(e.value)
+
+
 KILL_SCRIPT = """
 import sys
 from raysafe.config import load_config

@@ -23,7 +23,8 @@ from raysafe.config import (
     RaySpec,
     dump_config,
 )
-from raysafe.errors import DataError, ModelError, RaysafeError
+from raysafe.errors import DataError, ModelError
+from raysafe.errors import raysafe_cause as _unwrap
 from raysafe.evaluate.config import (
     EvaluateConfig,
     JudgeSpec,
@@ -99,23 +100,6 @@ class EvaluateResult:
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def _unwrap(e: BaseException) -> RaysafeError | None:
-    """The user-facing error inside a Ray task failure, if any (re-created without Ray's traceback text)."""
-    seen = set()
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, RaysafeError):
-            for cls in type(x).__mro__:
-                if cls.__module__.startswith("raysafe") and issubclass(cls, RaysafeError):
-                    return cls(x.what, where=x.where, fix=x.fix)
-        stack.extend([getattr(x, "cause", None), x.__cause__, x.__context__])
-    return None
-
-
 def _check_model(spec: ModelSpec, where: str) -> str:
     """Fail before any work when a model cannot be found; returns its weights fingerprint."""
     from transformers import AutoConfig

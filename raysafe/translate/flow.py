@@ -23,7 +23,7 @@ from raysafe.atomic import atomic_write_bytes, atomic_write_json, atomic_write_p
 from raysafe.config import dump_config
 from raysafe.data import schemas
 from raysafe.data.sources import load_table
-from raysafe.errors import DataError, OutputError
+from raysafe.errors import DataError, OutputError, raysafe_cause
 from raysafe.identity import fingerprint
 from raysafe.translate.config import TranslateConfig
 from raysafe.translate.report import flag, language_report, pairs_table, quality_figures, variants_table
@@ -171,6 +171,9 @@ def translate_cells(
 
     ensure_ray(cfg.ray)
     quiet_ray_data()
+    # Ray Data re-raises a stage's error as "UDF failed to process a data block" with the original's chain dropped
+    # on the way to the driver; raising the original keeps our DataError (what/where/fix) inside Ray's wrapper.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_items([{"lang": lang, "shard_id": k} for lang, k in cells], override_num_blocks=len(cells))
     ds = ds.map_batches(
         TranslateStage,
@@ -191,15 +194,21 @@ def translate_cells(
     todo = Counter(lang for lang, _ in cells)
     done: Counter = Counter()
     summaries = []
-    with tqdm(total=len(cells), desc="translate", unit="cell", disable=not progress) as bar:
-        for row in ds.iter_rows():
-            summaries.append(row)
-            done[row["lang"]] += 1
-            bar.update(1)
-            bar.set_postfix_str(" ".join(f"{lang} {done[lang]}/{n}" for lang, n in todo.items()))
-            tracking.log_metrics(
-                {f"progress_{row['lang']}": done[row["lang"]] / todo[row["lang"]]}, step=len(summaries)
-            )
+    try:
+        with tqdm(total=len(cells), desc="translate", unit="cell", disable=not progress) as bar:
+            for row in ds.iter_rows():
+                summaries.append(row)
+                done[row["lang"]] += 1
+                bar.update(1)
+                bar.set_postfix_str(" ".join(f"{lang} {done[lang]}/{n}" for lang, n in todo.items()))
+                tracking.log_metrics(
+                    {f"progress_{row['lang']}": done[row["lang"]] / todo[row["lang"]]}, step=len(summaries)
+                )
+    except Exception as e:  # Ray wraps errors raised in actors: surface ours (what/where/fix) without its traceback
+        err = raysafe_cause(e)
+        if err is not None:
+            raise err from None
+        raise
     return summaries
 
 
