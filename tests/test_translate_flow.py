@@ -52,7 +52,7 @@ def ray_local():
 def tiny_m2m(tmp_path_factory):
     from raysafe.models.tiny import save_tiny_mt
 
-    return save_tiny_mt(tmp_path_factory.mktemp("mt") / "m2m", "m2m100", ["__en__", "__zh__", "__ru__"])
+    return save_tiny_mt(tmp_path_factory.mktemp("mt") / "m2m", "m2m100", ["__en__", "__zh__", "__ru__", "__ja__"])
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +110,13 @@ def test_variants_valid_flags_counted_reflag_without_translating_and_identity(
     arts = {a.path for a in MlflowClient().list_artifacts(res.mlflow_run_id, "figures")}
     assert "figures/quality_langid_prob.png" in arts
 
-    # a threshold change re-flags from the stored scores: nothing is translated again
+    # a threshold change re-flags from the stored scores: only the added language is translated
     quality2 = {**quality, "exclude_flagged": False}
-    again = run_translate(config(tmp_path / "out", tiny_m2m, data, ["zh", "ru"], quality2), False)
-    assert again.cells_translated == 0
+    again = run_translate(config(tmp_path / "out", tiny_m2m, data, ["zh", "ru", "ja"], quality2), False)
+    assert (again.cells_total, again.cells_translated) == (6, 2)
     kept = pl.read_parquet(again.files["variants"])
     assert kept.filter(pl.col("lang") == "ru")["flagged"].to_list() == [True] * 6
+    assert kept.filter(pl.col("lang") == "ja")["flag_reasons"].to_list() == ["langid"] * 6
 
     # another model, or another scorer, into the same directory: refused with the differing fields named
     with pytest.raises(OutputError, match=r"made differently \(translator: ") as e:

@@ -312,10 +312,14 @@ def translator_identity(spec: TranslatorSpec, directions: list[tuple[str, str]])
         "max_input_tokens": spec.max_input_tokens,
     }
     if spec.kind == "seq2seq":
+        for s, t in directions:
+            direction_model(spec, s, t)  # every direction the run needs has a model, or a ConfigError now
         ident["num_beams"] = spec.num_beams
-        ident["models"] = {
-            f"{s}-{t}": _fingerprint(m.path, m.revision) for s, t in directions for m in [direction_model(spec, s, t)]
-        }
+        # The configured models, not the directions in use: adding a target language to a run with one multilingual
+        # model keeps the identity; per-direction models (and so any direction added) are part of it.
+        ident["models"] = {k: _fingerprint(m.path, m.revision) for k, m in sorted(spec.directions.items())}
+        if spec.model is not None:
+            ident["models"]["*"] = _fingerprint(spec.model.path, spec.model.revision)
     elif spec.kind == "llm":
         ident.update(
             prompt_format=spec.prompt_format,
