@@ -7,6 +7,7 @@ BENCHES = {
     "losses": "raysafe.train.bench_losses",
     "separation": "raysafe.separation.bench",
     "train": "raysafe.train.bench",
+    "translate": "raysafe.translate.bench",
 }
 
 

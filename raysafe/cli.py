@@ -56,6 +56,12 @@ FLOWS: dict[str, tuple[str, str, str]] = {
         "raysafe.sweep.config:SweepConfig",
         "raysafe.sweep.flow:run_sweep",
     ),
+    "translate": (
+        "translate prompt / preference sets into N languages on an MT actor pool (NLLB, M2M100, Marian, an LLM or "
+        "an OpenAI-compatible endpoint), with per-row language-ID, round-trip chrF and length checks",
+        "raysafe.translate.config:TranslateConfig",
+        "raysafe.translate.flow:run_translate",
+    ),
 }
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 PREPARE_HELP = (

@@ -30,6 +30,7 @@ from raysafe.evaluate.config import (
     model_label,
 )
 from raysafe.evaluate.data import load_mc, load_prompts
+from raysafe.evaluate.generate import Generator  # noqa: F401  (the generation backend `raysafe translate` uses)
 from raysafe.evaluate.store import EvalStore, claim, write_inputs
 from raysafe.identity import fingerprint
 from raysafe.tables import write_table

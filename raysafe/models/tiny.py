@@ -89,6 +89,59 @@ def save_tiny(path: str | Path, arch: str = "llama", **kwargs) -> Path:
     return path
 
 
+def save_tiny_mt(
+    path: str | Path,
+    arch: str = "m2m100",
+    codes: list[str] = (),
+    *,
+    d_model: int = 32,
+    layers: int = 1,
+    seed: int = 0,
+    never_stop: bool = False,
+) -> Path:
+    """Write a tiny random encoder-decoder MT model (``m2m100`` or ``marian`` config) with the byte-level tokenizer
+    plus ``codes`` as special tokens (``__en__``, ``eng_Latn`` or ``>>zho<<``: the language tokens the real models
+    use), as a Hugging Face directory; returns the path. ``never_stop`` (Marian only): a -1e4 logit bias on the
+    special tokens, so greedy decoding never ends early and always writes text (fixed work for benchmarks)."""
+    from transformers import AutoModelForSeq2SeqLM, M2M100Config, MarianConfig
+
+    path = Path(path)
+    tok = tiny_tokenizer()
+    if codes:
+        tok.add_special_tokens({"additional_special_tokens": list(codes)})
+    common = dict(
+        vocab_size=len(tok),
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if arch == "m2m100":
+        config = M2M100Config(decoder_start_token_id=2, **common)
+    elif arch == "marian":
+        config = MarianConfig(decoder_start_token_id=0, decoder_vocab_size=len(tok), **common)
+    else:
+        raise ValueError(f"unknown tiny MT architecture {arch!r}; use 'm2m100' or 'marian'")
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    if never_stop:
+        if arch != "marian":
+            raise ValueError("never_stop needs the marian architecture (its final_logits_bias)")
+        with torch.no_grad():
+            model.final_logits_bias[:, tok.all_special_ids] = -1e4
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 if __name__ == "__main__":  # python -m raysafe.models.tiny DIR [llama|gemma3]
     import sys
 
