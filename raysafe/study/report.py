@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from raysafe.atomic import atomic_write_bytes
 from raysafe.config import ModelSpec
 from raysafe.tables import write_table
 
@@ -223,7 +224,7 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
         elif info.get("checkpoint_dir"):
             lines.append(f"- {name}: checkpoint `{info['checkpoint_dir']}`")
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(report, ("\n".join(lines) + "\n").encode())
     return {
         "report": str(report),
         "table": str(paths["per_language"]),
