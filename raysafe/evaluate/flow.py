@@ -175,15 +175,23 @@ def _languages(cfg: EvaluateConfig, present: list[str]) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------------- flow
 def run_evaluate(
-    cfg: EvaluateConfig, parent_run_id: str | None = None, progress: bool = True, restart: bool = False
+    cfg: EvaluateConfig,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    lock: bool = True,
 ) -> EvaluateResult:
     """Evaluate every model of ``cfg`` on every set with every judge; see the module docstring. The output
-    directory is locked while the evaluation runs; ``restart`` moves an existing one aside
-    (``<dir>.replaced-<UTC time>``) and starts afresh."""
+    directory is locked while the evaluation runs (``lock``: a sweep's lock covers its trials' evaluations, which
+    may restart on another node); ``restart`` moves an existing one aside (``<dir>.replaced-<UTC time>``) and
+    starts afresh."""
+    import contextlib
+
     from raysafe.atomic import remove_stale_temp_files
     from raysafe.locks import move_aside, output_lock
 
-    with output_lock(cfg.output_dir, f"evaluation outputs {cfg.output_dir}"):
+    what = f"evaluation outputs {cfg.output_dir}"
+    with output_lock(cfg.output_dir, what) if lock else contextlib.nullcontext():
         if restart:
             move_aside(cfg.output_dir)
         elif Path(cfg.output_dir).is_dir():

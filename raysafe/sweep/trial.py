@@ -238,5 +238,5 @@ def _evaluate(model_dir: Path, ctx: TrialContext, tdir: Path, trial_id: str, chi
             "tracking": {**ctx.tracking, "run_name": None},
         }
     )
-    ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False)
+    ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False, lock=False)  # the sweep's lock covers it
     return M.eval_metrics(ev.per_language, ev.summary_table, ctx.eval_set, ctx.eval_judge)
