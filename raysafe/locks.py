@@ -97,10 +97,12 @@ def acquire(directory: str | os.PathLike, what: str) -> Path:
                 )
         if held.get("host") == me["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
             log.warning("taking over the stale lock of %s (its holder is gone: %s)", what, _describe(held))
-            # replace it by rename: two runs taking over at once both rename, the later one wins; check after
+            # replace it by rename: two runs taking over at once both rename and the later one wins, so each
+            # checks again after a moment that the lock names it
             tmp = path.with_name(f"{path.name}.{me['pid']}")
             tmp.write_text(json.dumps(me))
             os.replace(tmp, path)
+            time.sleep(0.2)
             if _read(path) == me:
                 return path
             continue
