@@ -330,14 +330,16 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, restart: bool = False) ->
     existing one aside (``<dir>.replaced-<UTC time>``) and starts afresh."""
     from raysafe.locks import move_aside, output_lock
 
+    t0 = time.perf_counter()
+    prep = prepare(cfg)  # before anything is written
     sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
     with output_lock(sweep_dir, f"sweep {sweep_dir}"):
         if restart:
             move_aside(sweep_dir)
-        return _run_sweep(cfg, progress)
+        return _run_sweep(cfg, prep, progress, t0)
 
 
-def _run_sweep(cfg: SweepConfig, progress: bool) -> SweepResult:
+def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -347,8 +349,6 @@ def _run_sweep(cfg: SweepConfig, progress: bool) -> SweepResult:
     from raysafe.sweep.scheduler import ResumableASHA
     from raysafe.sweep.trial import TrialContext, run_trial
 
-    t0 = time.perf_counter()
-    prep = prepare(cfg)
     base: TrainConfig = prep["base"]
     sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
     tspec = _tracking_spec(cfg.tracking)
