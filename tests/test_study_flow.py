@@ -162,9 +162,14 @@ def test_stage_identity_names_data_weights_and_settings_and_decides_reuse(tiny_l
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"group_id": "g1", "lang": "en", "text": "hi"}) + "\n")
     base = ModelSpec(path=str(tiny_llama_dir), name="tiny")
-    settings = {"sets": [{"sources": [{"kind": "file", "path": str(prompts)}]}], "metrics": {"bootstrap": 100}}
+    settings = {
+        "sets": [{"sources": [{"kind": "file", "path": str(prompts)}]}],
+        "utility": {"sources": [{"kind": "fixture", "name": "mc_questions"}]},  # a fixture of the evaluate flow's own
+        "metrics": {"bootstrap": 100},
+    }
     first = stage_identity(settings, [base])
     assert first["weights: tiny"] and first["data: sets.0.sources.0"] and first["metrics.bootstrap"] == 100
+    assert first["data: utility.sources.0"]
 
     cfg = load_config(StudyConfig, data=study_tree(tiny_llama_dir, tmp_path / "s"))
     calls: list[tuple[str, bool]] = []

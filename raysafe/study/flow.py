@@ -123,7 +123,7 @@ class _Stages:
 def _data_fingerprints(tree: Any, prefix: str = "") -> dict[str, str]:
     """Content digests of every local data source (a file, a directory of files, a bundled fixture) that a stage
     config names, keyed by where it is named."""
-    from raysafe.data.sources import fixture_path
+    from raysafe.data.sources import FIXTURES, fixture_path
 
     out: dict[str, str] = {}
     if isinstance(tree, dict):
@@ -131,7 +131,7 @@ def _data_fingerprints(tree: Any, prefix: str = "") -> dict[str, str]:
         if tree.get("kind") == "file" and isinstance(tree.get("path"), str):
             path = Path(tree["path"])
         elif tree.get("kind") == "fixture" and isinstance(tree.get("name"), str):
-            path = fixture_path(tree["name"])
+            path = fixture_path(FIXTURES[0]).parent / f"{tree['name']}.jsonl"  # the flows' own fixtures too
         if path is not None:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             h = hashlib.sha256()
