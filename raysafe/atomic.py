@@ -4,12 +4,19 @@ renamed over the target, so a killed run leaves either the old file or the new o
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+#: the temporary names of :func:`atomic_write_bytes` / :func:`atomic_write_parquet`: ``.<target name>.<8 random>``
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 
 
 def _fsync(path: str) -> None:
@@ -54,3 +61,16 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
 def shard_name(k: int) -> str:
     """The stem of shard ``k`` of a sharded output (``shard-00007``): the unit a flow writes atomically and resumes."""
     return f"shard-{k:05d}"
+
+
+def remove_stale_temp_files(root: Path) -> int:
+    """Delete the temporary files that killed writers left under ``root`` (call only while no one else writes
+    there, e.g. under the directory's lock before a resumed run starts); returns how many were removed."""
+    n = 0
+    for p in root.rglob(".*"):
+        if p.is_file() and _TEMP_NAME.match(p.name) and not p.name.endswith(".lock"):
+            p.unlink(missing_ok=True)
+            n += 1
+    if n:
+        log.warning("removed %d temporary file(s) left by a killed run under %s", n, root)
+    return n

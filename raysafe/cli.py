@@ -63,6 +63,14 @@ FLOWS: dict[str, tuple[str, str, str]] = {
         "raysafe.translate.flow:run_translate",
     ),
 }
+#: flows with resumable outputs: `--restart` moves their old outputs aside (renamed <dir>.replaced-<UTC time>, nothing
+#: is deleted) and starts afresh, where a re-run would otherwise resume them or refuse them as another run's.
+RESTARTABLE: dict[str, str] = {
+    "train": "the run directory (checkpoint.storage_path/checkpoint.name)",
+    "study": "the study's output_dir",
+    "sweep": "the sweep directory (output_dir/name)",
+    "evaluate": "the output_dir",
+}
 BENCH_HELP = "benchmarks (scripts, not tests): `raysafe bench NAME --help`"
 PREPARE_HELP = (
     "convert models to the cached safetensors form once, before any job (a .gguf file or the packaged "
@@ -100,7 +108,8 @@ def run_flow(name: str, args) -> int:
 
         print(dump_config(cfg))
         return 0
-    result = _resolve(run_ref)(cfg)
+    kwargs = {"restart": True} if getattr(args, "restart", False) else {}
+    result = _resolve(run_ref)(cfg, **kwargs)
     print(result.summary())
     return 0
 
@@ -126,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a config field, e.g. --set ray.num_actors=4 (repeatable; values parse as YAML)",
         )
         sp.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+        if name in RESTARTABLE:
+            sp.add_argument(
+                "--restart",
+                action="store_true",
+                help=f"start afresh: move {RESTARTABLE[name]} aside to <dir>.replaced-<UTC time> (kept, not deleted) "
+                "instead of resuming it or refusing it as another run's",
+            )
     from raysafe.bench import BENCHES
 
     sp = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -17,3 +19,28 @@ def fingerprint(rows: pl.DataFrame) -> str:
             w.write_batch(batch)
         h.update(sink.getvalue().to_pybytes())
     return h.hexdigest()[:20]
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (dotted config paths, as ``--set`` takes them); lists are leaves."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 (first 16 hex digits) of a JSON-serialisable value, keys sorted."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``field: old → new`` for every field of two flat identities that differs (sorted by field)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k}: {json.dumps(a, default=str)} → {json.dumps(b, default=str)}")
+    return out

@@ -197,6 +197,22 @@ def test_bad_inputs_fail_before_any_work(tmp_path, tiny_gemma_dir, tiny_llama_di
     with pytest.raises(OutputError, match="other inputs"):
         run_evaluate(_cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None), progress=False)
 
+    # generations of other settings in the output directory: refused with the differing fields named
+    other = _cfg(tmp_path, tiny_gemma_dir, tiny_llama_dir, None, output_dir=str(tmp_path / "eval2"))
+    (tmp_path / "eval2" / "tiny-gemma").mkdir(parents=True)
+    (tmp_path / "eval2" / "tiny-gemma" / "model.json").write_text(json.dumps({"generation": {"max_new_tokens": 5}}))
+    with pytest.raises(OutputError, match="another evaluation") as e:
+        run_evaluate(other, progress=False)
+    assert "generation.max_new_tokens: 5 → 6" in str(e.value) and "--restart" in e.value.fix
+
+    # an output directory another live run holds: refused, the holder named
+    from raysafe.locks import output_lock
+
+    with output_lock(tmp_path / "eval2", "evaluation outputs"):
+        with pytest.raises(OutputError, match="being written by another run") as e:
+            run_evaluate(other, progress=False)
+    assert f"pid {os.getpid()}" in str(e.value)
+
 
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="classifier judge needs `model`"):

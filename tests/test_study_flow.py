@@ -149,3 +149,49 @@ def test_stage_config_errors_surface_at_load_time_with_the_stage_named(tiny_llam
     tree["force"] = ["training"]
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(StudyConfig, data=tree)
+
+
+def test_stage_identity_names_data_weights_and_settings_and_decides_reuse(tiny_llama_dir, tmp_path):
+    """A stage is reused only on an identical identity; what changed is named; a changed training stage and a
+    forced stage are rerun with restart (their old outputs moved aside by their flow)."""
+    import json
+
+    from raysafe.config import ModelSpec
+    from raysafe.study.flow import _Stages, stage_identity
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"group_id": "g1", "lang": "en", "text": "hi"}) + "\n")
+    base = ModelSpec(path=str(tiny_llama_dir), name="tiny")
+    settings = {
+        "sets": [{"sources": [{"kind": "file", "path": str(prompts)}]}],
+        "utility": {"sources": [{"kind": "fixture", "name": "mc_questions"}]},  # a fixture of the evaluate flow's own
+        "metrics": {"bootstrap": 100},
+    }
+    first = stage_identity(settings, [base])
+    assert first["weights: tiny"] and first["data: sets.0.sources.0"] and first["metrics.bootstrap"] == 100
+    assert first["data: utility.sources.0"]
+
+    cfg = load_config(StudyConfig, data=study_tree(tiny_llama_dir, tmp_path / "s"))
+    calls: list[tuple[str, bool]] = []
+
+    def stage(name):
+        return lambda restart: calls.append((name, restart)) or {"done": name}
+
+    st = _Stages(cfg, plan(cfg), None)
+    st.run("evaluate_before", stage("evaluate_before"), first)
+    st.run("evaluate_before", stage("evaluate_before"), first)
+    assert calls == [("evaluate_before", False)] and st.result.reused == ["evaluate_before"]
+
+    prompts.write_text(json.dumps({"group_id": "g1", "lang": "en", "text": "hello"}) + "\n")  # same name, new rows
+    st.run("evaluate_before", stage("evaluate_before"), stage_identity(settings, [base]))
+    assert calls[-1] == ("evaluate_before", False)
+    assert [c.rsplit(": ", 1)[0] for c in st.result.changed["evaluate_before"]] == ["data: sets.0.sources.0"]
+
+    st.run("train_mlc", stage("train_mlc"), {"optim.lr": 1e-3})
+    st.run("train_mlc", stage("train_mlc"), {"optim.lr": 2e-3})
+    assert calls[-2:] == [("train_mlc", False), ("train_mlc", True)]
+    assert st.result.changed["train_mlc"] == ["optim.lr: 0.001 → 0.002"]
+
+    forced = _Stages(cfg.model_copy(update={"force": ["train"]}), plan(cfg), None)
+    forced.run("train_mlc", stage("train_mlc"), {"optim.lr": 2e-3})
+    assert calls[-1] == ("train_mlc", True)

@@ -507,16 +507,20 @@ def test_a_sweep_directory_of_another_sweep_is_refused_before_ray_starts(tiny_ll
     import json
 
     from raysafe.errors import OutputError
-    from raysafe.sweep.flow import run_sweep
+    from raysafe.sweep.flow import _identity, run_sweep
 
     cfg = _sweep(tiny_llama_dir, tmp_path, weight=[0.0, 0.8])
     d = tmp_path / "sweeps" / "refused"
     d.mkdir(parents=True)
-    (d / "sweep_state.json").write_text(json.dumps({"fingerprint": "another-sweep", "parent_run_id": None}))
+    other = _identity(_sweep(tiny_llama_dir, tmp_path, weight=[0.0, 0.5]))
+    state = {"fingerprint": "another-sweep", "identity": other, "parent_run_id": None}
+    (d / "sweep_state.json").write_text(json.dumps(state))
     with pytest.raises(OutputError, match="holds another sweep") as e:
         run_sweep(cfg, progress=False)
-    assert e.value.where == "output_dir / name" and "new `name`" in e.value.fix
+    assert "space.weight.grid: [0.0, 0.5] → [0.0, 0.8]" in e.value.what  # the differing field, old → new
+    assert e.value.where == str(d / "sweep_state.json") and "new `name`" in e.value.fix and "--restart" in e.value.fix
     assert sorted(p.name for p in d.iterdir()) == ["sweep_state.json"]  # nothing else was written
+    assert not list(d.parent.glob(".*.lock"))  # the lock was released
 
 
 def test_lambda_zero_beside_mixture_keys_is_flagged(tiny_llama_dir, tmp_path, caplog):

@@ -149,8 +149,32 @@ def _languages(cfg: EvaluateConfig, present: list[str]) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------------- flow
-def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None, progress: bool = True) -> EvaluateResult:
-    """Evaluate every model of ``cfg`` on every set with every judge; see the module docstring."""
+def run_evaluate(
+    cfg: EvaluateConfig,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    lock: bool = True,
+) -> EvaluateResult:
+    """Evaluate every model of ``cfg`` on every set with every judge; see the module docstring. The output
+    directory is locked while the evaluation runs (``lock``: a sweep's lock covers its trials' evaluations, which
+    may restart on another node); ``restart`` moves an existing one aside (``<dir>.replaced-<UTC time>``) and
+    starts afresh."""
+    import contextlib
+
+    from raysafe.atomic import remove_stale_temp_files
+    from raysafe.locks import move_aside, output_lock
+
+    what = f"evaluation outputs {cfg.output_dir}"
+    with output_lock(cfg.output_dir, what) if lock else contextlib.nullcontext():
+        if restart:
+            move_aside(cfg.output_dir)
+        elif Path(cfg.output_dir).is_dir():
+            remove_stale_temp_files(Path(cfg.output_dir))  # of a killed run: nobody else writes here now
+        return _run_evaluate(cfg, parent_run_id, progress)
+
+
+def _run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None, progress: bool) -> EvaluateResult:
     from raysafe.evaluate.judges import make_judge
     from raysafe.evaluate.stages import (
         ClassifierJudgeStage,

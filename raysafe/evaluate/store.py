@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from raysafe.atomic import atomic_write_json, atomic_write_parquet, shard_name
 from raysafe.errors import OutputError
+from raysafe.identity import differences, flatten
 
 
 class ShardDir:
@@ -89,13 +90,13 @@ def claim(path: Path, info: dict, what: str) -> None:
     """Record ``info`` as the identity of an output directory, or refuse when it holds other outputs."""
     if path.exists():
         old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(info) if old.get(k) != info.get(k))
+        diff = differences(flatten(old), flatten(info))
         if diff:
-            key = diff[0]
             raise OutputError(
-                f"{path.parent} holds {what} made with a different {key} ({old.get(key)!r}, now {info.get(key)!r})",
+                f"{path.parent} holds {what} of another evaluation; differing fields (old → new):\n    "
+                + "\n    ".join(diff[:12]),
                 where=str(path),
-                fix=f"choose a new output_dir, or delete {path.parent} to redo the {what}",
+                fix="choose a new output_dir, or `--restart` to move the old outputs aside and start afresh",
             )
         return
     atomic_write_json(path, info)
@@ -113,7 +114,8 @@ def write_inputs(root: Path, rows: pl.DataFrame, shard_rows: int, fingerprint: s
                 f"{root} holds {what} of other inputs (fingerprint {old['fingerprint']}, shard_rows "
                 f"{old['shard_rows']}; now {fingerprint}, {shard_rows})",
                 where=str(marker),
-                fix="choose a new output_dir for other prompts, questions or shard sizes",
+                fix="choose a new output_dir for other prompts, questions or shard sizes, or `--restart` to move the "
+                "old outputs aside and start afresh",
             )
         return n_shards
     table = rows.to_arrow()

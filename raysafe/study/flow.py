@@ -16,6 +16,7 @@ run (its id is kept in ``stages/mlflow_parent_run.json``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -26,8 +27,9 @@ from typing import Any, Callable
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_json
+from raysafe.atomic import atomic_write_bytes, atomic_write_json
 from raysafe.config import ModelSpec, dump_config
+from raysafe.identity import differences, digest, flatten
 from raysafe.study.config import StudyConfig
 from raysafe.tables import write_table
 
@@ -39,6 +41,7 @@ class StudyResult:
     output_dir: Path
     stages: dict[str, dict] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    changed: dict[str, list[str]] = field(default_factory=dict)  # stage -> what changed since it last ran
     report: Path | None = None
     table: pl.DataFrame | None = None
     mlflow_run_id: str | None = None
@@ -47,6 +50,9 @@ class StudyResult:
         lines = [f"study in {self.output_dir}"]
         for name, info in self.stages.items():
             how = "reused" if name in self.reused else f"{info.get('seconds', 0):.0f} s"
+            if name in self.changed:
+                shown = "; ".join(self.changed[name][:3]) + (" ..." if len(self.changed[name]) > 3 else "")
+                how += f" (ran again: {shown})"
             lines.append(f"  {name:<18} {how}")
         if self.table is not None:
             from raysafe.study.report import markdown
@@ -70,29 +76,40 @@ class _Stages:
     def marker(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]], settings: Any) -> dict[str, Any]:
-        """Run stage ``name`` unless its marker exists with the same ``settings`` (a stage config, or anything
-        JSON-serialisable that determines the stage's output)."""
+    def run(self, name: str, fn: Callable[[bool], dict[str, Any]], identity: dict[str, Any]) -> dict[str, Any]:
+        """Run stage ``name`` unless its marker holds the same ``identity`` (:func:`stage_identity`).
+
+        ``fn(restart)`` runs the stage; ``restart`` is true when the stage is forced, or when it is a training stage
+        whose recorded identity differs: its flow then moves the old outputs aside and starts afresh."""
         k = self.planned.index(name) + 1
         kind = name.split("_")[0]
         forced = kind in self.cfg.force or name in self.cfg.force
-        fp = fingerprint(settings)
+        fp = digest(identity)
         previous = json.loads(self.marker(name).read_text()) if self.marker(name).exists() else None
-        if previous is not None and not forced and previous.get("settings_fingerprint") == fp:
+        if previous is not None and not forced and previous.get("identity_fingerprint") == fp:
             info = previous
             log.info("[study %d/%d] %s: done before, reusing %s", k, len(self.planned), name, self.marker(name))
             self.result.reused.append(name)
         else:
+            restart = forced
             if previous is not None and not forced:
-                log.info(
-                    "[study %d/%d] %s: its settings changed since it ran; running it again", k, len(self.planned), name
+                changed = differences(previous.get("identity") or {}, identity)
+                self.result.changed[name] = changed
+                restart = kind == "train"  # another run in the same run directory: the old one is moved aside
+                log.warning(
+                    "[study %d/%d] %s: what it depends on changed since it ran (%s); running it again",
+                    k,
+                    len(self.planned),
+                    name,
+                    "; ".join(changed[:8]) + (f"; ... {len(changed) - 8} more" if len(changed) > 8 else ""),
                 )
             log.info("[study %d/%d] %s ...", k, len(self.planned), name)
             t0 = time.perf_counter()
             with tracking.parent_run(self.parent):
-                info = fn()
+                info = fn(restart)
             info["seconds"] = time.perf_counter() - t0
-            info["settings_fingerprint"] = fp
+            info["identity_fingerprint"] = fp
+            info["identity"] = identity
             atomic_write_json(self.marker(name), info)
             log.info("[study %d/%d] %s finished in %.0f s", k, len(self.planned), name, info["seconds"])
             if self.parent:
@@ -101,13 +118,49 @@ class _Stages:
         return info
 
 
-def fingerprint(settings: Any) -> str:
-    """A short hash of a stage's settings (pydantic configs are dumped as JSON first)."""
-    import hashlib
+def _data_fingerprints(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Content digests of every local data source (a file, a directory of files, a bundled fixture) that a stage
+    config names, keyed by where it is named."""
+    from raysafe.data.sources import FIXTURES, fixture_path
+
+    out: dict[str, str] = {}
+    if isinstance(tree, dict):
+        path = None
+        if tree.get("kind") == "file" and isinstance(tree.get("path"), str):
+            path = Path(tree["path"])
+        elif tree.get("kind") == "fixture" and isinstance(tree.get("name"), str):
+            path = fixture_path(FIXTURES[0]).parent / f"{tree['name']}.jsonl"  # the flows' own fixtures too
+        if path is not None:
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.name.encode())
+                h.update(f.read_bytes() if f.is_file() else b"<missing>")
+            out[f"data: {prefix.rstrip('.') or 'source'}"] = h.hexdigest()[:20]
+        for k, v in tree.items():
+            out.update(_data_fingerprints(v, f"{prefix}{k}."))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            out.update(_data_fingerprints(v, f"{prefix}{i}."))
+    return out
+
+
+def stage_identity(settings: Any, models: list[ModelSpec] = (), upstream: dict[str, Any] | None = None) -> dict:
+    """What a stage's output depends on, as named fields: its settings (a stage config, or any JSON-serialisable
+    value) less tracking and Ray resources, the content of the local data files it reads, the weights fingerprint
+    of each model, and the identity fingerprints of the stages it builds on."""
+    from raysafe.models.loading import resolve
 
     if hasattr(settings, "model_dump"):
         settings = settings.model_dump(mode="json")
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cosmetic = ("tracking", "ray")
+    flat = {k: v for k, v in flatten(settings).items() if k.split(".")[0] not in cosmetic}
+    flat.update(_data_fingerprints(settings))
+    for m in models:
+        flat[f"weights: {m.label}"] = resolve(m).fingerprint
+    for name, fp in (upstream or {}).items():
+        flat[f"stage: {name}"] = fp
+    return flat
 
 
 def _paths(d: dict) -> dict[str, str]:
@@ -121,15 +174,25 @@ def plan(cfg: StudyConfig) -> list[str]:
     return [f"{a}_before" for a in analyses] + trained + [f"{a}_after" for a in analyses] + consistency + ["report"]
 
 
-def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
-    """Run (or continue) the study of ``cfg``; see the module docstring."""
+def run_study(cfg: StudyConfig, progress: bool = True, restart: bool = False) -> StudyResult:
+    """Run (or continue) the study of ``cfg``; see the module docstring. The output directory is locked while the
+    study runs; ``restart`` moves an existing one aside (``<dir>.replaced-<UTC time>``) and starts afresh."""
+    from raysafe.locks import move_aside, output_lock
+
+    with output_lock(cfg.root, f"study {cfg.root}"):
+        if restart:
+            move_aside(cfg.root)
+        return _run_study(cfg)
+
+
+def _run_study(cfg: StudyConfig) -> StudyResult:
     from raysafe.concepts.flow import run_concepts
     from raysafe.evaluate.flow import run_evaluate
     from raysafe.separation.flow import run_separation
-    from raysafe.train.flow import run_train
+    from raysafe.train.flow import identity_of, run_train, validate
 
     cfg.root.mkdir(parents=True, exist_ok=True)
-    (cfg.root / "study_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    atomic_write_bytes(cfg.root / "study_config.yaml", dump_config(cfg).encode())
     planned = plan(cfg)
     base = cfg.model
     parent_file = cfg.root / "stages" / "mlflow_parent_run.json"
@@ -148,47 +211,54 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> StudyResult:
         # ---- the base model
         if "separation" not in cfg.skip:
             c = cfg.separation_config(base, [])
-            st.run("separation_before", lambda c=c: _separation(run_separation, c), c)
+            st.run("separation_before", lambda _, c=c: _separation(run_separation, c), stage_identity(c, [base]))
         if "concepts" not in cfg.skip:
             c = cfg.concepts_config([base], "before")
-            st.run("concepts_before", lambda c=c: _concepts(run_concepts, c), c)
+            st.run("concepts_before", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, [base]))
         if "evaluate" not in cfg.skip:
             c = cfg.evaluate_config([base], "before")
-            st.run("evaluate_before", lambda c=c: _evaluate(run_evaluate, c), c)
+            st.run("evaluate_before", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, [base]))
 
-        # ---- training
+        # ---- training: a stage's identity is its run's (config less cosmetic fields, data, weights, versions)
         trained: list[ModelSpec] = []
         for which in ["mlc"] + (["control"] if cfg.control else []):
             c = cfg.train_config(which, base)
-            info = st.run(f"train_{which}", lambda c=c: _train(run_train, c), c)
+            info = st.run(f"train_{which}", lambda r, c=c: _train(run_train, c, r), identity_of(c, validate(c)[0]))
             trained.append(ModelSpec(path=info["model_dir"], name=f"{base.label}-{which}", dtype=base.dtype))
+        after = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if n.startswith("train_")}
 
         # ---- the trained checkpoints
         if "separation" not in cfg.skip:
             c = cfg.separation_config(base, trained)
-            st.run("separation_after", lambda c=c: _separation(run_separation, c), c)
+            st.run(
+                "separation_after",
+                lambda _, c=c: _separation(run_separation, c),
+                stage_identity(c, [base, *trained], after),
+            )
         if "concepts" not in cfg.skip:
             c = cfg.concepts_config(trained, "after")
-            st.run("concepts_after", lambda c=c: _concepts(run_concepts, c), c)
+            st.run("concepts_after", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, trained, after))
         if "evaluate" not in cfg.skip:
             c = cfg.evaluate_config(trained, "after")
-            st.run("evaluate_after", lambda c=c: _evaluate(run_evaluate, c), c)
+            st.run("evaluate_after", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, trained, after))
         if "consistency" in planned:
-            st.run(
-                "consistency",
-                lambda: _consistency(cfg, base, trained),
-                {
-                    "trained": [m.model_dump() for m in trained],
-                    "split": cfg.consistency_split,
-                    "train": cfg.train_config("mlc", base).mixture.model_dump(),
-                },
-            )
+            settings = {
+                "trained": [m.model_dump() for m in trained],
+                "split": cfg.consistency_split,
+                "train": cfg.train_config("mlc", base).mixture.model_dump(),
+            }
+            upstream = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if "separation" in n}
+            st.run("consistency", lambda _: _consistency(cfg, base, trained), stage_identity(settings, [], upstream))
 
         # ---- the report
         from raysafe.study.report import write_study_report
 
-        upstream = {n: i.get("settings_fingerprint") for n, i in st.result.stages.items()}
-        info = st.run("report", lambda: write_study_report(cfg, base, trained, st.result.stages), upstream)
+        upstream = {n: i.get("identity_fingerprint") for n, i in st.result.stages.items()}
+        info = st.run(
+            "report",
+            lambda _: write_study_report(cfg, base, trained, st.result.stages),
+            stage_identity({}, [], upstream),
+        )
         st.result.report = Path(info["report"])
         st.result.table = pl.read_parquet(info["table"])
         if parent is not None:
@@ -228,13 +298,13 @@ def _concepts(run, ccfg) -> dict[str, Any]:
     }
 
 
-def _evaluate(run, ecfg) -> dict[str, Any]:
-    res = run(ecfg, progress=False)
+def _evaluate(run, ecfg, restart: bool) -> dict[str, Any]:
+    res = run(ecfg, progress=False, restart=restart)
     return {"output_dir": str(res.output_dir), "paths": _paths(res.paths), "mlflow_run_id": res.mlflow_run_id}
 
 
-def _train(run, tcfg) -> dict[str, Any]:
-    res = run(tcfg, progress=False)
+def _train(run, tcfg, restart: bool) -> dict[str, Any]:
+    res = run(tcfg, progress=False, restart=restart)
     return {
         "checkpoint_dir": str(res.checkpoint_dir),
         "model_dir": str(res.model_dir),

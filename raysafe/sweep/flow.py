@@ -27,7 +27,6 @@ again (their training resumes from its own last checkpoint). Layout under ``outp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,8 +38,10 @@ from typing import Any
 import polars as pl
 
 from raysafe import tracking
+from raysafe.atomic import atomic_write_bytes, atomic_write_json
 from raysafe.config import TrackingSpec, dump_config, load_config
 from raysafe.errors import ConfigError, OutputError, RaysafeError, remote_errors, unwrap_remote_error
+from raysafe.identity import differences, digest, flatten
 from raysafe.sweep import metrics as M
 from raysafe.sweep.config import (
     SweepConfig,
@@ -133,9 +134,10 @@ def _wrap(e: RaysafeError, key: str) -> RaysafeError:
     return type(e)(e.what, where=f"{key} → {e.where}" if e.where else key, fix=e.fix)
 
 
-def _fingerprint(cfg: SweepConfig) -> str:
-    """What defines the trials (base config, space, search, scheduler, objective, evaluation): a sweep directory
-    holding another fingerprint belongs to another sweep. Resources, tracking and retries may change on resume."""
+def _identity(cfg: SweepConfig) -> dict[str, Any]:
+    """What defines the trials (base config, space, search, scheduler, objective, evaluation), as named fields: a
+    sweep directory holding another identity belongs to another sweep. Resources, tracking and retries may change
+    on resume. (The trials' training runs check their own identity, data and weights included.)"""
     tree = cfg.model_dump(mode="json", include={"space", "scheduler", "objective", "evaluation"})
     tree["evaluation"]["evaluate"].pop("ray", None)  # resources, not results
     for key in ("cpus", "gpus", "torch_threads"):
@@ -143,7 +145,8 @@ def _fingerprint(cfg: SweepConfig) -> str:
     tree["train"] = cfg.base.model_dump(mode="json")
     tree["train"].pop("ray", None)  # the trials' train resources come from `resources`
     tree["search"] = {"algorithm": cfg.search.algorithm, "num_samples": cfg.search.num_samples, "seed": cfg.search.seed}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tree["train"].pop("tracking", None)
+    return flatten(tree)
 
 
 def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
@@ -329,8 +332,22 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
     return out
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
-    """Validate, run (or resume) the sweep with Ray Tune, and report it; see the module docstring."""
+def run_sweep(cfg: SweepConfig, progress: bool = True, restart: bool = False) -> SweepResult:
+    """Validate, run (or resume) the sweep with Ray Tune, and report it; see the module docstring. The sweep
+    directory is locked while the sweep runs (which covers its trials' training runs); ``restart`` moves an
+    existing one aside (``<dir>.replaced-<UTC time>``) and starts afresh."""
+    from raysafe.locks import move_aside, output_lock
+
+    t0 = time.perf_counter()
+    prep = prepare(cfg)  # before anything is written
+    sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
+    with output_lock(sweep_dir, f"sweep {sweep_dir}"):
+        if restart:
+            move_aside(sweep_dir)
+        return _run_sweep(cfg, prep, progress, t0)
+
+
+def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -340,8 +357,6 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
     from raysafe.sweep.scheduler import ResumableASHA
     from raysafe.sweep.trial import TrialContext, run_trial
 
-    t0 = time.perf_counter()
-    prep = prepare(cfg)
     base: TrainConfig = prep["base"]
     sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
     tspec = _tracking_spec(cfg.tracking)
@@ -355,19 +370,22 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
         )
     # ---- the sweep directory belongs to this sweep
     state_path = sweep_dir / "sweep_state.json"
-    fp = _fingerprint(cfg)
+    identity = _identity(cfg)
+    fp = digest(identity)
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if state and state.get("fingerprint") != fp:
+        diff = differences(state.get("identity") or {}, identity)
         raise OutputError(
-            f"{sweep_dir} holds another sweep (its search space, base config, scheduler, objective or "
-            "evaluation differ)",
-            where="output_dir / name",
-            fix="give the sweep a new `name`, or delete that directory to start over",
+            f"{sweep_dir} holds another sweep (its search space, base config, scheduler, objective or evaluation "
+            "differ); differing fields (old → new):\n    " + "\n    ".join(diff[:12]),
+            where=str(state_path),
+            fix="give the sweep a new `name` (--set name=NEW_NAME), or `--restart` to move the old sweep aside "
+            "and start afresh",
         )
     ensure_ray(RaySpec(address=cfg.ray.address))
     concurrent = _check_resources(cfg, ev_template)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    atomic_write_bytes(sweep_dir / "sweep_config.yaml", dump_config(cfg).encode())
     named = prep["named"]
     param_keys = list(cfg.space.axes()) + (["mixture"] if cfg.space.mixture is not None else [])
     planned = grid_size(cfg.space, named, cfg.search.algorithm) * cfg.search.num_samples
@@ -379,8 +397,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
         spec, f"sweep {cfg.name}", tags={"raysafe.flow": "sweep"}, resume_run_id=state.get("parent_run_id")
     ) as parent:
         parent_id = parent.info.run_id if parent is not None else None
-        state.update(fingerprint=fp, parent_run_id=parent_id, planned_trials=planned)
-        state_path.write_text(json.dumps(state))
+        state.update(fingerprint=fp, identity=identity, parent_run_id=parent_id, planned_trials=planned)
+        atomic_write_json(state_path, state)
         tracking.log_params(
             {
                 "config": cfg.model_dump(mode="json"),
@@ -397,7 +415,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
             baseline = M.eval_metrics(ev.per_language, ev.summary_table, cfg.evaluation.set, cfg.evaluation.judge)
             tracking.log_metrics({f"baseline_{k}": v for k, v in baseline.items() if not math.isnan(v)})
             state["baseline"] = baseline
-            state_path.write_text(json.dumps(state))
+            atomic_write_json(state_path, state)
         r = cfg.resources
         fixed: dict[str, Any] = {
             "ray.num_workers": r.num_workers,
@@ -513,7 +531,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
                 f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
                 f"run: raysafe train {paths['best_config']}\n"
             )
-            paths["best_config"].write_text(header + text, encoding="utf-8")
+            atomic_write_bytes(paths["best_config"], (header + text).encode())
         result = SweepResult(
             sweep_dir,
             table,
@@ -526,7 +544,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> SweepResult:
             cfg.objective,
             param_keys,
         )
-        (sweep_dir / "summary.txt").write_text(result.summary() + "\n", encoding="utf-8")
+        atomic_write_bytes(sweep_dir / "summary.txt", (result.summary() + "\n").encode())
         paths["summary"] = sweep_dir / "summary.txt"
         if parent is not None:
             counts = dict(table.group_by("status").len().iter_rows()) if table.height else {}

@@ -9,10 +9,11 @@ event and reads them back on its first event after the sweep resumes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from raysafe.atomic import atomic_write_json
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -27,10 +28,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         return [[(float(m), dict(rec)) for m, rec in b._rungs] for b in self._brackets]
 
     def _write(self) -> None:
-        path = Path(self._state_path)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rungs": self.rung_records(), "num_stopped": self._num_stopped}))
-        os.replace(tmp, path)
+        atomic_write_json(Path(self._state_path), {"rungs": self.rung_records(), "num_stopped": self._num_stopped})
 
     def _load(self) -> None:
         if self._loaded:

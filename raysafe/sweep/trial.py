@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from raysafe import tracking
+from raysafe.atomic import atomic_write_bytes, atomic_write_json
 from raysafe.config import TrackingSpec, dump_config
 from raysafe.errors import OutputError
 from raysafe.sweep import metrics as M
@@ -97,7 +98,7 @@ def _train_thread(cfg: TrainConfig, parent: str | None, box: dict) -> None:
 
     try:
         with tracking.parent_run(parent):
-            box["result"] = run_train(cfg, progress=False)
+            box["result"] = run_train(cfg, progress=False, lock=False)  # the sweep's lock covers its trials
     except BaseException as e:  # handed to the trial thread, which raises it
         box["error"] = e
 
@@ -126,7 +127,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     params = dict(config)
     fixed = {**ctx.fixed, "checkpoint.name": f"trial_{trial_id}"}
     cfg = trial_train_config(TrainConfig.model_validate(ctx.base), params, ctx.named, fixed)
-    (tdir / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    atomic_write_bytes(tdir / "train_config.yaml", dump_config(cfg).encode())
     objective = ObjectiveSpec.model_validate(ctx.objective)
     spec = TrackingSpec.model_validate(ctx.tracking)
     label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
@@ -142,7 +143,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             if (tdir / RUN_FILE).exists():  # a restarted trial: runs of the attempt that was cut short
                 for stale in tracking.running_children(child_id):
                     tracking.end_run(stale, "KILLED", {"raysafe.note": "attempt cut short; the trial was restarted"})
-            (tdir / RUN_FILE).write_text(json.dumps({"run_id": child_id}))
+            atomic_write_json(tdir / RUN_FILE, {"run_id": child_id})
             tracking.log_params(
                 {
                     "trial_id": trial_id,
@@ -177,21 +178,18 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             tracking.set_tags(
                 {"raysafe.violations": "; ".join(broken) or "none", "raysafe.checkpoint": str(res.checkpoint_dir)}
             )
-        (tdir / RESULT_FILE).write_text(
-            json.dumps(
-                {
-                    "trial_id": trial_id,
-                    "params": params,
-                    "metrics": out,
-                    "violations": broken,
-                    "checkpoint_dir": str(res.checkpoint_dir),
-                    "model_dir": str(res.model_dir),
-                    "train_run_id": res.mlflow_run_id,
-                    "mlflow_run_id": child_id,
-                },
-                default=float,
-                indent=1,
-            )
+        atomic_write_json(
+            tdir / RESULT_FILE,
+            {
+                "trial_id": trial_id,
+                "params": params,
+                "metrics": json.loads(json.dumps(out, default=float)),  # numpy scalars as floats
+                "violations": broken,
+                "checkpoint_dir": str(res.checkpoint_dir),
+                "model_dir": str(res.model_dir),
+                "train_run_id": res.mlflow_run_id,
+                "mlflow_run_id": child_id,
+            },
         )
         tracking.log_metrics(out, step=res.steps)
     # Reported after the trial's MLflow run is closed: at the last step ASHA answers STOP (the trial is at max_t or
@@ -240,5 +238,5 @@ def _evaluate(model_dir: Path, ctx: TrialContext, tdir: Path, trial_id: str, chi
             "tracking": {**ctx.tracking, "run_name": None},
         }
     )
-    ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False)
+    ev = run_evaluate(ecfg, parent_run_id=child_id, progress=False, lock=False)  # the sweep's lock covers it
     return M.eval_metrics(ev.per_language, ev.summary_table, ctx.eval_set, ctx.eval_judge)

@@ -4,8 +4,13 @@ A checkpoint directory holds::
 
     deepspeed/            each rank's ZeRO shard + optimiser state (DeepSpeed's format; read back only on resume)
     model/                consolidated safetensors + tokenizer + MLC head (mlc_head.safetensors, mlc_head.json)
-    trainer_state.json    step, per-step record (group ids consumed, losses), model path, last metrics
+    trainer_state.json    step, per-step record (group ids consumed, losses), model path, last metrics, world size,
+                          data position (global micro-batches consumed)
     probe.safetensors     the run's first micro-batch and the policy's log-probs on it when the checkpoint was taken
+    run_identity.json     the identity of the run that wrote it (raysafe.train.identity)
+    train_config.yaml     the config of the call that wrote it
+    rng/rank-NNNNN.safetensors   each worker's random-number state (torch, CUDA, numpy, Python)
+    manifest/rank-NNNNN.json     SHA-256 of every file each worker wrote, checked before anything is loaded
 
 :func:`verify_checkpoint` reloads ``model/`` as a plain model and recomputes the probe's log-probs: a checkpoint
 that does not round-trip (wrong consolidation, a LoRA merge gone wrong, a dtype change) shows up as a difference.
@@ -25,6 +30,7 @@ STATE_FILE = "trainer_state.json"
 HF_DIR = "model"
 DS_DIR = "deepspeed"
 PROBE_FILE = "probe.safetensors"
+CONFIG_FILE = "train_config.yaml"
 _PROBE_TENSORS = ("input_ids", "attention_mask", "position_ids", "labels")
 
 
@@ -113,14 +119,24 @@ def write_checkpoint(
     rank: int,
     probe: dict,
     expected: dict[str, torch.Tensor],
+    identity: dict,
+    world: int,
+    micro_batches: int,
 ) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds the HF directory, the trainer state and the probe; then
+    """Every rank saves its DeepSpeed shard and random-number state; rank 0 adds the HF directory, the trainer
+    state, the run identity and the probe; each rank lists its files' digests in a manifest; then
     ``ray.train.report(checkpoint=...)`` persists the union of the ranks' files as one checkpoint."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from raysafe.atomic import atomic_write_json
+    from raysafe.train.identity import IDENTITY_FILE
+    from raysafe.train.manifest import write_manifest
+    from raysafe.train.rng import rng_file, save_rng
+
     tmp = Path(tempfile.mkdtemp(prefix="raysafe-ckpt-"))
+    save_rng(rng_file(tmp, rank))  # first: nothing below draws random numbers, but keep the state of the step
     engine.save_checkpoint(str(tmp / DS_DIR), tag="ds")
     if cfg.deepspeed.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
@@ -137,10 +153,17 @@ def write_checkpoint(
                     "model": cfg.model.label,
                     "model_path": cfg.model.path,
                     "metrics": metrics,
+                    "world_size": world,
+                    "micro_batches": micro_batches,
                 },
                 default=float,
             )
         )
+        atomic_write_json(tmp / IDENTITY_FILE, identity)
+        from raysafe.config import dump_config
+
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")  # the config of the call that wrote it
+    write_manifest(tmp, rank)
     if dist.is_initialized():
         dist.barrier()
     ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=Checkpoint.from_directory(str(tmp)))

@@ -196,6 +196,12 @@ class CheckpointSpec(Strict):
     )
     resume_from: str | None = Field(None, description="a checkpoint directory to start from, or 'latest' in this run")
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the latest checkpoint")
+    stop_after_steps: int | None = Field(
+        None,
+        ge=1,
+        description="end this call after this many optimiser steps, with a checkpoint (a time-limited allocation); "
+        "the same command without it continues the run. Does not change the run's identity",
+    )
 
 
 class TrainRaySpec(Strict):

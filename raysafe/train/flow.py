@@ -2,8 +2,10 @@
 
 ``run_train(cfg)`` is what ``raysafe train``, ``jobs/train.py``, the sweep and the tests call. Everything that
 can be checked before workers start is checked first: data (missing variants for a mixture language, empty
-answers), the model and the MLC layer, the ZeRO/offload/precision combination against the hardware, and a resume
-path that holds another model's checkpoint.
+answers), the model and the MLC layer, the ZeRO/offload/precision combination against the hardware, a resume
+path that holds another model's checkpoint, a run directory that holds another run (its identity differs:
+``raysafe.train.identity``) or a checkpoint that fails its manifest of digests, and a run directory that another
+live run holds (its lock).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.config import dump_config
+from raysafe.atomic import atomic_write_json
 from raysafe.errors import ConfigError, OutputError, remote_errors
 from raysafe.identity import fingerprint
-from raysafe.train.checkpoint import HF_DIR, STATE_FILE
+from raysafe.train.checkpoint import CONFIG_FILE, HF_DIR, STATE_FILE
 from raysafe.train.config import TrainConfig
 from raysafe.train.data import epoch_order, load_samples
 from raysafe.train.ds_config import check_hardware, prepare_cpu_comm
+from raysafe.train.identity import IDENTITY_FILE, check_same_run, read_identity, run_identity
 from raysafe.train.losses import needs_reference
+from raysafe.train.manifest import verify_manifest
 from raysafe.train.worker import train_loop
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class TrainResult:
     metrics: dict
     record: list[dict]
     mlflow_run_id: str | None
+    total_steps: int | None = None
 
     def summary(self) -> str:
         lines = [
@@ -44,6 +49,11 @@ class TrainResult:
             f"checkpoint: {self.checkpoint_dir}",
             f"model (Hugging Face dir, usable as a model path): {self.model_dir}",
         ]
+        if self.total_steps is not None and self.steps < self.total_steps:
+            lines.append(
+                f"stopped after {self.steps} of {self.total_steps} steps (checkpoint.stop_after_steps): run the "
+                "same command without it to continue"
+            )
         if self.mlflow_run_id:
             lines.append(f"MLflow run {self.mlflow_run_id}")
         return "\n".join(lines)
@@ -57,7 +67,7 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _check_resume(cfg: TrainConfig) -> str | None:
-    """The checkpoint to start from, after checking that it belongs to this model."""
+    """The checkpoint to start from, after checking that it belongs to this model and that raysafe wrote it."""
     path = cfg.checkpoint.resume_from
     if path is None or path == "latest":
         return None
@@ -76,6 +86,10 @@ def _check_resume(cfg: TrainConfig) -> str | None:
             where="checkpoint.resume_from",
             fix="resume with the model the checkpoint came from, or start a new run without resume_from",
         )
+    try:
+        verify_manifest(p, info.get("world_size"))
+    except OutputError as e:
+        raise OutputError(e.what, where=f"checkpoint.resume_from ({e.where})", fix=e.fix) from None
     return str(p)
 
 
@@ -147,8 +161,59 @@ def _reference_mode(cfg: TrainConfig) -> tuple[bool, bool]:
     return pre, not pre
 
 
-def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train ``cfg.model`` with the alignment loss + λ·MLC on Ray Train workers; return the final checkpoint."""
+def identity_of(cfg: TrainConfig, samples: pl.DataFrame) -> dict:
+    """The run identity of ``cfg`` on its loaded ``samples`` (raysafe.train.identity)."""
+    from raysafe.models.loading import resolve
+
+    ref = resolve(cfg.reference).fingerprint if cfg.reference is not None else None
+    return run_identity(cfg, samples, resolve(cfg.model).fingerprint, ref)
+
+
+def run_dir(cfg: TrainConfig) -> Path | None:
+    """The run's directory under a local storage path (None for a storage URI)."""
+    if "://" in cfg.checkpoint.storage_path:
+        return None
+    return Path(cfg.checkpoint.storage_path).resolve() / run_name(cfg)
+
+
+def claim_run_dir(cfg: TrainConfig, identity: dict, restart: bool) -> None:
+    """Make the run directory this run's: move the old one aside (``restart``), or check that it holds this run
+    (same identity: resume) and refuse another one; then record the identity."""
+    from raysafe.locks import move_aside
+
+    d = run_dir(cfg)
+    if d is None:
+        log.warning("checkpoint.storage_path is a URI: the run's identity is stored in each checkpoint only")
+        return
+    if restart:
+        move_aside(d)
+    check_same_run(d, read_identity(d / IDENTITY_FILE), identity)
+    for state in sorted(d.glob(f"checkpoint_*/{STATE_FILE}")):  # what Ray Train may resume from: checked first
+        verify_manifest(state.parent, json.loads(state.read_text()).get("world_size"))
+    atomic_write_json(d / IDENTITY_FILE, identity)
+
+
+def run_train(cfg: TrainConfig, progress: bool = True, restart: bool = False, lock: bool = True) -> TrainResult:
+    """Train ``cfg.model`` with the alignment loss + λ·MLC on Ray Train workers; return the final checkpoint.
+
+    The run directory (``storage_path/name``) is locked while the run writes it (``lock``: the sweep holds its own
+    lock over its trials' runs). A run directory holding a run of the same identity is resumed from its latest
+    checkpoint; one of another identity is refused with the differing fields named; ``restart`` moves the old
+    run aside first (``<name>.replaced-<time>``) and starts afresh."""
+    import contextlib
+
+    from raysafe.locks import output_lock
+
+    samples, resume = validate(cfg)
+    identity = identity_of(cfg, samples)
+    d = run_dir(cfg)
+    held = output_lock(d, f"training run {d}") if (lock and d is not None) else contextlib.nullcontext()
+    with held:
+        claim_run_dir(cfg, identity, restart)
+        return _fit(cfg, samples, resume, identity)
+
+
+def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict) -> TrainResult:
     import ray
     from ray.data import ExecutionOptions
     from ray.train import (
@@ -164,7 +229,6 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from raysafe.config import RaySpec
     from raysafe.runtime import ensure_ray, quiet_ray_data
 
-    samples, resume = validate(cfg)
     if not cfg.ray.use_gpu:
         prepare_cpu_comm()
     ensure_ray(RaySpec(address=cfg.ray.address))
@@ -201,6 +265,7 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 "total_steps": steps,
                 "reference_on_worker": ref_on_worker,
                 "mlflow": tracking.attach_info(cfg.tracking, mlrun),
+                "identity": identity,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.ray.num_workers,
@@ -227,12 +292,11 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             )
         ckpt_dir = Path(result.checkpoint.path)
         state = json.loads((ckpt_dir / STATE_FILE).read_text())
-        (ckpt_dir / "train_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         if mlrun is not None:
             tracking.log_params({"checkpoint": str(ckpt_dir)})
             tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
             tracking.log_artifact(ckpt_dir / STATE_FILE)
-            tracking.log_artifact(ckpt_dir / "train_config.yaml")
+            tracking.log_artifact(ckpt_dir / CONFIG_FILE)
     return TrainResult(
         ckpt_dir,
         ckpt_dir / HF_DIR,
@@ -240,4 +304,5 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         state["metrics"],
         state["record"],
         mlrun.info.run_id if mlrun is not None else None,
+        steps,
     )

@@ -3,7 +3,10 @@
 Data order is deterministic: every worker reads the same globally ordered stream (epochs of seeded permutations),
 takes its slice of each global micro-batch, and after a restart skips the micro-batches the checkpoint already
 covers, so no batch is lost or repeated. The checkpoint's ``trainer_state.json`` carries the per-step record
-(step, epoch, the group ids each step consumed, losses) of the run that led to it.
+(step, epoch, the group ids each step consumed, losses) of the run that led to it and the data position; each
+worker's random-number state is saved with it and restored just before training continues, so a killed and resumed
+run is bit-identical (on CPU) to an uninterrupted one. A checkpoint is verified against its manifest of digests
+before DeepSpeed loads it.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from raysafe.train.config import MLCConfig, TrainConfig
 from raysafe.train.data import to_collator_samples
 from raysafe.train.ds_config import deepspeed_config, lr_lambda
 from raysafe.train.forward import policy_forward
+from raysafe.train.identity import IDENTITY_FILE, check_same_run, read_identity
 from raysafe.train.losses import alignment_loss
+from raysafe.train.manifest import verify_manifest
 from raysafe.train.mlc import MLCHead, consistency_loss, head_monitor
+from raysafe.train.rng import apply_rng, read_rng, rng_file
 
 
 class AlignModule(nn.Module):
@@ -162,13 +168,22 @@ def train_loop(config: dict) -> None:
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
     )
 
-    step, record = 0, []
+    step, record, rng_state, resumed_micro = 0, [], None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            engine.load_checkpoint(str(Path(d) / DS_DIR), tag="ds")
             state = json.loads((Path(d) / STATE_FILE).read_text())
-        step, record = state["step"], state["record"]
+            verify_manifest(Path(d), state.get("world_size"))  # before DeepSpeed unpickles anything in it
+            own = (
+                cfg.checkpoint.resume_from is None
+                or Path(ckpt.path).resolve() != Path(cfg.checkpoint.resume_from).resolve()
+            )
+            if own:  # the run's own checkpoint (not resume_from's): a backstop for storage URIs
+                check_same_run(Path(d).parent, read_identity(Path(d) / IDENTITY_FILE), config["identity"])
+            engine.load_checkpoint(str(Path(d) / DS_DIR), tag="ds")
+            if rng_file(Path(d), rank).is_file():
+                rng_state = read_rng(rng_file(Path(d), rank))
+        step, record, resumed_micro = state["step"], state["record"], state.get("micro_batches")
 
     collator = make_collator(cfg, tok)
     schedule = cfg.mlc.schedule()
@@ -181,7 +196,10 @@ def train_loop(config: dict) -> None:
 
     mb, ga = cfg.optim.micro_batch, cfg.optim.grad_accum
     group = mb * world  # rows per global micro-batch
-    skip = step * ga  # global micro-batches the checkpoint covers
+    skip = resumed_micro if resumed_micro is not None else step * ga  # global micro-batches the checkpoint covers
+    stop_after = cfg.checkpoint.stop_after_steps
+    if rng_state is not None:  # last, once everything that may draw random numbers while loading has run
+        apply_rng(rng_state)
     shard = ray.train.get_dataset_shard("train")
     run_log = tracking.attach(config.get("mlflow") if rank == 0 else None, node="rank0")  # others: a no-op
 
@@ -197,7 +215,7 @@ def train_loop(config: dict) -> None:
         if micro < skip:
             micro += 1
             continue
-        if step >= total_steps:
+        if step >= total_steps or (stop_after is not None and step >= stop_after):
             break
         lo = rank * mb
         mine = {k: v[lo : lo + mb] for k, v in gbatch.items()}
@@ -248,10 +266,12 @@ def train_loop(config: dict) -> None:
         )
         step += 1
         run_log.log_metrics({k: v for k, v in out.items() if k != "step"}, step=step)
-        last = step >= total_steps
+        last = step >= total_steps or step == stop_after
         if step % cfg.checkpoint.every_n_steps == 0 or last:
             expected = probe_logps(module.policy, probe, device)
-            write_checkpoint(engine, module, tok, cfg, step, record, out, rank, probe, expected)
+            write_checkpoint(
+                engine, module, tok, cfg, step, record, out, rank, probe, expected, config["identity"], world, micro
+            )
         else:
             ray.train.report({k: float(v) for k, v in out.items()})
         acc, step_groups, step_tokens, t_step = {}, [], 0, time.perf_counter()
