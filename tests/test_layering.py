@@ -1,6 +1,6 @@
 """The import layering of the package, read from the source with ``ast`` (module-level and function-level imports).
 
-- Shared machinery (config, errors, atomic, identity, consistency, bootstrap, tables, plots, tracking, runtime, data/,
+- Shared machinery (config, errors, atomic, identity, locks, consistency, bootstrap, tables, plots, tracking, runtime, data/,
   models/) never imports a flow package.
 - A flow imports another flow only through that flow's ``config`` or ``flow`` module.
 - ``cli.py`` and ``bench.py`` (the registry of every flow's benches) may import anything.
@@ -23,6 +23,7 @@ SHARED = {
     "identity",
     "consistency",
     "bootstrap",
+    "locks",
     "tables",
     "plots",
     "tracking",

@@ -47,7 +47,7 @@ def langid_identifier() -> Identifier:
         raise ConfigError(
             "quality.langid is 'langid' but the langid package is not installed",
             where="quality.langid",
-            fix="pip install langid (a raysafe dependency), or set quality.langid: off",
+            fix="pip install langid (listed in pyproject.toml), or set quality.langid: off",
         ) from None
     ident = LanguageIdentifier.from_modelstring(model, norm_probs=True)
     return lambda texts: [tuple(ident.classify(t)) if t.strip() else ("", 0.0) for t in texts]
