@@ -12,7 +12,7 @@ from raysafe.concepts.config import ConceptsConfig
 from raysafe.concepts.flow import ensure_activations, run_concepts
 from raysafe.config import load_config
 from raysafe.data.sources import fixture_path
-from raysafe.errors import ConfigError, OutputError
+from raysafe.errors import ConfigError
 
 LANGS = ["en", "de", "sw", "bn"]
 CONCEPTS = ["fairness", "morality", "toxicity"]
@@ -159,14 +159,24 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
     }
     assert "layers analysed" in res.summary() and "recognition" in res.summary()
 
-    # A second run finds the activation store complete: nothing is extracted and Ray is not needed.
+    # The analysis names the activations it was computed from (weights and texts fingerprints) beside its outputs.
+    from raysafe.models.loading import resolve
+
+    ident = json.loads((root / "activations.json").read_text())["models"]["tiny"]
+    assert ident["weights"] == resolve(cfg.models[0]).fingerprint == res.activations["tiny"]["weights"]
+    assert run.data.params["acts.tiny.weights"] == ident["weights"]
+    assert run.data.params["acts.tiny.activations"] == ident["activations"]
+
+    # A second run finds the activation store complete and current: nothing is extracted and Ray is not needed.
     wanted = [0, 2, 3, 9]
-    assert ensure_activations(cfg, [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False) == {"tiny": False}
-    # Another position needs another activation directory: said before any extraction starts.
-    with pytest.raises(OutputError, match="different positions"):
-        ensure_activations(
-            cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False
-        )
+    again = ensure_activations(cfg, [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False)
+    assert again["tiny"].extracted == [] and again["tiny"].identities["tiny"] == ident
+    # Another position extends the store in place: the model is extracted again with both positions.
+    more = ensure_activations(
+        cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False
+    )
+    assert more["tiny"].extracted == ["tiny"] and more["tiny"].identities["tiny"]["positions"] == ["last", "mean"]
+    assert more["tiny"].identities["tiny"]["weights"] == ident["weights"]
 
 
 def test_config_errors_name_the_field(tmp_path):

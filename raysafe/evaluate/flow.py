@@ -30,8 +30,9 @@ from raysafe.evaluate.config import (
     model_label,
 )
 from raysafe.evaluate.data import load_mc, load_prompts
-from raysafe.evaluate.store import EvalStore, claim, write_inputs
+from raysafe.evaluate.store import EvalStore, claim
 from raysafe.identity import fingerprint
+from raysafe.shards import write_inputs
 from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
