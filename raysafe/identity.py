@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -17,3 +19,16 @@ def fingerprint(rows: pl.DataFrame) -> str:
             w.write_batch(batch)
         h.update(sink.getvalue().to_pybytes())
     return h.hexdigest()[:20]
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 (first 20 hex digits) of ``obj`` as canonical JSON (sorted keys): the identity of a record of what
+    produced an output (settings, input fingerprints)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def analysis_identity(config: dict, inputs: dict) -> str:
+    """The identity of an analysis: its config (without ``tracking`` and ``ray``, which change where results are
+    logged and how fast they come, not what they are) chained with its inputs' identities."""
+    settings = {k: v for k, v in config.items() if k not in ("tracking", "ray")}
+    return digest({"config": settings, "inputs": inputs})

@@ -164,6 +164,10 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
 
     ident = json.loads((root / "activations.json").read_text())["models"]["tiny"]
     assert ident["weights"] == resolve(cfg.models[0]).fingerprint == res.activations["tiny"]["weights"]
+    index = json.loads((tmp_path / "concepts" / "activations.json").read_text())
+    assert (
+        index["models"]["tiny"] == ident and index["identity"] == res.identity == run.data.params["analysis_identity"]
+    )
     assert run.data.params["acts.tiny.weights"] == ident["weights"]
     assert run.data.params["acts.tiny.activations"] == ident["activations"]
 

@@ -95,6 +95,19 @@ def test_hub_fingerprint_pins_the_cached_commit(tmp_path, monkeypatch):
     assert loading.resolve(ModelSpec(path="org/model")).fingerprint == f"org/model@{sha}"
 
 
+def test_analysis_identity_chains_config_and_inputs_but_not_tracking():
+    from raysafe.identity import analysis_identity
+
+    cfg = {"layers": [1], "tracking": {"run_name": "a"}, "ray": {"num_actors": 1}}
+    base = analysis_identity(cfg, {"m": {"weights": "w1"}})
+    assert (
+        analysis_identity(cfg | {"tracking": {"run_name": "b"}, "ray": {"num_actors": 4}}, {"m": {"weights": "w1"}})
+        == base
+    )
+    assert analysis_identity(cfg, {"m": {"weights": "w2"}}) != base
+    assert analysis_identity(cfg | {"layers": [2]}, {"m": {"weights": "w1"}}) != base
+
+
 # ------------------------------------------------------------------------------------------------ local paths
 def test_relative_model_path_in_a_train_config_is_absolute_and_found_from_another_cwd(
     tmp_path, monkeypatch, tiny_llama_dir
@@ -199,11 +212,13 @@ def test_new_weights_at_the_same_path_recompute_every_shard_and_the_analysis(tmp
     n_shards = store.inputs()["shards"]
     assert first.extracted["safety"] and n_shards >= 2 and len(markers()) == n_shards
     old_markers, (_, old_x) = markers(), store.read_layer("base", 2)
-    old_ident = json.loads((tmp_path / "out" / "activations.json").read_text())["safety"]["models"]["base"]
+    old_record = json.loads((tmp_path / "out" / "activations.json").read_text())
+    old_ident = old_record["activations"]["safety"]["models"]["base"]
+    assert old_record["identity"] == first.identity
     assert first.activations["safety"]["models"]["base"] == old_ident
 
     again = run_separation(cfg, progress=False)  # nothing changed: reused, same identity
-    assert not again.extracted["safety"] and markers() == old_markers
+    assert not again.extracted["safety"] and markers() == old_markers and again.identity == first.identity
 
     config = (model / "config.json").read_bytes()
     tiny_model("llama", num_layers=2, hidden=32, seed=1).save_pretrained(model)  # same config.json, new weights
@@ -215,7 +230,9 @@ def test_new_weights_at_the_same_path_recompute_every_shard_and_the_analysis(tmp
     assert all(m["identity"] != old_markers[k]["identity"] for k, m in new_markers.items())  # every shard redone
     _, new_x = store.read_layer("base", 2)
     assert new_x.shape == old_x.shape and not (new_x == old_x).all()
-    new_ident = json.loads((tmp_path / "out" / "activations.json").read_text())["safety"]["models"]["base"]
+    new_record = json.loads((tmp_path / "out" / "activations.json").read_text())
+    new_ident = new_record["activations"]["safety"]["models"]["base"]
+    assert new_record["identity"] == third.identity != first.identity
     assert new_ident["weights"] != old_ident["weights"] and new_ident["activations"] != old_ident["activations"]
     assert new_ident["texts"] == old_ident["texts"]
     key = ["model", "lang", "layer", "metric"]

@@ -48,6 +48,7 @@ from raysafe.config import (
 from raysafe.errors import ConfigError, RaysafeError
 from raysafe.extract.config import ExtractConfig, ExtractSpec
 from raysafe.extract.flow import Activations
+from raysafe.identity import analysis_identity
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class ConceptsResult:
     seconds: dict[str, float] = field(default_factory=dict)
     extracted: dict[str, bool] = field(default_factory=dict)
     activations: dict[str, dict] = field(default_factory=dict)  # model → identity of the activations analysed
+    identity: str | None = None  # digest of the config and the activations' identities
     mlflow_run_id: str | None = None
 
     def summary(self) -> str:
@@ -487,11 +489,16 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     result.seconds["extraction"] = time.perf_counter() - t0
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    atomic_write_json(out_root / "activations.json", {"store": cfg.activations_dir, "models": result.activations})
+    result.identity = analysis_identity(cfg.model_dump(mode="json"), result.activations)
+    atomic_write_json(
+        out_root / "activations.json",
+        {"identity": result.identity, "store": cfg.activations_dir, "models": result.activations},
+    )
     failures: list[tuple[str, RaysafeError]] = []
     with tracking.run(cfg.tracking, "concepts", tags={"raysafe.flow": "concepts"}) as mlrun:
         tracking.log_params(
-            {"config": cfg.model_dump(mode="json")} | {k: v for a in acts.values() for k, v in a.params("acts").items()}
+            {"config": cfg.model_dump(mode="json"), "analysis_identity": result.identity}
+            | {k: v for a in acts.values() for k, v in a.params("acts").items()}
         )
         for spec, n, wanted, _ in plans:
             m = ModelConcepts(spec.label, out_root / spec.label, num_layers=n)

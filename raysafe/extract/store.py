@@ -20,7 +20,6 @@ that layer's files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from raysafe.atomic import atomic_write_json
 from raysafe.errors import OutputError
+from raysafe.identity import digest
 from raysafe.shards import input_shard_path, read_inputs_marker, shard_name
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ IDENTITY_FIELDS = (
 
 def identity_digest(info: dict) -> str:
     """A short digest of ``info``'s :data:`IDENTITY_FIELDS`: equal exactly when the stored vectors would be."""
-    fields = {k: info.get(k) for k in IDENTITY_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+    return digest({k: info.get(k) for k in IDENTITY_FIELDS})
 
 
 def identity_changes(old: dict, new: dict, fields=IDENTITY_FIELDS) -> list[str]:

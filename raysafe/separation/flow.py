@@ -6,7 +6,8 @@ per-language separation tables, alignment shift, detox displacement → figures,
 1. **activations** — for the safety set (toxic / benign texts) and the parallel detox pairs, the extraction flow's
    :func:`~raysafe.extract.flow.ensure_activations`: reused only when each model's stored identity (weights and
    texts fingerprints, vector-shaping settings) is current, else extracted, resumed or redone; the identities are
-   written to ``<output_dir>/activations.json`` and the MLflow params, so every table names what it came from;
+   written to ``<output_dir>/activations.json`` with the analysis identity (config ⊕ activations identities) and
+   to the MLflow params, so every table names what it came from;
 2. **separation** — :func:`~raysafe.separation.tables.analyse_separation`, one layer of one model in memory
    at a time;
 3. **alignment shift** — aligned − base per (language, layer, metric) for each aligned model, and each language
@@ -43,6 +44,7 @@ from raysafe.errors import ConfigError
 from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import Activations
 from raysafe.extract.store import ActivationStore
+from raysafe.identity import analysis_identity
 from raysafe.separation.config import ModelFamily, SeparationConfig
 from raysafe.separation.tables import (
     ReadLayer,
@@ -85,6 +87,7 @@ class SeparationResult:
     report: Path | None = None
     extracted: dict[str, bool] = field(default_factory=dict)
     activations: dict[str, dict] = field(default_factory=dict)  # data set → store and each model's identity
+    identity: str | None = None  # digest of the config and the activations' identities
     problems: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -352,7 +355,8 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
     detox = ensure_activations(cfg, "detox", progress) if cfg.detox is not None else None
     safety_store, detox_store = safety.store, detox.store if detox is not None else None
     inputs = {"safety": safety.record()} | ({"detox": detox.record()} if detox is not None else {})
-    atomic_write_json(out / "activations.json", inputs)
+    identity = analysis_identity(cfg.model_dump(mode="json"), inputs)
+    atomic_write_json(out / "activations.json", {"identity": identity, "activations": inputs})
     layers_of = {f.base.label: family_layers(cfg, f, safety_store) for f in families}
     all_layers = sorted(set().union(*map(set, layers_of.values())))
     if not all_layers:
@@ -376,6 +380,7 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         table=pl.DataFrame(),
         extracted={"safety": bool(safety.extracted), "detox": detox is not None and bool(detox.extracted)},
         activations=inputs,
+        identity=identity,
     )
     tables_dir, fig_dir = out / "tables", out / "figures"
     tags = {"raysafe.flow": "separation", "raysafe.base": ",".join(f.base.label for f in families)}
@@ -386,6 +391,7 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
             {
                 "config": cfg.model_dump(mode="json"),
                 "analysed_layers": _ranges(all_layers),
+                "analysis_identity": identity,
                 "safety_activations": str(safety_store.root.resolve()),
                 "detox_activations": str(detox_store.root.resolve()) if detox_store else "none",
             }
@@ -592,7 +598,7 @@ def _report_notes(
     notes += [
         f"Hidden states: position `{result.position}`, activations in `{safety.root}`"
         + (f" and `{detox.root}`" if detox else "")
-        + " (their identities: `activations.json`).",
+        + f" (their identities: `activations.json`; analysis identity {result.identity}).",
         "Weights fingerprints: "
         + ", ".join(
             f"`{m}` {ident['weights']}" for m, ident in result.activations.get("safety", {}).get("models", {}).items()
