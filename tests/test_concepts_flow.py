@@ -207,5 +207,8 @@ def test_no_valid_layer_is_a_config_error_before_any_work(tiny_llama_dir, pairs_
 def test_job_configs_validate(name):
     from pathlib import Path
 
-    cfg = load_config(ConceptsConfig, Path(__file__).parents[1] / "jobs" / "configs" / f"{name}.yaml")
+    # the cluster config's data lives on the cluster's shared storage: its existence is not checked here
+    cfg = load_config(
+        ConceptsConfig, Path(__file__).parents[1] / "jobs" / "configs" / f"{name}.yaml", check_paths=False
+    )
     assert cfg.models and cfg.steering.source_lang == "en"
