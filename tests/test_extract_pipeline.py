@@ -98,7 +98,8 @@ def test_omp_wait_policy_reaches_actors_through_runtime_env_or_is_left_alone():
 
 KILL_SCRIPT = """
 import sys
-from raysafe.config import ExtractConfig, load_config
+from raysafe.config import load_config
+from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import run_extract
 cfg = load_config(ExtractConfig, sys.argv[1])
 run_extract(cfg, progress=False)
