@@ -187,6 +187,11 @@ class TrackingSpec(Strict):
     fallback_to_local: bool = Field(
         False, description="if the tracking server is unreachable, log to the local SQLite store instead of failing"
     )
+    log_system_metrics: bool = Field(
+        False,
+        description="sample CPU, memory, disk, network and GPU use into the run (system/* metrics, every 10 s): "
+        "in the flow's own process and on training's rank-0 worker",
+    )
 
 
 # --------------------------------------------------------------------------------------------- load/merge

@@ -118,7 +118,7 @@ def test_activations_of_another_model_under_one_label_are_dropped(tmp_path, rows
 def test_inputs_of_other_texts_are_refused(tmp_path):
     import polars as pl
 
-    from raysafe.shards import write_inputs
+    from raysafe.atomic import write_inputs
 
     rows = pl.DataFrame({"text": ["a", "b", "c"]})
     assert write_inputs(tmp_path / "in", rows, 2, "fp1", "texts") == 2

@@ -83,6 +83,9 @@ def test_zero3_two_workers_loss_goes_down_and_checkpoint_round_trips(ray_local, 
     assert [m.step for m in history] == list(range(1, 9))
     for key in ("loss_mlc", "mlc_rank1_energy", "align_rewards_accuracy", "tokens_per_s", "memory_mb"):
         assert key in run.data.metrics, key
+    (data,) = run.inputs.dataset_inputs  # the samples the run trained on, logged by the driver
+    assert len(data.dataset.digest) == 20 and json.loads(data.dataset.profile)["num_rows"] > 0
+    assert {(t.key, t.value) for t in data.tags} == {("mlflow.data.context", "training")}
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

@@ -334,7 +334,7 @@ def analyse_model(
 ) -> None:
     """Analysis, outputs, steering and logging of one model (fills ``out``)."""
     from raysafe.concepts.report import write_concept_report
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
     from raysafe.tables import write_table
 
     label = spec.label

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_bytes
+from raysafe.atomic import atomic_write_bytes, write_inputs
 from raysafe.config import (
     ModelSpec,
     RaySpec,
@@ -32,7 +32,6 @@ from raysafe.evaluate.config import (
 from raysafe.evaluate.data import load_mc, load_prompts
 from raysafe.evaluate.store import EvalStore, claim
 from raysafe.identity import fingerprint
-from raysafe.shards import write_inputs
 from raysafe.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -408,3 +407,18 @@ def _log_mlflow(cfg: EvaluateConfig, result: EvaluateResult) -> None:
     tracking.log_params({"output_dir": str(result.output_dir.resolve())})
     tracking.log_artifact(result.output_dir / "metrics", "metrics")
     tracking.log_artifact(result.output_dir / "config.yaml")
+
+
+def safety_outcomes(output_dir: str | Path, model: str, judge: str, set_name: str) -> pl.DataFrame:
+    """The judged outcome of every harmful prompt of ``set_name`` for ``model`` in an evaluation's output directory:
+    lang, group_id, safe (1.0 safe, 0.0 unsafe; unparsed verdicts left out). For paired comparisons of two models
+    evaluated on the same prompts (the study's MLC − control difference)."""
+    store = EvalStore(output_dir)
+    n = len(store.prompts.done())
+    prompts = store.prompts.read(n).filter((pl.col("set") == set_name) & pl.col("harmful"))
+    verdicts = store.judgements(model, judge).read(n).select("row_id", "verdict")
+    return (
+        prompts.join(verdicts, on="row_id", how="inner")
+        .filter(pl.col("verdict").is_in(["safe", "unsafe"]))
+        .select("lang", "group_id", (pl.col("verdict") == "safe").cast(pl.Float64).alias("safe"))
+    )

@@ -264,7 +264,8 @@ def run(args) -> dict:
 DRIVER_SCRIPT = """
 import json, resource, sys
 import ray
-from raysafe.config import ExtractConfig, load_config
+from raysafe.config import load_config
+from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import run_extract
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 res = run_extract(load_config(ExtractConfig, data=json.loads(sys.argv[1])), progress=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_json
+from raysafe.atomic import atomic_write_json, write_inputs
 from raysafe.config import ModelSpec, dump_config
 from raysafe.data import schemas
 from raysafe.data.sources import load_table, to_text_rows
@@ -31,7 +31,6 @@ from raysafe.extract.config import ExtractConfig
 from raysafe.extract.store import IDENTITY_FIELDS, ActivationStore, identity_changes, identity_digest
 from raysafe.identity import fingerprint
 from raysafe.models.layers import resolve_layers, text_config
-from raysafe.shards import write_inputs
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +222,37 @@ def extract_model(
     return summaries
 
 
+def last_token_states(
+    model_path: str,
+    texts: list[str],
+    layer: int,
+    max_length: int,
+    chat_template: str = "auto",
+    device: str = "cpu",
+    torch_threads: int | None = None,
+):
+    """``[len(texts), hidden]`` float32 states of the last token at ``layer`` of the model at ``model_path``, in a
+    plain loop in this process (no Ray, no store): how another flow measures a few prompts. ``chat_template``:
+    ``on`` | ``off`` | ``auto`` (on when the tokenizer has one)."""
+    import numpy as np
+
+    from raysafe.extract.config import ExtractSpec
+    from raysafe.extract.stages import Extractor, tokenize_texts
+
+    probe = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length)
+    ex = Extractor(
+        {"path": model_path, "dtype": "float32" if device == "cpu" else "auto"},
+        probe.model_dump(),
+        [layer],
+        device=device,
+        torch_threads=torch_threads,
+    )
+    use_template = {"on": True, "off": False}.get(chat_template, bool(getattr(ex.tok, "chat_template", None)))
+    spec = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length, chat_template=use_template)
+    ids, _ = tokenize_texts(ex.tok, texts, spec)
+    return np.asarray(ex.extract(ids)[(layer, "last")])
+
+
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Extract pooled hidden states of every model in ``cfg`` for every row of ``cfg.data``."""
     rows = load_text_rows(cfg)
@@ -239,6 +269,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     result = ExtractResult(Path(cfg.output_dir), fp, rows_per_lang, dropped=dropped)
     with tracking.run(cfg.tracking, "extract", tags={"raysafe.flow": "extract"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
+        name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
+        tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
         for spec, info, layers in plans:
             done = store.done_shards(spec.label)

@@ -31,10 +31,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysafe.atomic import atomic_write_json
+from raysafe.atomic import atomic_write_json, input_shard_path, read_inputs_marker, shard_name
 from raysafe.errors import OutputError
 from raysafe.identity import digest
-from raysafe.shards import input_shard_path, read_inputs_marker, shard_name
 
 log = logging.getLogger(__name__)
 

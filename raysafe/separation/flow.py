@@ -42,8 +42,7 @@ from raysafe.config import (
 )
 from raysafe.errors import ConfigError
 from raysafe.extract.config import ExtractConfig
-from raysafe.extract.flow import Activations
-from raysafe.extract.store import ActivationStore
+from raysafe.extract.flow import Activations, ActivationStore
 from raysafe.identity import analysis_identity
 from raysafe.separation.config import ModelFamily, SeparationConfig
 from raysafe.separation.tables import (

@@ -125,9 +125,7 @@ def _absolute(tree: Any) -> Any:
 
 def _tracking_spec(spec: TrackingSpec) -> dict:
     """The sweep's tracking settings with the store URI pinned (a relative SQLite path made absolute)."""
-    uri = tracking.resolve_uri(spec)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = tracking.absolute_uri(tracking.resolve_uri(spec))
     return {**spec.model_dump(mode="json"), "tracking_uri": uri, "run_name": None}
 
 

@@ -128,7 +128,7 @@ def run_steps(args) -> dict:
     from raysafe.train.ds_config import lr_lambda
     from raysafe.train.forward import policy_forward
     from raysafe.train.mlc import MLCHead
-    from raysafe.train.worker import AlignModule, _scalar, make_collator
+    from raysafe.train.worker import AlignModule, _scalar, make_collator, param_groups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,10 +193,10 @@ def run_steps(args) -> dict:
         cols = b["attention_mask"][: 2 * int(b["n_pairs"])].any(0).nonzero().flatten()
         answer_width.append(int(cols[-1] - cols[0] + 1))
     layer = cfg.mlc.resolve_layer(num_layers(policy))
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d).to(device)
+    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
     module = AlignModule(policy, head, cfg, layer)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", steps, 0.0))
 
     series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}

@@ -37,6 +37,16 @@ class MLCConfig(BaseModel):
     every_k: int = Field(2, ge=1)
     weight: float = Field(0.8, ge=0, description="λ")
     kind: Literal["mlc", "cosine"] = "mlc"
+    head: Literal["linear", "linear_nobias", "frozen_random"] = Field(
+        "linear",
+        description="the extractor: linear = trainable Linear(hidden → d) with bias, as the released code "
+        "(LLaMA-Factory's dpo/trainer.py adds torch.nn.Linear(hidden_size, extractor_dim) to the model); "
+        "linear_nobias = the same without bias (a bias alone can make every language's vector equal); "
+        "frozen_random = a fixed random orthogonal projection, no bias: only the backbone can lower the loss",
+    )
+    head_lr_scale: float = Field(
+        1.0, ge=0, description="the head's learning rate as a multiple of optim.lr (1 = one lr for all, as released)"
+    )
 
     def resolve_layer(self, num_layers: int) -> int:
         """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
@@ -76,20 +86,34 @@ class MixtureSpec(Strict):
 
 
 class LossSpec(Strict):
-    name: Literal["dpo", "simpo", "orpo", "sft"] = "dpo"
+    """The alignment loss: ``name`` is an entry of ``raysafe.train.losses.ALIGNMENT_LOSSES``, which says which of the
+    fields below it takes (docs/losses.md)."""
+
+    name: str = Field("dpo", description="dpo | simpo | orpo | sft (the entries of the loss registry)")
     kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     gamma: float = Field(0.5, ge=0, description="SimPO margin")
+    nll_normalisation: Literal["token", "sequence"] = Field(
+        "token",
+        description="ORPO's SFT term: token = one mean over all chosen tokens of the batch (TRL); "
+        "sequence = mean over pairs of each chosen answer's per-token mean NLL (LLaMA-Factory)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from raysafe.train.losses import ALIGNMENT_LOSSES  # imported when validated: the registry holds torch code
+
+        if v not in ALIGNMENT_LOSSES:
+            raise ValueError(f"unknown alignment loss {v!r}; use one of {sorted(ALIGNMENT_LOSSES)}")
+        return v
 
     def params(self) -> dict:
-        if self.name == "dpo":
-            return {"beta": self.beta, "label_smoothing": self.label_smoothing, "kind": self.kind}
-        if self.name == "simpo":
-            return {"beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
-        if self.name == "orpo":
-            return {"beta": self.beta}
-        return {}
+        """The hyper-parameters the registry entry of ``name`` declares, with their values here."""
+        from raysafe.train.losses import loss_entry
+
+        return {k: getattr(self, k) for k in loss_entry(self.name).params}
 
 
 class OptimSpec(Strict):

@@ -18,6 +18,7 @@ import polars as pl
 from raysafe import tracking
 from raysafe.config import dump_config
 from raysafe.errors import ConfigError, OutputError
+from raysafe.identity import fingerprint
 from raysafe.train.checkpoint import HF_DIR, STATE_FILE
 from raysafe.train.config import TrainConfig
 from raysafe.train.data import epoch_order, load_samples
@@ -188,6 +189,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     with tracking.run(cfg.tracking, f"train {name}", tags={"raysafe.flow": "train"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
+        tracking.log_input(
+            f"preference pairs + prompt variants (split {cfg.data.split})",
+            {"pairs": cfg.data.pairs, "variants": cfg.data.variants},
+            fingerprint(samples),
+            samples.height,
+            context="training",
+        )
         order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
         per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
         order = order.filter(pl.col("pos") < steps * per_step)  # only what the run will consume
@@ -198,17 +206,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             samples = samples.join(refs, on="sample_idx", how="left")
         table = order.join(samples, on="sample_idx", how="left").sort("pos")
         ds = ray.data.from_arrow(table.to_arrow())
-        uri = tracking.resolve_uri(cfg.tracking) if mlrun is not None else None
-        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"),
                 "total_steps": steps,
                 "reference_on_worker": ref_on_worker,
-                "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
-                "mlflow_uri": uri,
+                "mlflow": tracking.attach_info(cfg.tracking, mlrun),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.ray.num_workers,
