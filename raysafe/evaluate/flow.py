@@ -117,19 +117,16 @@ def _unwrap(e: BaseException) -> RaysafeError | None:
 
 def _check_model(spec: ModelSpec, where: str) -> str:
     """Fail before any work when a model cannot be found; returns its weights fingerprint."""
-    from transformers import AutoConfig
-
-    from raysafe.models.loading import _load_error, resolve
+    from raysafe.models.loading import load_hf_config, resolve
 
     try:
         resolved = resolve(spec)
     except ModelError as e:
         raise ModelError(e.what, where=f"{where} ({e.where})", fix=e.fix) from None
     try:
-        AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        err = _load_error(spec, resolved, e)
-        raise ModelError(err.what, where=where, fix=err.fix) from None
+        load_hf_config(spec, resolved)
+    except ModelError as e:
+        raise ModelError(e.what, where=where, fix=e.fix) from None
     return resolved.fingerprint
 
 

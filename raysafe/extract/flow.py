@@ -30,7 +30,7 @@ from raysafe.errors import ConfigError, OutputError
 from raysafe.extract.config import ExtractConfig
 from raysafe.extract.store import IDENTITY_FIELDS, ActivationStore, identity_changes, identity_digest
 from raysafe.identity import fingerprint
-from raysafe.models.layers import resolve_layers, text_config
+from raysafe.models.layers import config_depth, resolve_layers, text_config
 
 log = logging.getLogger(__name__)
 
@@ -116,21 +116,12 @@ def load_text_rows(cfg: ExtractConfig) -> pl.DataFrame:
 def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[dict, list[int]]:
     """The model's identity record for the store (with ``identity``, the digest of its vector-shaping fields), and
     its validated layer list (raises before any work starts)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.loading import resolve
+    from raysafe.models.loading import load_hf_config, resolve
 
     resolved = resolve(spec)
-    try:
-        hf = AutoConfig.from_pretrained(
-            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except OSError as e:
-        from raysafe.models.loading import _load_error
-
-        raise _load_error(spec, resolved, e) from None
+    hf = load_hf_config(spec, resolved)
     text = text_config(hf)
-    n_layers = int(text.num_hidden_layers)
+    n_layers = config_depth(hf)
     layers = resolve_layers(cfg.extract.layers, n_layers, spec.label)
     info = {
         "model": spec.label,

@@ -250,15 +250,15 @@ def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) ->
     extracted layer (the activations of the separation stages): the movable measures with bootstrap intervals and
     the paired MLC − control, MLC − base and control − base differences at the MLC layer (raysafe.study.measures)."""
     from raysafe.extract.flow import ActivationStore
+    from raysafe.models.loading import model_depth
     from raysafe.study.measures import HEADLINE_MEASURES, held_out_tables
-    from raysafe.train.flow import model_depth
 
     scfg = cfg.separation_config(base, trained)
     store = ActivationStore(scfg.store_dir("safety"))
     roles = {"base": base.label, **{m.label.removeprefix(f"{base.label}-"): m.label for m in trained}}
     roles = {r: m for r, m in roles.items() if m in store.models()}
     tcfg = cfg.train_config("mlc", base)
-    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg))
+    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg.model))
     layers = sorted(set(store.layers(roles["base"])))
     langs = tcfg.mixture.languages
     by_layer, diffs = held_out_tables(

@@ -24,8 +24,10 @@ class ConsistencySpec(Strict):
     variants: SourceSpec | None = Field(None, description="prompt variants (default: the base config's data.variants)")
     split: str | None = Field("test", description="held-out split (None: every row)")
     languages: list[str] | None = Field(None, description="languages compared (default: the base mixture's)")
-    layer: int | float | None = Field(
-        None, description="layer read (int, 0 = embeddings, or depth fraction); default: the base config's mlc.layer"
+    layer: int | float | Literal["final"] | None = Field(
+        None,
+        description="layer read, in the one layer convention (int 0..depth, depth fraction or 'final'); default: "
+        "the base config's mlc.layer, i.e. the representation the MLC loss trains",
     )
     max_items: int = Field(64, ge=1, description="held-out items used (the first ones, by group_id)")
     max_length: int = Field(256, ge=8)

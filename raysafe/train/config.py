@@ -18,7 +18,6 @@ from raysafe.config import (
     TrackingSpec,
     on_off,
 )
-from raysafe.errors import ConfigError
 
 
 class MLCConfig(BaseModel):
@@ -26,8 +25,11 @@ class MLCConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layer: int | float = Field(
-        0.5, description="decoder layer whose output is used: an int (1-based, 0 = embeddings) or a depth fraction"
+    layer: int | float | Literal["final"] = Field(
+        0.5,
+        description="representation the consistency term reads, in the one layer convention (hidden_states[k]): "
+        "an int k (0 = embeddings, k = output of decoder block k, the depth = the final state after the final "
+        "norm), a depth fraction in (0, 1] (1.0 = the final state), or 'final' (the released MLC setting)",
     )
     pooling: Literal["last", "mean"] = "last"
     d: int = Field(512, ge=1, description="width of the projection head")
@@ -49,22 +51,11 @@ class MLCConfig(BaseModel):
     )
 
     def resolve_layer(self, num_layers: int) -> int:
-        """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
-        if isinstance(self.layer, float):
-            if not 0.0 < self.layer <= 1.0:
-                raise ConfigError(
-                    f"a fractional MLC layer must lie in (0, 1], got {self.layer}",
-                    where="mlc.layer",
-                    fix="give a depth fraction such as 0.5 or an integer layer index",
-                )
-            return max(1, round(self.layer * num_layers))
-        if not 0 <= self.layer <= num_layers:
-            raise ConfigError(
-                f"MLC layer {self.layer} is out of range for a model with {num_layers} layers",
-                where="mlc.layer",
-                fix=f"use 0 (embeddings) to {num_layers}",
-            )
-        return self.layer
+        """The ``hidden_states`` index of ``layer`` for a model of ``num_layers`` decoder layers
+        (:func:`raysafe.models.layers.resolve_layer`)."""
+        from raysafe.models.layers import resolve_layer
+
+        return resolve_layer(self.layer, num_layers, where="mlc.layer")
 
     def schedule(self) -> "MLCSchedule":  # noqa: F821  (imported when called: parsing a config loads no torch)
         """The step schedule of this configuration."""

@@ -79,20 +79,6 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
-def model_depth(cfg: TrainConfig) -> int:
-    """Number of decoder layers of the policy, read from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.layers import text_config
-    from raysafe.models.loading import resolve
-
-    resolved = resolve(cfg.model)
-    hf = AutoConfig.from_pretrained(
-        resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    return int(text_config(hf).num_hidden_layers)
-
-
 def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
     """All checks that need no worker. Returns the samples and the checkpoint to resume from."""
     import torch
@@ -110,7 +96,9 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
             )
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if cfg.mlc.weight > 0:
-        cfg.mlc.resolve_layer(model_depth(cfg))
+        from raysafe.models.loading import model_depth
+
+        cfg.mlc.resolve_layer(model_depth(cfg.model))
     resume = _check_resume(cfg)
     per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
     if samples.height < per_step:
