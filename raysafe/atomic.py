@@ -9,9 +9,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raysafe.errors import OutputError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 log = logging.getLogger(__name__)
 
@@ -74,3 +80,41 @@ def remove_stale_temp_files(root: Path) -> int:
     if n:
         log.warning("removed %d temporary file(s) left by a killed run under %s", n, root)
     return n
+
+
+def input_shard_path(root: Path, k: int) -> Path:
+    """Input shard ``k`` under an input directory ``root``."""
+    return Path(root) / f"{shard_name(k)}.parquet"
+
+
+def write_inputs(root: Path, rows: pl.DataFrame, shard_rows: int, fingerprint: str, what: str) -> int:
+    """Write ``rows`` as input shards under ``root`` once (atomically, the ``_dataset.json`` marker last) and return
+    the shard count; a directory prepared for other rows or another shard size is refused, naming both fingerprints
+    and sizes. Shared by the sharded flows (extraction, evaluation)."""
+    root = Path(root)
+    marker = root / "_dataset.json"
+    n_shards = max(1, (rows.height + shard_rows - 1) // shard_rows)
+    info = {"fingerprint": fingerprint, "shard_rows": shard_rows, "rows": rows.height, "shards": n_shards}
+    if marker.exists():
+        old = json.loads(marker.read_text())
+        if old["fingerprint"] != fingerprint or old["shard_rows"] != shard_rows:
+            raise OutputError(
+                f"{root} holds {what} of other inputs (fingerprint {old['fingerprint']}, shard_rows "
+                f"{old['shard_rows']}; now {fingerprint}, {shard_rows}): outputs made from them cannot be kept "
+                "beside outputs of these",
+                where=str(marker),
+                fix=f"choose a new output_dir for other {what} or shard sizes, or `--restart` (train, study, sweep, evaluate) "
+                f"to move the old outputs aside; for an extraction, delete {root.parent} to redo it",
+            )
+        return n_shards
+    table = rows.to_arrow()
+    for k in range(n_shards):
+        atomic_write_parquet(input_shard_path(root, k), table.slice(k * shard_rows, shard_rows))
+    atomic_write_json(marker, info)
+    return n_shards
+
+
+def read_inputs_marker(root: Path) -> dict | None:
+    """The ``_dataset.json`` of an input directory (None when its inputs were never completely written)."""
+    marker = Path(root) / "_dataset.json"
+    return json.loads(marker.read_text()) if marker.exists() else None

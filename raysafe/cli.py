@@ -97,7 +97,8 @@ def _resolve(ref: str):
 def _config(args, cls):
     from raysafe.config import load_config
 
-    return load_config(cls, args.config, args.set)
+    # --print-config checks a config anywhere (a cluster config's shared paths need not exist on a laptop)
+    return load_config(cls, args.config, args.set, check_paths=not getattr(args, "print_config", False))
 
 
 def run_flow(name: str, args) -> int:
@@ -134,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. --set ray.num_actors=4 (repeatable; values parse as YAML)",
         )
-        sp.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+        sp.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the validated config as YAML and exit (local paths made absolute, not checked)",
+        )
         if name in RESTARTABLE:
             sp.add_argument(
                 "--restart",

@@ -10,14 +10,17 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -25,6 +28,41 @@ from raysafe.data.adapters import ADAPTER_NAMES
 from raysafe.errors import ConfigError
 
 T = TypeVar("T", bound=BaseModel)
+
+
+#: Model paths that name the packaged demo model rather than a file or a hub id.
+DEMO_ALIASES = {"gemma3-270m", "gemma-3-270m", "demo"}
+
+#: ``load_config`` validates with this context: local paths must then exist (programmatic configs, built for paths
+#: that appear later, e.g. a training output, are only made absolute).
+CHECK_PATHS = {"check_paths": True}
+
+
+def is_local_path(path: str) -> bool:
+    """A path on this machine rather than a hub id: starts with ./ ../ / ~ (or is . / ..), or exists here."""
+    return path in (".", "..", "~") or path.startswith(("./", "../", "/", "~")) or Path(path).exists()
+
+
+def absolute_path(path: str) -> str:
+    """``path`` with ~ expanded, made absolute against the working directory and normalised (.. removed)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def local_path(value: str, info: ValidationInfo, what: str, always_local: bool = False) -> str:
+    """``value`` made absolute if it is local (see :func:`is_local_path`; ``always_local``: whatever it looks like);
+    under :data:`CHECK_PATHS` a local path that does not exist is a ValueError (pydantic names the field)."""
+    if not (always_local or is_local_path(value)):
+        return value
+    full = absolute_path(value)
+    if (info.context or {}).get("check_paths") and not os.path.exists(full):
+        shown = repr(value) if full == value else f"{value!r} (resolved against {os.getcwd()} to {full})"
+        hint = "give an existing file or directory" if always_local else "give an existing path, or a hub id (org/name)"
+        raise ValueError(f"local {what} {shown} does not exist; {hint}")
+    return full
+
+
+#: An output directory written by Ray workers: made absolute on the driver (workers' working directories differ).
+OutputDir = Annotated[str, AfterValidator(absolute_path)]
 
 
 class Strict(BaseModel):
@@ -43,6 +81,13 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+    @field_validator("path")
+    @classmethod
+    def _local_path(cls, v: str, info: ValidationInfo) -> str:
+        if v in DEMO_ALIASES:
+            return v
+        return local_path(v, info, "model path", always_local=v.endswith(".gguf"))
 
     @property
     def label(self) -> str:
@@ -96,6 +141,13 @@ class SourceSpec(Strict):
         "combination the source has — in every language: a smaller set with the classes balanced and the items "
         "still parallel across languages (limit_per_lang keeps the first rows, whatever their class)",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _local_path(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        return local_path(v, info, "data path", always_local=info.data.get("kind") == "file")
 
     @model_validator(mode="after")
     def _check_kind(self) -> "SourceSpec":
@@ -288,9 +340,15 @@ def _format_validation_error(
 
 
 def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None, data: dict | None = None
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    data: dict | None = None,
+    check_paths: bool = True,
 ) -> T:
-    """Read YAML ``path`` (or ``data``), apply ``key=value`` overrides, validate into ``cls``."""
+    """Read YAML ``path`` (or ``data``), apply ``key=value`` overrides, validate into ``cls``. Local paths become
+    absolute; with ``check_paths`` (the default) one that does not exist is an error naming its field (off: a
+    cluster config checked on a machine without its shared storage)."""
     tree: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -322,7 +380,7 @@ def load_config(
                 "from 0",
             ) from None
     try:
-        return cls.model_validate(tree)
+        return cls.model_validate(tree, context=CHECK_PATHS if check_paths else None)
     except ValidationError as e:
         raise _format_validation_error(e, cls, source, overrides) from None
 

@@ -32,8 +32,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def digest(obj: Any) -> str:
-    """SHA-256 (first 16 hex digits) of a JSON-serialisable value, keys sorted."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """SHA-256 (first 20 hex digits) of ``obj`` as canonical JSON (sorted keys): the identity of a record of what
+    produced an output (settings, input fingerprints)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -44,3 +45,10 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a != b:
             out.append(f"{k}: {json.dumps(a, default=str)} → {json.dumps(b, default=str)}")
     return out
+
+
+def analysis_identity(config: dict, inputs: dict) -> str:
+    """The identity of an analysis: its config (without ``tracking`` and ``ray``, which change where results are
+    logged and how fast they come, not what they are) chained with its inputs' identities."""
+    settings = {k: v for k, v in config.items() if k not in ("tracking", "ray")}
+    return digest({"config": settings, "inputs": inputs})

@@ -12,7 +12,7 @@ from raysafe.concepts.config import ConceptsConfig
 from raysafe.concepts.flow import ensure_activations, run_concepts
 from raysafe.config import load_config
 from raysafe.data.sources import fixture_path
-from raysafe.errors import ConfigError, OutputError
+from raysafe.errors import ConfigError
 
 LANGS = ["en", "de", "sw", "bn"]
 CONCEPTS = ["fairness", "morality", "toxicity"]
@@ -159,14 +159,28 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
     }
     assert "layers analysed" in res.summary() and "recognition" in res.summary()
 
-    # A second run finds the activation store complete: nothing is extracted and Ray is not needed.
+    # The analysis names the activations it was computed from (weights and texts fingerprints) beside its outputs.
+    from raysafe.models.loading import resolve
+
+    ident = json.loads((root / "activations.json").read_text())["models"]["tiny"]
+    assert ident["weights"] == resolve(cfg.models[0]).fingerprint == res.activations["tiny"]["weights"]
+    index = json.loads((tmp_path / "concepts" / "activations.json").read_text())
+    assert (
+        index["models"]["tiny"] == ident and index["identity"] == res.identity == run.data.params["analysis_identity"]
+    )
+    assert run.data.params["acts.tiny.weights"] == ident["weights"]
+    assert run.data.params["acts.tiny.activations"] == ident["activations"]
+
+    # A second run finds the activation store complete and current: nothing is extracted and Ray is not needed.
     wanted = [0, 2, 3, 9]
-    assert ensure_activations(cfg, [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False) == {"tiny": False}
-    # Another position needs another activation directory: said before any extraction starts.
-    with pytest.raises(OutputError, match="different positions"):
-        ensure_activations(
-            cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False
-        )
+    again = ensure_activations(cfg, [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False)
+    assert again["tiny"].extracted == [] and again["tiny"].identities["tiny"] == ident
+    # Another position extends the store in place: the model is extracted again with both positions.
+    more = ensure_activations(
+        cfg.model_copy(update={"position": "mean"}), [(cfg.models[0], 4, wanted, [0, 2, 3])], progress=False
+    )
+    assert more["tiny"].extracted == ["tiny"] and more["tiny"].identities["tiny"]["positions"] == ["last", "mean"]
+    assert more["tiny"].identities["tiny"]["weights"] == ident["weights"]
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -193,5 +207,8 @@ def test_no_valid_layer_is_a_config_error_before_any_work(tiny_llama_dir, pairs_
 def test_job_configs_validate(name):
     from pathlib import Path
 
-    cfg = load_config(ConceptsConfig, Path(__file__).parents[1] / "jobs" / "configs" / f"{name}.yaml")
+    # the cluster config's data lives on the cluster's shared storage: its existence is not checked here
+    cfg = load_config(
+        ConceptsConfig, Path(__file__).parents[1] / "jobs" / "configs" / f"{name}.yaml", check_paths=False
+    )
     assert cfg.models and cfg.steering.source_lang == "en"

@@ -19,7 +19,7 @@ def write_rows(path, rows):
     return path
 
 
-def cfg_for(path, model="/nonexistent", **kw):
+def cfg_for(path, model="no-such-org/no-such-model", **kw):
     return load_config(
         ExtractConfig,
         data={
@@ -83,27 +83,48 @@ def test_over_length_text_truncated_or_refused():
 
 
 def test_missing_model_and_bad_layer(tmp_path, rows_file, tiny_llama_dir):
+    with pytest.raises(ConfigError, match=r"models\.0\.path = .*no-such-model.* does not exist"):
+        cfg_for(rows_file, tmp_path / "no-such-model", output_dir=str(tmp_path / "o"))
+    (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ModelError, match="does not exist or holds no config.json"):
-        run_extract(cfg_for(rows_file, tmp_path / "no-such-model", output_dir=str(tmp_path / "o")))
+        run_extract(cfg_for(rows_file, tmp_path / "not-a-model", output_dir=str(tmp_path / "o")))
     with pytest.raises(ModelError, match=r"layer index \[9\] out of range .* 4 decoder layers") as e:
         run_extract(cfg_for(rows_file, tiny_llama_dir, output_dir=str(tmp_path / "o"), extract={"layers": [1, 9]}))
     assert "0..4" in e.value.fix
     assert not (tmp_path / "o").exists()  # nothing written before validation passed
 
 
-def test_output_dir_of_another_model_is_refused(tmp_path, rows_file, tiny_llama_dir, tiny_gemma_dir):
+def test_activations_of_another_model_under_one_label_are_dropped(tmp_path, rows_file, tiny_llama_dir, tiny_gemma_dir):
     from raysafe.extract.flow import model_info
     from raysafe.extract.store import ActivationStore
 
     cfg = cfg_for(rows_file, tiny_llama_dir, output_dir=str(tmp_path / "o"))
     info, _ = model_info(cfg.models[0], cfg, "fp")
     store = ActivationStore(tmp_path / "o")
-    store.claim("m", info)
+    assert store.claim("m", info) == []
+    marker = store.done_path("m", 0)
+    marker.parent.mkdir(parents=True)
+    marker.write_text(json.dumps({"identity": info["identity"]}))
+    (store.layer_dir("m", 1, "last") / "shard-00000.parquet").parent.mkdir(parents=True)
+    assert store.done_shards("m") == {0} and store.claim("m", info) == [] and store.done_shards("m") == {0}
     other = cfg_for(rows_file, tiny_gemma_dir)
     info2, _ = model_info(other.models[0], other, "fp")
-    with pytest.raises(OutputError, match="different fingerprint") as e:
-        store.claim("m", info2)
-    assert "new output_dir" in e.value.fix
+    changed = store.claim("m", info2)
+    assert any(c.startswith("fingerprint (") for c in changed)
+    assert store.done_shards("m") == set() and not store.layer_dir("m", 1, "last").exists()
+    assert store.model_info("m")["identity"] == info2["identity"]
+
+
+def test_inputs_of_other_texts_are_refused(tmp_path):
+    import polars as pl
+
+    from raysafe.atomic import write_inputs
+
+    rows = pl.DataFrame({"text": ["a", "b", "c"]})
+    assert write_inputs(tmp_path / "in", rows, 2, "fp1", "texts") == 2
+    assert write_inputs(tmp_path / "in", rows, 2, "fp1", "texts") == 2
+    with pytest.raises(OutputError, match=r"holds texts of other inputs \(fingerprint fp1, shard_rows 2; now fp2, 2\)"):
+        write_inputs(tmp_path / "in", rows, 2, "fp2", "texts")
 
 
 def test_config_errors_name_field_value_and_allowed(tmp_path):

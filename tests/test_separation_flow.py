@@ -161,7 +161,7 @@ def test_missing_activations_without_extraction_say_where_and_what_to_do(tmp_pat
     cfg = load_config(
         SeparationConfig,
         data={
-            "base": {"path": "/nonexistent/model"},
+            "base": {"path": "no-such-org/no-such-model"},
             "activations_dir": str(tmp_path / "acts"),
             "output_dir": str(tmp_path / "out"),
             "extract_if_missing": False,

@@ -5,8 +5,10 @@ distance, transfer → steering → tables, figures, report, MLflow.
 
 1. plan: read and validate the concept pairs (and the neutral texts for steering), look up each model's depth and
    split the requested layers into valid ones and ones out of range (reported, not fatal);
-2. extraction, only where the activation store lacks something: :func:`raysafe.extract.flow.run_extract`
-   (resumable; a complete store for the same inputs is reused as is);
+2. activations through :func:`raysafe.extract.flow.ensure_activations`: reused only when the store's identity
+   (weights and texts fingerprints, vector-shaping settings) is current and covers the layers, else extracted,
+   resumed or redone; each model's identity goes to ``<output_dir>/<model>/activations.json``, the index's
+   ``activations.json`` and the MLflow params;
 3. per model, the streaming analysis (:func:`raysafe.concepts.tables.analyse_concepts`, one layer in memory
    at a time) with URIEL distances, written at once as tables (Parquet + CSV), figures and ``report.md``;
 4. per model, steering with the source language's vectors (the model is loaded once, in this process), then the
@@ -20,7 +22,6 @@ output is written).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
+from raysafe.atomic import atomic_write_json
 from raysafe.concepts.config import ConceptsConfig
 from raysafe.concepts.steering import (
     SteeringOutput,
@@ -45,6 +47,8 @@ from raysafe.config import (
 )
 from raysafe.errors import ConfigError, RaysafeError
 from raysafe.extract.config import ExtractConfig, ExtractSpec
+from raysafe.extract.flow import Activations
+from raysafe.identity import analysis_identity
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class ConceptsResult:
     models: dict[str, ModelConcepts] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     extracted: dict[str, bool] = field(default_factory=dict)
+    activations: dict[str, dict] = field(default_factory=dict)  # model → identity of the activations analysed
+    identity: str | None = None  # digest of the config and the activations' identities
     mlflow_run_id: str | None = None
 
     def summary(self) -> str:
@@ -166,71 +172,24 @@ def extract_config(
     )
 
 
-def store_is_complete(root: Path, label: str, layers: list[int], position: str, fingerprint: str) -> bool | None:
-    """True: the store holds every shard of ``label`` for these inputs, layers and position; False: it holds a
-    partial extraction that covers them (resume it); None: nothing usable (extract anew)."""
-    from raysafe.extract.flow import ActivationStore
-
-    store = ActivationStore(root)
-    info_path = store.model_dir(label) / "model.json"
-    marker = store.root / "inputs" / "_dataset.json"
-    if not info_path.exists() or not marker.exists():
-        return None
-    info = json.loads(info_path.read_text())
-    dataset = json.loads(marker.read_text())
-    if info.get("dataset_fingerprint") != fingerprint or dataset.get("fingerprint") != fingerprint:
-        return None
-    if not set(layers) <= set(info["layers"]) or position not in info["positions"]:
-        return None
-    return store.done_shards(label) == set(range(int(dataset["shards"])))
-
-
 def ensure_activations(
     cfg: ConceptsConfig, plans: list[tuple[ModelSpec, int, list[int], list[int]]], progress: bool
-) -> dict[str, bool]:
-    """Extract what the store lacks; returns {model: extracted now}. A complete store is reused as is; a partial
-    one that covers the layers is resumed with its own layer list."""
-    from raysafe.extract.flow import load_text_rows, run_extract
-    from raysafe.identity import fingerprint
+) -> dict[str, Activations]:
+    """Each model's activations through the extraction flow's one door: reused when current and covering the
+    valid layers, else extracted, resumed, extended or redone (the local Ray instance, if this call started it, is
+    shut down afterwards to free memory and cores for the analysis and steering)."""
+    from raysafe.extract.flow import ensure_activations as ensure
 
-    done: dict[str, bool] = {}
-    started_ray = False
-    try:
-        for spec, n_layers, _, valid in plans:
-            layers: list[int] | str = "all" if valid == list(range(n_layers + 1)) else valid
-            ecfg = extract_config(cfg, spec, layers, [cfg.position])
-            fp = fingerprint(load_text_rows(ecfg))
-            state = store_is_complete(Path(cfg.activations_dir), spec.label, valid, cfg.position, fp)
-            if state is True:
-                log.info(
-                    "activations of %s for layers %s (%s) found in %s; extraction skipped",
-                    spec.label,
-                    _span(valid),
-                    cfg.position,
-                    cfg.activations_dir,
-                )
-                done[spec.label] = False
-                continue
-            if state is False:  # resume a partial extraction with the settings it was started with
-                info = json.loads((Path(cfg.activations_dir) / spec.label / "model.json").read_text())
-                ecfg = extract_config(cfg, spec, info["layers"], info["positions"])
-                log.info("resuming the extraction of %s in %s", spec.label, cfg.activations_dir)
-            else:
-                log.info(
-                    "extracting %s, layers %s (%s) into %s", spec.label, _span(valid), cfg.position, cfg.activations_dir
-                )
-            import ray
-
-            started_ray = started_ray or not ray.is_initialized()
-            res = run_extract(ecfg, progress=progress)
-            log.info("%s", res.summary())
-            done[spec.label] = True
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()  # free the local instance's memory and cores for the analysis and steering
-    return done
+    out: dict[str, Activations] = {}
+    for spec, n_layers, _, valid in plans:
+        layers: list[int] | str = "all" if valid == list(range(n_layers + 1)) else valid
+        out[spec.label] = ensure(
+            extract_config(cfg, spec, layers, [cfg.position]),
+            progress=progress,
+            shutdown_ray=True,
+            what=f"activations of {spec.label}",
+        )
+    return out
 
 
 def _span(layers: list[int]) -> str:
@@ -370,7 +329,8 @@ def analyse_model(
     out.layers = sorted(set(tables["recognition"]["layer"].to_list()))
     notes = [
         f"Model `{label}` ({spec.path}); activations `{cfg.activations_dir}`, position `{cfg.position}`; "
-        f"method `{cfg.analysis.method}`; layers analysed: {_span(out.layers)}."
+        f"method `{cfg.analysis.method}`; layers analysed: {_span(out.layers)}. Identity of the activations "
+        "(weights and texts fingerprints): `activations.json`."
     ]
     for name, df in tables.items():  # the analysis is on disk before steering starts
         write_table(df, out.output_dir / "tables", name)
@@ -508,16 +468,27 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     result.seconds["plan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     log.info("[2/5] activations")
-    result.extracted = ensure_activations(cfg, plans, progress)
+    acts = ensure_activations(cfg, plans, progress)
+    result.extracted = {label: bool(a.extracted) for label, a in acts.items()}
+    result.activations = {label: a.identities[label] for label, a in acts.items()}
     result.seconds["extraction"] = time.perf_counter() - t0
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    result.identity = analysis_identity(cfg.model_dump(mode="json"), result.activations)
+    atomic_write_json(
+        out_root / "activations.json",
+        {"identity": result.identity, "store": cfg.activations_dir, "models": result.activations},
+    )
     failures: list[tuple[str, RaysafeError]] = []
     with tracking.run(cfg.tracking, "concepts", tags={"raysafe.flow": "concepts"}) as mlrun:
-        tracking.log_params({"config": cfg.model_dump(mode="json")})
+        tracking.log_params(
+            {"config": cfg.model_dump(mode="json"), "analysis_identity": result.identity}
+            | {k: v for a in acts.values() for k, v in a.params("acts").items()}
+        )
         for spec, n, wanted, _ in plans:
             m = ModelConcepts(spec.label, out_root / spec.label, num_layers=n)
             result.models[spec.label] = m
+            atomic_write_json(m.output_dir / "activations.json", acts[spec.label].record())
             try:
                 analyse_model(cfg, spec, n, wanted, pairs, neutral, m, result.seconds)
             except RaysafeError as err:
@@ -532,6 +503,7 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
             tracking.log_artifact(result.report, "concepts")
             tracking.log_artifact(out_root / "summary.parquet", "concepts")
             tracking.log_artifact(out_root / "config.yaml", "concepts")
+            tracking.log_artifact(out_root / "activations.json", "concepts")
             result.mlflow_run_id = mlrun.info.run_id
     if failures:
         label, err = failures[0]

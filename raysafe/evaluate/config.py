@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raysafe.config import (
     ModelSpec,
+    OutputDir,
     RaySpec,
     SourceSpec,
     Strict,
@@ -279,7 +280,7 @@ class EvaluateConfig(Strict):
     judges: list[JudgeSpec] = Field(default_factory=lambda: [JudgeSpec(kind="offline")])
     utility: UtilitySpec = UtilitySpec()
     metrics: MetricsSpec = MetricsSpec()
-    output_dir: str = "outputs/evaluate"
+    output_dir: OutputDir = Field("outputs/evaluate", validate_default=True)
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_bytes
+from raysafe.atomic import atomic_write_bytes, write_inputs
 from raysafe.config import (
     ModelSpec,
     RaySpec,
@@ -31,7 +31,7 @@ from raysafe.evaluate.config import (
 )
 from raysafe.evaluate.data import load_mc, load_prompts
 from raysafe.evaluate.generate import Generator  # noqa: F401  (the generation backend `raysafe translate` uses)
-from raysafe.evaluate.store import EvalStore, claim, write_inputs
+from raysafe.evaluate.store import EvalStore, claim
 from raysafe.identity import fingerprint
 from raysafe.tables import write_table
 

@@ -102,29 +102,6 @@ def claim(path: Path, info: dict, what: str) -> None:
     atomic_write_json(path, info)
 
 
-def write_inputs(root: Path, rows: pl.DataFrame, shard_rows: int, fingerprint: str, what: str) -> int:
-    """Write input shards once (atomically, marker last); refuse a directory prepared for other inputs."""
-    marker = root / "_dataset.json"
-    n_shards = max(1, (rows.height + shard_rows - 1) // shard_rows)
-    info = {"fingerprint": fingerprint, "shard_rows": shard_rows, "rows": rows.height, "shards": n_shards}
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        if old["fingerprint"] != fingerprint or old["shard_rows"] != shard_rows:
-            raise OutputError(
-                f"{root} holds {what} of other inputs (fingerprint {old['fingerprint']}, shard_rows "
-                f"{old['shard_rows']}; now {fingerprint}, {shard_rows})",
-                where=str(marker),
-                fix="choose a new output_dir for other prompts, questions or shard sizes, or `--restart` to move the "
-                "old outputs aside and start afresh",
-            )
-        return n_shards
-    table = rows.to_arrow()
-    for k in range(n_shards):
-        atomic_write_parquet(ShardDir(root).path(k), table.slice(k * shard_rows, shard_rows))
-    atomic_write_json(marker, info)
-    return n_shards
-
-
 class EvalStore:
     """Paths of one evaluation output directory."""
 

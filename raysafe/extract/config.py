@@ -11,6 +11,7 @@ from pydantic import (
 
 from raysafe.config import (
     ModelSpec,
+    OutputDir,
     RaySpec,
     SourceSpec,
     Strict,
@@ -63,7 +64,7 @@ class ExtractConfig(Strict):
 
     models: list[ModelSpec]
     data: SourceSpec
-    output_dir: str = "outputs/activations"
+    output_dir: OutputDir = Field("outputs/activations", validate_default=True)
     extract: ExtractSpec = ExtractSpec()
     ray: RaySpec = RaySpec()
     tracking: TrackingSpec = TrackingSpec()

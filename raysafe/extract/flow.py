@@ -3,6 +3,12 @@
 ``run_extract(cfg)`` is what ``raysafe extract``, ``jobs/extract.py`` and the tests call. It is
 resumable: shards already marked done for a model are skipped, so a re-run after a kill extracts only what is
 missing and ends with the same data as an uninterrupted run.
+
+``ensure_activations(cfg)`` is the one door of the analyses (separation, concepts, ...): the activations of every
+model of ``cfg``, reused only when the store's recorded identity (weights fingerprint, texts fingerprint, the
+extraction settings that shape a vector) is the one asked for, and extracted (missing shards resumed, stale ones
+recomputed) otherwise. Its :class:`Activations` carries those identities, which the analyses write beside their
+outputs.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_json, atomic_write_parquet
+from raysafe.atomic import atomic_write_json, write_inputs
 from raysafe.config import ModelSpec, dump_config
 from raysafe.data import schemas
 from raysafe.data.sources import load_table, to_text_rows
 from raysafe.errors import ConfigError, OutputError, remote_errors
 from raysafe.extract.config import ExtractConfig, ExtractSpec
-from raysafe.extract.store import ActivationStore
+from raysafe.extract.store import IDENTITY_FIELDS, ActivationStore, identity_changes, identity_digest
 from raysafe.identity import fingerprint
 from raysafe.models.layers import config_depth, resolve_layers, text_config
 
@@ -62,6 +68,7 @@ class ExtractResult:
     rows_per_lang: dict[str, int]
     models: dict[str, ModelResult] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # model → changed identity fields (shards redone)
 
     @property
     def store(self) -> ActivationStore:
@@ -77,6 +84,10 @@ class ExtractResult:
                 f"  {m.label}: {m.shards_extracted}/{m.shards_total} shards extracted now, {m.tokens:,} "
                 f"tokens, {m.tokens_per_s:,.0f} tokens/s, {m.n_truncated} truncated"
             )
+            if m.label in self.dropped:
+                lines.append(
+                    f"    (stored activations were stale, every shard redone: {'; '.join(self.dropped[m.label])})"
+                )
         if self.mlflow_run_id:
             lines.append(f"MLflow run {self.mlflow_run_id}")
         return "\n".join(lines)
@@ -102,31 +113,9 @@ def load_text_rows(cfg: ExtractConfig) -> pl.DataFrame:
     return to_text_rows(load_table(cfg.data, contract), contract.name)
 
 
-def write_inputs(store: ActivationStore, rows: pl.DataFrame, shard_rows: int, fp: str) -> int:
-    """Write input shards once per dataset; refuse a directory prepared for other inputs. Returns the shard count."""
-    marker = store.root / "inputs" / "_dataset.json"
-    n_shards = (rows.height + shard_rows - 1) // shard_rows
-    if marker.exists():
-        import json
-
-        old = json.loads(marker.read_text())
-        if old["fingerprint"] != fp or old["shard_rows"] != shard_rows:
-            raise OutputError(
-                f"{store.root} holds activations of other inputs (dataset {old['fingerprint']}, shard_rows "
-                f"{old['shard_rows']}; now {fp}, {shard_rows})",
-                where=str(marker),
-                fix="choose a new output_dir for a different dataset or sharding",
-            )
-        return n_shards
-    table = rows.to_arrow()
-    for k in range(n_shards):
-        atomic_write_parquet(store.input_path(k), table.slice(k * shard_rows, shard_rows))
-    atomic_write_json(marker, {"fingerprint": fp, "shard_rows": shard_rows, "rows": rows.height, "shards": n_shards})
-    return n_shards
-
-
 def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[dict, list[int]]:
-    """The model's identity record for the store, and its validated layer list (raises before any work starts)."""
+    """The model's identity record for the store (with ``identity``, the digest of its vector-shaping fields), and
+    its validated layer list (raises before any work starts)."""
     from raysafe.models.loading import load_hf_config, resolve
 
     resolved = resolve(spec)
@@ -145,11 +134,15 @@ def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[di
         "layers": layers,
         "positions": list(cfg.extract.positions),
         "store_dtype": cfg.extract.store_dtype,
+        "dtype": compute_dtype(spec, cfg),
+        "attn_implementation": spec.attn_implementation,
         "max_length": cfg.extract.max_length,
         "chat_template": cfg.extract.chat_template,
+        "padding_side": cfg.extract.padding_side,
         "shard_rows": cfg.extract.shard_rows,
         "dataset_fingerprint": dataset_fp,
     }
+    info["identity"] = identity_digest(info)
     return info, layers
 
 
@@ -164,6 +157,13 @@ def check_lengths(spec: ModelSpec, extract: ExtractSpec, rows: pl.DataFrame) -> 
     tokenize_texts(tok, rows["text"].to_list(), extract, meta)
 
 
+def compute_dtype(spec: ModelSpec, cfg: ExtractConfig) -> str:
+    """The dtype the model actors compute in: the spec's, or for ``auto`` bfloat16 on GPU actors, float32 on CPU."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    return "bfloat16" if cfg.ray.num_gpus_per_actor > 0 else "float32"
+
+
 def _actor_threads(cfg: ExtractConfig) -> int | None:
     if cfg.ray.torch_threads:
         return cfg.ray.torch_threads
@@ -176,6 +176,7 @@ def extract_model(
     layers: list[int],
     store: ActivationStore,
     missing: list[int],
+    identity: str,
     progress: bool = True,
 ) -> list[dict]:
     """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard."""
@@ -205,6 +206,7 @@ def extract_model(
             "layers": layers,
             "store_root": str(store.root),
             "model_label": spec.label,
+            "identity": identity,
             "torch_threads": _actor_threads(cfg),
         },
         batch_size=1,
@@ -268,21 +270,20 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         if cfg.extract.on_overflow == "error":
             check_lengths(spec, cfg.extract, rows)
         plans.append((spec, info, layers))
-    n_shards = write_inputs(store, rows, cfg.extract.shard_rows, fp)
-    for spec, info, _ in plans:
-        store.claim(spec.label, info)
+    n_shards = write_inputs(store.inputs_dir, rows, cfg.extract.shard_rows, fp, "texts")
+    dropped = {spec.label: changed for spec, info, _ in plans if (changed := store.claim(spec.label, info))}
     rows_per_lang = dict(sorted(Counter(rows["lang"].to_list()).items()))
-    result = ExtractResult(Path(cfg.output_dir), fp, rows_per_lang)
+    result = ExtractResult(Path(cfg.output_dir), fp, rows_per_lang, dropped=dropped)
     with tracking.run(cfg.tracking, "extract", tags={"raysafe.flow": "extract"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
         name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
         tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
-        for spec, _info, layers in plans:
+        for spec, info, layers in plans:
             done = store.done_shards(spec.label)
             missing = [k for k in range(n_shards) if k not in done]
             t0 = time.perf_counter()
-            summaries = extract_model(cfg, spec, layers, store, missing, progress) if missing else []
+            summaries = extract_model(cfg, spec, layers, store, missing, info["identity"], progress) if missing else []
             wall = time.perf_counter() - t0
             tokens = sum(int(s["tokens"]) for s in summaries)
             mr = ModelResult(
@@ -316,7 +317,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             "rows": rows.height,
             "rows_per_lang": rows_per_lang,
             "shards": n_shards,
-            "models": {spec.label: info for spec, info, _ in plans},
+            # the models extracted into this store by earlier runs stay listed (each run may extract a few)
+            "models": {m: store.stored_info(m) for m in store.models()} | {s.label: i for s, i, _ in plans},
             "source": cfg.data.model_dump(mode="json"),
         }
         atomic_write_json(store.root / "manifest.json", manifest)
@@ -327,3 +329,162 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             tracking.log_artifact(store.root / "config.yaml")
             result.mlflow_run_id = mlrun.info.run_id
     return result
+
+
+# ------------------------------------------------------------------------------------ the analyses' one door
+#: Identity fields that make stored vectors wrong when they differ (layers and positions only make some missing).
+VECTOR_FIELDS = tuple(k for k in IDENTITY_FIELDS if k not in ("layers", "positions"))
+
+
+@dataclass
+class Activations:
+    """The activations an analysis reads: the store, and per model the identity of what it holds."""
+
+    store: ActivationStore
+    identities: dict[str, dict]  # model → activations digest, weights and texts fingerprints, layers, positions
+    extracted: list[str] = field(default_factory=list)  # models extracted (resumed or redone) by this call
+    mlflow_run_ids: list[str] = field(default_factory=list)
+
+    def record(self) -> dict:
+        """What the analysis outputs carry: the store and each model's identity."""
+        return {"store": str(self.store.root.resolve()), "models": self.identities}
+
+    def params(self, prefix: str) -> dict[str, str]:
+        """Flat MLflow params: ``<prefix>.<model>.activations`` / ``.weights`` / ``.texts``."""
+        out = {}
+        for label, ident in self.identities.items():
+            for k in ("activations", "weights", "texts"):
+                out[f"{prefix}.{label}.{k}"] = ident[k]
+        return out
+
+
+def identity_record(info: dict) -> dict:
+    """The identity of one model's stored activations, from its ``model.json``."""
+    return {
+        "activations": info["identity"],
+        "weights": info["fingerprint"],
+        "texts": info["dataset_fingerprint"],
+        "layers": list(info["layers"]),
+        "positions": list(info["positions"]),
+        "path": info["path"],
+    }
+
+
+def ensure_activations(
+    cfg: ExtractConfig,
+    *,
+    need_layers: list[int] | None = None,
+    extract_if_missing: bool = True,
+    progress: bool = True,
+    shutdown_ray: bool = False,
+    what: str = "activations",
+) -> Activations:
+    """The activations of every model of ``cfg`` in ``cfg.output_dir``, extracted first where the store cannot serve
+    them as they are. A model's stored activations are reused only when its identity matches what ``cfg`` asks for
+    now — the weights' content fingerprint, the texts' fingerprint and every extraction setting that shapes a vector
+    (:data:`~raysafe.extract.store.IDENTITY_FIELDS`) — and they cover the layers (``need_layers``, default the
+    extraction's) and positions; otherwise:
+
+    - stale (another fingerprint or setting): every shard of that model is extracted again;
+    - layers or positions missing: the model is extracted again with the union of the stored and the asked ones;
+    - shards missing (a killed run): the extraction resumes with the stored settings.
+
+    Texts other than those the store was extracted from cannot be redone in place (the other models' activations
+    in the store come from them): that is an OutputError naming both fingerprints. With ``extract_if_missing``
+    false, any of the above is an OutputError listing what is missing or stale, model by model."""
+    import math
+
+    store = ActivationStore(cfg.output_dir)
+    if store.inputs() is None and not extract_if_missing:
+        raise OutputError(
+            f"the {what} are incomplete: no activations at {store.root}",
+            where=str(store.root),
+            fix="set extract_if_missing: true, or run `raysafe extract` with the same models and data",
+        )
+    rows = load_text_rows(cfg)
+    fp = fingerprint(rows)
+    inputs = store.inputs()
+    if inputs is not None and (inputs["fingerprint"], inputs["shard_rows"]) != (fp, cfg.extract.shard_rows):
+        raise OutputError(
+            f"the {what} in {store.root} were extracted from other texts or shards (texts fingerprint "
+            f"{inputs['fingerprint']}, shard_rows {inputs['shard_rows']}; now {fp}, {cfg.extract.shard_rows}); "
+            "re-extracting in place would discard the other models' activations of those texts",
+            where=str(store.inputs_dir / "_dataset.json"),
+            fix="give these texts their own activations directory, or delete that one to extract again",
+        )
+    n_shards = max(1, math.ceil(rows.height / cfg.extract.shard_rows))
+    gaps: list[str] = []
+    runs: dict[tuple, list[ModelSpec]] = {}  # extraction settings (layers, positions) → models to extract with them
+    for spec in cfg.models:
+        expected, layers = model_info(spec, cfg, fp)
+        need = layers if need_layers is None else [x for x in need_layers if x <= expected["num_layers"]]
+        old = store.stored_info(spec.label)
+        asked = (_key(cfg.extract.layers), tuple(cfg.extract.positions))
+        if old is None:
+            gaps.append(f"model {spec.label!r}: not extracted")
+            runs.setdefault(asked, []).append(spec)
+            continue
+        stale = identity_changes(old, expected, VECTOR_FIELDS)
+        if stale:
+            gaps.append(f"model {spec.label!r}: stored activations are stale, made with another " + "; ".join(stale))
+            runs.setdefault(asked, []).append(spec)
+            continue
+        lacking_layers = sorted(set(need) - set(old["layers"]))
+        lacking_pos = [p for p in cfg.extract.positions if p not in old["positions"]]
+        if lacking_layers or lacking_pos:
+            gaps.append(
+                f"model {spec.label!r}: "
+                + ", ".join(
+                    x
+                    for x in (
+                        f"layers {lacking_layers} not stored" if lacking_layers else "",
+                        f"positions {lacking_pos} not stored" if lacking_pos else "",
+                    )
+                    if x
+                )
+                + f" (stored: layers {old['layers']}, positions {old['positions']})"
+            )
+            union = (
+                tuple(sorted(set(old["layers"]) | set(layers))),
+                tuple(dict.fromkeys([*old["positions"], *lacking_pos])),
+            )
+            runs.setdefault(union, []).append(spec)
+            continue
+        missing = n_shards - len(store.done_shards(spec.label) & set(range(n_shards)))
+        if missing:
+            gaps.append(f"model {spec.label!r}: {missing} of {n_shards} shards not extracted")
+            runs.setdefault((tuple(old["layers"]), tuple(old["positions"])), []).append(spec)
+    result = Activations(store, {})
+    if gaps and not extract_if_missing:
+        raise OutputError(
+            f"the {what} are incomplete or stale: " + "; ".join(gaps),
+            where=str(store.root),
+            fix="set extract_if_missing: true, or run `raysafe extract` with the same models, data and extract settings",
+        )
+    if gaps:
+        log.info("%s in %s: %s → extracting", what, store.root, "; ".join(gaps))
+        import ray
+
+        started = not ray.is_initialized()
+        try:
+            for (layers, positions), specs in runs.items():
+                ex = cfg.extract.model_copy(update={"layers": layers if layers == "all" else list(layers)})
+                ex = ex.model_copy(update={"positions": list(positions)})
+                res = run_extract(cfg.model_copy(update={"models": specs, "extract": ex}), progress=progress)
+                for line in res.summary().splitlines():
+                    log.info("%s: %s", what, line)
+                result.extracted += [s.label for s in specs]
+                if res.mlflow_run_id:
+                    result.mlflow_run_ids.append(res.mlflow_run_id)
+        finally:
+            if shutdown_ray and started and ray.is_initialized():
+                ray.shutdown()  # free the local instance's memory and cores for what follows
+    else:
+        log.info("%s: complete and current in %s, nothing to extract", what, store.root)
+    for spec in cfg.models:
+        result.identities[spec.label] = identity_record(store.model_info(spec.label))
+    return result
+
+
+def _key(layers: list[int] | str) -> tuple | str:
+    return layers if isinstance(layers, str) else tuple(layers)

@@ -2,7 +2,7 @@
 
 ``TokenizeStage`` (CPU) turns an input shard's texts into token ids; ``ExtractorStage`` (GPU or CPU actor) runs the
 decoder body up to the deepest requested layer in length-sorted token-budget batches, pools on the device, and writes
-the shard's per-layer Parquet files and its done-marker atomically. Both take and return one row per shard, so the
+the shard's per-layer Parquet files and its done-marker (which carries the model's identity in the store) atomically. Both take and return one row per shard, so the
 shard stays the unit of atomic writes and of resume whatever block sizes Ray Data chooses.
 """
 
@@ -168,11 +168,13 @@ class ExtractorStage(Extractor):
         layers: list[int],
         store_root: str,
         model_label: str,
+        identity: str,
         torch_threads: int | None = None,
     ):
         super().__init__(model, extract, layers, None, torch_threads)
         self.store = ActivationStore(store_root)
         self.label = model_label
+        self.identity = identity
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         summaries: dict[str, list] = {"shard_id": [], "rows": [], "tokens": [], "seconds": [], "n_truncated": []}
@@ -210,6 +212,7 @@ class ExtractorStage(Extractor):
         atomic_write_json(
             self.store.done_path(self.label, k),
             {
+                "identity": self.identity,
                 "rows": n,
                 "tokens": int(sum(map(len, ids))),
                 "seconds": seconds,

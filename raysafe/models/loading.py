@@ -4,13 +4,22 @@ GGUF files (the packaged Gemma 3 270M among them) are dequantised by transformer
 for 270M on 2 cores), so the first load converts them once to a safetensors directory under the raysafe cache
 (``RAYSAFE_CACHE``, default ``~/.cache/raysafe``); later loads read that directory. The conversion is atomic and
 guarded by a file lock, so several actors starting together convert once.
+
+Identity of weights (:attr:`ResolvedModel.fingerprint`): a local directory is fingerprinted by the contents of every
+file in it (weights, config, tokenizer: all of them shape the hidden states), a GGUF file by its whole contents,
+each file streamed through SHA-256 once and its digest cached by path, size and modification time (``<cache>/digests``),
+so a 14 GB model is read once and afterwards costs one ``stat`` per file. A hub id is ``id@commit`` when the revision
+is a commit hash or the Hugging Face cache knows which commit the revision points to, else ``id@revision``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-from raysafe.config import ModelSpec
+from raysafe.config import DEMO_ALIASES, ModelSpec
 from raysafe.errors import ModelError
 
 log = logging.getLogger(__name__)
-
-DEMO_ALIASES = {"gemma3-270m", "gemma-3-270m", "demo"}
 
 
 def cache_root() -> Path:
@@ -32,20 +39,88 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """Where the weights are: ``path`` is a directory or hub id ready for ``from_pretrained``."""
+    """Where the weights are: ``path`` is a directory or hub id ready for ``from_pretrained``. ``digest``: the
+    content digest when resolving already computed it (GGUF); else :attr:`fingerprint` computes it on first use, so
+    a worker that only loads the model never hashes it."""
 
     path: str
     revision: str | None
     source: str  # "demo" | "gguf" | "local" | "hub"
-    fingerprint: str  # identifies the weights: hub id@revision, or a hash of the local config/GGUF
+    digest: str | None = None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the weights: the contents of a local directory or GGUF file, or hub id@commit (or @revision)."""
+        if self.digest is not None:
+            return self.digest
+        if self.source == "local":
+            return dir_fingerprint(Path(self.path))
+        return hub_fingerprint(self.path, self.revision)
 
 
-def _hash_file(path: Path, limit: int = 1 << 24) -> str:
+#: Bytes read per step while hashing a file (the file is streamed, never held in memory).
+HASH_CHUNK = 1 << 22
+
+
+def _stream_digest(path: Path) -> str:
+    """SHA-256 (hex) of the whole file, streamed."""
     h = hashlib.sha256()
-    h.update(str(path.stat().st_size).encode())
     with path.open("rb") as f:
-        h.update(f.read(limit))
-    return h.hexdigest()[:16]
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of the whole file, cached under ``<cache>/digests`` by absolute path, size and mtime: a file is read
+    again only when one of them changed. An unwritable cache only costs the re-read."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = cache_root() / "digests" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(entry.read_text())
+        if {k: cached.get(k) for k in key} == key:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = _stream_digest(path)
+    try:
+        from raysafe.atomic import atomic_write_json
+
+        atomic_write_json(entry, {**key, "sha256": digest})
+    except OSError as e:
+        log.warning("cannot cache the digest of %s in %s (%s): it will be hashed again next time", path, entry, e)
+    return digest
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Fingerprint of a model directory: names, sizes and content digests of every file directly in it (hidden
+    files skipped). Sub-directories are not read: ``from_pretrained`` loads a model from the top level only."""
+    files = sorted(p for p in Path(path).iterdir() if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{f.stat().st_size}\0{file_digest(f)}\n".encode())
+    return h.hexdigest()[:20]
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_fingerprint(repo_id: str, revision: str | None) -> str:
+    """``id@commit`` when ``revision`` is a commit hash or the local Hugging Face cache records the commit that
+    ``revision`` (default main) pointed to when it was downloaded; otherwise ``id@revision``."""
+    rev = revision or "main"
+    if not _COMMIT.match(rev):
+        try:
+            from huggingface_hub import constants
+
+            ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / rev
+            commit = ref.read_text().strip() if ref.is_file() else ""
+            rev = commit if _COMMIT.match(commit) else rev
+        except (ImportError, OSError):
+            pass
+    return f"{repo_id}@{rev}"
 
 
 def demo_gguf_path() -> Path:
@@ -98,7 +173,7 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     p = spec.path
     if p in DEMO_ALIASES:
         gguf = demo_gguf_path()
-        fp = _hash_file(gguf)
+        fp = file_digest(gguf)[:20]
         return ResolvedModel(str(convert_gguf(gguf, cache_root() / "models" / f"gemma3-270m-{fp}")), None, "demo", fp)
     path = Path(p).expanduser()
     if p.endswith(".gguf"):
@@ -106,7 +181,7 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
             raise ModelError(
                 f"GGUF file {path} does not exist", where=f"model {spec.label}: path", fix="give an existing .gguf file"
             )
-        fp = _hash_file(path)
+        fp = file_digest(path)[:20]
         return ResolvedModel(str(convert_gguf(path, cache_root() / "models" / f"{path.stem}-{fp}")), None, "gguf", fp)
     if path.exists() or p.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -115,8 +190,8 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
                 where=f"model {spec.label}: path",
                 fix="give a Hugging Face model directory, a .gguf file, a hub id, or 'gemma3-270m'",
             )
-        return ResolvedModel(str(path), None, "local", _hash_file(path / "config.json"))
-    return ResolvedModel(p, spec.revision, "hub", f"{p}@{spec.revision or 'main'}")
+        return ResolvedModel(str(path), None, "local")
+    return ResolvedModel(p, spec.revision, "hub")
 
 
 def pick_device(device: str | None = None) -> torch.device:

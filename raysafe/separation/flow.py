@@ -3,8 +3,11 @@ per-language separation tables, alignment shift, detox displacement → figures,
 
 ``run_separation(cfg)`` is what ``raysafe separation``, ``jobs/separation.py`` and the tests call. Stages:
 
-1. **activations** — for the safety set (toxic / benign texts) and the parallel detox pairs, check the activation
-   store; when a model, shard, layer or position is missing, run the (resumable) extraction flow for it;
+1. **activations** — for the safety set (toxic / benign texts) and the parallel detox pairs, the extraction flow's
+   :func:`~raysafe.extract.flow.ensure_activations`: reused only when each model's stored identity (weights and
+   texts fingerprints, vector-shaping settings) is current, else extracted, resumed or redone; the identities are
+   written to ``<output_dir>/activations.json`` with the analysis identity (config ⊕ activations identities) and
+   to the MLflow params, so every table names what it came from;
 2. **separation** — :func:`~raysafe.separation.tables.analyse_separation`, one layer of one model in memory
    at a time;
 3. **alignment shift** — aligned − base per (language, layer, metric) for each aligned model, and each language
@@ -32,14 +35,15 @@ from typing import Literal
 import polars as pl
 
 from raysafe import tracking
+from raysafe.atomic import atomic_write_json
 from raysafe.config import (
-    ModelSpec,
     SourceSpec,
     dump_config,
 )
-from raysafe.errors import ConfigError, ModelError, OutputError
+from raysafe.errors import ConfigError
 from raysafe.extract.config import ExtractConfig
-from raysafe.extract.flow import ActivationStore
+from raysafe.extract.flow import Activations, ActivationStore
+from raysafe.identity import analysis_identity
 from raysafe.separation.config import ModelFamily, SeparationConfig
 from raysafe.separation.tables import (
     ReadLayer,
@@ -81,6 +85,8 @@ class SeparationResult:
     figures: list[Path] = field(default_factory=list)
     report: Path | None = None
     extracted: dict[str, bool] = field(default_factory=dict)
+    activations: dict[str, dict] = field(default_factory=dict)  # data set → store and each model's identity
+    identity: str | None = None  # digest of the config and the activations' identities
     problems: list[str] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -223,83 +229,18 @@ def extract_config(cfg: SeparationConfig, which: Literal["safety", "detox"]) -> 
     )
 
 
-def activation_gaps(
-    store: ActivationStore,
-    models: Sequence[ModelSpec],
-    source: SourceSpec,
-    position: str,
-    layers: list[int] | Literal["all"],
-) -> list[str]:
-    """Why ``store`` cannot serve this analysis as it stands (empty: it can): no manifest, another source, a model
-    missing or with unfinished shards or other weights, the position or an extractable layer not stored."""
-    try:
-        manifest = store.manifest()
-    except OutputError:
-        return [f"no activations at {store.root}"]
-    gaps = []
-    if manifest.get("source") != source.model_dump(mode="json"):
-        gaps.append(f"{store.root} was extracted from another data source")
-    shards = set(range(int(manifest.get("shards", 0))))
-    for spec in models:
-        label = spec.label
-        if label not in store.models() or label not in manifest.get("models", {}):
-            gaps.append(f"model {label!r} has no activations in {store.root}")
-            continue
-        info = store.model_info(label)
-        missing = shards - store.done_shards(label)
-        if missing:
-            gaps.append(f"model {label!r}: {len(missing)} of {len(shards)} shards not extracted")
-        if position not in info["positions"]:
-            gaps.append(f"model {label!r}: position {position!r} not stored (have {info['positions']})")
-        if layers != "all":
-            extractable = [x for x in layers if x <= int(info["num_layers"]) and x not in info["layers"]]
-            if extractable:
-                gaps.append(f"model {label!r}: layers {extractable} not stored")
-        try:
-            from raysafe.models.loading import resolve
+def ensure_activations(cfg: SeparationConfig, which: Literal["safety", "detox"], progress: bool = True) -> Activations:
+    """The activation store of one data set, through the extraction flow's one door (extracted, resumed or redone
+    when missing or stale; an OutputError naming what is missing when ``extract_if_missing`` is off)."""
+    from raysafe.extract.flow import ensure_activations as ensure
 
-            fp = resolve(spec).fingerprint
-        except ModelError as e:
-            log.warning(
-                "cannot check that the stored activations of %r come from %s (%s); using them as they are",
-                label,
-                spec.path,
-                e.what,
-            )
-            continue
-        if fp != info.get("fingerprint"):
-            gaps.append(
-                f"model {label!r}: stored activations come from other weights ({info.get('fingerprint')} vs {fp})"
-            )
-    return gaps
-
-
-def ensure_activations(
-    cfg: SeparationConfig, which: Literal["safety", "detox"], progress: bool = True
-) -> tuple[ActivationStore, str | None]:
-    """The activation store of one data set, extracted first when something is missing. Returns the store and the
-    extraction's MLflow run id (None when nothing was extracted)."""
-    ecfg = extract_config(cfg, which)
-    store = ActivationStore(ecfg.output_dir)
-    gaps = activation_gaps(store, cfg.models, ecfg.data, cfg.pooled_position, cfg.layers)
-    if not gaps:
-        log.info("separation [activations/%s]: complete in %s, nothing to extract", which, store.root)
-        return store, None
-    if not cfg.extract_if_missing:
-        raise OutputError(
-            f"the {which} activations are incomplete: " + "; ".join(gaps),
-            where=str(store.root),
-            fix="set extract_if_missing: true, or run `raysafe extract` with the same models and data",
-        )
-    log.info(
-        "separation [activations/%s]: %s → running the extraction flow into %s", which, "; ".join(gaps), store.root
+    return ensure(
+        extract_config(cfg, which),
+        need_layers=None if cfg.layers == "all" else list(cfg.layers),
+        extract_if_missing=cfg.extract_if_missing,
+        progress=progress,
+        what=f"{which} activations",
     )
-    from raysafe.extract.flow import run_extract
-
-    res = run_extract(ecfg, progress=progress)
-    for line in res.summary().splitlines():
-        log.info("separation [activations/%s]: %s", which, line)
-    return store, res.mlflow_run_id or ""
 
 
 def family_layers(cfg: SeparationConfig, family: ModelFamily, store: ActivationStore) -> list[int]:
@@ -409,8 +350,12 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
 
     # ---- 1. activations (extraction logs its own MLflow runs, so it runs before this flow's run starts)
     log.info("separation [1/5]: activations of %s (position %s)", ", ".join(models), position)
-    safety_store, safety_run = ensure_activations(cfg, "safety", progress)
-    detox_store, detox_run = ensure_activations(cfg, "detox", progress) if cfg.detox is not None else (None, None)
+    safety = ensure_activations(cfg, "safety", progress)
+    detox = ensure_activations(cfg, "detox", progress) if cfg.detox is not None else None
+    safety_store, detox_store = safety.store, detox.store if detox is not None else None
+    inputs = {"safety": safety.record()} | ({"detox": detox.record()} if detox is not None else {})
+    identity = analysis_identity(cfg.model_dump(mode="json"), inputs)
+    atomic_write_json(out / "activations.json", {"identity": identity, "activations": inputs})
     layers_of = {f.base.label: family_layers(cfg, f, safety_store) for f in families}
     all_layers = sorted(set().union(*map(set, layers_of.values())))
     if not all_layers:
@@ -432,7 +377,9 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
         position=position,
         english=cfg.english,
         table=pl.DataFrame(),
-        extracted={"safety": safety_run is not None, "detox": detox_run is not None},
+        extracted={"safety": bool(safety.extracted), "detox": detox is not None and bool(detox.extracted)},
+        activations=inputs,
+        identity=identity,
     )
     tables_dir, fig_dir = out / "tables", out / "figures"
     tags = {"raysafe.flow": "separation", "raysafe.base": ",".join(f.base.label for f in families)}
@@ -443,11 +390,18 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
             {
                 "config": cfg.model_dump(mode="json"),
                 "analysed_layers": _ranges(all_layers),
+                "analysis_identity": identity,
                 "safety_activations": str(safety_store.root.resolve()),
                 "detox_activations": str(detox_store.root.resolve()) if detox_store else "none",
             }
+            | safety.params("safety")
+            | (detox.params("detox") if detox is not None else {})
         )
-        extract_runs = {f"raysafe.extract_run.{k}": v for k, v in (("safety", safety_run), ("detox", detox_run)) if v}
+        extract_runs = {
+            f"raysafe.extract_run.{k}": ",".join(a.mlflow_run_ids)
+            for k, a in (("safety", safety), ("detox", detox))
+            if a is not None and a.mlflow_run_ids
+        }
         if extract_runs:
             tracking.set_tags(extract_runs)
 
@@ -551,6 +505,7 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
                 tracking.log_artifact(fig_dir, "figures")
             tracking.log_artifact(result.report)
             tracking.log_artifact(out / "config.yaml")
+            tracking.log_artifact(out / "activations.json")
     log.info("separation: done in %.0f s", time.perf_counter() - t_start)
     return result
 
@@ -642,6 +597,11 @@ def _report_notes(
     notes += [
         f"Hidden states: position `{result.position}`, activations in `{safety.root}`"
         + (f" and `{detox.root}`" if detox else "")
+        + f" (their identities: `activations.json`; analysis identity {result.identity}).",
+        "Weights fingerprints: "
+        + ", ".join(
+            f"`{m}` {ident['weights']}" for m, ident in result.activations.get("safety", {}).get("models", {}).items()
+        )
         + ".",
         f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya shrinkage {o.shrinkage}; "
         f"{o.bootstrap} stratified bootstrap resamples, {o.ci_level:.0%} {o.ci_method} intervals; probe: "

@@ -128,11 +128,13 @@ class SweepConfig(Strict):
     def _load_base(self) -> TrainConfig:
         from raysafe.sweep.space import apply_overrides
 
+        # Local paths become absolute here; whether they exist is checked where the sweep runs (the train flow
+        # resolves the model and reads the data before any work), so `--print-config` validates a cluster sweep anywhere.
         try:
             if isinstance(self.train, str):
-                base = load_config(TrainConfig, self.train)
+                base = load_config(TrainConfig, self.train, check_paths=False)
             else:
-                base = load_config(TrainConfig, data=self.train)
+                base = load_config(TrainConfig, data=self.train, check_paths=False)
         except ConfigError as e:
             raise ValueError(f"train (the base train config): {e.what}") from None
         if not self.train_overrides:
