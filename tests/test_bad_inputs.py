@@ -98,7 +98,7 @@ def test_language_missing_from_the_data(tmp_path):
         ({"mixture": {"languages": ["de", "fr"], "m": 2}}, "mixture.anchor 'en' is not in mixture.languages"),
         ({"mixture": {"languages": ["en", "de"], "m": 2, "weights": [1.0]}}, "mixture.weights has 1 values for 2"),
         ({"mixture": {"languages": ["en", "en", "de"], "m": 2}}, r"mixture.languages repeats \['en'\]"),
-        ({"data": {"pairs": {"kind": "file", "path": "p.jsonl", "split": "train"}}}, "applies to hub sources only"),
+        ({"data": {"pairs": {"kind": "file", "path": __file__, "split": "train"}}}, "applies to hub sources only"),
         ({"data": {"pairs": {"name": "preference_pairs", "adapter": "pku_saferlhf"}}}, "remove data.adapter"),
         (
             {"data": {"variants": {"kind": "hub", "path": "x/y", "lang": "en", "subsets_by_lang": {"de": "de"}}}},
