@@ -32,7 +32,12 @@ class MLCConfig(BaseModel):
     pooling: Literal["last", "mean"] = "last"
     d: int = Field(512, ge=1, description="width of the projection head")
     tau: float = Field(0.2, gt=0)
-    eps: float = Field(1e-6, ge=0)
+    eps: float = Field(
+        0.0,
+        ge=0,
+        description="added to τ·sg(σ₁) in the denominator only; 0 = the released code (Yuyan-B/MLC dpo/trainer.py "
+        "_compute_aux_loss); ε > 0 lowers the loss by ≈ ε·Σ_j p_j σ_j/(τσ₁)² ≤ ε/τ² (docs/losses.md)",
+    )
     form: Literal["released", "plain"] = "released"
     every_k: int = Field(2, ge=1)
     weight: float = Field(0.8, ge=0, description="λ")
@@ -99,6 +104,11 @@ class OptimSpec(Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    warmup_shape: Literal["hf", "shifted"] = Field(
+        "hf",
+        description="multiplier at step s < w: hf = s/w (transformers' schedules, used by the MLC release through "
+        "LLaMA-Factory's Trainer; step 0 runs at lr 0), shifted = (s+1)/w",
+    )
     micro_batch: int = Field(1, ge=1, description="pairs per worker per micro-step")
     grad_accum: int = Field(4, ge=1)
     clip: float = Field(1.0, gt=0)

@@ -140,7 +140,7 @@ def train_loop(config: dict) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio)
+        optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_shape)
     )
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
