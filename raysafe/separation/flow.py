@@ -41,6 +41,7 @@ from raysafe.errors import ConfigError, ModelError, OutputError
 from raysafe.extract.config import ExtractConfig
 from raysafe.extract.store import ActivationStore
 from raysafe.separation.config import ModelFamily, SeparationConfig
+from raysafe.separation.metrics import shrinkage_label
 from raysafe.separation.tables import (
     ReadLayer,
     alignment_shift,
@@ -643,7 +644,7 @@ def _report_notes(
         f"Hidden states: position `{result.position}`, activations in `{safety.root}`"
         + (f" and `{detox.root}`" if detox else "")
         + ".",
-        f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya shrinkage {o.shrinkage}; "
+        f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya covariance shrinkage {shrinkage_label(o.shrinkage)}; "
         f"{o.bootstrap} stratified bootstrap resamples, {o.ci_level:.0%} {o.ci_method} intervals; probe: "
         f"{o.probe_folds}-fold logistic regression (C = {o.probe_C}) on the {o.probe_space} space.",
         "Tables (Parquet + CSV): `tables/` (separation, best_layers"
