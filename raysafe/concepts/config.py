@@ -24,7 +24,7 @@ from raysafe.config import (
 )
 from raysafe.extract.config import ExtractSpec
 
-DistanceType = Literal["genetic", "geographic", "syntactic", "phonological", "inventory"]
+DistanceType = Literal["genetic", "geographic", "syntactic", "phonological", "inventory", "featural"]
 
 
 class ConceptAnalysisSpec(Strict):
@@ -44,7 +44,12 @@ class ConceptAnalysisSpec(Strict):
     selection_folds: int = Field(5, ge=2, description="folds of the train-only cross-validation that picks layers")
     distance_types: list[DistanceType] = Field(list(DEFAULT_DISTANCE_TYPES), min_length=1)
     iso3_overrides: dict[str, str] = Field(
-        default_factory=dict, description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn}"
+        default_factory=dict, description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn} (sw → swh)"
+    )
+    distance_source: Literal["auto", "lang2vec", "uriel_features"] = Field(
+        "auto",
+        description="lang2vec: its precomputed distance() values (the paper); uriel_features: re-derived from URIEL "
+        "features (every language); auto: lang2vec when it covers all languages, else uriel_features",
     )
     similarity_summary: Literal["max_over_layers", "best_layer"] = Field(
         "max_over_layers", description="which similarity per language pair enters the distance correlation"
@@ -63,6 +68,7 @@ class ConceptAnalysisSpec(Strict):
             high_resource_by_model={k: tuple(v) for k, v in self.high_resource_by_model.items()},
             distance_types=tuple(self.distance_types),
             iso3_overrides=dict(self.iso3_overrides),
+            distance_source=self.distance_source,
             similarity_summary=self.similarity_summary,
             num_layers=num_layers,
             keep_vectors=True,

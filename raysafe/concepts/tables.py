@@ -42,6 +42,7 @@ from raysafe.concepts import vectors as C
 from raysafe.concepts.language_distance import (
     DEFAULT_DISTANCE_TYPES,
     DISTANCE_SCHEMA,
+    DISTANCE_SOURCES,
     DISTANCE_TYPES,
     LanguageDistances,
     language_distances,
@@ -66,7 +67,8 @@ class ConceptOptions:
     (concept, language) needs in each split; selection_folds: folds of the train-only cross-validation that picks
     layers; high_resource / high_resource_by_model: which languages count as high-resource (per model name, falling
     back to ``high_resource``); distance_types: URIEL distances to correlate with; iso3_overrides: ISO 639-3 code per
-    language code where the default mapping is not wanted (e.g. ``{"zh": "cmn"}``); similarity_summary: which
+    language code where the default mapping is not wanted (e.g. ``{"zh": "cmn"}``); distance_source: ``auto`` |
+    ``lang2vec`` (its precomputed distances, as the paper) | ``uriel_features`` (language_distance); similarity_summary: which
     similarity per language pair enters the distance correlation (``max_over_layers`` | ``best_layer``);
     num_layers: when given, layers outside ``0..num_layers`` are reported instead of read; keep_vectors: return the
     vectors themselves; logistic_C, seed: for the logistic probe and the CV folds.
@@ -79,6 +81,7 @@ class ConceptOptions:
     high_resource_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     distance_types: tuple[str, ...] = DEFAULT_DISTANCE_TYPES
     iso3_overrides: Mapping[str, str] = field(default_factory=dict)
+    distance_source: str = "auto"
     similarity_summary: str = "max_over_layers"
     num_layers: int | None = None
     keep_vectors: bool = True
@@ -102,6 +105,12 @@ class ConceptOptions:
                 f"unknown distance type(s) {bad}",
                 where="ConceptOptions.distance_types",
                 fix=f"use some of {', '.join(DISTANCE_TYPES)}",
+            )
+        if self.distance_source not in DISTANCE_SOURCES:
+            raise ConfigError(
+                f"unknown distance source {self.distance_source!r}",
+                where="ConceptOptions.distance_source",
+                fix=f"use one of {', '.join(DISTANCE_SOURCES)}",
             )
         if self.similarity_summary not in ("max_over_layers", "best_layer"):
             raise ConfigError(
@@ -488,7 +497,7 @@ def _assemble(
     tables["transfer_asymmetry"] = transfer_asymmetry_table(tables["transfer_best"], high)
     langs = sorted({lang for ls in (index.usable.values() if index else []) for lang in ls})
     try:
-        dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides))
+        dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides), options.distance_source)
     except DataError as err:  # no URIEL data at all (lang2vec missing): the rest of the analysis still stands
         dist = LanguageDistances(pl.DataFrame(schema=DISTANCE_SCHEMA), {})
         acc.status.append(
@@ -502,6 +511,8 @@ def _assemble(
         )
     for lang, why in sorted(dist.missing.items()):
         acc.status.append(_status("uriel", None, lang, None, why, status="warning"))
+    if dist.note:
+        acc.status.append(_status("uriel", None, None, None, dist.note, status="warning"))
     tables["language_distance"] = dist.table.select(pl.lit(model).alias("model"), pl.all())
     column = "max_cosine" if options.similarity_summary == "max_over_layers" else "cosine_at_concept_layer"
     tables["distance_pairs"] = distance_pairs(tables["consistency_summary"], dist.table, high, column)
