@@ -20,6 +20,7 @@ Tables returned (every one carries ``model``):
 ``consistency_curve`` per (concept | "mean", layer): mean cosine over language pairs
 ``transfer``         per layer: acc(A->B), acc(B->B), delta = acc(A->B) - acc(B->B)
 ``transfer_best``    delta per (concept | "mean", source, target) at each concept's train-selected layer
+``transfer_max``     the paper's matrix: max over layers of acc(A->B) minus max over layers of acc(B->B)
 ``transfer_asymmetry`` per concept | "mean": mean delta of high->low vs low->high pairs
 ``language_distance`` URIEL distances per language pair and distance type
 ``distance_pairs``   similarity and 1 - distance per (concept | "mean", lang pair, distance type), pair_group
@@ -493,6 +494,7 @@ def _assemble(
     tables["consistency_summary"] = consistency_summary(tables["consistency"], layer_of)
     tables["consistency_curve"] = consistency_curve(tables["consistency"])
     tables["transfer_best"] = transfer_best(tables["transfer"], layer_of)
+    tables["transfer_max"] = transfer_max(tables["transfer"])
     high = options.high_resource_for(model)
     tables["transfer_asymmetry"] = transfer_asymmetry_table(tables["transfer_best"], high)
     langs = sorted({lang for ls in (index.usable.values() if index else []) for lang in ls})
@@ -655,6 +657,39 @@ def transfer_best(transfer: pl.DataFrame, layer_of: Mapping[str, int]) -> pl.Dat
         .with_columns(concept=pl.lit(MEAN), layer=pl.lit(None, pl.Int64))
     )
     cols = ["model", "concept", "layer", "source_lang", "target_lang", "acc", "acc_target_own", "delta"]
+    return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "source_lang", "target_lang"])
+
+
+def transfer_max(transfer: pl.DataFrame) -> pl.DataFrame:
+    """The paper's transfer matrix (Xu et al., transferability_analysis.py ``draw_acc_heatmap``): per concept, source A
+    and target B, ``acc`` = max over layers of acc(A→B) and ``acc_target_own`` = max over layers of acc(B→B), each
+    maximised on its own, ``delta = acc − acc_target_own``; ``layer`` = the layer of the max of acc(A→B) (lowest on
+    ties). ``concept == "mean"`` averages ``acc`` and ``acc_target_own`` over concepts (so its delta is the mean delta),
+    as the paper's heatmaps. Layers are chosen on the test pairs: an optimistic summary beside ``transfer_best``."""
+    cols = ["model", "concept", "layer", "source_lang", "target_lang", "acc", "acc_target_own", "delta"]
+    if transfer.height == 0:
+        return pl.DataFrame(schema={c: transfer.schema.get(c, pl.Float64) for c in cols})
+    keys = ["model", "concept", "source_lang", "target_lang"]
+    best_src = (
+        transfer.sort(["acc", "layer"], descending=[True, False])
+        .group_by(keys, maintain_order=True)
+        .agg(pl.col("acc").first(), pl.col("layer").first())
+    )
+    own = (
+        transfer.filter(pl.col("source_lang") == pl.col("target_lang"))
+        .group_by(["model", "concept", "target_lang"])
+        .agg(pl.col("acc").max().alias("acc_target_own"))
+    )
+    per = best_src.join(own, on=["model", "concept", "target_lang"], how="left").with_columns(
+        delta=pl.col("acc") - pl.col("acc_target_own")
+    )
+    mean = (
+        per.group_by(["model", "source_lang", "target_lang"])
+        .agg(pl.col("acc").mean(), pl.col("acc_target_own").mean())
+        .with_columns(
+            concept=pl.lit(MEAN), layer=pl.lit(None, pl.Int64), delta=pl.col("acc") - pl.col("acc_target_own")
+        )
+    )
     return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "source_lang", "target_lang"])
 
 
