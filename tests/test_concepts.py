@@ -439,6 +439,19 @@ def test_high_resource_languages_are_configurable_per_model():
     assert "zh" in opts.high_resource_for("llama")
 
 
+def test_languages_excluded_per_model_are_left_out_and_reported():
+    """As the authors' llama_exclude / bloomz_exclude: an excluded language is in no table of that model only."""
+    store = SyntheticStore({"toxicity": dict(zip(LANGS, orthonormal(len(LANGS))))}, {1: 2.0})
+    opts = ConceptOptions(distance_types=("syntactic",), exclude_by_model={"llama": ("sw", "am")})
+    t = analyse_concepts(store.read_layer, "llama", [1], opts)
+    assert set(t["recognition"]["lang"]) == {"en", "de"}
+    assert set(t["transfer"]["source_lang"]) | set(t["transfer"]["target_lang"]) == {"en", "de"}
+    status = t["status"].filter(pl.col("message").str.contains("excluded for this model"))
+    assert set(status["lang"]) == {"sw", "am"}
+    other = analyse_concepts(store.read_layer, "bloomz", [1], opts)
+    assert set(other["recognition"]["lang"]) == set(LANGS)
+
+
 def test_select_concept_vectors_names_missing_layers(planted):
     _, _, t = planted
     with pytest.raises(DataError, match="layer"):

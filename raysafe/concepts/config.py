@@ -56,6 +56,9 @@ class ConceptAnalysisSpec(Strict):
     )
     high_resource: list[str] = Field(list(DEFAULT_HIGH_RESOURCE))
     high_resource_by_model: dict[str, list[str]] = Field(default_factory=dict)
+    exclude_by_model: dict[str, list[str]] = Field(
+        default_factory=dict, description="languages left out of the analysis of a model (by model label)"
+    )
     logistic_C: float = Field(1.0, gt=0)
     seed: int = 0
 
@@ -66,6 +69,7 @@ class ConceptAnalysisSpec(Strict):
             selection_folds=self.selection_folds,
             high_resource=tuple(self.high_resource),
             high_resource_by_model={k: tuple(v) for k, v in self.high_resource_by_model.items()},
+            exclude_by_model={k: tuple(v) for k, v in self.exclude_by_model.items()},
             distance_types=tuple(self.distance_types),
             iso3_overrides=dict(self.iso3_overrides),
             distance_source=self.distance_source,
@@ -128,6 +132,16 @@ class ConceptsConfig(Strict):
                 f"the concept flow reads concept pairs; fixture {self.data.name!r} holds none "
                 "(use name: concept_pairs, or a file/hub source with the concept-pairs columns)"
             )
+        labels = {m.label for m in self.models}
+        for field_name in ("high_resource_by_model", "exclude_by_model"):
+            unknown = sorted(set(getattr(self.analysis, field_name)) - labels)
+            if unknown:
+                raise ValueError(
+                    f"analysis.{field_name} names models {unknown} that are not in `models` ({sorted(labels)})"
+                )
+        unknown = sorted(set(self.extract.templates) - labels)
+        if unknown:
+            raise ValueError(f"extract.templates names models {unknown} that are not in `models` ({sorted(labels)})")
         if self.extract.layers != "all" or self.extract.positions != ["last"]:
             raise ValueError(
                 "set the layers with the top-level `layers` and the position with `position`; "

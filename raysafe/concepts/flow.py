@@ -172,7 +172,8 @@ def plan_layers(requested: list[int] | str, n_layers: int) -> tuple[list[int], l
 def extract_config(
     cfg: ConceptsConfig, spec: ModelSpec, layers: list[int] | str, positions: list[str]
 ) -> ExtractConfig:
-    ex = cfg.extract.model_copy(update={"layers": layers, "positions": positions})
+    templates = {k: v for k, v in cfg.extract.templates.items() if k == spec.label}
+    ex = cfg.extract.model_copy(update={"layers": layers, "positions": positions, "templates": templates})
     return ExtractConfig(
         models=[spec],
         data=concept_source(cfg),
@@ -183,9 +184,13 @@ def extract_config(
     )
 
 
-def store_is_complete(root: Path, label: str, layers: list[int], position: str, fingerprint: str) -> bool | None:
-    """True: the store holds every shard of ``label`` for these inputs, layers and position; False: it holds a
-    partial extraction that covers them (resume it); None: nothing usable (extract anew)."""
+def store_is_complete(
+    root: Path, label: str, layers: list[int], position: str, fingerprint: str, settings: dict | None = None
+) -> bool | None:
+    """True: the store holds every shard of ``label`` for these inputs, layers and position, made with the extraction
+    ``settings`` given (e.g. max_length, truncate, chat_template); False: it holds a partial extraction that covers
+    them (resume it); None: nothing usable (extract anew; the store refuses, naming the field, if it holds other
+    settings)."""
     from raysafe.extract.store import ActivationStore
 
     store = ActivationStore(root)
@@ -198,6 +203,8 @@ def store_is_complete(root: Path, label: str, layers: list[int], position: str, 
     if info.get("dataset_fingerprint") != fingerprint or dataset.get("fingerprint") != fingerprint:
         return None
     if not set(layers) <= set(info["layers"]) or position not in info["positions"]:
+        return None
+    if any(info.get(k) != v for k, v in (settings or {}).items()):
         return None
     return store.done_shards(label) == set(range(int(dataset["shards"])))
 
@@ -217,7 +224,12 @@ def ensure_activations(
             layers: list[int] | str = "all" if valid == list(range(n_layers + 1)) else valid
             ecfg = extract_config(cfg, spec, layers, [cfg.position])
             fp = fingerprint(load_text_rows(ecfg))
-            state = store_is_complete(Path(cfg.activations_dir), spec.label, valid, cfg.position, fp)
+            settings = {
+                "max_length": ecfg.extract.max_length,
+                "truncate": ecfg.extract.truncate,
+                "chat_template": ecfg.extract.template_identity(spec.label),
+            }
+            state = store_is_complete(Path(cfg.activations_dir), spec.label, valid, cfg.position, fp, settings)
             if state is True:
                 log.info(
                     "activations of %s for layers %s (%s) found in %s; extraction skipped",

@@ -67,7 +67,8 @@ class ConceptOptions:
     method: ``mean_diff`` (paper) | ``pca`` (RepE-style) | ``logistic``; min_pairs: least number of pairs a
     (concept, language) needs in each split; selection_folds: folds of the train-only cross-validation that picks
     layers; high_resource / high_resource_by_model: which languages count as high-resource (per model name, falling
-    back to ``high_resource``); distance_types: URIEL distances to correlate with; iso3_overrides: ISO 639-3 code per
+    back to ``high_resource``); exclude_by_model: languages left out per model (as Xu et al.'s utils.py
+    ``llama_exclude`` / ``qwen_exclude`` / ``bloomz_exclude``); distance_types: URIEL distances to correlate with; iso3_overrides: ISO 639-3 code per
     language code where the default mapping is not wanted (e.g. ``{"zh": "cmn"}``); distance_source: ``auto`` |
     ``lang2vec`` (its precomputed distances, as the paper) | ``uriel_features`` (language_distance); similarity_summary: which
     similarity per language pair enters the distance correlation (``max_over_layers`` | ``best_layer``);
@@ -80,6 +81,7 @@ class ConceptOptions:
     selection_folds: int = 5
     high_resource: tuple[str, ...] = DEFAULT_HIGH_RESOURCE
     high_resource_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    exclude_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     distance_types: tuple[str, ...] = DEFAULT_DISTANCE_TYPES
     iso3_overrides: Mapping[str, str] = field(default_factory=dict)
     distance_source: str = "auto"
@@ -125,6 +127,10 @@ class ConceptOptions:
     def high_resource_for(self, model: str) -> set[str]:
         """The high-resource language codes for ``model``."""
         return set(self.high_resource_by_model.get(model, self.high_resource))
+
+    def excluded_for(self, model: str) -> frozenset[str]:
+        """Languages left out of every analysis of ``model`` (``exclude_by_model``; none by default)."""
+        return frozenset(self.exclude_by_model.get(model, ()))
 
 
 # ----------------------------------------------------------------------------------------------- pair index
@@ -172,9 +178,10 @@ def validate_meta(meta: pl.DataFrame, X: np.ndarray, where: str) -> None:
         )
 
 
-def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
+def build_pair_index(meta: pl.DataFrame, min_pairs: int, exclude: frozenset[str] = frozenset()) -> PairIndex:
     """Match the two sides of each pair by (concept, group_id, lang), drop incomplete or duplicated pairs
-    (reported), and mark (concept, lang) usable when both splits have at least ``min_pairs`` pairs."""
+    (reported), and mark (concept, lang) usable when both splits have at least ``min_pairs`` pairs and the language
+    is not in ``exclude`` (excluded languages get a status row)."""
     m = meta.select(META_COLUMNS).with_row_index("_row")
     grouped = (
         m.group_by(["concept", "lang", "group_id"])
@@ -216,7 +223,15 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
         )
     usable: dict[str, list[str]] = {}
     combos = m.select("concept", "lang").unique().sort(["concept", "lang"])
+    for lang in sorted(exclude & set(combos["lang"].to_list())):
+        problems.append(
+            _status(
+                "concept", None, lang, None, f"language {lang!r} excluded for this model (analysis.exclude_by_model)"
+            )
+        )
     for concept, lang in combos.iter_rows():
+        if lang in exclude:
+            continue
         n_train = len(pairs.get((concept, lang, "train"), ((), ()))[0])
         n_test = len(pairs.get((concept, lang, "test"), ((), ()))[0])
         if n_train >= min_pairs and n_test >= min_pairs:
@@ -440,7 +455,7 @@ def analyse_concepts(
         where = f"model {model!r}, layer {layer}"
         validate_meta(meta, X, where)
         if index is None:
-            index = build_pair_index(meta, options.min_pairs)
+            index = build_pair_index(meta, options.min_pairs, options.excluded_for(model))
             first_rows = meta["row_id"]
             acc.status.extend(index.problems)
         elif not meta["row_id"].equals(first_rows):

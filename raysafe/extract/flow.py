@@ -155,7 +155,8 @@ def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[di
         "positions": list(cfg.extract.positions),
         "store_dtype": cfg.extract.store_dtype,
         "max_length": cfg.extract.max_length,
-        "chat_template": cfg.extract.chat_template,
+        "chat_template": cfg.extract.template_identity(spec.label),
+        "truncate": cfg.extract.truncate,
         "shard_rows": cfg.extract.shard_rows,
         "dataset_fingerprint": dataset_fp,
     }

@@ -118,6 +118,7 @@ class ActivationStore:
                 "store_dtype",
                 "shard_rows",
                 "max_length",
+                "truncate",
                 "chat_template",
             ):
                 if old.get(key) != info.get(key):

@@ -38,7 +38,7 @@ from raysafe.config import (
     dump_config,
 )
 from raysafe.errors import ConfigError, ModelError, OutputError
-from raysafe.extract.config import ExtractConfig
+from raysafe.extract.config import ExtractConfig, ExtractSpec
 from raysafe.extract.store import ActivationStore
 from raysafe.separation.config import ModelFamily, SeparationConfig
 from raysafe.separation.metrics import shrinkage_label
@@ -230,9 +230,11 @@ def activation_gaps(
     source: SourceSpec,
     position: str,
     layers: list[int] | Literal["all"],
+    extract: ExtractSpec | None = None,
 ) -> list[str]:
     """Why ``store`` cannot serve this analysis as it stands (empty: it can): no manifest, another source, a model
-    missing or with unfinished shards or other weights, the position or an extractable layer not stored."""
+    missing or with unfinished shards or other weights, the position or an extractable layer not stored, or (with
+    ``extract``) activations made with another max_length, truncation or template."""
     try:
         manifest = store.manifest()
     except OutputError:
@@ -252,6 +254,15 @@ def activation_gaps(
             gaps.append(f"model {label!r}: {len(missing)} of {len(shards)} shards not extracted")
         if position not in info["positions"]:
             gaps.append(f"model {label!r}: position {position!r} not stored (have {info['positions']})")
+        if extract is not None:
+            wanted = {
+                "max_length": extract.max_length,
+                "truncate": extract.truncate,
+                "chat_template": extract.template_identity(label),
+            }
+            for key, value in wanted.items():
+                if info.get(key) != value:
+                    gaps.append(f"model {label!r}: stored with {key}={info.get(key)!r}, now {value!r}")
         if layers != "all":
             extractable = [x for x in layers if x <= int(info["num_layers"]) and x not in info["layers"]]
             if extractable:
@@ -282,7 +293,7 @@ def ensure_activations(
     extraction's MLflow run id (None when nothing was extracted)."""
     ecfg = extract_config(cfg, which)
     store = ActivationStore(ecfg.output_dir)
-    gaps = activation_gaps(store, cfg.models, ecfg.data, cfg.pooled_position, cfg.layers)
+    gaps = activation_gaps(store, cfg.models, ecfg.data, cfg.pooled_position, cfg.layers, ecfg.extract)
     if not gaps:
         log.info("separation [activations/%s]: complete in %s, nothing to extract", which, store.root)
         return store, None
