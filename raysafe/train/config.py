@@ -137,6 +137,9 @@ class TrainDataSpec(Strict):
     split: str | None = Field("train", description="keep pairs of this split (None: all)")
     max_length: int = Field(1024, ge=8)
     max_prompt_length: int = Field(512, ge=4)
+    prompt_truncation: Literal["head", "tail"] = Field(
+        "head", description="keep a long prompt's start (the MLC release, LLaMA-Factory) or its end (and BOS)"
+    )
     chat_template: Literal["auto", "on", "off"] = "auto"
 
     _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: on_off(v)))

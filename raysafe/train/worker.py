@@ -111,7 +111,11 @@ def build_policy(cfg: TrainConfig, device: torch.device):
 def make_collator(cfg: TrainConfig, tok) -> PreferenceCollator:
     template = {"auto": "auto", "on": True, "off": False}[cfg.data.chat_template]
     return PreferenceCollator(
-        tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, use_chat_template=template
+        tok,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        use_chat_template=template,
+        prompt_truncation=cfg.data.prompt_truncation,
     )
 
 
