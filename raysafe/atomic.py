@@ -49,3 +49,8 @@ def atomic_write_parquet(path: Path, table: pa.Table) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def shard_name(k: int) -> str:
+    """The stem of shard ``k`` of a sharded output (``shard-00007``): the unit a flow writes atomically and resumes."""
+    return f"shard-{k:05d}"

@@ -135,24 +135,42 @@ class TrackingSpec(Strict):
     fallback_to_local: bool = Field(
         False, description="if the tracking server is unreachable, log to the local SQLite store instead of failing"
     )
+    log_system_metrics: bool = Field(
+        False,
+        description="sample CPU, memory, disk, network and GPU use into the run (system/* metrics, every 10 s): "
+        "in the flow's own process and on training's rank-0 worker",
+    )
 
 
 # --------------------------------------------------------------------------------------------- load/merge
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``tree[a][b]… = value`` in place for ``dotted`` = ``"a.b…"``: missing (or null) mappings on the way are
+    created, list items are addressed by index. The one dotted-key setter (``--set`` overrides, sweep trials).
+
+    Raises ``ValueError`` naming the path when it runs through something that is neither a mapping nor a list, or
+    past the end of a list.
+    """
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
+    node: Any = tree
+    try:
+        for k in keys[:-1]:
+            if isinstance(node, list):
+                node = node[int(k)]
+                continue
+            if not isinstance(node, dict):
+                raise ValueError(f"cannot set {dotted!r}: the value above {k!r} is not a mapping")
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+        last = keys[-1]
         if isinstance(node, list):
-            node = node[int(k)]
-            continue
-        if k not in node or node[k] is None:
-            node[k] = {}
-        node = node[k]
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ValueError(f"cannot set {dotted!r}: the value above {last!r} is not a mapping")
+    except IndexError:
+        raise ValueError(f"cannot set {dotted!r}: a list index is past the end of its list") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -223,8 +241,8 @@ def load_config(
     for ov in overrides or []:
         key, value = parse_override(ov)
         try:
-            _set_path(tree, key, value)
-        except (IndexError, ValueError, TypeError, AttributeError):
+            set_path(tree, key, value)
+        except ValueError:
             raise ConfigError(
                 f"cannot apply override {ov!r}", where="--set", fix="check the key path against the config"
             ) from None

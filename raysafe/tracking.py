@@ -1,4 +1,6 @@
-"""The one place that talks to MLflow.
+"""The one place that talks to MLflow: runs and their nesting, params, metrics, artifacts, dataset inputs, system
+metrics, and logging from another process (a Ray Train worker) into a run started here. Nothing else in the package
+imports mlflow, so another tracker is one file (tests/test_layering.py keeps it so).
 
 Default store: ``sqlite:///mlflow.db`` in the working directory (artifacts beside it in ``mlartifacts/``), or
 ``MLFLOW_TRACKING_URI``. Before a run starts the tracking server is probed with a short timeout, so a job whose
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
 import os
 import sys
@@ -18,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from raysafe.config import TrackingSpec
+from raysafe.config import SourceSpec, TrackingSpec
 from raysafe.errors import RaysafeError
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,13 @@ class TrackingError(RaysafeError):
 
 def resolve_uri(spec: TrackingSpec) -> str:
     return spec.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or LOCAL_URI
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite path made absolute, so another process or working directory finds the store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
 
 
 def _probe(uri: str, timeout: float = 5.0) -> str | None:
@@ -122,11 +132,18 @@ def run(
         except mlflow.exceptions.MlflowException:
             log.info("MLflow run %s is not in this tracking store; starting a new run", resume_run_id)
         else:
-            with mlflow.start_run(run_id=resume_run_id) as r, _killed_on_exit(r):
+            with (
+                mlflow.start_run(run_id=resume_run_id, log_system_metrics=spec.log_system_metrics or None) as r,
+                _killed_on_exit(r),
+            ):
                 yield r
             return
 
-    kwargs: dict[str, Any] = {"run_name": spec.run_name or name, "tags": tags or {}}
+    kwargs: dict[str, Any] = {
+        "run_name": spec.run_name or name,
+        "tags": tags or {},
+        "log_system_metrics": spec.log_system_metrics or None,  # None: MLflow's own environment variable decides
+    }
     parent_run_id = parent_run_id or _PARENT.get()
     if parent_run_id:
         kwargs["parent_run_id"] = parent_run_id
@@ -174,10 +191,48 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(flat_params(params))
 
 
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    if (mlflow := _active_mlflow()) is not None:
-        clean = {k.replace("/", "_").replace(" ", "_").replace("=", "_"): float(v) for k, v in metrics.items()}
-        mlflow.log_metrics(clean, step=step)
+def _metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    return {k.replace("/", "_").replace(" ", "_").replace("=", "_"): float(v) for k, v in metrics.items()}
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+    """Log to the active run, or to ``run_id`` (e.g. a parent run while its children run)."""
+    if run_id is not None:
+        import mlflow
+
+        _log_batch(mlflow.MlflowClient(), run_id, metrics, step)
+    elif (mlflow := _active_mlflow()) is not None:
+        mlflow.log_metrics(_metric_names(metrics), step=step)
+
+
+def _log_batch(client: Any, run_id: str, metrics: dict[str, float], step: int | None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in _metric_names(metrics).items()])
+
+
+def log_input(name: str, sources: dict[str, SourceSpec], digest: str, n_rows: int, context: str) -> None:
+    """Record a dataset the active run read (MLflow's run inputs): its name, where it came from (the source settings,
+    as JSON), its content digest (:func:`raysafe.identity.fingerprint` of the rows) and its row count."""
+    if (mlflow := _active_mlflow()) is None:
+        return
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in sources.items()}
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type="hugging_face" if any(v.kind == "hub" for v in sources.values()) else "local",
+        source=json.dumps(source, sort_keys=True),
+        profile=json.dumps({"num_rows": n_rows}),
+    )
+    run_id = mlflow.active_run().info.run_id
+    mlflow.MlflowClient().log_inputs(
+        run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+    )
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
@@ -228,3 +283,55 @@ def running_children(run_id: str) -> list[str]:
         r.info.run_id
         for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
     ]
+
+
+# ------------------------------------------------------------------------------------------ other processes
+def attach_info(spec: TrackingSpec, active: Any) -> dict | None:
+    """What another process (a Ray Train worker) needs to log into the run ``active`` started here: the tracking URI
+    (a relative SQLite path made absolute, since a worker's cwd differs), the run id and whether to sample system
+    metrics there. None when tracking is off."""
+    if active is None:
+        return None
+    import mlflow
+
+    uri = absolute_uri(mlflow.get_tracking_uri())  # what configure() chose (the local store after a fallback)
+    return {"uri": uri, "run_id": active.info.run_id, "system_metrics": spec.log_system_metrics}
+
+
+class AttachedRun:
+    """Logging into a run another process started (see :func:`attach`). ``log_metrics`` writes to that run;
+    ``close`` stops the system-metrics sampler. The run's status stays with the process that owns it: a worker that
+    finishes, fails or is restarted by Ray Train neither ends nor fails it."""
+
+    def __init__(self, info: dict | None, node: str | None = None):
+        self.run_id = info["run_id"] if info else None
+        self._client = None
+        self._monitor = None
+        if info is None:
+            return
+        import mlflow
+
+        self._client = mlflow.MlflowClient(info["uri"])
+        self._client.get_run(self.run_id)  # fail here, with MLflow's message, if the run is not in that store
+        if info.get("system_metrics"):
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, node_id=node, tracking_uri=info["uri"]
+            )
+            self._monitor.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self._client is not None:
+            _log_batch(self._client, self.run_id, metrics, step)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
+
+def attach(info: dict | None, node: str | None = None) -> AttachedRun:
+    """Attach to the run :func:`attach_info` describes (``None``: a logger that does nothing, e.g. on ranks > 0).
+    ``node`` names this process in system metrics (``system/<node>/...``), apart from the driver's ``system/...``."""
+    return AttachedRun(info, node)

@@ -5,7 +5,11 @@
   Ray's own CLI parser;
 - the KubeRay manifests against the fields the RayCluster/RayJob CRDs require (a checked-in schema subset,
   cluster/schemas/, with its sources) plus the operator-side rules of KubeRay's validation.go;
-- the MLflow server definition by the installed ``mlflow server`` CLI parser;
+- the MLflow server definition by the installed ``mlflow server`` CLI parser (and its TLS options by uvicorn's);
+- the NetworkPolicies against a schema of the networking.k8s.io/v1 fields (cluster/schemas/), and that they admit
+  only pods of their namespace to the Ray and MLflow pods they select;
+- security rules: secrets excluded by .gitignore (asked of git), the runtime_env excludes (Ray's own packaging) and
+  the Dockerfile.dockerignore files (Docker's matching rules); no world-writable chmod; MLflow basic auth only over TLS;
 - every job a manifest or docs/cluster.md names: the entrypoint script exists, calls the flow it claims, and its
   config validates with ``raysafe <flow> <config> --print-config`` (for every flow registered in raysafe.cli.FLOWS).
 
@@ -18,6 +22,8 @@ import copy
 import json
 import re
 import shlex
+import subprocess
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -31,6 +37,9 @@ CLUSTER = ROOT / "cluster"
 LAUNCHER = CLUSTER / "aws-gpu.yaml"
 KUBERAY = CLUSTER / "kuberay"
 SCHEMA = CLUSTER / "schemas" / "kuberay-v1.subset.schema.json"
+NETPOL_SCHEMA = CLUSTER / "schemas" / "networkpolicy-v1.subset.schema.json"
+RAY_NETPOL = KUBERAY / "networkpolicy.yaml"
+MLFLOW = CLUSTER / "mlflow" / "mlflow.yaml"
 RAY_MANIFESTS = sorted(KUBERAY.glob("ray*.yaml"))
 RAYJOBS = sorted(KUBERAY.glob("rayjob-*.yaml"))
 DOCS = ROOT / "docs" / "cluster.md"
@@ -44,6 +53,7 @@ KNOWN_SECRETS = {
     "mlflow-db",
     "mlflow-s3",
     "mlflow-auth",
+    "mlflow-tls",
 }
 
 
@@ -329,7 +339,7 @@ def test_every_job_tracks_to_the_mlflow_service():
         for cspec in cluster_specs(load(path)):
             for _, tmpl in pod_templates(cspec):
                 env = {e["name"]: e.get("value") for e in tmpl["spec"]["containers"][0]["env"]}
-                assert env["MLFLOW_TRACKING_URI"] == f"http://{svc['metadata']['name']}:{port}"
+                assert env["MLFLOW_TRACKING_URI"] == f"https://{svc['metadata']['name']}:{port}"
 
 
 def test_job_command_check_rejects_missing_script_config_and_bad_override(capsys):
@@ -465,3 +475,307 @@ def test_docs_submit_lines_name_real_jobs_and_valid_configs(capsys):
     assert "--runtime-env cluster/runtime_env.yaml" in text
     for ref in set(re.findall(r"cluster/[\w./-]+\.(?:yaml|json)|cluster/[\w./-]*Dockerfile", text)):
         assert (ROOT / ref).exists(), f"docs/cluster.md names {ref}, which does not exist"
+
+
+# ------------------------------------------------------------------------------------------------- security
+# Files that hold secrets, in the places an operator would put them while following docs/cluster.md, and files
+# that must still ship (so an exclude list that drops everything fails too).
+SECRET_FILES = [
+    "basic_auth.ini",
+    "cluster/mlflow/basic_auth.ini",
+    ".env",
+    "jobs/.env.cluster",
+    "tls.key",
+    "cluster/mlflow/tls.key",
+    "certs/server.pem",
+    "client.p12",
+    ".netrc",
+    "auth_token",
+    "kubeconfig",
+    "cluster/secrets/hf_token",
+]
+SHIPPED_FILES = ["README.md", "raysafe/evaluate/judges.py", "jobs/configs/extract_cluster.yaml", "cluster/Dockerfile"]
+
+
+def docker_ignored(patterns: list[str], path: str) -> bool:
+    """Whether a .dockerignore excludes ``path`` (relative to the build context), by the rules of Docker's matcher
+    (github.com/moby/patternmatcher, MatchesOrParentMatches): each pattern is anchored at the context root and
+    matches the path or one of its parent directories; ``**`` spans directories, ``*`` and ``?`` stay within one;
+    a later ``!pattern`` re-includes."""
+
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "^", 0
+        while i < len(pattern):
+            c = pattern[i]
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):
+                    i += 1
+                out += ".*" if i == len(pattern) else "(.*/)?"
+                continue
+            out += {"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c) if c in ".+()|{}$" else c)
+            i += 1
+        return re.compile(out + "$")
+
+    parents = path.split("/")
+    candidates = ["/".join(parents[: k + 1]) for k in range(len(parents))]
+    matched = False
+    for line in patterns:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        exclusion = line.startswith("!")
+        rx = regex(line.lstrip("!").strip("/"))
+        if exclusion == matched and any(rx.match(c) for c in candidates):
+            matched = not exclusion
+    return matched
+
+
+def test_docker_ignore_matcher_follows_dockers_rules():
+    assert docker_ignored(["**/basic_auth.ini"], "a/b/basic_auth.ini") and docker_ignored(["**/x"], "x")
+    assert not docker_ignored(["basic_auth.ini"], "cluster/basic_auth.ini")  # no **/: context root only
+    assert docker_ignored(["outputs"], "outputs/run/x.parquet")  # a parent directory matches
+    assert docker_ignored(["**/*.key"], "a/tls.key") and not docker_ignored(["**/*.key"], "a/tls.keys")
+    assert not docker_ignored(["**/*.pem", "!keep.pem"], "keep.pem")
+
+
+def git_ignored(path: str) -> bool:
+    """Asked of git itself, with the repository's .gitignore only (no global excludes)."""
+    r = subprocess.run(
+        ["git", "-c", "core.excludesFile=/dev/null", "check-ignore", "-q", "--no-index", path], cwd=ROOT, check=False
+    )
+    assert r.returncode in (0, 1), f"git check-ignore failed on {path}"
+    return r.returncode == 0
+
+
+def ray_uploaded(excludes: list[str], files: list[str], tmp: Path) -> set[str]:
+    """What Ray's own packaging (the code `ray job submit --working-dir` runs) puts in the working-dir zip."""
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root = tmp / "repo"
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("x")
+    out = tmp / "pkg.zip"
+    _zip_files(str(root), excludes, str(out), include_gitignore=False)
+    return set(zipfile.ZipFile(out).namelist())
+
+
+def test_secrets_are_excluded_from_git_jobs_and_images(tmp_path):
+    for f in SECRET_FILES:
+        assert git_ignored(f), f".gitignore does not exclude {f}"
+    for f in SHIPPED_FILES:
+        assert not git_ignored(f), f".gitignore excludes {f}"
+    uploaded = ray_uploaded(load(CLUSTER / "runtime_env.yaml")["excludes"], SECRET_FILES + SHIPPED_FILES, tmp_path)
+    assert set(SHIPPED_FILES) <= uploaded
+    assert not uploaded & set(SECRET_FILES), f"runtime_env uploads {uploaded & set(SECRET_FILES)}"
+    contexts = {
+        CLUSTER / "Dockerfile.dockerignore": "",
+        CLUSTER / "mlflow" / "Dockerfile.dockerignore": "cluster/mlflow/",
+    }
+    for ignore, context in contexts.items():
+        patterns = ignore.read_text().splitlines()
+        inside = [f.removeprefix(context) for f in SECRET_FILES if f.startswith(context)]
+        assert inside, f"no secret file placed inside the context of {ignore}"
+        for f in inside:
+            assert docker_ignored(patterns, f), f"{ignore} lets {f} into the image"
+        for f in [f.removeprefix(context) for f in SHIPPED_FILES if f.startswith(context)]:
+            assert not docker_ignored(patterns, f), f"{ignore} drops {f}"
+    # the launcher's rsync of the repository skips them too (by name, at any depth)
+    rsync = load(LAUNCHER)["rsync_exclude"]
+    assert {"basic_auth.ini", ".env", "*.key", "*.pem"} <= set(rsync) and ".gitignore" in load(LAUNCHER)["rsync_filter"]
+
+
+def test_secret_exclusion_check_catches_a_missing_pattern(tmp_path):
+    excludes = [e for e in load(CLUSTER / "runtime_env.yaml")["excludes"] if "basic_auth" not in e]
+    assert "basic_auth.ini" in ray_uploaded(excludes, ["basic_auth.ini"], tmp_path)
+    patterns = [x for x in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines() if "basic_auth" not in x]
+    assert not docker_ignored(patterns, "cluster/mlflow/basic_auth.ini")
+
+
+def world_writable_chmods(command: str) -> list[str]:
+    """The chmod calls in a shell command that give others write permission (octal o+w, or a symbolic o/a/+w)."""
+    found = []
+    for m in re.finditer(r"\bchmod\s+(?:-\w+\s+)*(\S+)", command):
+        mode = m.group(1)
+        if re.fullmatch(r"[0-7]{3,4}", mode):
+            if int(mode[-1]) & 2:
+                found.append(m.group(0))
+            continue
+        for clause in mode.split(","):
+            cm = re.fullmatch(r"([ugoa]*)([-+=])([rwxXst]*)", clause)
+            if cm and cm.group(2) in "+=" and "w" in cm.group(3) and (cm.group(1) in ("", "a") or "o" in cm.group(1)):
+                found.append(m.group(0))
+    return found
+
+
+def shell_commands() -> dict[str, list[str]]:
+    cfg = load(LAUNCHER)
+    keys = [k for k in cfg if k.endswith("_commands")]
+    out = {f"aws-gpu.yaml {k}": list(cfg[k]) for k in keys}
+    for dockerfile in (CLUSTER / "Dockerfile", CLUSTER / "mlflow" / "Dockerfile"):
+        text = dockerfile.read_text().replace("\\\n", " ")
+        out[str(dockerfile.relative_to(ROOT))] = [ln[4:] for ln in text.splitlines() if ln.startswith("RUN ")]
+    return out
+
+
+def test_shared_volume_is_not_world_writable():
+    assert world_writable_chmods("sudo chmod 1777 /mnt/shared") and world_writable_chmods("chmod -R a+rwX /x")
+    assert world_writable_chmods("chmod u+x,o+w f") and world_writable_chmods("chmod 0666 f")
+    assert not world_writable_chmods("chmod 2770 /mnt/shared") and not world_writable_chmods("chmod go-w,u+rwx f")
+    for where, commands in shell_commands().items():
+        for c in commands:
+            assert not world_writable_chmods(c), f"{where}: {c!r} makes something world-writable"
+    init = " ".join(load(LAUNCHER)["initialization_commands"])
+    mode = re.search(r"chmod (\d+) /mnt/shared", init)
+    assert mode and int(mode.group(1)[-1]) == 0, "/mnt/shared must be closed to other users"
+    assert "chown 1000:100 /mnt/shared" in init, "the container's user (ray, 1000:users) must own the shared volume"
+
+
+def mlflow_tls_problems(docs: dict) -> list[str]:
+    """Why the MLflow server definition would serve its basic auth over plain http (empty: it does not)."""
+    import uvicorn
+    from mlflow.cli import server
+
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    params = server.make_context("server", mlflow_args(container, {"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"})[1:])
+    p = params.params
+    if p["app_name"] != "basic-auth":
+        return []
+    if p["gunicorn_opts"] is not None or p["waitress_opts"] is not None:
+        return ["basic auth must be served by uvicorn with --ssl-certfile/--ssl-keyfile"]
+    uv = uvicorn.main.make_context("uvicorn", [*shlex.split(p["uvicorn_opts"] or ""), "app"]).params
+    if not (uv["ssl_certfile"] and uv["ssl_keyfile"]):
+        return ["basic auth served over plain http: no --ssl-certfile/--ssl-keyfile in --uvicorn-opts"]
+    problems = []
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in docs["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    for f in (uv["ssl_certfile"], uv["ssl_keyfile"]):
+        vol = volumes.get(mounts.get(str(Path(f).parent), ""), {})
+        if "secret" not in vol:
+            problems.append(f"{f} is not in a mounted Secret")
+    for probe in ("readinessProbe", "livenessProbe"):
+        if container[probe]["httpGet"].get("scheme") != "HTTPS":
+            problems.append(f"{probe} speaks http to a TLS port")
+    return problems
+
+
+def test_mlflow_basic_auth_is_served_over_tls_only():
+    docs = {d["kind"]: d for d in load_all(MLFLOW)}
+    assert mlflow_tls_problems(docs) == []
+    no_tls = copy.deepcopy(docs)
+    c = no_tls["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    c["args"] = [a for a in c["args"] if not a.startswith("--uvicorn-opts")]
+    assert mlflow_tls_problems(no_tls) == [
+        "basic auth served over plain http: no --ssl-certfile/--ssl-keyfile in --uvicorn-opts"
+    ]
+    # Every Ray pod reaches it over https and trusts its certificate from the mounted mlflow-ca bundle.
+    for path in RAY_MANIFESTS:
+        for cspec in cluster_specs(load(path)):
+            for name, tmpl in pod_templates(cspec):
+                container = tmpl["spec"]["containers"][0]
+                env = {e["name"]: e.get("value") for e in container["env"]}
+                assert env["MLFLOW_TRACKING_URI"].startswith("https://"), f"{path.name} {name}"
+                bundle = env["MLFLOW_TRACKING_SERVER_CERT_PATH"]
+                assert env["SSL_CERT_FILE"] == bundle, f"{path.name} {name}: raysafe's probe would not trust it"
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                vols = {v["name"]: v for v in tmpl["spec"]["volumes"]}
+                assert vols[mounts[str(Path(bundle).parent)]]["configMap"]["name"] == "mlflow-ca", f"{path.name} {name}"
+    launcher_uri = next(o for o in load(LAUNCHER)["docker"]["run_options"] if "MLFLOW_TRACKING_URI" in o)
+    assert "MLFLOW_TRACKING_URI=https://" in launcher_uri
+
+
+@pytest.fixture(scope="module")
+def netpol_validator():
+    schema = json.loads(NETPOL_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert schema["x-source"]["files"], "the schema must name its sources"
+    return jsonschema.Draft7Validator(schema)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions, ANDed; empty selects all)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {
+            "In": has and value in e.get("values", []),
+            "NotIn": not has or value not in e.get("values", []),
+            "Exists": has,
+            "DoesNotExist": not has,
+        }[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def netpol_problems(validator, policy: dict, pods: dict[str, dict]) -> list[str]:
+    """Why ``policy`` would not keep the ``pods`` (name -> labels) reachable from inside their namespace only."""
+    problems = crd_errors(validator, policy)
+    if problems:
+        return problems
+    spec = policy["spec"]
+    for name, labels in pods.items():
+        if not selects(spec.get("podSelector", {}), labels):
+            problems.append(f"does not select {name}")
+    if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+        problems.append("policyTypes leaves ingress open")
+    for i, rule in enumerate(spec.get("ingress", [])):
+        if not rule.get("from"):
+            problems.append(f"ingress[{i}] has no `from`: it admits every source")
+        for peer in rule.get("from", []):
+            if set(peer) == {"podSelector"}:
+                continue  # pods of the policy's own namespace
+            # One other namespace, named (the KubeRay operator's), and only to the job API.
+            names = peer.get("namespaceSelector", {}).get("matchLabels", {})
+            named = set(peer.get("namespaceSelector", {})) == {"matchLabels"} and set(names) == {
+                "kubernetes.io/metadata.name"
+            }
+            ports = {str(x.get("port")) for x in rule.get("ports", [])}
+            if not (set(peer) <= {"namespaceSelector", "podSelector"} and named and ports and ports <= {"8265"}):
+                problems.append(f"ingress[{i}] admits {peer} on ports {sorted(ports) or 'all'}: outside the namespace")
+    return problems
+
+
+def ray_pods() -> dict[str, dict]:
+    pods = {}
+    for path in RAY_MANIFESTS:
+        for cspec in cluster_specs(load(path)):
+            for name, tmpl in pod_templates(cspec):
+                pods[f"{path.name} {name}"] = tmpl.get("metadata", {}).get("labels", {})
+    return pods
+
+
+def test_ray_ports_stay_inside_the_namespace(netpol_validator):
+    docs = load_all(RAY_NETPOL)
+    assert [d["kind"] for d in docs] == ["NetworkPolicy"]
+    assert netpol_problems(netpol_validator, docs[0], ray_pods()) == []
+    mlflow = {d["kind"]: d for d in load_all(MLFLOW)}
+    mlflow_pod = {"mlflow": mlflow["Deployment"]["spec"]["template"]["metadata"]["labels"]}
+    assert netpol_problems(netpol_validator, mlflow["NetworkPolicy"], mlflow_pod) == []
+    assert "cluster/kuberay/networkpolicy.yaml" in DOCS.read_text()
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["ip_block", "other_namespaces", "no_from", "operator_all_ports", "wrong_selector", "egress_only", "misspelt"],
+)
+def test_network_policy_check_rejects_broken_copies(how, netpol_validator):
+    policy = load(RAY_NETPOL)
+    rule = policy["spec"]["ingress"][0]
+    if how == "ip_block":
+        rule["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+    elif how == "other_namespaces":
+        rule["from"] = [{"namespaceSelector": {}, "podSelector": {}}]
+    elif how == "no_from":
+        del rule["from"]
+    elif how == "operator_all_ports":
+        del policy["spec"]["ingress"][1]["ports"]
+    elif how == "wrong_selector":
+        policy["spec"]["podSelector"] = {"matchLabels": {"raysafe.io/component": "mlflow"}}
+    elif how == "egress_only":
+        policy["spec"]["policyTypes"] = ["Egress"]
+    elif how == "misspelt":
+        policy["spec"]["podSelecter"] = policy["spec"].pop("podSelector")
+    assert netpol_problems(netpol_validator, policy, ray_pods()), f"{how} was not caught"

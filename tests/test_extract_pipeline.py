@@ -77,6 +77,9 @@ def test_two_models_one_layer_readable_alone(
     assert run.data.params["dataset_fingerprint"] == res.dataset_fingerprint
     assert run.data.metrics["rows_bn"] == 3 and run.data.metrics["base.tokens_per_s"] > 0
     assert run.data.params["output_dir"].endswith("acts")
+    (data,) = run.inputs.dataset_inputs  # the rows read, as the run's dataset input: digest = the fingerprint
+    assert data.dataset.digest == res.dataset_fingerprint and json.loads(data.dataset.profile) == {"num_rows": 21}
+    assert {(t.key, t.value) for t in data.tags} == {("mlflow.data.context", "extraction")}
 
     # A second run finds everything done and extracts nothing.
     again = run_extract(cfg, progress=False)
@@ -98,7 +101,8 @@ def test_omp_wait_policy_reaches_actors_through_runtime_env_or_is_left_alone():
 
 KILL_SCRIPT = """
 import sys
-from raysafe.config import ExtractConfig, load_config
+from raysafe.config import load_config
+from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import run_extract
 cfg = load_config(ExtractConfig, sys.argv[1])
 run_extract(cfg, progress=False)

@@ -91,18 +91,13 @@ def test_variant_hidden_states_match_hf_hidden_states(models, arch, side):
     last = {L: policy_forward(model, batch, mlc_layer=L, pooling="last").variant_hidden for L in layers}
     mean = {L: policy_forward(model, batch, mlc_layer=L, pooling="mean").variant_hidden for L in layers}
     assert last[0].shape == (b, m, 32) and mean[0].shape == (b, m, 32)
-    norm = model.model.norm
     for i in range(b):
         for j in range(m):
             ids, _ = unpadded_row(batch, 2 * b + i * m + j)
             states = model(input_ids=ids, output_hidden_states=True).hidden_states
-            for L in layers:
-                if L == NUM_LAYERS:
-                    # HF's last hidden state is after the final norm; ours is the raw output of the last layer
-                    torch.testing.assert_close(norm(last[L][i, j]), states[L][0, -1], atol=1e-5, rtol=0)
-                else:
-                    torch.testing.assert_close(last[L][i, j], states[L][0, -1], atol=1e-5, rtol=0)
-                    torch.testing.assert_close(mean[L][i, j], states[L][0].mean(0), atol=1e-5, rtol=0)
+            for L in layers:  # the last one, L = depth, is the final state after the final norm, as in HF
+                torch.testing.assert_close(last[L][i, j], states[L][0, -1], atol=1e-5, rtol=0)
+                torch.testing.assert_close(mean[L][i, j], states[L][0].mean(0), atol=1e-5, rtol=0)
 
 
 def test_lm_head_sees_only_scored_answer_positions(models):

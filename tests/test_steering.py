@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from raysafe.errors import ConfigError, ModelError
+from raysafe.models.layers import decoder_layers
 from raysafe.models.steering import (
-    decoder_layers,
     measure_steering,
     steering,
     sweep_steering,
@@ -92,7 +92,7 @@ def test_each_of_several_layers_gets_its_own_vector(model):
 
 def test_outputs_are_bit_identical_after_removal(model):
     enc = batch("left")
-    _, layers = decoder_layers(model)
+    layers = decoder_layers(model)
     before_hooks = [len(layer._forward_hooks) for layer in layers]
     base = hidden(model, enc)
     with steering(model, {2: vec(4), 3: vec(5)}, 4.0):
@@ -151,7 +151,7 @@ def test_bad_steering_inputs(llama):
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(ModelError, match="2-D"), steering(llama, {1: v}, 1.0), torch.no_grad():
         llama(input_ids=ids, attention_mask=torch.ones(1, 1, 3, 3))
-    assert all(len(layer._forward_hooks) == 0 for layer in decoder_layers(llama)[1])
+    assert all(len(layer._forward_hooks) == 0 for layer in decoder_layers(llama))
 
 
 # ------------------------------------------------------------------------------------------- measurements

@@ -1,11 +1,13 @@
-"""The MLflow wrapper on a real SQLite store: how runs end."""
+"""The MLflow wrapper on a real SQLite store: how runs end, dataset inputs, system metrics, logging from a worker."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from raysafe import tracking
-from raysafe.config import TrackingSpec
+from raysafe.config import SourceSpec, TrackingSpec
 
 
 def _status(uri: str, run_id: str) -> str:
@@ -53,12 +55,98 @@ def test_logging_without_tracking_does_not_import_mlflow(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("x")
     code = (
-        "import sys\nfrom raysafe import tracking\nfrom raysafe.config import TrackingSpec\n"
+        "import sys\nfrom raysafe import tracking\nfrom raysafe.config import SourceSpec, TrackingSpec\n"
         "with tracking.run(TrackingSpec(enabled=False), 'off') as r:\n"
         "    assert r is None\n"
         "    tracking.log_params({'a': 1}); tracking.log_metrics({'x': 1.0}); tracking.set_tags({'t': 'v'})\n"
+        "    tracking.log_input('d', {'data': SourceSpec(name='safety_prompts')}, 'abc', 3, 'training')\n"
+        "    w = tracking.attach(tracking.attach_info(TrackingSpec(enabled=False), r))\n"
+        "    w.log_metrics({'x': 1.0}, step=1); w.close()\n"
         f"    tracking.log_artifact({str(f)!r})\n"
         "print('mlflow' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_log_input_records_source_digest_and_rows(mlflow_local):
+    from mlflow import MlflowClient
+
+    src = SourceSpec(kind="hub", path="textdetox/multilingual_toxicity_dataset", split="en")
+    with tracking.run(TrackingSpec(experiment="t"), "in") as r:
+        tracking.log_input("toxicity (prompt_variants)", {"data": src}, "0123abcd", 42, context="extraction")
+    inputs = MlflowClient(mlflow_local).get_run(r.info.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    ds = inputs[0].dataset
+    assert (ds.name, ds.digest, ds.source_type) == ("toxicity (prompt_variants)", "0123abcd", "hugging_face")
+    assert json.loads(ds.source) == {"data": {"kind": "hub", "path": src.path, "split": "en"}}
+    assert json.loads(ds.profile) == {"num_rows": 42}
+    assert {(t.key, t.value) for t in inputs[0].tags} == {("mlflow.data.context", "extraction")}
+
+
+def test_log_metrics_to_a_run_that_is_not_active(mlflow_local):
+    from mlflow import MlflowClient
+
+    spec = TrackingSpec(experiment="t")
+    with tracking.run(spec, "parent") as parent:
+        with tracking.run(spec, "child", parent_run_id=parent.info.run_id):
+            tracking.log_metrics({"stage seconds/a": 2.5}, run_id=parent.info.run_id)
+    assert MlflowClient(mlflow_local).get_run(parent.info.run_id).data.metrics == {"stage_seconds_a": 2.5}
+
+
+_WORKER = """
+import json, sys
+from raysafe import tracking
+info = json.loads(sys.argv[1])
+w = tracking.attach(info)
+for step in (1, 2, 3):
+    w.log_metrics({"loss/total": 1.0 / step, "lr": 0.1}, step=step)
+w.close()
+"""
+
+
+def test_a_worker_process_logs_into_the_drivers_run_without_ending_it(mlflow_local, tmp_path):
+    """What a Ray Train rank-0 worker does: attach by run id from another process and cwd (a relative SQLite URI is
+    made absolute), log per-step metrics, detach; the driver's run stays RUNNING until the driver ends it."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    spec = TrackingSpec(experiment="t", tracking_uri="sqlite:///mlflow.db")  # relative to the driver's cwd
+    elsewhere = tmp_path / "worker_cwd"
+    elsewhere.mkdir()
+    with tracking.run(spec, "train") as r:
+        info = tracking.attach_info(spec, r)
+        assert info["uri"] == mlflow_local and info["run_id"] == r.info.run_id and info["system_metrics"] is False
+        subprocess.run([sys.executable, "-c", _WORKER, json.dumps(info)], cwd=elsewhere, check=True)
+        assert _status(mlflow_local, r.info.run_id) == "RUNNING"
+    client = MlflowClient(mlflow_local)
+    history = client.get_metric_history(r.info.run_id, "loss_total")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert _status(mlflow_local, r.info.run_id) == "FINISHED"
+    assert not (elsewhere / "mlflow.db").exists()
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):  # a run missing from the store fails at attach, not at the first metric
+        tracking.attach({**info, "run_id": "0" * 32})
+
+
+def test_system_metrics_only_when_asked(mlflow_local, monkeypatch):
+    import time
+
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = MlflowClient(mlflow_local)
+    with tracking.run(TrackingSpec(experiment="t"), "off") as off:
+        time.sleep(0.6)
+    with tracking.run(TrackingSpec(experiment="t", log_system_metrics=True), "on") as on:
+        time.sleep(1.0)
+        worker = tracking.attach(tracking.attach_info(TrackingSpec(log_system_metrics=True), on), node="rank0")
+        time.sleep(1.0)
+        worker.close()
+    assert not [k for k in client.get_run(off.info.run_id).data.metrics if k.startswith("system/")]
+    keys = set(client.get_run(on.info.run_id).data.metrics)
+    assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
+    assert "system/rank0/cpu_utilization_percentage" in keys  # the worker's own series, apart from the driver's

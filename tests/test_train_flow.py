@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from raysafe.config import load_config
+from raysafe.config import load_config, set_path
 from raysafe.errors import ConfigError, DataError, OutputError
 from raysafe.train.checkpoint import STATE_FILE, verify_checkpoint
 from raysafe.train.config import TrainConfig
@@ -41,11 +41,7 @@ def tiny_config(model_dir, out, **over) -> TrainConfig:
         "ray": {"num_workers": 2, "torch_threads": 1},
     }
     for k, v in over.items():
-        node = tree
-        keys = k.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = v
+        set_path(tree, k, v)
     return load_config(TrainConfig, data=tree)
 
 
@@ -63,7 +59,8 @@ def consumed(record: list[dict]) -> list[str]:
 def test_zero3_two_workers_loss_goes_down_and_checkpoint_round_trips(ray_local, mlflow_local, tiny_llama_dir, tmp_path):
     from mlflow import MlflowClient
 
-    cfg = tiny_config(tiny_llama_dir, tmp_path / "train")
+    # MLC on the final state after the final norm (the released setting): its hook sits on the norm, under ZeRO-3
+    cfg = tiny_config(tiny_llama_dir, tmp_path / "train", **{"mlc.layer": "final"})
     res = run_train(cfg, progress=False)
 
     assert res.steps == 8 and [r["step"] for r in res.record] == list(range(1, 9))
@@ -83,6 +80,9 @@ def test_zero3_two_workers_loss_goes_down_and_checkpoint_round_trips(ray_local, 
     assert [m.step for m in history] == list(range(1, 9))
     for key in ("loss_mlc", "mlc_rank1_energy", "align_rewards_accuracy", "tokens_per_s", "memory_mb"):
         assert key in run.data.metrics, key
+    (data,) = run.inputs.dataset_inputs  # the samples the run trained on, logged by the driver
+    assert len(data.dataset.digest) == 20 and json.loads(data.dataset.profile)["num_rows"] > 0
+    assert {(t.key, t.value) for t in data.tags} == {("mlflow.data.context", "training")}
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

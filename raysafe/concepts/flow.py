@@ -146,23 +146,6 @@ def load_neutral(cfg: ConceptsConfig) -> pl.DataFrame | None:
     return load_table(cfg.steering.neutral, PROMPT_VARIANTS)
 
 
-def num_decoder_layers(spec: ModelSpec) -> int:
-    """The model's number of decoder layers, from its config (no weights are loaded)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.layers import text_config
-    from raysafe.models.loading import _load_error, resolve
-
-    resolved = resolve(spec)
-    try:
-        hf = AutoConfig.from_pretrained(
-            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except OSError as e:
-        raise _load_error(spec, resolved, e) from None
-    return int(text_config(hf).num_hidden_layers)
-
-
 def plan_layers(requested: list[int] | str, n_layers: int) -> tuple[list[int], list[int]]:
     """(requested layers in order, the valid ones 0..n_layers)."""
     wanted = list(range(n_layers + 1)) if requested == "all" else list(dict.fromkeys(requested))
@@ -191,7 +174,7 @@ def store_is_complete(
     ``settings`` given (e.g. max_length, truncate, chat_template); False: it holds a partial extraction that covers
     them (resume it); None: nothing usable (extract anew; the store refuses, naming the field, if it holds other
     settings)."""
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
 
     store = ActivationStore(root)
     info_path = store.model_dir(label) / "model.json"
@@ -387,7 +370,7 @@ def analyse_model(
 ) -> None:
     """Analysis, outputs, steering and logging of one model (fills ``out``)."""
     from raysafe.concepts.report import write_concept_report
-    from raysafe.extract.store import ActivationStore
+    from raysafe.extract.flow import ActivationStore
     from raysafe.tables import write_table
 
     label = spec.label
@@ -505,6 +488,8 @@ def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
 
 def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     """Run the value-concept study for every model of ``cfg`` (see the module docstring)."""
+    from raysafe.models.loading import model_depth
+
     t_all = time.perf_counter()
     out_root = Path(cfg.output_dir)
     result = ConceptsResult(out_root)
@@ -514,7 +499,7 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     neutral = load_neutral(cfg)
     plans = []
     for spec in cfg.models:
-        n = num_decoder_layers(spec)
+        n = model_depth(spec)
         wanted, valid = plan_layers(cfg.layers, n)
         bad = [x for x in wanted if x not in valid]
         if not valid:

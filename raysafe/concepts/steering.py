@@ -29,9 +29,9 @@ from pydantic import Field, field_validator
 
 from raysafe.config import SourceSpec, Strict
 from raysafe.errors import RaysafeError
+from raysafe.models.layers import num_layers
 from raysafe.models.steering import (
     _encode,
-    decoder_layers,
     steering,
     sweep_steering,
     text_stats,
@@ -265,7 +265,7 @@ def run_concept_steering(
     """Steering measurements for one model (already loaded). ``vectors`` / ``concept_layers`` are tables of the
     concept analysis; ``pairs`` the concept-pair rows (with texts); ``analysed_langs[concept]`` the languages
     analysed for each concept."""
-    n_layers = len(decoder_layers(model)[1])
+    n_layers = num_layers(model)
     status: list[dict] = []
     frames, gens, rates = [], [], []
     selected = dict(concept_layers.select("concept", "layer_selected_on_train").iter_rows())

@@ -6,9 +6,11 @@ flow module; :class:`raysafe.evaluate.flow.EvaluateConfig` assembles them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -62,6 +64,37 @@ class GenerationSpec(Strict):
         return v
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost``, an address in 127.0.0.0/8, or ``::1`` (by name or literal only: nothing is resolved)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """Why ``url`` may not carry an openai judge's requests, or None when it may: it must be ``https://``, or
+    ``http://`` to a loopback host (prompts, responses and the API key travel in it), and hold no credentials."""
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 -- raises ValueError on a malformed port
+    except ValueError as e:
+        return f"{url!r} is not a URL ({e})"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{url!r} is not an https:// URL with a host"
+    if parts.username is not None or parts.password is not None:
+        return "the URL carries credentials (user:password@), which would be sent and logged with it"
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        return (
+            f"plain http to {parts.hostname!r} would send the prompts, the responses and the API key unencrypted; "
+            "use https (http is accepted only for loopback: localhost, 127.0.0.0/8, ::1)"
+        )
+    return None
+
+
 class JudgeSpec(Strict):
     """One judge of (prompt, response) pairs.
 
@@ -69,8 +102,9 @@ class JudgeSpec(Strict):
       - ``offline``: multilingual refusal / compliance patterns (+ reference answers when given); no model, no hub.
       - ``classifier``: a Llama-Guard-style causal LM (hub id or path) prompted with its chat template over the
         (user prompt, assistant response) conversation; its generated text must start with ``safe`` or ``unsafe``.
-      - ``openai``: an OpenAI-compatible ``/chat/completions`` endpoint; URL and key come from the environment
-        variables named by ``url_env`` and ``key_env``.
+      - ``openai``: an OpenAI-compatible ``/chat/completions`` endpoint; the base URL is ``url`` or the environment
+        variable named by ``url_env`` (https, or http to a loopback host only), the key the variable named by
+        ``key_env``.
     """
 
     kind: Literal["offline", "classifier", "openai"] = "offline"
@@ -90,12 +124,29 @@ class JudgeSpec(Strict):
     max_input_tokens: int = Field(4096, ge=16, description="classifier: longer inputs keep their last tokens")
     ray: RaySpec | None = Field(None, description="classifier: actor pool resources (default: the flow's `ray`)")
     # openai
+    url: str | None = Field(
+        None,
+        description="openai: the endpoint's base URL (…/v1), https (http only for loopback); unset: read from url_env",
+    )
     url_env: str = Field("RAYSAFE_JUDGE_URL", description="openai: env var holding the base URL (…/v1)")
     key_env: str = Field("RAYSAFE_JUDGE_API_KEY", description="openai: env var holding the API key (may be unset)")
     endpoint_model: str | None = Field(None, description="openai: the model name the endpoint serves")
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
+    timeout_s: float = Field(60.0, gt=0, description="openai: seconds to connect, and between bytes of the reply")
+    max_retries: int = Field(3, ge=0, description="openai: retries of a request after the first try")
+    retry_backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="openai: wait before the first retry, doubled each retry (at most 30 s; Retry-After wins)",
+    )
     concurrency: int = Field(4, ge=1, description="openai: requests in flight")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        problem = endpoint_url_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _check_kind(self) -> "JudgeSpec":

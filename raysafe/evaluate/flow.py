@@ -117,19 +117,16 @@ def _unwrap(e: BaseException) -> RaysafeError | None:
 
 def _check_model(spec: ModelSpec, where: str) -> str:
     """Fail before any work when a model cannot be found; returns its weights fingerprint."""
-    from transformers import AutoConfig
-
-    from raysafe.models.loading import _load_error, resolve
+    from raysafe.models.loading import load_hf_config, resolve
 
     try:
         resolved = resolve(spec)
     except ModelError as e:
         raise ModelError(e.what, where=f"{where} ({e.where})", fix=e.fix) from None
     try:
-        AutoConfig.from_pretrained(resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        err = _load_error(spec, resolved, e)
-        raise ModelError(err.what, where=where, fix=err.fix) from None
+        load_hf_config(spec, resolved)
+    except ModelError as e:
+        raise ModelError(e.what, where=where, fix=e.fix) from None
     return resolved.fingerprint
 
 
@@ -407,3 +404,18 @@ def _log_mlflow(cfg: EvaluateConfig, result: EvaluateResult) -> None:
     tracking.log_params({"output_dir": str(result.output_dir.resolve())})
     tracking.log_artifact(result.output_dir / "metrics", "metrics")
     tracking.log_artifact(result.output_dir / "config.yaml")
+
+
+def safety_outcomes(output_dir: str | Path, model: str, judge: str, set_name: str) -> pl.DataFrame:
+    """The judged outcome of every harmful prompt of ``set_name`` for ``model`` in an evaluation's output directory:
+    lang, group_id, safe (1.0 safe, 0.0 unsafe; unparsed verdicts left out). For paired comparisons of two models
+    evaluated on the same prompts (the study's MLC − control difference)."""
+    store = EvalStore(output_dir)
+    n = len(store.prompts.done())
+    prompts = store.prompts.read(n).filter((pl.col("set") == set_name) & pl.col("harmful"))
+    verdicts = store.judgements(model, judge).read(n).select("row_id", "verdict")
+    return (
+        prompts.join(verdicts, on="row_id", how="inner")
+        .filter(pl.col("verdict").is_in(["safe", "unsafe"]))
+        .select("lang", "group_id", (pl.col("verdict") == "safe").cast(pl.Float64).alias("safe"))
+    )

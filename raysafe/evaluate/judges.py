@@ -6,7 +6,8 @@
   prompt it is ``safe`` and ``refusal`` records an over-refusal.
 - :class:`ClassifierJudge` — a Llama-Guard-style causal LM, prompted with its chat template over the conversation
   (or ``prompt_format``); its greedy output must start with ``safe`` or ``unsafe``.
-- :class:`OpenAIJudge` — an OpenAI-compatible ``/chat/completions`` endpoint (standard library HTTP only).
+- :class:`OpenAIJudge` — an OpenAI-compatible ``/chat/completions`` endpoint over httpx (https, or http to loopback;
+  the key never leaves the configured origin; failures retried with backoff, then raised — never a verdict).
 
 Every judge returns one :class:`Judgement` per input row. Output a judge cannot be read as a verdict becomes
 ``unparsed`` (counted in the metrics table, never dropped).
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import threading
 import time
 import unicodedata
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
+
 from raysafe.errors import ConfigError, ModelError
-from raysafe.evaluate.config import JudgeSpec
+from raysafe.evaluate.config import JudgeSpec, endpoint_url_problem
 from raysafe.evaluate.patterns import APOLOGY_WINDOW, first_match, patterns_for
 
 VERDICTS = ("safe", "unsafe", "unparsed")
@@ -202,55 +205,180 @@ def openai_content(body: dict) -> str | None:
     return content if isinstance(content, str) else None
 
 
+MAX_REDIRECTS = 5  # 307/308 hops followed per request
+MAX_BACKOFF_S = 30.0  # cap of the doubling wait between retries
+MAX_RETRY_AFTER_S = 120.0  # cap of a server's Retry-After
+RETRY_STATUSES = (408, 409, 425, 429)  # and every 5xx
+
+
+class EndpointReplyError(Exception):
+    """A reply that is not a chat completion (non-UTF-8 or non-JSON body, no ``choices``): retried, then reported."""
+
+
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: the unit the API key is bound to."""
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
+
+
+def excerpt(body: bytes, limit: int = 200) -> str:
+    """The start of a reply body for an error message (undecodable bytes escaped)."""
+    text = body[:limit].decode("utf-8", errors="backslashreplace")
+    return repr(text + ("…" if len(body) > limit else ""))
+
+
+def read_completion(r: httpx.Response) -> Judgement:
+    """The judgement in a 2xx reply; :class:`EndpointReplyError` when the reply is not a chat completion."""
+    try:
+        text = r.content.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EndpointReplyError(
+            f"HTTP {r.status_code} with a body that is not UTF-8 (byte 0x{r.content[e.start]:02x} at offset "
+            f"{e.start}): {excerpt(r.content)}"
+        ) from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EndpointReplyError(
+            f"HTTP {r.status_code} with a body that is not JSON ({e.msg}): {excerpt(r.content)}"
+        ) from None
+    content = openai_content(body)
+    if content is not None:
+        return Judgement(parse_verdict(content), content)
+    try:
+        choice = body["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        raise EndpointReplyError(
+            f"HTTP {r.status_code} with JSON that is not a chat completion (no choices[0].message): "
+            f"{excerpt(r.content)}"
+        ) from None
+    # A well-formed completion without text (a content filter, a tool call): unparsed, and the raw output says why.
+    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return Judgement("unparsed", f"<no message content; finish_reason={reason!r}; message={json.dumps(message)}>")
+
+
 class OpenAIJudge:
+    """An OpenAI-compatible ``/chat/completions`` endpoint over httpx.
+
+    - the URL must be https, or http to a loopback host (:func:`endpoint_url_problem`), at every hop;
+    - the bearer key goes only to the configured origin: a redirect elsewhere is followed without it;
+    - connection errors, timeouts, 408/409/425/429/5xx and replies that are not a chat completion (non-UTF-8, non-JSON,
+      no ``choices``) are retried ``max_retries`` times with doubling waits, then raised as :class:`ModelError`;
+      other 4xx are raised at once. Nothing the endpoint failed to answer is recorded as a verdict.
+    """
+
     def __init__(self, spec: JudgeSpec):
-        url = os.environ.get(spec.url_env)
+        url = spec.url or os.environ.get(spec.url_env)
+        where = f"judges[{spec.label}].url" if spec.url else f"judges[{spec.label}].url_env ({spec.url_env})"
         if not url:
             raise ConfigError(
-                f"the openai judge's endpoint is not set: environment variable {spec.url_env} is empty",
-                where=f"judges[{spec.label}].url_env",
-                fix=f"export {spec.url_env}=https://host/v1 (an OpenAI-compatible server), or use the offline judge",
+                f"the openai judge's endpoint is not set: `url` is unset and environment variable {spec.url_env} "
+                "is empty",
+                where=where,
+                fix=f"set judges[].url or export {spec.url_env}=https://host/v1 (an OpenAI-compatible server), "
+                "or use the offline judge",
+            )
+        problem = endpoint_url_problem(url)
+        if problem:
+            raise ConfigError(
+                f"the openai judge's endpoint is refused: {problem}",
+                where=where,
+                fix="give the endpoint's https:// URL (or reach a local server through http://127.0.0.1:<port>/v1); "
+                f"the key belongs in {spec.key_env}",
             )
         self.spec = spec
         self.label = spec.label
-        self.url = url.rstrip("/") + "/chat/completions"
+        self.url = httpx.URL(url.strip().rstrip("/") + "/chat/completions")
+        self.where = f"{self.url} ({where})"
         self.key = os.environ.get(spec.key_env)
 
-    def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        data = json.dumps(payload).encode()
-        last = ""
-        for attempt in range(self.spec.max_retries + 1):
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.spec.timeout_s) as r:
-                    return json.loads(r.read().decode("utf-8"))
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    break
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                last = str(getattr(e, "reason", e))
-            except json.JSONDecodeError:
-                return {}
-            time.sleep(min(2**attempt, 30))
-        raise ModelError(
-            f"the openai judge endpoint failed: {last}",
-            where=f"{self.url} ({self.spec.url_env})",
-            fix=f"check the server and {self.spec.key_env}; judgements written so far are kept and a re-run resumes",
+    def _client(self) -> httpx.Client:
+        # Plain http is loopback only: never through a proxy from the environment (it would carry the key in clear).
+        return httpx.Client(
+            timeout=httpx.Timeout(self.spec.timeout_s),
+            follow_redirects=False,
+            mounts={"http://": httpx.HTTPTransport()},
+            limits=httpx.Limits(max_connections=self.spec.concurrency),
         )
 
-    def _one(self, item: JudgeInput) -> Judgement:
-        content = openai_content(self._post(openai_request(self.spec, item)))
-        if content is None:
-            return Judgement("unparsed", "<no message content in the endpoint's reply>")
-        return Judgement(parse_verdict(content), content)
+    def _fail(self, what: str, fix: str) -> ModelError:
+        return ModelError(
+            f"the openai judge endpoint failed: {what}",
+            where=self.where,
+            fix=f"{fix}; judgements written so far are kept and a re-run resumes",
+        )
+
+    def _send(self, client: httpx.Client, data: bytes) -> httpx.Response:
+        """One POST, following 307/308 redirects: each hop's URL is checked, and the key goes to our origin only."""
+        url = self.url
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"Content-Type": "application/json", "Accept": "application/json"}
+            if self.key and origin(url) == origin(self.url):
+                headers["Authorization"] = f"Bearer {self.key}"
+            r = client.post(url, content=data, headers=headers)
+            location = r.headers.get("location")
+            if r.status_code not in (307, 308) or not location:
+                if 300 <= r.status_code < 400:
+                    raise self._fail(
+                        f"HTTP {r.status_code} redirect to {location!r}, which would turn the POST into a GET",
+                        "set the judge's URL to where the endpoint now is",
+                    )
+                return r
+            url = url.join(location)
+            problem = endpoint_url_problem(str(url))
+            if problem:
+                raise self._fail(f"redirected to a URL that is refused: {problem}", "point the judge at the endpoint")
+        raise self._fail(f"more than {MAX_REDIRECTS} redirects", "point the judge at the endpoint itself")
+
+    def _wait(self, attempt: int, r: httpx.Response | None) -> None:
+        delay = min(self.spec.retry_backoff_s * 2**attempt, MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
+        retry_after = r.headers.get("retry-after", "") if r is not None else ""
+        if retry_after.strip().isdigit():
+            delay = min(float(retry_after), MAX_RETRY_AFTER_S)
+        time.sleep(delay)
+
+    def _one(self, client: httpx.Client, item: JudgeInput) -> Judgement:
+        data = json.dumps(openai_request(self.spec, item)).encode()
+        tries = self.spec.max_retries + 1
+        last = ""
+        for attempt in range(tries):
+            r = None
+            try:
+                r = self._send(client, data)
+                if r.is_success:
+                    return read_completion(r)
+                last = f"HTTP {r.status_code}: {excerpt(r.content)}"
+                if r.status_code not in RETRY_STATUSES and r.status_code < 500:
+                    fix = (
+                        f"check the key in {self.spec.key_env}"
+                        if r.status_code in (401, 403)
+                        else f"check the URL and endpoint_model={self.spec.endpoint_model!r}"
+                    )
+                    raise self._fail(last, fix)
+            except httpx.TimeoutException as e:
+                last = f"no reply within timeout_s={self.spec.timeout_s} ({type(e).__name__})"
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"
+            except EndpointReplyError as e:
+                last = str(e)
+            if attempt + 1 < tries:
+                self._wait(attempt, r)
+        raise self._fail(f"{last} (after {tries} tries)", "check the server (and timeout_s / max_retries)")
 
     def judge(self, items: list[JudgeInput]) -> list[Judgement]:
-        with ThreadPoolExecutor(max_workers=self.spec.concurrency) as pool:
-            return list(pool.map(self._one, items))
+        failed = threading.Event()  # after the first failure, requests not yet sent are not sent
+
+        def one(client: httpx.Client, item: JudgeInput) -> Judgement | None:
+            if failed.is_set():
+                return None  # only items after a failed one (requests start in order): its error is raised first
+            try:
+                return self._one(client, item)
+            except BaseException:
+                failed.set()
+                raise
+
+        with self._client() as client, ThreadPoolExecutor(max_workers=self.spec.concurrency) as pool:
+            return [f.result() for f in [pool.submit(one, client, x) for x in items]]
 
 
 def make_judge(spec: JudgeSpec, **kwargs) -> Judge:

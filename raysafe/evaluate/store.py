@@ -26,9 +26,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysafe.atomic import atomic_write_json, atomic_write_parquet
+from raysafe.atomic import atomic_write_json, atomic_write_parquet, shard_name
 from raysafe.errors import OutputError
-from raysafe.extract.store import shard_name
 
 
 class ShardDir:

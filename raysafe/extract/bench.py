@@ -126,6 +126,7 @@ def run(args) -> dict:
         padding_efficiency,
         plan_token_batches,
     )
+    from raysafe.models.layers import num_layers
     from raysafe.models.loading import resolve
 
     rows = corpus_texts(args.per_lang)
@@ -208,7 +209,7 @@ def run(args) -> dict:
     # 3./4./5. the same extractor in a plain loop
     shards = [[r["text"] for r in rows[i : i + args.shard_rows]] for i in range(0, len(rows), args.shard_rows)]
     ext = Extractor({"path": args.model}, cfg.extract.model_dump(), layers=[0], torch_threads=args.threads)
-    n_layers = ext.model.config.num_hidden_layers
+    n_layers = num_layers(ext.model)
     ids = [tokenize_texts(ext.tok, s, cfg.extract)[0] for s in shards]
 
     def plain(layers: list[int]) -> float:
@@ -264,7 +265,8 @@ def run(args) -> dict:
 DRIVER_SCRIPT = """
 import json, resource, sys
 import ray
-from raysafe.config import ExtractConfig, load_config
+from raysafe.config import load_config
+from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import run_extract
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 res = run_extract(load_config(ExtractConfig, data=json.loads(sys.argv[1])), progress=False)

@@ -24,7 +24,7 @@ from raysafe.errors import ConfigError, OutputError
 from raysafe.extract.config import ExtractConfig
 from raysafe.extract.store import ActivationStore
 from raysafe.identity import fingerprint
-from raysafe.models.layers import resolve_layers, text_config
+from raysafe.models.layers import config_depth, resolve_layers, text_config
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +127,12 @@ def write_inputs(store: ActivationStore, rows: pl.DataFrame, shard_rows: int, fp
 
 def model_info(spec: ModelSpec, cfg: ExtractConfig, dataset_fp: str) -> tuple[dict, list[int]]:
     """The model's identity record for the store, and its validated layer list (raises before any work starts)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.loading import resolve
+    from raysafe.models.loading import load_hf_config, resolve
 
     resolved = resolve(spec)
-    try:
-        hf = AutoConfig.from_pretrained(
-            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
-        )
-    except OSError as e:
-        from raysafe.models.loading import _load_error
-
-        raise _load_error(spec, resolved, e) from None
+    hf = load_hf_config(spec, resolved)
     text = text_config(hf)
-    n_layers = int(text.num_hidden_layers)
+    n_layers = config_depth(hf)
     layers = resolve_layers(cfg.extract.layers, n_layers, spec.label)
     info = {
         "model": spec.label,
@@ -221,6 +212,37 @@ def extract_model(
     return summaries
 
 
+def last_token_states(
+    model_path: str,
+    texts: list[str],
+    layer: int,
+    max_length: int,
+    chat_template: str = "auto",
+    device: str = "cpu",
+    torch_threads: int | None = None,
+):
+    """``[len(texts), hidden]`` float32 states of the last token at ``layer`` of the model at ``model_path``, in a
+    plain loop in this process (no Ray, no store): how another flow measures a few prompts. ``chat_template``:
+    ``on`` | ``off`` | ``auto`` (on when the tokenizer has one)."""
+    import numpy as np
+
+    from raysafe.extract.config import ExtractSpec
+    from raysafe.extract.stages import Extractor, tokenize_texts
+
+    probe = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length)
+    ex = Extractor(
+        {"path": model_path, "dtype": "float32" if device == "cpu" else "auto"},
+        probe.model_dump(),
+        [layer],
+        device=device,
+        torch_threads=torch_threads,
+    )
+    use_template = {"on": True, "off": False}.get(chat_template, bool(getattr(ex.tok, "chat_template", None)))
+    spec = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length, chat_template=use_template)
+    ids, _ = tokenize_texts(ex.tok, texts, spec)
+    return np.asarray(ex.extract(ids)[(layer, "last")])
+
+
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     """Extract pooled hidden states of every model in ``cfg`` for every row of ``cfg.data``."""
     rows = load_text_rows(cfg)
@@ -238,6 +260,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
     result = ExtractResult(Path(cfg.output_dir), fp, rows_per_lang)
     with tracking.run(cfg.tracking, "extract", tags={"raysafe.flow": "extract"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
+        name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
+        tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
         for spec, _info, layers in plans:
             done = store.done_shards(spec.label)

@@ -1,6 +1,8 @@
 """Pooled hidden states of chosen layers from one batched forward of the decoder body.
 
-The LM head is never run and the forward stops after the deepest requested layer (a forward hook raises once that
+Layers follow the one convention of :mod:`raysafe.models.layers` (layer k = Hugging Face ``hidden_states[k]``; the
+last index is the final state after the final norm) and are read with its :func:`hidden_state_hooks`, the same
+reader the MLC loss uses in training. The LM head is never run and the forward stops after the deepest requested layer (a forward hook raises once that
 layer's output is pooled), so asking for early layers costs only those layers. When only the ``last`` position is
 pooled, the deepest block's MLP runs on the last token of each row alone: no other position of that block's output is
 ever read. Pooling happens on the model's device; only the pooled [batch, hidden] vectors are returned, in float32.
@@ -14,8 +16,7 @@ from torch import nn
 from raysafe.models.layers import (
     decoder_body,
     decoder_layers,
-    embedding,
-    final_norm,
+    hidden_state_hooks,
     last_token_index,
     position_ids_from_mask,
 )
@@ -72,49 +73,34 @@ def pooled_hidden_states(
     ``last_index`` overrides the row's last real token as the ``last`` position (e.g. the end of the prompt).
     """
     blocks = decoder_layers(model)
-    n = len(blocks)
     wanted = sorted(set(layers))
     deepest = wanted[-1]
     if last_index is None:
         last_index = last_token_index(attention_mask)
     out: dict[tuple[int, str], torch.Tensor] = {}
-    norm = final_norm(model)
 
     def capture(layer: int, h: torch.Tensor) -> None:
-        if layer == n and norm is not None:
-            h = norm(h)
         for p in positions:
             out[(layer, p)] = _pool(h, attention_mask, last_index, p)
         if layer == deepest:
             raise _StopForward
 
-    handles = []
     block = blocks[deepest - 1] if deepest >= 1 else None
     trimmed = block if set(positions) == {"last"} and isinstance(getattr(block, "mlp", None), nn.Module) else None
     if trimmed is not None:
         trimmed.mlp = _LastRowsOnly(trimmed.mlp, last_index)
     try:
-        if 0 in wanted:
-            handles.append(embedding(model).register_forward_hook(lambda _m, _i, o: capture(0, o)))
-        for layer in wanted:
-            if layer >= 1:
-                handles.append(
-                    blocks[layer - 1].register_forward_hook(
-                        lambda _m, _i, o, layer=layer: capture(layer, o[0] if isinstance(o, tuple) else o)
-                    )
+        with hidden_state_hooks(model, wanted, capture):
+            try:
+                decoder_body(model)(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    use_cache=False,
                 )
-        try:
-            decoder_body(model)(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
-        except _StopForward:
-            pass
+            except _StopForward:
+                pass
     finally:
-        for h in handles:
-            h.remove()
         if trimmed is not None:
             trimmed.mlp = trimmed.mlp.mlp
     return out

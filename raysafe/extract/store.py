@@ -24,14 +24,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysafe.atomic import atomic_write_json
+from raysafe.atomic import atomic_write_json, shard_name
 from raysafe.errors import OutputError
 
 META_COLUMNS = ("row_id", "group_id", "lang", "label", "split", "source", "concept", "category")
-
-
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}"
 
 
 def vectors_to_arrow(x: np.ndarray, dtype: str) -> pa.Array:

@@ -174,6 +174,27 @@ def load_causal_lm(spec: ModelSpec, device: str | torch.device | None = None, re
     return model.to(dev).eval()
 
 
+def load_hf_config(spec: ModelSpec, resolved: ResolvedModel | None = None):
+    """The model's Hugging Face config (no weights are loaded); :class:`ModelError` when it cannot be read."""
+    from transformers import AutoConfig
+
+    resolved = resolved or resolve(spec)
+    try:
+        return AutoConfig.from_pretrained(
+            resolved.path, revision=resolved.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as e:  # ValueError: a model type this transformers does not know
+        raise _load_error(spec, resolved, e) from None
+
+
+def model_depth(spec: ModelSpec, resolved: ResolvedModel | None = None) -> int:
+    """The model's number of decoder layers L, from its config (valid layer indices are 0..L; see
+    :mod:`raysafe.models.layers`). The one place that reads a model's depth."""
+    from raysafe.models.layers import config_depth
+
+    return config_depth(load_hf_config(spec, resolved))
+
+
 def _load_error(spec: ModelSpec, resolved: ResolvedModel, e: Exception) -> ModelError:
     return ModelError(
         f"cannot load model {spec.label!r} from {resolved.path!r}: {str(e).splitlines()[0]}",

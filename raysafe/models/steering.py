@@ -1,9 +1,10 @@
 """Cross-lingual control: add ``alpha * v`` to the residual stream after chosen decoder layers, and measure it.
 
-Layers are numbered like Hugging Face ``hidden_states``: layer ``L`` (1-based) is the output of decoder layer ``L``,
-i.e. ``hidden_states[L]`` (``hidden_states[0]`` is the embedding output). Note that HF replaces the LAST entry,
-``hidden_states[num_layers]``, by the output of the final norm, so steering at the last layer shows up there
-normalised; every other entry is the raw residual stream.
+Layers follow the one convention of :mod:`raysafe.models.layers`: layer ``L`` (1-based) is the output of decoder
+block ``L``, i.e. ``hidden_states[L]``. Steering at layer ``L`` adds to the output of block ``L`` (the residual
+stream); at the last layer ``L = depth`` that is the input of the final norm, so the steered ``hidden_states[depth]``
+(read by the probe, like every layer, through :func:`~raysafe.models.layers.hidden_state_hooks`) is the normalised
+``norm(h + alpha * v)``.
 
 :func:`steering` is a context manager: inside it, the output of each chosen layer becomes ``h + alpha * v_L`` at
 non-pad positions (``attention_mask == 1`` of the current forward call; during ``generate`` with a KV cache the
@@ -29,33 +30,13 @@ import torch
 from torch import nn
 
 from raysafe.errors import ConfigError, ModelError
-
-_LAYER_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "language_model.layers",
-    "transformer.h",
-    "layers",
+from raysafe.models.layers import (
+    decoder_body,
+    decoder_layers,
+    hidden_state_hooks,
+    last_token_index,
+    position_ids_from_mask,
 )
-
-
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """(the module that owns the decoder layers, the ``ModuleList`` of decoder layers) of a causal LM."""
-    for path in _LAYER_PATHS:
-        owner: object = model
-        parts = path.split(".")
-        for part in parts[:-1]:
-            owner = getattr(owner, part, None)
-            if owner is None:
-                break
-        layers = getattr(owner, parts[-1], None) if owner is not None else None
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return owner, layers  # type: ignore[return-value]
-    raise ModelError(
-        f"cannot find the decoder layers of {type(model).__name__}",
-        fix=f"steering supports models whose layers live at one of {', '.join(_LAYER_PATHS)}",
-    )
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -98,7 +79,7 @@ def steering(model: nn.Module, vectors: Mapping[int, object], alpha: float) -> I
     ``hidden_states[L]``) for each ``L`` in ``vectors``, at non-pad positions only; hooks are removed on exit."""
     if not math.isfinite(float(alpha)):
         raise ConfigError(f"alpha must be finite, got {alpha!r}")
-    owner, layers = decoder_layers(model)
+    owner, layers = decoder_body(model), decoder_layers(model)
     _check_layers(vectors, len(layers))
     size = hidden_size(model)
     vecs = {int(L): _as_vector(v, size, int(L)) for L, v in vectors.items()}
@@ -205,12 +186,12 @@ def text_stats(
     max_length: int = 256,
     logprobs: bool = True,
 ) -> TextStats:
-    """Log-likelihood of each text under the model (any active steering applies) and, with ``probe_layer``, the
-    output of that decoder layer (1-based) at each text's last non-pad token. With ``logprobs=False`` only the
-    decoder body runs (no LM head, which dominates small models with large vocabularies) and the log-probability
-    sums are NaN."""
+    """Log-likelihood of each text under the model (any active steering applies) and, with ``probe_layer``,
+    ``hidden_states[probe_layer]`` (1-based: the output of that decoder block; the last layer after the final norm)
+    at each text's last non-pad token. With ``logprobs=False`` only the decoder body runs (no LM head, which
+    dominates small models with large vocabularies) and the log-probability sums are NaN."""
     device = next(model.parameters()).device
-    body, layers = decoder_layers(model)
+    body, layers = decoder_body(model), decoder_layers(model)
     if probe_layer is not None and not 1 <= probe_layer <= len(layers):
         raise ModelError(f"probe layer {probe_layer} out of range 1..{len(layers)}")
     if not logprobs and probe_layer is None:
@@ -218,15 +199,14 @@ def text_stats(
     sums, counts, states = [], [], []
     captured: dict[str, torch.Tensor] = {}
 
-    def capture(module: nn.Module, args: tuple, output: object) -> None:
-        captured["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+    def capture(_layer: int, h: torch.Tensor) -> None:
+        captured["h"] = h.detach()
 
-    handle = layers[probe_layer - 1].register_forward_hook(capture) if probe_layer is not None else None
-    try:
+    with hidden_state_hooks(model, [probe_layer] if probe_layer is not None else [], capture):
         for start in range(0, len(texts), batch_size):
             ids, mask = _encode(tokenizer, texts[start : start + batch_size], max_length)
             ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() does, so padding side does not matter
+            positions = position_ids_from_mask(mask)  # as generate() does, so padding side does not matter
             if not logprobs:
                 body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
                 sums.extend([float("nan")] * ids.shape[0])
@@ -240,12 +220,9 @@ def text_stats(
                 lp = lg.gather(-1, target[:, None])[:, 0] - torch.logsumexp(lg, dim=-1)
                 sums.append(float(lp[valid].sum()))
                 counts.append(int(valid.sum()))
-            if handle is not None:
-                last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)
+            if probe_layer is not None:
+                last = last_token_index(mask)
                 states.append(captured["h"][torch.arange(ids.shape[0], device=device), last].float().cpu().numpy())
-    finally:
-        if handle is not None:
-            handle.remove()
     return TextStats(np.array(sums), np.array(counts), np.concatenate(states) if states else None)
 
 
@@ -289,7 +266,7 @@ def measure_steering(
     """
     if not alphas:
         raise ConfigError("no alpha values to sweep", fix="pass at least one alpha")
-    _, layers = decoder_layers(model)
+    layers = decoder_layers(model)
     _check_layers(vectors, len(layers))
     deepest = max(int(L) for L in vectors)
     label = ",".join(str(int(L)) for L in sorted(vectors))

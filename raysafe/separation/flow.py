@@ -39,7 +39,7 @@ from raysafe.config import (
 )
 from raysafe.errors import ConfigError, ModelError, OutputError
 from raysafe.extract.config import ExtractConfig, ExtractSpec
-from raysafe.extract.store import ActivationStore
+from raysafe.extract.flow import ActivationStore
 from raysafe.separation.config import ModelFamily, SeparationConfig
 from raysafe.separation.metrics import shrinkage_label
 from raysafe.separation.tables import (

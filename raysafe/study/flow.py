@@ -96,9 +96,7 @@ class _Stages:
             atomic_write_json(self.marker(name), info)
             log.info("[study %d/%d] %s finished in %.0f s", k, len(self.planned), name, info["seconds"])
             if self.parent:
-                import mlflow
-
-                mlflow.MlflowClient().log_metric(self.parent, f"stage_seconds_{name}", info["seconds"])
+                tracking.log_metrics({f"stage_seconds_{name}": info["seconds"]}, run_id=self.parent)
         self.result.stages[name] = info
         return info
 
@@ -248,31 +246,44 @@ def _train(run, tcfg) -> dict[str, Any]:
 
 
 def _consistency(cfg: StudyConfig, base: ModelSpec, trained: list[ModelSpec]) -> dict[str, Any]:
-    """Rank-1 energy and cross-language cosine of held-out safety prompts' last-prompt-token states, every layer
-    extracted, for the base and each trained model (the activations of the separation stages)."""
-    from raysafe.consistency import consistency_table
-    from raysafe.extract.store import ActivationStore
-    from raysafe.train.flow import model_depth
+    """Held-out cross-lingual consistency of last-prompt-token states of the base, MLC and control models, every
+    extracted layer (the activations of the separation stages): the movable measures with bootstrap intervals and
+    the paired MLC − control, MLC − base and control − base differences at the MLC layer (raysafe.study.measures)."""
+    from raysafe.extract.flow import ActivationStore
+    from raysafe.models.loading import model_depth
+    from raysafe.study.measures import HEADLINE_MEASURES, held_out_tables
 
     scfg = cfg.separation_config(base, trained)
     store = ActivationStore(scfg.store_dir("safety"))
-    models = [m.label for m in [base, *trained] if m.label in store.models()]
+    roles = {"base": base.label, **{m.label.removeprefix(f"{base.label}-"): m.label for m in trained}}
+    roles = {r: m for r, m in roles.items() if m in store.models()}
     tcfg = cfg.train_config("mlc", base)
-    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg))
-    layers = sorted(set(store.layers(models[0])))
+    mlc_layer = tcfg.mlc.resolve_layer(model_depth(tcfg.model))
+    layers = sorted(set(store.layers(roles["base"])))
     langs = tcfg.mixture.languages
-    table = consistency_table(store.reader("last"), models, layers, langs, cfg.consistency_split)
+    by_layer, diffs = held_out_tables(
+        store.reader("last"), roles, layers, langs, tcfg.mixture.anchor, cfg.consistency_split, mlc_layer
+    )
     out = cfg.root / "consistency"
     out.mkdir(parents=True, exist_ok=True)
-    path = write_table(table, out, "consistency")[0]
+    path = write_table(by_layer, out, "consistency")[0]
+    diff_path = write_table(diffs, out, "differences")[0]
     with tracking.run(cfg.tracking, "consistency", tags={"raysafe.flow": "consistency"}) as r:
         if r is not None:
-            at = table.filter(pl.col("layer") == mlc_layer)
+            at = by_layer.filter((pl.col("layer") == mlc_layer) & pl.col("measure").is_in(HEADLINE_MEASURES))
             tracking.log_metrics(
-                {f"{m}_rank1_energy_L{mlc_layer}": v for m, v in at.select("model", "rank1_energy").iter_rows()}
-            )
-            tracking.log_metrics(
-                {f"{m}_mean_cosine_L{mlc_layer}": v for m, v in at.select("model", "mean_cosine").iter_rows()}
+                {
+                    f"{role}_{measure}_{lang}_L{mlc_layer}": v
+                    for role, measure, lang, v in at.select("role", "measure", "lang", "value").iter_rows()
+                }
             )
             tracking.log_artifact(out / "consistency.csv")
-    return {"table": str(path), "mlc_layer": mlc_layer, "languages": list(langs)}
+            tracking.log_artifact(out / "differences.csv")
+    return {
+        "table": str(path),
+        "differences": str(diff_path),
+        "mlc_layer": mlc_layer,
+        "languages": list(langs),
+        "anchor": tcfg.mixture.anchor,
+        "roles": roles,
+    }

@@ -18,12 +18,17 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
+from raysafe.atomic import atomic_write_bytes
 from raysafe.config import ModelSpec
+from raysafe.study.measures import HEADLINE_MEASURES, claims
 from raysafe.tables import write_table
 
 SEPARATION_METRICS = ("probe_accuracy", "silhouette_euclidean", "bhattacharyya")
+HEAD_MONITOR = ("head/bias_share", "head/w_rank1", "head/rank1_z", "head/rank1_h", "head/absorbing")
+ROLE_ORDER = ("base", "control", "mlc")
 
 
 def markdown(df: pl.DataFrame, digits: int = 3) -> str:
@@ -123,14 +128,6 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
                 summary[model].update(
                     {k: r.get(k) for k in ("mean", "variance_pp2", "agreement", "utility_accuracy") if k in r}
                 )
-    cons = _read(stages.get("consistency", {}).get("table"))
-    if cons is not None:
-        layer = stages["consistency"]["mlc_layer"]
-        for r in cons.filter(pl.col("layer") == layer).iter_rows(named=True):
-            if r["model"] in summary:
-                summary[r["model"]].update(
-                    {f"rank1_energy_L{layer}": r["rank1_energy"], f"mean_cosine_L{layer}": r["mean_cosine"]}
-                )
     for phase in ("concepts_before", "concepts_after"):
         for name, m in (stages.get(phase, {}).get("models") or {}).items():
             model = _match(name, models)
@@ -141,6 +138,10 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
             model = f"{base.label}-{which.split('_')[1]}"
             if model in summary:
                 summary[model]["mlc_weight"] = stages[which].get("mlc_weight")
+                metrics = stages[which].get("metrics") or {}
+                for k in HEAD_MONITOR:  # the MLC head monitor at the last step (raysafe.train.mlc.head_monitor)
+                    if k in metrics:
+                        summary[model][k.replace("/", "_")] = metrics[k]
     return table, pl.DataFrame(list(summary.values()))
 
 
@@ -189,6 +190,8 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
             )
         )
     heat = [Path(p) for p in stages.get("separation_after", {}).get("figures", []) if "shift" in Path(p).name]
+    headline, hpaths = _headline(cfg, base, trained, stages, out)
+    paths.update(hpaths)
     lines = [
         f"# Study: {base.label} before and after MLC alignment",
         "",
@@ -196,6 +199,7 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
         + ", ".join(f"`{m}`" for m in summary["model"].to_list())
         + ".",
         "",
+        *headline,
         "## Per model",
         "",
         markdown(summary),
@@ -223,13 +227,62 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
         elif info.get("checkpoint_dir"):
             lines.append(f"- {name}: checkpoint `{info['checkpoint_dir']}`")
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_bytes(report, ("\n".join(lines) + "\n").encode("utf-8"))
     return {
         "report": str(report),
         "table": str(paths["per_language"]),
         "per_model": str(paths["per_model"]),
-        "figures": [str(p) for _, p in figures],
+        "figures": [str(p) for _, p in figures] + [str(p) for k, p in hpaths.items() if k.endswith("figure")],
     }
+
+
+def _headline(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict, out: Path) -> tuple[list[str], dict]:
+    """The report's first section: per language, base / control / MLC with 95 % intervals and the paired MLC −
+    control difference, for the safety rate and the held-out consistency measures, and in words which differences
+    are distinguishable from zero."""
+    roles = {"base": base.label, **{m.label.removeprefix(f"{base.label}-"): m.label for m in trained}}
+    info = stages.get("consistency") or {}
+    langs = info.get("languages") or cfg.train_config("mlc", base).mixture.languages
+    lines = ["## Headline: MLC against its control", ""]
+    paths: dict[str, Path] = {}
+    safety = safety_headline(stages, roles, list(langs))
+    said: list[str] = []
+    if safety is not None:
+        display, numbers = safety
+        paths["safety_differences"] = write_table(numbers, out, "safety_differences")[0]
+        lines += [
+            "Safety rate on the held-out harmful prompts (first judge, first evaluation set), 95 % bootstrap "
+            "intervals; the differences are paired over the same prompts.",
+            "",
+            markdown(display),
+            "",
+        ]
+        said += safety_claims(display)
+    else:
+        numbers = None
+    if info:
+        layer = info["mlc_layer"]
+        lines += [
+            f"Held-out cross-lingual consistency at the MLC layer {layer} (last prompt token, prompts of the "
+            f"`{cfg.consistency_split}` split, each language against `{info.get('anchor', 'en')}`), 95 % bootstrap "
+            "intervals over prompts; raw-state cosine is left out of the headline: it is ~0.99 for any model "
+            "(consistency/consistency.csv has it).",
+            "",
+        ]
+        for measure in HEADLINE_MEASURES:
+            table = consistency_headline(stages, measure)
+            if table is not None:
+                lines += [f"**{measure}**", "", markdown(table), ""]
+        diffs = _read(info.get("differences"))
+        if diffs is not None:
+            said += claims(diffs)
+    if said:
+        lines += ["What is and is not distinguishable from zero:", ""] + [f"- {s}" for s in said] + [""]
+    fig = _difference_figure(numbers, stages, out / "mlc_minus_control.png")
+    if fig is not None:
+        paths["difference_figure"] = fig
+        lines += [f"![MLC − control]({fig.name})", ""]
+    return lines, paths
 
 
 def _rel(p: Path, start: Path) -> str:
@@ -239,20 +292,171 @@ def _rel(p: Path, start: Path) -> str:
 
 
 def _consistency_figure(cons: pl.DataFrame, mlc_layer: int, path: Path) -> Path:
+    """Per layer and model: the movable measures (mean over languages) beside the saturated raw cosine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, col, label in ((axes[0], "rank1_energy", "rank-1 energy σ₁²/Σσ²"), (axes[1], "mean_cosine", "mean cosine")):
-        for (model,), part in cons.sort("layer").group_by(["model"], maintain_order=True):
-            ax.plot(part["layer"], part[col], marker="o", ms=3, label=model)
+    panels = [(m, m.replace("_", " ")) for m in HEADLINE_MEASURES] + [("raw_cosine", "raw cosine (saturated)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    for ax, (measure, label) in zip(axes, panels):
+        part = cons.filter(pl.col("measure") == measure).group_by(["role", "layer"]).agg(pl.col("value").mean())
+        for (role,), sub in part.sort("layer").group_by(["role"], maintain_order=True):
+            ax.plot(sub["layer"], sub["value"], marker="o", ms=3, label=role)
         ax.axvline(mlc_layer, color="grey", ls="--", lw=1)
         ax.set_xlabel("layer (dashed: MLC layer)")
-        ax.set_ylabel(label)
+        ax.set_title(label, fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.suptitle("held-out prompts: cross-language consistency of last-prompt-token states")
+    fig.suptitle("held-out prompts: cross-language consistency of last-prompt-token states (mean over languages)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ the headline
+def _cell(v: float | None, lo: float | None = None, hi: float | None = None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return f"{v:.3f}"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _outcome_matrix(frame: pl.DataFrame, langs: list[str], groups: list[str]) -> np.ndarray:
+    li, gi = {x: i for i, x in enumerate(langs)}, {g: i for i, g in enumerate(groups)}
+    X = np.full((len(langs), len(groups)), np.nan)
+    for lang, group, safe in frame.select("lang", "group_id", "safe").iter_rows():
+        if lang in li and group in gi:
+            X[li[lang], gi[group]] = safe
+    return X
+
+
+def safety_headline(stages: dict, roles: dict[str, str], langs: list[str]) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    """``(display, differences)``: per language, the safety rate of each role with its interval (the evaluation's
+    own) and the paired differences MLC − control and control − base over the same prompts (first judge, first
+    set); ``differences`` holds the numbers (comparison, lang, difference, ci_low, ci_high, excludes_zero)."""
+    from raysafe.bootstrap import paired_rate_differences
+    from raysafe.evaluate.flow import safety_outcomes
+
+    table = _evaluation_table(stages, "per_language")
+    if table is None or not table.height:
+        return None
+    judge, set_name = table["judge"][0], table["set"][0]
+    where = {"base": "evaluate_before", "mlc": "evaluate_after", "control": "evaluate_after"}
+    outcomes, rates = {}, {}
+    for role, label in roles.items():
+        stage = stages.get(where[role])
+        model = _match(label, table["model"].unique().to_list()) if stage else None
+        if model is None:
+            continue
+        outcomes[role] = safety_outcomes(stage["output_dir"], model, judge, set_name)
+        rates[role] = {r["lang"]: r for r in table.filter(pl.col("model") == model).iter_rows(named=True)}
+    if not rates:
+        return None
+    groups = sorted({g for f in outcomes.values() for g in f["group_id"].to_list()})
+    mats = {r: _outcome_matrix(f, langs, groups) for r, f in outcomes.items()}
+    diffs, numbers = {}, []
+    for a, b in (("mlc", "control"), ("control", "base")):
+        if a in mats and b in mats:
+            found = paired_rate_differences(mats[a], mats[b], langs)
+            diffs[f"{a} − {b}"] = {d["lang"]: d for d in found}
+            numbers += [{"comparison": f"{a} − {b}", **d} for d in found]
+    rows = []
+    for lang in langs:
+        row: dict[str, Any] = {"lang": lang}
+        for role in ROLE_ORDER:
+            r = rates.get(role, {}).get(lang)
+            row[role] = _cell(r["value"], r["ci_low"], r["ci_high"]) if r else "–"
+        for name, by_lang in diffs.items():
+            d = by_lang.get(lang)
+            row[name] = _cell(d["difference"], d["ci_low"], d["ci_high"]) if d else "–"
+            row[f"{name} ≠ 0"] = ("yes" if d["excludes_zero"] else "no") if d else "–"
+        rows.append(row)
+    return pl.DataFrame(rows), pl.DataFrame(numbers)
+
+
+def consistency_headline(stages: dict, measure: str) -> pl.DataFrame | None:
+    """Per language at the MLC layer: the measure for each role with its interval, and MLC − control."""
+    info = stages.get("consistency") or {}
+    cons, diffs = _read(info.get("table")), _read(info.get("differences"))
+    if cons is None or diffs is None or not cons.height:
+        return None
+    at = cons.filter((pl.col("layer") == info["mlc_layer"]) & (pl.col("measure") == measure))
+    d = diffs.filter((pl.col("measure") == measure) & (pl.col("comparison") == "mlc − control"))
+    rows = []
+    for lang in at["lang"].unique(maintain_order=True).to_list():
+        row: dict[str, Any] = {"lang": lang}
+        for role in ROLE_ORDER:
+            r = at.filter((pl.col("role") == role) & (pl.col("lang") == lang))
+            row[role] = _cell(r["value"][0], r["ci_low"][0], r["ci_high"][0]) if r.height else "–"
+        r = d.filter(pl.col("lang") == lang)
+        row["mlc − control"] = _cell(r["difference"][0], r["ci_low"][0], r["ci_high"][0]) if r.height else "–"
+        row["≠ 0"] = ("yes" if r["excludes_zero"][0] else "no") if r.height else "–"
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def safety_claims(table: pl.DataFrame) -> list[str]:
+    out = []
+    for name in ("mlc − control", "control − base"):
+        col = f"{name} ≠ 0"
+        if col not in table.columns:
+            continue
+        yes = table.filter(pl.col(col) == "yes")["lang"].to_list()
+        no = table.filter(pl.col(col) == "no")["lang"].to_list()
+        out.append(
+            f"safety rate, {name}: "
+            + (f"distinguishable from 0 (95 % interval excludes it) in {', '.join(yes)}" if yes else "")
+            + ("; " if yes and no else "")
+            + (f"not distinguishable from 0 in {', '.join(no)}" if no else "")
+            + "."
+        )
+    return out
+
+
+def _difference_figure(safety: pl.DataFrame | None, stages: dict, path: Path) -> Path | None:
+    """MLC − control per language with 95 % intervals: safety rate and the headline consistency measures."""
+    info = stages.get("consistency") or {}
+    diffs = _read(info.get("differences"))
+    frames = []
+    if safety is not None and safety.height:
+        frames.append(("safety rate", safety.filter(pl.col("comparison") == "mlc − control")))
+    if diffs is not None and diffs.height:
+        for measure in HEADLINE_MEASURES:
+            sub = diffs.filter((pl.col("measure") == measure) & (pl.col("comparison") == "mlc − control"))
+            frames.append((measure.replace("_", " "), sub))
+    panels: list[tuple[str, list[str], np.ndarray, np.ndarray, np.ndarray]] = []
+    for title, d in frames:
+        d = d.filter(pl.col("difference").is_not_nan())
+        if d.height:
+            panels.append(
+                (
+                    title,
+                    d["lang"].to_list(),
+                    d["difference"].to_numpy(),
+                    d["ci_low"].to_numpy(),
+                    d["ci_high"].to_numpy(),
+                )
+            )
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (title, langs, v, lo, hi) in zip(axes[0], panels):
+        x = np.arange(len(langs))
+        excl = (lo > 0) | (hi < 0)
+        ax.errorbar(x, v, yerr=[v - lo, hi - v], fmt="none", ecolor="grey", capsize=3)
+        ax.scatter(x, v, c=np.where(excl, "tab:red", "tab:blue"), zorder=3, s=18)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, langs, fontsize=8)
+        ax.set_title(f"MLC − control: {title}", fontsize=10)
+    fig.suptitle("paired differences with 95 % bootstrap intervals (red: interval excludes 0)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -125,9 +125,7 @@ def _absolute(tree: Any) -> Any:
 
 def _tracking_spec(spec: TrackingSpec) -> dict:
     """The sweep's tracking settings with the store URI pinned (a relative SQLite path made absolute)."""
-    uri = tracking.resolve_uri(spec)
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    uri = tracking.absolute_uri(tracking.resolve_uri(spec))
     return {**spec.model_dump(mode="json"), "tracking_uri": uri, "run_name": None}
 
 
@@ -239,11 +237,12 @@ def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
 def prepare(cfg: SweepConfig) -> dict[str, Any]:
     """Every check that needs no trial: space vs model depth and languages, data per (mixture, m), evaluation
     and held-out sets. Returns what the driver needs (the named mixtures, total steps, held-out rows, ...)."""
-    from raysafe.train.flow import model_depth, total_steps, validate
+    from raysafe.models.loading import model_depth
+    from raysafe.train.flow import total_steps, validate
 
     base = TrainConfig.model_validate(_absolute(cfg.base.model_dump(mode="json")))
     try:
-        depth = model_depth(base)
+        depth = model_depth(base.model)
     except RaysafeError as e:
         raise _wrap(e, "train.model") from None
     named = validate_space(cfg.space, base, depth)
@@ -298,12 +297,13 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"base": base, "named": named, "depth": depth, "total_steps": steps, "consistency": None}
     c = cfg.evaluation.consistency
     if c.enabled:
+        from raysafe.models.layers import resolve_layer
         from raysafe.sweep.heldout import heldout_rows
 
         langs = c.languages or list(base.mixture.languages)
         layer_spec = c.layer if c.layer is not None else base.mlc.layer
         try:
-            layer = base.mlc.model_copy(update={"layer": layer_spec}).resolve_layer(depth)
+            layer = resolve_layer(layer_spec, depth, where="evaluation.consistency.layer")
         except RaysafeError as e:
             raise _wrap(e, "evaluation.consistency.layer") from None
         variants = c.variants or base.data.variants

@@ -24,8 +24,10 @@ class ConsistencySpec(Strict):
     variants: SourceSpec | None = Field(None, description="prompt variants (default: the base config's data.variants)")
     split: str | None = Field("test", description="held-out split (None: every row)")
     languages: list[str] | None = Field(None, description="languages compared (default: the base mixture's)")
-    layer: int | float | None = Field(
-        None, description="layer read (int, 0 = embeddings, or depth fraction); default: the base config's mlc.layer"
+    layer: int | float | Literal["final"] | None = Field(
+        None,
+        description="layer read, in the one layer convention (int 0..depth, depth fraction or 'final'); default: "
+        "the base config's mlc.layer, i.e. the representation the MLC loss trains",
     )
     max_items: int = Field(64, ge=1, description="held-out items used (the first ones, by group_id)")
     max_length: int = Field(256, ge=8)
@@ -80,23 +82,13 @@ def measure(
     import torch
 
     from raysafe.consistency import consistency, stack_items
-    from raysafe.extract.config import ExtractSpec
-    from raysafe.extract.stages import Extractor, tokenize_texts
+    from raysafe.extract.flow import last_token_states
 
     meta = pl.DataFrame(rows)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    probe = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length)
-    ex = Extractor(
-        {"path": model_path, "dtype": "float32" if device == "cpu" else "auto"},
-        probe.model_dump(),
-        [layer],
-        device=device,
-        torch_threads=torch_threads,
+    X = last_token_states(
+        model_path, meta["text"].to_list(), layer, max_length, chat_template, device, torch_threads=torch_threads
     )
-    use_template = {"on": True, "off": False}.get(chat_template, bool(getattr(ex.tok, "chat_template", None)))
-    spec = ExtractSpec(layers=[layer], positions=["last"], max_length=max_length, chat_template=use_template)
-    ids, _ = tokenize_texts(ex.tok, meta["text"].to_list(), spec)
-    X = ex.extract(ids)[(layer, "last")]
     states, items, _ = stack_items(meta, np.asarray(X), languages, split=None)
     c = consistency(states)
     return {

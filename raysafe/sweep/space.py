@@ -8,7 +8,7 @@ key                   TrainConfig field              values
 ``weight`` (λ)        ``mlc.weight``                 >= 0 (0 = the alignment loss alone, the control)
 ``beta`` (β)          ``loss.beta``                  > 0
 ``tau`` (τ)           ``mlc.tau``                    > 0
-``layer``             ``mlc.layer``                  int (0..depth, 1-based decoder layer) or depth fraction (0, 1]
+``layer``             ``mlc.layer``                  int 0..depth (``hidden_states`` index) or depth fraction (0, 1]
 ``lr``                ``optim.lr``                   > 0
 ``mixture``           ``mixture.*``                  language-mixture options (below), by name
 ``m``                 ``mixture.m``                  2 .. number of languages of every mixture option
@@ -41,7 +41,7 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from raysafe.config import Strict
+from raysafe.config import Strict, set_path
 from raysafe.data.languages import is_known
 from raysafe.errors import ConfigError
 from raysafe.train.config import MixtureSpec, TrainConfig
@@ -162,7 +162,11 @@ class SearchSpace(Strict):
     weight: Axis | None = Field(None, description="λ, the MLC weight (mlc.weight)")
     beta: Axis | None = Field(None, description="β of the alignment loss (loss.beta)")
     tau: Axis | None = Field(None, description="τ, the MLC temperature (mlc.tau)")
-    layer: Axis | None = Field(None, description="MLC layer: int (1-based) or depth fraction (mlc.layer)")
+    layer: Axis | None = Field(
+        None,
+        description="MLC layer (mlc.layer): int 0..depth (hidden_states index; depth = final state after the "
+        "final norm) or depth fraction (1.0 = the final state)",
+    )
     lr: Axis | None = Field(None, description="learning rate (optim.lr)")
     mixture: MixtureAxis | None = Field(None, description="language-mixture options")
     m: Axis | None = Field(None, description="variants per prompt (mixture.m)")
@@ -341,6 +345,9 @@ def _check_positive(key: str, axis: Axis, allow_zero: bool) -> None:
 
 
 def _check_layer(axis: Axis, depth: int) -> None:
+    """Every value (both bounds of a uniform range, read as depth fractions) must resolve to a layer of the model."""
+    from raysafe.models.layers import resolve_layer
+
     if axis.kind == "loguniform":
         raise _refuse(
             "layer",
@@ -349,28 +356,10 @@ def _check_layer(axis: Axis, depth: int) -> None:
             "e.g. layer: {grid: [0.25, 0.5, 12]} or layer: {uniform: [0.3, 0.7]}",
         )
     for v in axis.values:
-        if axis.kind == "uniform" or isinstance(v, float):
-            if not 0 < v <= 1:
-                raise _refuse(
-                    "layer",
-                    v,
-                    "a fractional MLC layer must lie in (0, 1] (a fraction of the depth)",
-                    f"use a fraction such as 0.5, or an integer layer 1..{depth}",
-                )
-        elif v > depth:
-            raise _refuse(
-                "layer",
-                v,
-                f"MLC layer {v} is beyond the model's depth ({depth} decoder layers)",
-                f"use an integer layer 0..{depth} (1-based; 0 = embeddings) or a depth fraction in (0, 1]",
-            )
-        elif v < 0:
-            raise _refuse(
-                "layer",
-                v,
-                "MLC layers are >= 0 (0 = embeddings, L = output of decoder layer L)",
-                f"use an integer layer 0..{depth} or a depth fraction in (0, 1]",
-            )
+        try:
+            resolve_layer(float(v) if axis.kind == "uniform" else v, depth, where="space.layer")
+        except ConfigError as e:
+            raise _refuse("layer", v, e.what, e.fix) from None
 
 
 def validate_space(space: SearchSpace, base: TrainConfig, depth: int) -> dict[str, dict]:
@@ -493,20 +482,12 @@ def overrides(params: dict[str, Any], named: dict[str, dict]) -> dict[str, Any]:
 
 
 def apply_overrides(tree: dict, dotted: dict[str, Any]) -> dict:
-    """A copy of the nested dict ``tree`` with ``{"a.b": v}`` set."""
+    """A copy of the nested dict ``tree`` with ``{"a.b": v}`` set (:func:`raysafe.config.set_path`)."""
     import copy
 
     out = copy.deepcopy(tree)
     for path, value in dotted.items():
-        node = out
-        keys = path.split(".")
-        for k in keys[:-1]:
-            if node.get(k) is None:
-                node[k] = {}
-            node = node[k]
-            if not isinstance(node, dict):
-                raise ValueError(f"cannot set {path!r}: {k!r} is not a mapping")
-        node[keys[-1]] = value
+        set_path(out, path, value)
     return out
 
 

@@ -128,7 +128,7 @@ def run_steps(args) -> dict:
     from raysafe.train.ds_config import lr_lambda
     from raysafe.train.forward import policy_forward
     from raysafe.train.mlc import MLCHead
-    from raysafe.train.worker import AlignModule, _scalar, make_collator
+    from raysafe.train.worker import AlignModule, _scalar, make_collator, param_groups
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,10 +193,10 @@ def run_steps(args) -> dict:
         cols = b["attention_mask"][: 2 * int(b["n_pairs"])].any(0).nonzero().flatten()
         answer_width.append(int(cols[-1] - cols[0] + 1))
     layer = cfg.mlc.resolve_layer(num_layers(policy))
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d).to(device)
+    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
     module = AlignModule(policy, head, cfg, layer)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", steps, 0.0))
 
     series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}
@@ -394,14 +394,15 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
     """
     import torch
 
-    from raysafe.train.forward import decoder_of, policy_forward, pool_hidden
+    from raysafe.models.layers import decoder_body, hidden_state_hooks
+    from raysafe.train.forward import policy_forward, pool_hidden
     from raysafe.train.mlc import consistency_loss
 
     policy, head, layer = module.policy, module.head, module.mlc_layer
     b = batches[0]
     n, m = int(b["n_pairs"]), int(b["m"])
     resp = 2 * n
-    decoder = decoder_of(policy)
+    decoder = decoder_body(policy)
 
     def rows_pass(rows: slice, trim: bool) -> torch.Tensor:
         ids, mask, pos = b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows]
@@ -411,10 +412,7 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
             ids, mask, pos = ids[:, span], mask[:, span], pos[:, span]
         return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
 
-    captured = {}
-
-    def hook(mod, args_, output):
-        captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+    captured: dict[int, torch.Tensor] = {}
 
     def variant_hidden(upto_layer: bool, trim: bool) -> torch.Tensor:
         rows = slice(resp, None)
@@ -423,22 +421,19 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
         if trim:
             cols = mask.any(0).nonzero().flatten()
             last = last - int(cols[0])
-        handle = decoder.layers[layer - 1].register_forward_hook(hook)
-        try:
+        with hidden_state_hooks(policy, [layer], captured.__setitem__):
             ids, am, pos = b["input_ids"][rows], mask, b["position_ids"][rows]
             if trim:
                 span = slice(int(cols[0]), int(cols[-1]) + 1)
                 ids, am, pos = ids[:, span], am[:, span], pos[:, span]
             layers = decoder.layers
             if upto_layer:
-                decoder.layers = layers[:layer]
+                decoder.layers = layers[: max(layer, 1)]
             try:
                 decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
             finally:
                 decoder.layers = layers
-        finally:
-            handle.remove()
-        return pool_hidden(captured["h"], am, last, "last").reshape(n, m, -1)
+        return pool_hidden(captured[layer], am, last, "last").reshape(n, m, -1)
 
     def timed(fn) -> float:
         fn()

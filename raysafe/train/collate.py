@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from raysafe.errors import ConfigError, DataError
+from raysafe.models.layers import position_ids_from_mask
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("group_id", "prompt", "chosen", "rejected", "variants")
@@ -332,9 +333,3 @@ class PreferenceCollator:
             "position_ids": position_ids_from_mask(attention_mask),
             "labels": labels,
         }
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only (0 at each row's first token; padding gets 1, as in HF generate)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)

@@ -18,7 +18,6 @@ from raysafe.config import (
     TrackingSpec,
     on_off,
 )
-from raysafe.errors import ConfigError
 
 
 class MLCConfig(BaseModel):
@@ -26,8 +25,11 @@ class MLCConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layer: int | float = Field(
-        0.5, description="decoder layer whose output is used: an int (1-based, 0 = embeddings) or a depth fraction"
+    layer: int | float | Literal["final"] = Field(
+        0.5,
+        description="representation the consistency term reads, in the one layer convention (hidden_states[k]): "
+        "an int k (0 = embeddings, k = output of decoder block k, the depth = the final state after the final "
+        "norm), a depth fraction in (0, 1] (1.0 = the final state), or 'final' (the released MLC setting)",
     )
     pooling: Literal["last", "mean"] = "last"
     d: int = Field(512, ge=1, description="width of the projection head")
@@ -42,24 +44,23 @@ class MLCConfig(BaseModel):
     every_k: int = Field(2, ge=1)
     weight: float = Field(0.8, ge=0, description="λ")
     kind: Literal["mlc", "cosine"] = "mlc"
+    head: Literal["linear", "linear_nobias", "frozen_random"] = Field(
+        "linear",
+        description="the extractor: linear = trainable Linear(hidden → d) with bias, as the released code "
+        "(LLaMA-Factory's dpo/trainer.py adds torch.nn.Linear(hidden_size, extractor_dim) to the model); "
+        "linear_nobias = the same without bias (a bias alone can make every language's vector equal); "
+        "frozen_random = a fixed random orthogonal projection, no bias: only the backbone can lower the loss",
+    )
+    head_lr_scale: float = Field(
+        1.0, ge=0, description="the head's learning rate as a multiple of optim.lr (1 = one lr for all, as released)"
+    )
 
     def resolve_layer(self, num_layers: int) -> int:
-        """The 1-based layer index for a decoder of ``num_layers`` layers (a fraction f gives round(f·L), ≥ 1)."""
-        if isinstance(self.layer, float):
-            if not 0.0 < self.layer <= 1.0:
-                raise ConfigError(
-                    f"a fractional MLC layer must lie in (0, 1], got {self.layer}",
-                    where="mlc.layer",
-                    fix="give a depth fraction such as 0.5 or an integer layer index",
-                )
-            return max(1, round(self.layer * num_layers))
-        if not 0 <= self.layer <= num_layers:
-            raise ConfigError(
-                f"MLC layer {self.layer} is out of range for a model with {num_layers} layers",
-                where="mlc.layer",
-                fix=f"use 0 (embeddings) to {num_layers}",
-            )
-        return self.layer
+        """The ``hidden_states`` index of ``layer`` for a model of ``num_layers`` decoder layers
+        (:func:`raysafe.models.layers.resolve_layer`)."""
+        from raysafe.models.layers import resolve_layer
+
+        return resolve_layer(self.layer, num_layers, where="mlc.layer")
 
     def schedule(self) -> "MLCSchedule":  # noqa: F821  (imported when called: parsing a config loads no torch)
         """The step schedule of this configuration."""
@@ -81,20 +82,34 @@ class MixtureSpec(Strict):
 
 
 class LossSpec(Strict):
-    name: Literal["dpo", "simpo", "orpo", "sft"] = "dpo"
+    """The alignment loss: ``name`` is an entry of ``raysafe.train.losses.ALIGNMENT_LOSSES``, which says which of the
+    fields below it takes (docs/losses.md)."""
+
+    name: str = Field("dpo", description="dpo | simpo | orpo | sft (the entries of the loss registry)")
     kind: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     gamma: float = Field(0.5, ge=0, description="SimPO margin")
+    nll_normalisation: Literal["token", "sequence"] = Field(
+        "token",
+        description="ORPO's SFT term: token = one mean over all chosen tokens of the batch (TRL); "
+        "sequence = mean over pairs of each chosen answer's per-token mean NLL (LLaMA-Factory)",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from raysafe.train.losses import ALIGNMENT_LOSSES  # imported when validated: the registry holds torch code
+
+        if v not in ALIGNMENT_LOSSES:
+            raise ValueError(f"unknown alignment loss {v!r}; use one of {sorted(ALIGNMENT_LOSSES)}")
+        return v
 
     def params(self) -> dict:
-        if self.name == "dpo":
-            return {"beta": self.beta, "label_smoothing": self.label_smoothing, "kind": self.kind}
-        if self.name == "simpo":
-            return {"beta": self.beta, "gamma": self.gamma, "label_smoothing": self.label_smoothing}
-        if self.name == "orpo":
-            return {"beta": self.beta}
-        return {}
+        """The hyper-parameters the registry entry of ``name`` declares, with their values here."""
+        from raysafe.train.losses import loss_entry
+
+        return {k: getattr(self, k) for k in loss_entry(self.name).params}
 
 
 class OptimSpec(Strict):

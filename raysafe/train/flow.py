@@ -18,6 +18,7 @@ import polars as pl
 from raysafe import tracking
 from raysafe.config import dump_config
 from raysafe.errors import ConfigError, OutputError
+from raysafe.identity import fingerprint
 from raysafe.train.checkpoint import HF_DIR, STATE_FILE
 from raysafe.train.config import TrainConfig
 from raysafe.train.data import epoch_order, load_samples
@@ -78,20 +79,6 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
-def model_depth(cfg: TrainConfig) -> int:
-    """Number of decoder layers of the policy, read from its config (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from raysafe.models.layers import text_config
-    from raysafe.models.loading import resolve
-
-    resolved = resolve(cfg.model)
-    hf = AutoConfig.from_pretrained(
-        resolved.path, revision=resolved.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    return int(text_config(hf).num_hidden_layers)
-
-
 def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
     """All checks that need no worker. Returns the samples and the checkpoint to resume from."""
     import torch
@@ -109,7 +96,9 @@ def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
             )
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if cfg.mlc.weight > 0:
-        cfg.mlc.resolve_layer(model_depth(cfg))
+        from raysafe.models.loading import model_depth
+
+        cfg.mlc.resolve_layer(model_depth(cfg.model))
     resume = _check_resume(cfg)
     per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
     if samples.height < per_step:
@@ -188,6 +177,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     with tracking.run(cfg.tracking, f"train {name}", tags={"raysafe.flow": "train"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
+        tracking.log_input(
+            f"preference pairs + prompt variants (split {cfg.data.split})",
+            {"pairs": cfg.data.pairs, "variants": cfg.data.variants},
+            fingerprint(samples),
+            samples.height,
+            context="training",
+        )
         order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
         per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
         order = order.filter(pl.col("pos") < steps * per_step)  # only what the run will consume
@@ -198,17 +194,13 @@ def run_train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
             samples = samples.join(refs, on="sample_idx", how="left")
         table = order.join(samples, on="sample_idx", how="left").sort("pos")
         ds = ray.data.from_arrow(table.to_arrow())
-        uri = tracking.resolve_uri(cfg.tracking) if mlrun is not None else None
-        if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"),
                 "total_steps": steps,
                 "reference_on_worker": ref_on_worker,
-                "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
-                "mlflow_uri": uri,
+                "mlflow": tracking.attach_info(cfg.tracking, mlrun),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.ray.num_workers,

@@ -1,9 +1,10 @@
 """One policy forward pass over a collated preference batch: answer log-probs and variant hidden states.
 
 The decoder body (``model.get_decoder()``) runs once over all ``N = 2B + B·m`` rows of a
-:class:`~raysafe.train.collate.PreferenceCollator` batch. The hidden state of one layer is captured with a hook
-(layer ``L`` = output of decoder layer ``L``, 1-based; ``0`` = the input of the first layer, i.e. the (scaled)
-embeddings) and pooled per variant row. The LM head runs only on the 2B answer rows and only at positions that
+:class:`~raysafe.train.collate.PreferenceCollator` batch. The hidden state of one layer is captured with
+:func:`raysafe.models.layers.hidden_state_hooks` (the one layer convention: layer ``k`` = Hugging Face
+``hidden_states[k]``; ``0`` = the (scaled) embeddings, ``k`` = output of decoder block ``k``, the depth ``L`` = the
+final state after the final norm), the same reader extraction uses, and pooled per variant row. The LM head runs only on the 2B answer rows and only at positions that
 predict a scored label, never on variant rows; log-probs are gathered without a float32 copy of the logits.
 When ``mlc_layer`` is ``None`` the variant rows are dropped from the pass altogether (steps without MLC).
 """
@@ -18,7 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raysafe.errors import DataError, ModelError
-from raysafe.train.collate import IGNORE_INDEX, position_ids_from_mask
+from raysafe.models.layers import decoder_body, hidden_state_hooks, num_layers, position_ids_from_mask, unwrap_model
+from raysafe.train.collate import IGNORE_INDEX
 from raysafe.train.logprobs import token_logprobs
 
 
@@ -34,25 +36,6 @@ class ForwardOutput:
     variant_hidden: torch.Tensor | None  # [B, m, H] in the model's dtype, or None without MLC
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside wrappers such as a DeepSpeed engine or DDP (``.module``)."""
-    while not hasattr(model, "get_decoder") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def decoder_of(model: nn.Module) -> nn.Module:
-    """The decoder body of a causal LM (``model.get_decoder()``, else ``model.model``)."""
-    model = unwrap_model(model)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "layers"):
-        raise ModelError(
-            f"cannot find the decoder layers of {type(model).__name__}",
-            fix="use a Hugging Face causal LM whose decoder exposes .layers",
-        )
-    return decoder
-
-
 def apply_lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits from final hidden states exactly as the model's own forward computes them (incl. Gemma softcapping)."""
     model = unwrap_model(model)
@@ -61,33 +44,6 @@ def apply_lm_head(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
-
-
-class _LayerCapture:
-    """Forward hook keeping the hidden states of one decoder layer (0 = input of the first layer)."""
-
-    def __init__(self, decoder: nn.Module, layer: int):
-        layers = decoder.layers
-        if not 0 <= layer <= len(layers):
-            raise ModelError(
-                f"MLC layer {layer} is out of range for a model with {len(layers)} layers",
-                where="mlc.layer",
-                fix=f"use 0 (embeddings) to {len(layers)}",
-            )
-        self.value: torch.Tensor | None = None
-        if layer == 0:
-            self.handle = layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)
-        else:
-            self.handle = layers[layer - 1].register_forward_hook(self._post)
-
-    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.value = args[0] if args else kwargs["hidden_states"]
-
-    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.value = output[0] if isinstance(output, (tuple, list)) else output
-
-    def remove(self) -> None:
-        self.handle.remove()
 
 
 def pool_hidden(
@@ -127,7 +83,7 @@ def policy_forward(
     chunk_positions: int | None = None,
     head_chunk: int | None = None,
 ) -> ForwardOutput:
-    """Answer log-probs of the 2B response rows and pooled layer-``mlc_layer`` hidden states of the variant rows.
+    """Answer log-probs of the 2B response rows and pooled ``hidden_states[mlc_layer]`` of the variant rows.
 
     ``batch`` is a :class:`~raysafe.train.collate.PreferenceCollator` output (tensors on the model's device).
     ``position_ids`` are taken from the batch (or computed from the attention mask) so left padding is exact.
@@ -155,13 +111,17 @@ def policy_forward(
         input_ids, attention_mask = input_ids[rows, span], attention_mask[rows, span]
         labels, position_ids = labels[rows, span], position_ids[rows, span]
 
-    decoder = decoder_of(model)
-    capture = _LayerCapture(decoder, mlc_layer) if mlc_layer is not None else None
-    try:
+    decoder = decoder_body(model)
+    captured: dict[int, torch.Tensor] = {}
+    depth = num_layers(model)
+    if mlc_layer is not None and not 0 <= mlc_layer <= depth:
+        raise ModelError(
+            f"MLC layer {mlc_layer} is out of range for a model with {depth} layers",
+            where="mlc.layer",
+            fix=f"use 0 (embeddings) to {depth} (the final state after the final norm)",
+        )
+    with hidden_state_hooks(model, [mlc_layer] if mlc_layer is not None else [], captured.__setitem__):
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    finally:
-        if capture is not None:
-            capture.remove()
     last_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     resp = 2 * n_pairs
@@ -177,9 +137,9 @@ def policy_forward(
     chosen_nll_mean = -chosen_logps.sum() / chosen_ntok.sum().clamp(min=1).to(chosen_logps.dtype)
 
     variant_hidden = None
-    if capture is not None:
-        assert capture.value is not None, "the layer hook did not fire"
-        pooled = pool_hidden(capture.value[resp:], attention_mask[resp:], batch["variant_last_index"], pooling)
+    if mlc_layer is not None:
+        assert mlc_layer in captured, "the layer hook did not fire"
+        pooled = pool_hidden(captured[mlc_layer][resp:], attention_mask[resp:], batch["variant_last_index"], pooling)
         variant_hidden = pooled.reshape(n_pairs, m, -1)
     return ForwardOutput(chosen_logps, rejected_logps, chosen_ntok, rejected_ntok, chosen_nll_mean, variant_hidden)
 

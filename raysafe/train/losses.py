@@ -7,8 +7,9 @@ loss (mean over pairs) and metrics. Rewards are detached and follow TRL's conven
 - SimPO / ORPO: ``r = β · mean-token log π(y|x)`` (length-normalised, no reference model).
 
 ``rewards/accuracy`` is the share of pairs with ``r_chosen > r_rejected``. The formulas are written out in
-docs/losses.md. :data:`ALIGNMENT_LOSSES` maps a loss name to its function and tells whether it needs reference
-log-probabilities; :func:`alignment_loss` dispatches by name from the outputs of one policy forward pass.
+docs/losses.md. :data:`ALIGNMENT_LOSSES` maps a loss name to its function and declares what it needs (reference
+log-probs, length normalisation, an SFT term, token counts); :func:`alignment_loss` builds the function's arguments
+from the outputs of one policy forward pass by reading that entry, with no per-loss branches.
 """
 
 from __future__ import annotations
@@ -179,31 +180,81 @@ def sft_loss(chosen_sum_logps: torch.Tensor, chosen_ntokens: torch.Tensor) -> Lo
     return LossOutput(loss, {"nll": loss.detach()})
 
 
+def mean_logps(sum_logps: torch.Tensor, ntokens: torch.Tensor) -> torch.Tensor:
+    """Per-token mean log-probs ``sum / max(n, 1)`` (the length normalisation of SimPO and ORPO)."""
+    return sum_logps / ntokens.clamp(min=1).to(sum_logps.dtype)
+
+
+NLL_NORMALISATIONS = ("token", "sequence")
+
+
+def chosen_nll(
+    chosen_sum_logps: torch.Tensor, chosen_ntokens: torch.Tensor, normalisation: str = "token"
+) -> torch.Tensor:
+    """The NLL of the chosen answers that an SFT term adds to a preference loss.
+
+    - ``token``: ``−Σ_b s_b / Σ_b n_b``, one mean over every chosen token of the batch, so longer answers weigh more
+      (TRL's ``ORPOTrainer``: ``nn.CrossEntropyLoss()`` over the chosen rows);
+    - ``sequence``: ``−mean_b (s_b / n_b)``, each answer's per-token mean NLL, then the mean over pairs (LLaMA-Factory's
+      ``CustomDPOTrainer.odds_ratio_loss``: ``sft_loss = −chosen_logps`` on length-averaged log-probs).
+
+    Returns a scalar for ``token``, one value per pair for ``sequence`` (the loss takes their mean).
+    """
+    if normalisation == "token":
+        return -chosen_sum_logps.sum() / chosen_ntokens.sum().clamp(min=1).to(chosen_sum_logps.dtype)
+    if normalisation == "sequence":
+        return -mean_logps(chosen_sum_logps, chosen_ntokens)
+    raise ConfigError(
+        f"unknown NLL normalisation {normalisation!r}",
+        where="loss.nll_normalisation",
+        fix=f"use one of {NLL_NORMALISATIONS}",
+    )
+
+
 @dataclass(frozen=True)
 class AlignmentLossSpec:
-    """How to compute one alignment loss from a policy forward pass (and reference log-probs if needed)."""
+    """One alignment loss and what it needs from a training step.
+
+    :func:`alignment_loss` builds the arguments of ``fn`` from these fields alone, so adding a loss is its function
+    plus one entry in :data:`ALIGNMENT_LOSSES` (and a :class:`~raysafe.train.config.LossSpec` field for each new
+    hyper-parameter). ``fn`` is called as ``fn(*policy, *reference, nll, **counts, **params)``:
+
+    - ``policy``: the policy's log-probs of each answer in ``sides``, summed over the answer's tokens, or per-token
+      means when ``length_normalised``;
+    - ``reference``: the reference model's summed log-probs of the same answers, when ``needs_reference``;
+    - ``nll``: the chosen answers' NLL (:func:`chosen_nll`) when ``sft_term``; its normalisation is the loss parameter
+      ``nll_normalisation`` (default ``token``), consumed here and not passed on;
+    - ``counts``: ``<side>_ntokens=`` token counts when ``token_counts`` (e.g. length-normalised IPO, SFT).
+    """
 
     name: str
     fn: Callable[..., LossOutput]
-    needs_reference: bool
-    #: Names of the keyword hyper-parameters the loss accepts (``beta``, ``gamma``, ...).
+    #: Names of the keyword hyper-parameters the loss accepts (``beta``, ``gamma``, ...), fields of ``LossSpec``.
     params: tuple[str, ...]
+    needs_reference: bool = False
+    length_normalised: bool = False
+    sft_term: bool = False
+    token_counts: bool = False
+    sides: tuple[str, ...] = ("chosen", "rejected")
 
 
 ALIGNMENT_LOSSES: dict[str, AlignmentLossSpec] = {
-    "dpo": AlignmentLossSpec("dpo", dpo_loss, True, ("beta", "label_smoothing", "kind")),
-    "simpo": AlignmentLossSpec("simpo", simpo_loss, False, ("beta", "gamma", "label_smoothing")),
-    "orpo": AlignmentLossSpec("orpo", orpo_loss, False, ("beta",)),
-    "sft": AlignmentLossSpec("sft", sft_loss, False, ()),
+    "dpo": AlignmentLossSpec(
+        "dpo", dpo_loss, ("beta", "label_smoothing", "kind"), needs_reference=True, token_counts=True
+    ),
+    "simpo": AlignmentLossSpec("simpo", simpo_loss, ("beta", "gamma", "label_smoothing"), length_normalised=True),
+    "orpo": AlignmentLossSpec("orpo", orpo_loss, ("beta", "nll_normalisation"), length_normalised=True, sft_term=True),
+    "sft": AlignmentLossSpec("sft", sft_loss, (), token_counts=True, sides=("chosen",)),
 }
 
 
 def needs_reference(name: str) -> bool:
     """Whether the alignment loss ``name`` needs reference-model log-probabilities."""
-    return _spec(name).needs_reference
+    return loss_entry(name).needs_reference
 
 
-def _spec(name: str) -> AlignmentLossSpec:
+def loss_entry(name: str) -> AlignmentLossSpec:
+    """The registry entry of the alignment loss ``name``; :class:`ConfigError` naming the known ones otherwise."""
     if name not in ALIGNMENT_LOSSES:
         raise ConfigError(
             f"unknown alignment loss {name!r}", where="loss.name", fix=f"use one of {sorted(ALIGNMENT_LOSSES)}"
@@ -218,40 +269,33 @@ def alignment_loss(
     rejected_logps: torch.Tensor,
     chosen_ntok: torch.Tensor,
     rejected_ntok: torch.Tensor,
-    chosen_nll_mean: torch.Tensor | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
     **params: float | str,
 ) -> LossOutput:
-    """Compute the alignment loss ``name`` from summed log-probs and token counts of one policy pass.
-
-    DPO uses summed log-probs and the reference ones (IPO is length-normalised with the token counts); SimPO and
-    ORPO use per-token means; SFT uses sums and counts. ``chosen_nll_mean`` (ORPO) defaults to the token-level
-    mean NLL of the chosen answers. Unknown hyper-parameters for the loss raise :class:`ConfigError`.
+    """Compute the alignment loss ``name`` from summed log-probs and token counts of one policy pass (and the
+    reference's summed log-probs), giving its function what its registry entry declares. Unknown hyper-parameters
+    for the loss, or a loss that needs reference log-probs without them, raise :class:`ConfigError`.
     """
-    spec = _spec(name)
+    spec = loss_entry(name)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         raise ConfigError(
             f"loss {name!r} takes no parameter(s) {unknown}", where="loss", fix=f"{name} accepts {list(spec.params)}"
         )
-    if spec.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ConfigError(
-            f"loss {name!r} needs reference log-probs",
-            where="loss.name",
-            fix="precompute reference log-probs or load a reference model",
-        )
-    chosen_mean = chosen_logps / chosen_ntok.clamp(min=1).to(chosen_logps.dtype)
-    rejected_mean = rejected_logps / rejected_ntok.clamp(min=1).to(rejected_logps.dtype)
-    if name == "dpo":
-        assert ref_chosen_logps is not None and ref_rejected_logps is not None
-        kind = params.get("kind", "sigmoid")
-        extra = {"chosen_ntokens": chosen_ntok, "rejected_ntokens": rejected_ntok} if kind == "ipo" else {}
-        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **params, **extra)
-    if name == "simpo":
-        return simpo_loss(chosen_mean, rejected_mean, **params)
-    if name == "orpo":
-        if chosen_nll_mean is None:
-            chosen_nll_mean = -chosen_logps.sum() / chosen_ntok.sum().clamp(min=1).to(chosen_logps.dtype)
-        return orpo_loss(chosen_mean, rejected_mean, chosen_nll_mean, **params)
-    return sft_loss(chosen_logps, chosen_ntok)
+    sums = {"chosen": chosen_logps, "rejected": rejected_logps}
+    ntok = {"chosen": chosen_ntok, "rejected": rejected_ntok}
+    refs = {"chosen": ref_chosen_logps, "rejected": ref_rejected_logps}
+    args = [mean_logps(sums[s], ntok[s]) if spec.length_normalised else sums[s] for s in spec.sides]
+    if spec.needs_reference:
+        if any(refs[s] is None for s in spec.sides):
+            raise ConfigError(
+                f"loss {name!r} needs reference log-probs",
+                where="loss.name",
+                fix="precompute reference log-probs or load a reference model",
+            )
+        args += [refs[s] for s in spec.sides]
+    if spec.sft_term:
+        args.append(chosen_nll(chosen_logps, chosen_ntok, str(params.pop("nll_normalisation", "token"))))
+    counts = {f"{s}_ntokens": ntok[s] for s in spec.sides} if spec.token_counts else {}
+    return spec.fn(*args, **counts, **params)

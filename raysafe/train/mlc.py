@@ -14,6 +14,7 @@ inputs (identical rows) it is the minimum-norm subgradient, which agrees with fi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,27 +119,40 @@ def consistency_loss(z: torch.Tensor, config: MLCConfig) -> LossOutput:
 
 # ------------------------------------------------------------------------------------------------- head and config
 class MLCHead(nn.Module):
-    """The trainable extractor of the MLC loss: ``Linear(hidden → d, bias=True)``, stored beside the model."""
+    """The extractor of the MLC loss, stored beside the model: ``Linear(hidden → d)``, with a bias (``kind="linear"``,
+    the released code's), without one (``"linear_nobias"``) or a fixed random orthogonal projection without bias
+    (``"frozen_random"``: no parameter to train, so only the backbone can make the languages agree)."""
 
-    def __init__(self, hidden: int, d: int = 512):
+    KINDS = ("linear", "linear_nobias", "frozen_random")
+
+    def __init__(self, hidden: int, d: int = 512, kind: str = "linear", seed: int = 0):
         super().__init__()
         if hidden < 1 or d < 1:
             raise ConfigError(f"MLC head sizes must be positive, got hidden={hidden}, d={d}", where="mlc.d")
+        if kind not in self.KINDS:
+            raise ConfigError(f"unknown MLC head {kind!r}", where="mlc.head", fix=f"use one of {list(self.KINDS)}")
         self.hidden = hidden
         self.d = d
-        self.proj = nn.Linear(hidden, d, bias=True)
+        self.kind = kind
+        self.proj = nn.Linear(hidden, d, bias=kind == "linear")
+        if kind == "frozen_random":
+            g = torch.Generator().manual_seed(seed)
+            q, _ = torch.linalg.qr(torch.randn(max(hidden, d), min(hidden, d), generator=g))
+            with torch.no_grad():  # orthonormal rows (d ≤ hidden) or columns: lengths and angles kept
+                self.proj.weight.copy_(q.T if d <= hidden else q)
+            self.proj.weight.requires_grad_(False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Project hidden states ``[..., hidden]`` to ``[..., d]`` (input cast to the head's dtype)."""
         return self.proj(h.to(self.proj.weight.dtype))
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``mlc_head.safetensors`` and ``mlc_head.json`` ({hidden, d}) into ``directory``; return the weights path."""
+        """Write ``mlc_head.safetensors`` and ``mlc_head.json`` ({hidden, d, kind}) into ``directory``; return the weights path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / HEAD_WEIGHTS))
-        (directory / HEAD_CONFIG).write_text(json.dumps({"hidden": self.hidden, "d": self.d}))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"hidden": self.hidden, "d": self.d, "kind": self.kind}))
         return directory / HEAD_WEIGHTS
 
     @staticmethod
@@ -158,7 +172,7 @@ class MLCHead(nn.Module):
                 fix=f"expected {HEAD_WEIGHTS} and {HEAD_CONFIG}; train with the MLC loss enabled or disable it",
             )
         meta = json.loads((directory / HEAD_CONFIG).read_text())
-        head = cls(int(meta["hidden"]), int(meta["d"]))
+        head = cls(int(meta["hidden"]), int(meta["d"]), meta.get("kind", "linear"))
         state = load_file(str(directory / HEAD_WEIGHTS), device=str(map_location))
         expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}
@@ -183,3 +197,63 @@ class MLCSchedule:
     def active(self, step: int) -> bool:
         """Whether the MLC term is added at optimiser step ``step``."""
         return step % self.every_k == 0
+
+
+# ------------------------------------------------------------------------------------------------- head monitor
+#: a head is flagged as absorbing the loss when its bias makes up more than this share of ‖z‖ (every language then
+#: maps to nearly the same z whatever h is), or when one direction holds more than this share of its weight's energy
+#: (W projects every state onto one line, so any rows become collinear): the head, not the model, carries the loss
+ABSORB_LIMIT = 0.9
+
+
+def mlc_loss_floor(m: int, tau: float = 0.2, eps: float = 0.0, form: str = "released") -> float:
+    """The least value of :func:`mlc_loss` for m variants: all rows collinear, σ = (√m, 0, …, 0)."""
+    s1 = math.sqrt(m)
+    if form == "released":
+        return math.log(math.exp(s1 / (tau * s1 + eps)) + (m - 1)) - 1.0 / tau
+    return math.log(math.exp(s1 / tau) + (m - 1)) - s1 / tau
+
+
+@torch.no_grad()
+def head_monitor(head: MLCHead, hidden: torch.Tensor, grad_hidden: torch.Tensor | None = None) -> dict[str, float]:
+    """Whether the MLC head, rather than the model, is what makes the languages agree, for one batch of variant
+    hidden states ``hidden [B, m, H]`` (and ``grad_hidden``, the MLC loss's gradient with respect to them):
+
+    - ``head/bias_share``: mean over rows of ``‖b‖ / (‖b‖ + ‖W h‖)`` (0 without a bias; near 1 when the bias is the
+      vector: every language then maps to nearly the same z whatever h is);
+    - ``head/rank1_z`` / ``head/rank1_h``: rank-1 energy of the item's rows of z and of h (row-normalised);
+      ``head/rank1_h_centred``: the same for h minus its batch mean (the shared direction of LM states removed);
+    - ``head/w_rank1``: ``σ₁² / Σσ²`` of the weight W (1/d for an orthogonal projection, 1 when W maps every state
+      onto one line);
+    - ``head/grad_norm_hidden``: mean norm per row of the MLC gradient that reaches the model (when given);
+    - ``head/absorbing``: 1 when ``bias_share`` or ``w_rank1`` exceeds :data:`ABSORB_LIMIT`, else 0.
+    """
+    h = hidden.float()
+    w = head.proj.weight.float()
+    wh = h @ w.T
+    b = head.proj.bias
+    if b is not None:
+        nb = b.float().norm()
+        share = (nb / (nb + wh.norm(dim=-1)).clamp(min=1e-30)).mean()
+        z = wh + b.float()
+    else:
+        share = torch.zeros(())
+        z = wh
+    sw = torch.linalg.svdvals(w) ** 2
+    w_rank1 = float(sw[0] / sw.sum().clamp(min=1e-30))
+    out = {
+        "head/bias_share": float(share),
+        "head/w_rank1": w_rank1,
+        "head/rank1_z": _rank1(z),
+        "head/rank1_h": _rank1(h),
+        "head/rank1_h_centred": _rank1(h - h.reshape(-1, h.shape[-1]).mean(0)),
+        "head/absorbing": float(float(share) > ABSORB_LIMIT or w_rank1 > ABSORB_LIMIT),
+    }
+    if grad_hidden is not None:
+        out["head/grad_norm_hidden"] = float(grad_hidden.float().norm(dim=-1).mean())
+    return out
+
+
+def _rank1(x: torch.Tensor) -> float:
+    e = torch.linalg.svdvals(normalise_rows(x)) ** 2
+    return float((e[:, 0] / e.sum(-1).clamp(min=1e-30)).mean())

@@ -16,6 +16,7 @@ import psutil
 import torch
 from torch import nn
 
+from raysafe import tracking
 from raysafe.consistency import mlc_diagnostics
 from raysafe.train.checkpoint import DS_DIR, STATE_FILE, probe_logps, write_checkpoint
 from raysafe.train.collate import PreferenceCollator
@@ -24,7 +25,7 @@ from raysafe.train.data import to_collator_samples
 from raysafe.train.ds_config import deepspeed_config, lr_lambda
 from raysafe.train.forward import policy_forward
 from raysafe.train.losses import alignment_loss
-from raysafe.train.mlc import MLCHead, consistency_loss
+from raysafe.train.mlc import MLCHead, consistency_loss, head_monitor
 
 
 class AlignModule(nn.Module):
@@ -38,6 +39,7 @@ class AlignModule(nn.Module):
         self.loss_params = cfg.loss.params()
         self.mlc: MLCConfig = cfg.mlc
         self.mlc_layer = mlc_layer
+        self.grad_norms: list[float] = []  # norm of the MLC gradient reaching the model, per MLC micro-batch
 
     def forward(
         self, batch: dict, ref_chosen: torch.Tensor | None, ref_rejected: torch.Tensor | None, mlc_active: bool
@@ -50,7 +52,6 @@ class AlignModule(nn.Module):
             rejected_logps=out.rejected_logps,
             chosen_ntok=out.chosen_ntok,
             rejected_ntok=out.rejected_ntok,
-            chosen_nll_mean=out.chosen_nll_mean,
             ref_chosen_logps=ref_chosen,
             ref_rejected_logps=ref_rejected,
             **self.loss_params,
@@ -59,7 +60,10 @@ class AlignModule(nn.Module):
         metrics["loss/align"] = align.loss.detach()
         loss = align.loss
         if layer is not None:
-            z = self.head(out.variant_hidden.float())
+            hidden = out.variant_hidden
+            if hidden.requires_grad:  # the head is its only consumer: what arrives here is λ·∂L_mlc/∂h
+                hidden.register_hook(lambda g: self.grad_norms.append(float(g.float().norm(dim=-1).mean())))
+            z = self.head(hidden.float())
             cons = consistency_loss(z, self.mlc)
             loss = loss + self.mlc.weight * cons.loss
             metrics["loss/mlc"] = cons.loss.detach()
@@ -68,8 +72,20 @@ class AlignModule(nn.Module):
             metrics["mlc/cosine_z"] = diag["cosine_z"]
             metrics["mlc/cosine_hidden"] = diag["cosine_hidden"]
             metrics["mlc/sigma1"] = diag["spectrum"][0]
+            metrics.update(head_monitor(self.head, out.variant_hidden.detach()))
         metrics["loss/total"] = loss.detach()
         return loss, metrics
+
+
+def param_groups(module: AlignModule, cfg: TrainConfig) -> list[dict]:
+    """The optimiser's parameter groups: the policy at ``optim.lr``, the MLC head (if it has trainable parameters)
+    at ``optim.lr × mlc.head_lr_scale``."""
+    policy = [p for p in module.policy.parameters() if p.requires_grad]
+    groups = [{"params": policy, "lr": cfg.optim.lr}]
+    head = [p for p in module.head.parameters() if p.requires_grad] if module.head is not None else []
+    if head:
+        groups.append({"params": head, "lr": cfg.optim.lr * cfg.mlc.head_lr_scale})
+    return groups
 
 
 def _scalar(v) -> float:
@@ -139,10 +155,9 @@ def train_loop(config: dict) -> None:
 
     n_layers = num_layers(policy.get_base_model() if hasattr(policy, "get_base_model") else policy)
     mlc_layer = cfg.mlc.resolve_layer(n_layers) if cfg.mlc.weight > 0 else None
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d).to(device) if mlc_layer is not None else None
-    module = AlignModule(policy, head, cfg, mlc_layer)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head, cfg.seed) if mlc_layer is not None else None
+    module = AlignModule(policy, head.to(device) if head is not None else None, cfg, mlc_layer)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_shape)
     )
@@ -172,12 +187,7 @@ def train_loop(config: dict) -> None:
     group = mb * world  # rows per global micro-batch
     skip = step * ga  # global micro-batches the checkpoint covers
     shard = ray.train.get_dataset_shard("train")
-    log_mlflow = rank == 0 and config.get("mlflow_run_id")
-    if log_mlflow:
-        import mlflow
-
-        mlflow.set_tracking_uri(config["mlflow_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"])
+    run_log = tracking.attach(config.get("mlflow") if rank == 0 else None, node="rank0")  # others: a no-op
 
     acc: dict[str, list[float]] = {}
     step_groups: list[str] = []
@@ -211,6 +221,9 @@ def train_loop(config: dict) -> None:
         micro += 1
         for k, v in metrics.items():
             acc.setdefault(k, []).append(_scalar(v))
+        if module.grad_norms:
+            acc.setdefault("head/grad_norm_hidden", []).extend(module.grad_norms)
+            module.grad_norms.clear()
         step_groups.extend(str(g) for g in gbatch["group_id"])
         step_tokens += int(batch["attention_mask"].sum()) * world
         if micro % ga:
@@ -238,10 +251,7 @@ def train_loop(config: dict) -> None:
             }
         )
         step += 1
-        if log_mlflow:
-            import mlflow
-
-            mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in out.items() if k != "step"}, step=step)
+        run_log.log_metrics({k: v for k, v in out.items() if k != "step"}, step=step)
         last = step >= total_steps
         if step % cfg.checkpoint.every_n_steps == 0 or last:
             expected = probe_logps(module.policy, probe, device)
@@ -249,7 +259,4 @@ def train_loop(config: dict) -> None:
         else:
             ray.train.report({k: float(v) for k, v in out.items()})
         acc, step_groups, step_tokens, t_step = {}, [], 0, time.perf_counter()
-    if log_mlflow:
-        import mlflow
-
-        mlflow.end_run()
+    run_log.close()
