@@ -107,9 +107,29 @@ def test_dict_of_columns_input_like_ray_batches():
         assert torch.equal(a[key], b[key])
 
 
-def test_truncation_keeps_prompt_end_and_answer_start():
+def test_default_truncation_keeps_prompt_head_as_the_mlc_release():
+    """LLaMA-Factory (the MLC release) keeps ``prompt_ids[:source_len]``: the prompt's first tokens."""
     tok = tiny_tokenizer(padding_side="right", chat_template=True)
     col = PreferenceCollator(tok, max_length=40, max_prompt_length=24)
+    long_prompt = TEXTS["bn"] * 3
+    sample = {
+        "group_id": "long",
+        "prompt": long_prompt,
+        "chosen": "yes",
+        "rejected": "no",
+        "variants": [("bn", long_prompt), ("en", "short")],
+    }
+    b = col([sample])
+    full_prompt = tok(col.prompt_text(long_prompt), add_special_tokens=False)["input_ids"]
+    assert real(b, 0)[:24] == full_prompt[:24]
+    assert real(b, 2) == full_prompt[:24] and int(b["variant_last_index"][0]) == 23
+    with pytest.raises(ConfigError, match="prompt_truncation"):
+        PreferenceCollator(tok, prompt_truncation="middle")
+
+
+def test_tail_truncation_keeps_prompt_end_and_answer_start():
+    tok = tiny_tokenizer(padding_side="right", chat_template=True)
+    col = PreferenceCollator(tok, max_length=40, max_prompt_length=24, prompt_truncation="tail")
     long_prompt = TEXTS["bn"] * 3
     answer = "An answer that is much longer than the remaining budget of tokens."
     sample = {
@@ -132,7 +152,7 @@ def test_truncation_keeps_prompt_end_and_answer_start():
     assert real(b, 2) == kept  # the variant is truncated the same way
     assert int(b["variant_last_index"][0]) == 23
     # without a chat template and without a BOS, the last tokens are kept
-    col = PreferenceCollator(tiny_tokenizer(), max_length=40, max_prompt_length=10)
+    col = PreferenceCollator(tiny_tokenizer(), max_length=40, max_prompt_length=10, prompt_truncation="tail")
     b = col([sample])
     assert real(b, 0)[:10] == tok(long_prompt, add_special_tokens=False)["input_ids"][-10:]
 

@@ -15,6 +15,7 @@ from raysafe.concepts.tables import (
     ConceptOptions,
     analyse_concepts,
     select_concept_vectors,
+    transfer_max,
 )
 from raysafe.errors import ConfigError, DataError, ModelError
 
@@ -274,6 +275,33 @@ def test_transfer_matrix_has_zero_diagonal(planted):
     assert (off["delta"] < -0.25).all()
 
 
+def test_transfer_max_is_the_papers_max_over_layers_matrix():
+    """acc(A→B) and acc(B→B) are each maximised over layers, then subtracted; "mean" averages over concepts
+    (Xu et al., transferability_analysis.py draw_acc_heatmap). Hand-built table with known answers."""
+    rows = []
+    acc = {  # (concept, layer, source, target) -> acc
+        ("c1", 1, "en", "en"): 0.9, ("c1", 2, "en", "en"): 0.8, ("c1", 1, "sw", "sw"): 0.6, ("c1", 2, "sw", "sw"): 0.7,
+        ("c1", 1, "en", "sw"): 0.5, ("c1", 2, "en", "sw"): 0.75, ("c1", 1, "sw", "en"): 0.6, ("c1", 2, "sw", "en"): 0.55,
+        ("c2", 1, "en", "en"): 1.0, ("c2", 2, "en", "en"): 1.0, ("c2", 1, "sw", "sw"): 0.5, ("c2", 2, "sw", "sw"): 0.9,
+        ("c2", 1, "en", "sw"): 0.8, ("c2", 2, "en", "sw"): 0.8, ("c2", 1, "sw", "en"): 0.7, ("c2", 2, "sw", "en"): 0.4,
+    }  # fmt: skip
+    for (c, layer, a, b), v in acc.items():
+        own = acc[(c, layer, b, b)]
+        rows.append(
+            {"model": "m", "concept": c, "layer": layer, "source_lang": a, "target_lang": b, "acc": v,
+             "acc_target_own": own, "delta": v - own}
+        )  # fmt: skip
+    t = transfer_max(pl.DataFrame(rows))
+    got = {(r["concept"], r["source_lang"], r["target_lang"]): r for r in t.iter_rows(named=True)}
+    assert got[("c1", "en", "sw")]["acc"] == 0.75 and got[("c1", "en", "sw")]["layer"] == 2
+    assert got[("c1", "en", "sw")]["delta"] == pytest.approx(0.75 - 0.7)
+    assert got[("c1", "sw", "en")]["delta"] == pytest.approx(0.6 - 0.9) and got[("c1", "sw", "en")]["layer"] == 1
+    assert got[("c2", "en", "sw")]["layer"] == 1  # ties: the lower layer
+    assert got[("mean", "en", "sw")]["delta"] == pytest.approx((0.75 + 0.8) / 2 - (0.7 + 0.9) / 2)
+    assert got[("mean", "sw", "en")]["delta"] == pytest.approx((0.6 + 0.7) / 2 - (0.9 + 1.0) / 2)
+    assert all(got[(c, x, x)]["delta"] == 0.0 for c in ("c1", "c2", "mean") for x in ("en", "sw"))
+
+
 def test_planted_asymmetric_transfer_shows_with_the_right_sign():
     """High-resource pairs differ along e1 only; low-resource pairs differ along e1 and e2, and the high-resource
     languages carry heavy nuisance variance along e2. The low-resource vectors (e1 + e2) then fail on high-resource
@@ -409,6 +437,19 @@ def test_high_resource_languages_are_configurable_per_model():
     opts = ConceptOptions(high_resource_by_model={"gemma": ("en",)})
     assert opts.high_resource_for("gemma") == {"en"}
     assert "zh" in opts.high_resource_for("llama")
+
+
+def test_languages_excluded_per_model_are_left_out_and_reported():
+    """As the authors' llama_exclude / bloomz_exclude: an excluded language is in no table of that model only."""
+    store = SyntheticStore({"toxicity": dict(zip(LANGS, orthonormal(len(LANGS))))}, {1: 2.0})
+    opts = ConceptOptions(distance_types=("syntactic",), exclude_by_model={"llama": ("sw", "am")})
+    t = analyse_concepts(store.read_layer, "llama", [1], opts)
+    assert set(t["recognition"]["lang"]) == {"en", "de"}
+    assert set(t["transfer"]["source_lang"]) | set(t["transfer"]["target_lang"]) == {"en", "de"}
+    status = t["status"].filter(pl.col("message").str.contains("excluded for this model"))
+    assert set(status["lang"]) == {"sw", "am"}
+    other = analyse_concepts(store.read_layer, "bloomz", [1], opts)
+    assert set(other["recognition"]["lang"]) == set(LANGS)
 
 
 def test_select_concept_vectors_names_missing_layers(planted):

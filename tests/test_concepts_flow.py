@@ -83,6 +83,7 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
         "recognition_best",
         "consistency_summary",
         "transfer_best",
+        "transfer_max",
         "transfer_asymmetry",
         "language_distance",
         "distance_correlation",

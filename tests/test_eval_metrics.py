@@ -162,6 +162,11 @@ def test_safety_tables_count_everything():
     # ASR mean = 1 - mean safety = 1 - (0.5 + 2/3)/2 ; agreement en-zh over g0, g1 (g2 unparsed in en): 1/2
     assert s["mean"] == pytest.approx(1 - (0.5 + 2 / 3) / 2)
     assert s["agreement"] == pytest.approx(0.5) and s["n_pairs"] == 1
+    # the spread in pp² (paper's unit) and side by side in fraction² and pp: safety rates 0.5 and 2/3
+    rates = np.array([0.5, 2 / 3])
+    assert s["variance_pp2"] == pytest.approx(np.var(100 * rates))
+    assert s["variance_fraction2"] == pytest.approx(np.var(rates))
+    assert s["sd_pp"] == pytest.approx(np.std(100 * rates)) and s["variance_ddof"] == 0
     assert {(p["lang_a"], p["lang_b"]): p["n_common"] for p in pairs}[("en", "zh")] == 2
 
 

@@ -72,14 +72,43 @@ def test_over_length_text_truncated_or_refused():
 
     tok = tiny_tokenizer()
     texts = ["short", "x" * 100]
-    ids, n = tokenize_texts(tok, texts, ExtractSpec(max_length=20))
-    assert n == 1 and len(ids[1]) == 20 and ids[1] == tok(texts[1])["input_ids"][-20:]
+    full = tok(texts[1])["input_ids"]
+    ids, n = tokenize_texts(tok, texts, ExtractSpec(max_length=20))  # default: keep the head, as the authors
+    assert n == 1 and ids[1] == full[:20]
+    ids, n = tokenize_texts(tok, texts, ExtractSpec(max_length=20, truncate="tail"))
+    expected_tail = ([full[0]] + full[-19:]) if full[0] == tok.bos_token_id else full[-20:]
+    assert n == 1 and ids[1] == expected_tail
     import pyarrow as pa
 
     meta = pa.table({"row_id": [7, 8], "group_id": ["a", "b"], "lang": ["en", "sw"]})
     with pytest.raises(DataError, match="over extract.max_length=20") as e:
         tokenize_texts(tok, texts, ExtractSpec(max_length=20, on_overflow="error"), meta)
     assert "row_id 8, group_id 'b', lang 'sw'" in str(e.value)
+
+
+def test_templates_per_model_tokenizer_none_and_format_string():
+    from raysafe.extract.config import ExtractSpec
+    from raysafe.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template=True)
+    spec = ExtractSpec(templates={"llama2-chat": "[INST] {text} [/INST] ", "qwen": "none", "gemma": "tokenizer"})
+    assert spec.template_for("llama2-chat") == "[INST] {text} [/INST] " and spec.template_for("other") == "none"
+    assert spec.template_identity("gemma") is True and spec.template_identity("qwen") is False
+    assert ExtractSpec(chat_template=True).template_for("any") == "tokenizer"
+    text = ["hello there"]
+    raw, _ = tokenize_texts(tok, text, spec, template="none")
+    assert raw[0] == tok(text, add_special_tokens=True)["input_ids"][0]
+    inst, _ = tokenize_texts(tok, text, spec, template=spec.template_for("llama2-chat"))
+    assert inst[0] == tok(["[INST] hello there [/INST] "], add_special_tokens=True)["input_ids"][0]
+    own, _ = tokenize_texts(tok, text, spec, template="tokenizer")
+    expected = tok.apply_chat_template(
+        [{"role": "user", "content": text[0]}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert own[0] == list(expected["input_ids"] if isinstance(expected, dict) else expected)
+    with pytest.raises(ValueError, match="format string with"):
+        ExtractSpec(templates={"m": "[INST] {input} [/INST]"})
+    with pytest.raises(DataError, match="has none"):
+        tokenize_texts(tiny_tokenizer(chat_template=False), text, spec, template="tokenizer")
 
 
 def test_missing_model_and_bad_layer(tmp_path, rows_file, tiny_llama_dir):
@@ -113,6 +142,12 @@ def test_activations_of_another_model_under_one_label_are_dropped(tmp_path, rows
     assert any(c.startswith("fingerprint (") for c in changed)
     assert store.done_shards("m") == set() and not store.layer_dir("m", 1, "last").exists()
     assert store.model_info("m")["identity"] == info2["identity"]
+    # the same model extracted with another truncation or template: its activations are redone, the field named
+    tail = cfg_for(rows_file, tiny_llama_dir, extract={"truncate": "tail"})
+    assert any(c.startswith("truncate (") for c in store.claim("m", model_info(tail.models[0], tail, "fp")[0]))
+    label = cfg.models[0].label
+    templ = cfg_for(rows_file, tiny_llama_dir, extract={"templates": {label: "[INST] {text} [/INST] "}})
+    assert any(c.startswith("chat_template (") for c in store.claim("m", model_info(templ.models[0], templ, "fp")[0]))
 
 
 def test_inputs_of_other_texts_are_refused(tmp_path):

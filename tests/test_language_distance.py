@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from raysafe.concepts import language_distance as ld
-from raysafe.errors import ConfigError
+from raysafe.errors import ConfigError, DataError
 
 # The language codes our data use, with the ISO 639-3 code URIEL keys them by.
 EXPECTED_ISO3 = {
@@ -23,7 +23,7 @@ EXPECTED_ISO3 = {
     "de": "deu",
     "ar": "ara",
     "bn": "ben",
-    "sw": "swa",
+    "sw": "swh",  # as Xu et al.'s lang.pt (the standard table: swa, the macrolanguage)
     "ja": "jpn",
     "ur": "urd",
     "ps": "pus",
@@ -83,9 +83,11 @@ def test_mapping_agrees_with_lang2vec_letter_codes():
     with open(ld.lang2vec_data_dir() / "letter_codes.json") as fh:
         letter_codes = json.load(fh)
     for code in EXPECTED_ISO3:
-        assert ld.to_iso639_3(code) == letter_codes[code]
+        assert ld.to_iso639_3(code) == ld.URIEL_CODE_DEFAULTS.get(code, letter_codes[code])
     two_letter = {k: v for k, v in letter_codes.items() if len(k) == 2}
-    assert {k: ld.to_iso639_3(k) for k in two_letter} == two_letter
+    expected = {k: ld.URIEL_CODE_DEFAULTS.get(k, v) for k, v in two_letter.items()}
+    assert {k: ld.to_iso639_3(k) for k in two_letter} == expected
+    assert ld.to_iso639_3("sw", {"sw": "swa"}) == "swa"  # the macrolanguage on request
 
 
 def test_mapping_variants_and_overrides():
@@ -203,3 +205,155 @@ def test_data_dir_override_names_missing_files(monkeypatch, tmp_path):
     with pytest.raises(DataError, match="family_features.npz") as err:
         ld.lang2vec_data_dir()
     assert ld.DATA_ENV in str(err.value)
+
+
+# ------------------------------------------------------------------------------- lang2vec's precomputed values
+# Xu et al.'s 16 languages in the order of their lang.pt, and the upper triangles of four of the matrices their
+# notebook printed from lang2vec.distance (github.com/shaoyangxu/Multilingual-Human-Value-Concepts, commit a39471d,
+# lang2vec_try.ipynb, output of cell 11): row i lists the distances of language i to languages i+1 … 15.
+XU_LANGS = ["ca", "ny", "en", "fr", "id", "pt", "zh", "es", "sw", "ta", "te", "vi", "ja", "ko", "fi", "hu"]
+XU_PRINTED = {
+    "genetic": (
+        "1 0.9 0.4375 1 0.3333 1 0.2308 1 1 1 1 1 1 1 1",
+        "1 1 1 1 1 1 0.4615 1 1 1 1 1 1 1",
+        "0.9 1 0.9 1 0.9 1 1 1 1 1 1 1 1",
+        "1 0.4375 1 0.4375 1 1 1 1 1 1 1 1",
+        "1 1 1 1 1 1 1 1 1 1 1",
+        "1 0.2667 1 1 1 1 1 1 1 1",
+        "1 1 1 1 1 1 1 1 1",
+        "1 1 1 1 1 1 1 1",
+        "1 1 1 1 1 1 1",
+        "0.75 1 1 1 1 1",
+        "1 1 1 1 1",
+        "1 1 1 1",
+        "1 1 1",
+        "1 1",
+        "0.75",
+    ),
+    "geographic": (
+        "0.3 0.1 0 0.6 0 1 0 0.3 0.4 0.4 0.5 0.5 0.5 0.1 0.1",
+        "0.4 0.4 0.4 0.4 1 0.4 0 0.3 0.3 0.4 0.6 0.6 0.4 0.3",
+        "0 0.6 0.1 1 0.1 0.4 0.4 0.4 0.5 0.5 0.4 0.1 0.1",
+        "0.6 0 1 0 0.4 0.4 0.4 0.5 0.5 0.5 0.1 0.1",
+        "0.6 1 0.6 0.4 0.2 0.2 0.1 0.3 0.3 0.5 0.5",
+        "1 0 0.4 0.4 0.4 0.5 0.5 0.5 0.2 0.1",
+        "1 1 1 1 1 1 1 1 1",
+        "0.3 0.4 0.4 0.5 0.5 0.5 0.2 0.1",
+        "0.3 0.3 0.4 0.6 0.5 0.4 0.3",
+        "0 0.2 0.3 0.3 0.4 0.3",
+        "0.1 0.3 0.3 0.3 0.3",
+        "0.2 0.1 0.4 0.4",
+        "0 0.4 0.4",
+        "0.3 0.4",
+        "0.1",
+    ),
+    "syntactic": (
+        "0.58 0.53 0.58 0.61 0.43 0.66 0.54 0.66 0.82 0.8 0.66 0.8 0.75 0.6 0.63",
+        "0.69 0.64 0.57 0.61 0.65 0.65 0.45 0.9 0.92 0.62 0.9 0.9 0.71 0.79",
+        "0.46 0.52 0.47 0.57 0.4 0.71 0.71 0.74 0.57 0.66 0.62 0.53 0.6",
+        "0.56 0.46 0.57 0.41 0.62 0.71 0.76 0.61 0.71 0.69 0.54 0.63",
+        "0.48 0.62 0.57 0.63 0.82 0.82 0.36 0.76 0.7 0.58 0.6",
+        "0.61 0.4 0.61 0.77 0.77 0.57 0.77 0.7 0.52 0.52",
+        "0.56 0.6 0.66 0.7 0.66 0.59 0.57 0.57 0.55",
+        "0.61 0.74 0.79 0.62 0.76 0.68 0.47 0.54",
+        "0.8 0.88 0.69 0.81 0.84 0.69 0.7",
+        "0.32 0.9 0.54 0.57 0.68 0.61",
+        "0.92 0.52 0.55 0.66 0.6",
+        "0.83 0.75 0.66 0.68",
+        "0.4 0.67 0.57",
+        "0.59 0.51",
+        "0.41",
+    ),
+    "phonological": (
+        "0.6162 0.2804 0.3333 0.2804 0.6162 0.6162 0.3613 0.4054 0.6162 0.2163 0.4407 0.4327 0.5 0.2804 0.2048",
+        "0.5687 0.5456 0.5687 0.0002 0.0002 0.5922 0.5687 0.0002 0.641 0.5456 0.6162 0.641 0.5687 0.5922",
+        "0.427 0.2736 0.5687 0.5687 0.3433 0.2736 0.5687 0.3498 0.427 0.5032 0.4638 0.2736 0.3433",
+        "0.427 0.5456 0.5456 0.4788 0.5096 0.5456 0.3918 0.5354 0.4407 0.5804 0.3277 0.2677",
+        "0.5687 0.5687 0.4477 0.2736 0.5687 0.3498 0.3277 0.5032 0.4638 0.2736 0.3433",
+        "0.0002 0.5922 0.5687 0.0002 0.641 0.5456 0.6162 0.641 0.5687 0.5922",
+        "0.5922 0.5687 0.0002 0.641 0.5456 0.6162 0.641 0.5687 0.5922",
+        "0.4477 0.5922 0.4278 0.4788 0.5641 0.5319 0.4477 0.4097",
+        "0.5687 0.4638 0.427 0.5879 0.5582 0.39 0.4477",
+        "0.641 0.5456 0.6162 0.641 0.5687 0.5922",
+        "0.4934 0.5 0.4601 0.3498 0.2952",
+        "0.5295 0.4934 0.427 0.4788",
+        "0.6875 0.5032 0.4717",
+        "0.4638 0.5319",
+        "0.195",
+    ),
+}
+
+
+def _printed(distance_type: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for i, row in enumerate(XU_PRINTED[distance_type]):
+        for j, v in enumerate(row.split(), start=i + 1):
+            out[tuple(sorted((XU_LANGS[i], XU_LANGS[j])))] = float(v)
+    return out
+
+
+@pytest.mark.parametrize("distance_type", list(XU_PRINTED))
+def test_distances_equal_lang2vec_on_all_pairs_of_the_study_languages(distance_type, monkeypatch):
+    """The default (auto → lang2vec when it covers the languages) gives lang2vec's distance() values, as the authors
+    printed them, for every pair of the value-concepts study's 16 languages (Swahili as swh)."""
+    monkeypatch.delenv(ld.DISTANCES_ENV, raising=False)
+    result = ld.language_distances(XU_LANGS, (distance_type,))
+    assert result.missing == {} and result.source == "lang2vec" and result.note == ""
+    got = {(a, b): d for a, b, d in result.table.select("lang_a", "lang_b", "distance").iter_rows()}
+    assert got == pytest.approx(_printed(distance_type), abs=1e-12)
+    assert set(result.table["source"]) == {"lang2vec"}
+    assert dict(zip(result.table["lang_a"], result.table["iso3_a"]))["sw"] == "swh"
+
+
+def test_all_six_lang2vec_types_for_the_study_languages():
+    result = ld.language_distances(XU_LANGS, ld.DISTANCE_TYPES, source="lang2vec")
+    assert result.missing == {} and result.table.height == 6 * 120
+    featural = {
+        (a, b): d
+        for a, b, t, d in result.table.select("lang_a", "lang_b", "distance_type", "distance").iter_rows()
+        if t == "featural"
+    }
+    assert featural[("ca", "ny")] == 0.8 and featural[("en", "fr")] == 0.5
+
+
+def test_auto_falls_back_to_features_for_all_when_lang2vec_does_not_cover_a_language():
+    result = ld.language_distances(["en", "fr", "de"], ("syntactic",))
+    assert (
+        result.source == "uriel_features"
+        and "'de'" in result.note
+        and set(result.table["source"]) == {"uriel_features"}
+    )
+    strict = ld.language_distances(["en", "fr", "de"], ("syntactic",), source="lang2vec")
+    assert strict.table.select("lang_a", "lang_b").rows() == [("en", "fr")]
+    assert "do not cover 'de'" in strict.missing["de"] and "uriel_features" in strict.missing["de"]
+    with pytest.raises(ConfigError, match="distance source"):
+        ld.language_distances(["en", "fr"], ("syntactic",), source="wals")
+
+
+def test_lang2vec_table_reader_indexes_the_upper_triangle_as_lang2vec(tmp_path, monkeypatch):
+    """lang2vec's own table (distances2.zip + distances_languages.txt) is read as its distance() reads it: the value
+    of languages i, j at [min(i, j), max(i, j)] of each type's sparse upper-triangular matrix."""
+    import io
+    import zipfile
+
+    from scipy import sparse
+
+    langs = ["aaa", "eng", "fra", "swh"]
+    (tmp_path / "distances_languages.txt").write_text(",".join(langs) + "\n")
+    upper = np.triu(np.arange(1, 17, dtype=float).reshape(4, 4) / 100, k=1)
+    with zipfile.ZipFile(tmp_path / "distances2.zip", "w") as zp:
+        for t, name in ld.LANG2VEC_DISTANCE_FILES.items():
+            buf = io.BytesIO()
+            sparse.save_npz(buf, sparse.csr_matrix(upper * (1 + ld.DISTANCE_TYPES.index(t))))
+            zp.writestr(name, buf.getvalue())
+    monkeypatch.setenv(ld.DISTANCES_ENV, str(tmp_path))
+    result = ld.language_distances(["sw", "en", "fr"], ("genetic", "featural"))
+    assert result.source == "lang2vec" and str(tmp_path) in ld.precomputed_distances().origin
+    got = {
+        (a, b, t): d for a, b, t, d in result.table.select("lang_a", "lang_b", "distance_type", "distance").iter_rows()
+    }
+    assert got[("en", "fr", "genetic")] == upper[1, 2] and got[("en", "sw", "genetic")] == upper[1, 3]
+    assert got[("fr", "sw", "featural")] == pytest.approx(6 * upper[2, 3])
+    monkeypatch.setenv(ld.DISTANCES_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="distances2.zip"):
+        ld.precomputed_distances()

@@ -41,6 +41,38 @@ def released_value(sigma, tau=TAU, eps=EPS):
     return -(s1 / (tau * s1) - math.log(sum(math.exp(s / (tau * s1 + eps)) for s in sigma)))
 
 
+def released_code_loss(z, tau=TAU):
+    """The authors' released MLC loss, transcribed from github.com/Yuyan-B/MLC src/llamafactory/train/dpo/trainer.py
+    (``_compute_aux_loss``): rows normalised with +1e-12, SVD in float32, singular values divided by the detached
+    top one (+1e-12), over τ, cross-entropy with target 0."""
+    zc = z / (z.norm(dim=-1, keepdim=True) + 1e-12)
+    svals = torch.linalg.svd(zc.to(torch.float32), full_matrices=False)[1]
+    stop = svals[..., :1].detach()
+    logits = (svals / (stop + 1e-12) / tau).reshape(-1, svals.size(-1))
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(logits.size(0), dtype=torch.long))
+
+
+def test_default_is_the_released_code_loss_value_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 16, generator=g)
+    ours = z.clone().requires_grad_(True)
+    ref = z.clone().requires_grad_(True)
+    mine = mlc_loss(ours).loss  # defaults: tau 0.2, eps 0, released form
+    theirs = released_code_loss(ref)
+    mine.backward()
+    theirs.backward()
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    assert MLCConfig().eps == 0.0
+
+
+def test_eps_lowers_the_loss_by_its_documented_bound():
+    z = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    base = mlc_loss(z, TAU, 0.0).loss.item()
+    shifted = mlc_loss(z, TAU, 1e-3).loss.item()
+    assert 0.0 < base - shifted <= 1e-3 / TAU**2
+
+
 def plain_value(sigma, tau=TAU):
     return -(sigma[0] / tau - math.log(sum(math.exp(s / tau) for s in sigma)))
 

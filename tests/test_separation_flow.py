@@ -88,7 +88,7 @@ def test_extraction_then_analysis_writes_tables_figures_report(flow_run):
     assert all(p.exists() and p.stat().st_size > 5000 for p in res.figures)
     report = res.report.read_text(encoding="utf-8")
     assert "![curves_base](figures/curves_base.png)" in report
-    assert "### Bhattacharyya distance (`bhattacharyya`)" in report and "## Detox displacement" in report
+    assert "### Bhattacharyya distance (`bhattacharyya`, unit: nats)" in report and "## Detox displacement" in report
 
 
 def test_mismatched_layers_are_marked_and_the_rest_completes(flow_run, caplog):

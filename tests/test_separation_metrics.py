@@ -88,6 +88,22 @@ def test_bhattacharyya_matches_closed_form_at_5000_per_class(shrinkage):
     assert abs(est - truth) / truth < 0.02, (est, truth)
 
 
+@pytest.mark.parametrize("seed,n0,n1,k", [(0, 200, 150, 4), (1, 40, 60, 10), (2, 500, 500, 2)])
+def test_default_bhattacharyya_is_the_plain_closed_form_on_the_sample_moments(seed, n0, n1, k):
+    """The default is the paper's plain closed form (no shrinkage) on each class's biased sample covariance, as a
+    float64 numpy reference computes it; Ledoit-Wolf shrinkage gives another value (it is an option)."""
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(k, k))
+    Z0 = rng.normal(size=(n0, k)) @ A
+    Z1 = rng.normal(size=(n1, k)) @ (A + 0.5 * rng.normal(size=(k, k))) + rng.normal(size=k)
+    ref = _closed_form_bd(Z0.mean(0), np.cov(Z0.T, bias=True), Z1.mean(0), np.cov(Z1.T, bias=True))
+    Z = torch.tensor(np.concatenate([Z0, Z1]))
+    y = torch.tensor(np.r_[np.zeros(n0), np.ones(n1)].astype(int))
+    assert bhattacharyya_distance(Z, y) == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    assert cell_metrics(Z, y, bootstrap=0)["bhattacharyya"].value == pytest.approx(ref, rel=1e-10)
+    assert bhattacharyya_distance(Z, y, "ledoit_wolf") != pytest.approx(ref, rel=1e-6)
+
+
 def test_bhattacharyya_of_identical_gaussians_is_near_zero_and_grows_with_the_gap():
     X, y = _two_classes(3000, 3000, 5, 0.0)
     X2, _ = _two_classes(3000, 3000, 5, 2.0)
@@ -285,8 +301,11 @@ def test_cell_metrics_with_one_class_is_skipped():
 def test_cell_metrics_small_class_is_degraded_but_computed():
     X, y = _two_classes(3, 30, 6, 2.0)
     out = cell_metrics(torch.tensor(X), torch.tensor(y), X=torch.tensor(X), bootstrap=10, probe_folds=5)
-    assert out["bhattacharyya"].status == "degraded" and math.isfinite(out["bhattacharyya"].value)
-    assert "rank-deficient" in out["bhattacharyya"].message
+    # the default closed form is undefined for a class of 3 items in 6 dimensions: marked, and the fix named
+    assert out["bhattacharyya"].status == "degraded" and out["bhattacharyya"].value is None
+    assert "rank-deficient" in out["bhattacharyya"].message and "ledoit_wolf" in out["bhattacharyya"].message
+    lw = cell_metrics(torch.tensor(X), torch.tensor(y), bootstrap=10, shrinkage="ledoit_wolf")["bhattacharyya"]
+    assert lw.status == "degraded" and math.isfinite(lw.value) and "held finite only by shrinkage" in lw.message
     assert out["probe_accuracy"].status == "degraded" and "3-fold" in out["probe_accuracy"].message
     assert out["silhouette_euclidean"].status == "ok"
 

@@ -37,7 +37,7 @@ LAYERS = (0, 1, 2, 3)
 D = 24
 N = 120  # items per language (half toxic)
 # planted separation of the aligned model at the last layer: English strong, German weak, Chinese none
-STRENGTH = {"en": 4.0, "de": 1.0, "zh": 0.0}
+STRENGTH = {"en": 4.0, "de": 2.0, "zh": 0.0}
 FAST = SeparationOptions(k=6, bootstrap=30, probe_folds=3)
 
 
@@ -199,8 +199,27 @@ def test_fewer_items_than_pca_dimensions_is_degraded():
     assert set(zh["status"]) == {"degraded"}
     assert (zh["k"] == 5).all()
     assert all("keeps 5 instead of 10" in m and "'zh'" in m for m in zh["message"])
-    assert math.isfinite(_value(t, "aligned", "zh", 2, "bhattacharyya"))
+    # the default plain closed form is undefined for 3 items per class in 5 dimensions: no value, the fix named
+    assert _value(t, "aligned", "zh", 2, "bhattacharyya") is None
     assert set(_cell(t, "aligned", "en", 2)["status"]) == {"ok"}
+    lw = analyse_separation(
+        store, ["aligned"], [2], opts.model_copy(update={"shrinkage": "ledoit_wolf"}), progress=False
+    )
+    assert math.isfinite(_value(lw, "aligned", "zh", 2, "bhattacharyya"))
+    bd = lw.filter(pl.col("metric") == "bhattacharyya")
+    assert set(bd["shrinkage"]) == {"ledoit_wolf"}  # the table names the option when used
+
+
+def test_table_names_units_and_the_bhattacharyya_estimator(clean_table):
+    t = clean_table
+    assert set(t.filter(pl.col("metric") == "bhattacharyya")["shrinkage"]) == {"none"}
+    assert (
+        t.filter(pl.col("metric") != "bhattacharyya")["shrinkage"].null_count()
+        == t.filter(pl.col("metric") != "bhattacharyya").height
+    )
+    units = dict(t.select("metric", "unit").unique().iter_rows())
+    assert units["between_var_ratio"].startswith("fraction") and units["bhattacharyya"] == "nats"
+    assert t["unit"].null_count() == 0
 
 
 def test_non_finite_vectors_are_dropped_and_other_languages_are_untouched():

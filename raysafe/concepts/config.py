@@ -24,7 +24,7 @@ from raysafe.config import (
 )
 from raysafe.extract.config import ExtractSpec
 
-DistanceType = Literal["genetic", "geographic", "syntactic", "phonological", "inventory"]
+DistanceType = Literal["genetic", "geographic", "syntactic", "phonological", "inventory", "featural"]
 
 
 class ConceptAnalysisSpec(Strict):
@@ -44,13 +44,21 @@ class ConceptAnalysisSpec(Strict):
     selection_folds: int = Field(5, ge=2, description="folds of the train-only cross-validation that picks layers")
     distance_types: list[DistanceType] = Field(list(DEFAULT_DISTANCE_TYPES), min_length=1)
     iso3_overrides: dict[str, str] = Field(
-        default_factory=dict, description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn}"
+        default_factory=dict, description="ISO 639-3 code per language code for URIEL, e.g. {zh: cmn} (sw → swh)"
+    )
+    distance_source: Literal["auto", "lang2vec", "uriel_features"] = Field(
+        "auto",
+        description="lang2vec: its precomputed distance() values (the paper); uriel_features: re-derived from URIEL "
+        "features (every language); auto: lang2vec when it covers all languages, else uriel_features",
     )
     similarity_summary: Literal["max_over_layers", "best_layer"] = Field(
         "max_over_layers", description="which similarity per language pair enters the distance correlation"
     )
     high_resource: list[str] = Field(list(DEFAULT_HIGH_RESOURCE))
     high_resource_by_model: dict[str, list[str]] = Field(default_factory=dict)
+    exclude_by_model: dict[str, list[str]] = Field(
+        default_factory=dict, description="languages left out of the analysis of a model (by model label)"
+    )
     logistic_C: float = Field(1.0, gt=0)
     seed: int = 0
 
@@ -61,8 +69,10 @@ class ConceptAnalysisSpec(Strict):
             selection_folds=self.selection_folds,
             high_resource=tuple(self.high_resource),
             high_resource_by_model={k: tuple(v) for k, v in self.high_resource_by_model.items()},
+            exclude_by_model={k: tuple(v) for k, v in self.exclude_by_model.items()},
             distance_types=tuple(self.distance_types),
             iso3_overrides=dict(self.iso3_overrides),
+            distance_source=self.distance_source,
             similarity_summary=self.similarity_summary,
             num_layers=num_layers,
             keep_vectors=True,
@@ -122,6 +132,16 @@ class ConceptsConfig(Strict):
                 f"the concept flow reads concept pairs; fixture {self.data.name!r} holds none "
                 "(use name: concept_pairs, or a file/hub source with the concept-pairs columns)"
             )
+        labels = {m.label for m in self.models}
+        for field_name in ("high_resource_by_model", "exclude_by_model"):
+            unknown = sorted(set(getattr(self.analysis, field_name)) - labels)
+            if unknown:
+                raise ValueError(
+                    f"analysis.{field_name} names models {unknown} that are not in `models` ({sorted(labels)})"
+                )
+        unknown = sorted(set(self.extract.templates) - labels)
+        if unknown:
+            raise ValueError(f"extract.templates names models {unknown} that are not in `models` ({sorted(labels)})")
         if self.extract.layers != "all" or self.extract.positions != ["last"]:
             raise ValueError(
                 "set the layers with the top-level `layers` and the position with `position`; "

@@ -161,7 +161,8 @@ def plan_layers(requested: list[int] | str, n_layers: int) -> tuple[list[int], l
 def extract_config(
     cfg: ConceptsConfig, spec: ModelSpec, layers: list[int] | str, positions: list[str]
 ) -> ExtractConfig:
-    ex = cfg.extract.model_copy(update={"layers": layers, "positions": positions})
+    templates = {k: v for k, v in cfg.extract.templates.items() if k == spec.label}
+    ex = cfg.extract.model_copy(update={"layers": layers, "positions": positions, "templates": templates})
     return ExtractConfig(
         models=[spec],
         data=concept_source(cfg),

@@ -1,8 +1,23 @@
-"""Typological distances between languages from URIEL, read offline from the data files lang2vec ships.
+"""Typological distances between languages from URIEL, offline.
 
-The PyPI release of lang2vec (1.1.2) has no distance functions and its module imports ``pkg_resources`` (gone from
-recent setuptools), so this module reads lang2vec's ``.npz`` files directly with numpy and computes the URIEL
-distances itself:
+Two sources (``source`` of :func:`language_distances`):
+
+* ``lang2vec`` — lang2vec's precomputed distances, the values of ``lang2vec.distance(type, ...)`` that Xu et al.
+  (EMNLP 2024 Findings) correlate with (github.com/shaoyangxu/Multilingual-Human-Value-Concepts,
+  ``lang2vec_try.ipynb`` → ``lang_sim.pt``): ``genetic``, ``geographic`` (rounded to 0.1), ``syntactic`` (rounded to
+  0.01), ``phonological``, ``inventory``, ``featural`` (rounded to 0.1). Read from lang2vec's own table
+  (``data/distances2.zip`` + ``distances_languages.txt`` of lang2vec ≥ 1.1.6, found in the installed package or in
+  ``$RAYSAFE_LANG2VEC_DISTANCES``) exactly as its ``distance()`` reads it, else from the values bundled here
+  (``lang2vec_distances.json``: the authors' ``lang_sim.pt`` for their 16 languages). The PyPI release of lang2vec
+  (1.1.2) ships neither the table nor ``distance()``.
+* ``uriel_features`` — re-derived from the URIEL feature files lang2vec 1.1.2 ships (below). These are not lang2vec's
+  precomputed values (on the authors' 16 languages their Pearson correlation with them is 0.54 for geographic, 0.30
+  for phonological, 0.90 for syntactic), but they cover every language URIEL has features for.
+* ``auto`` (the concept flow's default) — ``lang2vec`` when it covers every language asked for, else
+  ``uriel_features`` for all of them (never a mix); the table's ``source`` column says which was used.
+
+The feature files are read directly with numpy (lang2vec's module imports ``pkg_resources``, gone from recent
+setuptools), and the ``uriel_features`` distances are:
 
 * ``syntactic``, ``phonological``, ``inventory``: cosine distance ``1 - cos(u, v)`` between the k-NN-predicted URIEL
   feature vectors (lang2vec feature sets ``syntax_knn``, ``phonology_knn``, ``inventory_knn``; complete, no gaps).
@@ -14,11 +29,13 @@ distances itself:
 
 Our data carry ISO 639-1 codes where one exists; URIEL is keyed by ISO 639-3, so codes are mapped with
 :func:`to_iso639_3` (the ISO 639-1 -> 639-3 correspondence, macrolanguage codes for macrolanguages, e.g. ``zh`` ->
-``zho``, ``ar`` -> ``ara``; override per code, e.g. ``{"zh": "cmn"}``).
+``zho``, ``ar`` -> ``ara``, except Swahili: ``sw`` -> ``swh`` as the authors' ``lang.pt``; override per code, e.g.
+``{"zh": "cmn"}``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -29,8 +46,25 @@ import polars as pl
 
 from raysafe.errors import ConfigError, DataError
 
-DISTANCE_TYPES: tuple[str, ...] = ("genetic", "geographic", "syntactic", "phonological", "inventory")
+DISTANCE_TYPES: tuple[str, ...] = ("genetic", "geographic", "syntactic", "phonological", "inventory", "featural")
 DEFAULT_DISTANCE_TYPES: tuple[str, ...] = ("genetic", "geographic", "syntactic", "phonological")
+DISTANCE_SOURCES: tuple[str, ...] = ("auto", "lang2vec", "uriel_features")
+
+#: Where a language tag maps to another ISO 639-3 code than the standard's table for URIEL: Swahili is ``swh``
+#: (individual language) in Xu et al.'s lang.pt, not the macrolanguage ``swa``.
+URIEL_CODE_DEFAULTS: dict[str, str] = {"sw": "swh"}
+
+#: lang2vec's precomputed distance files inside ``distances2.zip`` (lang2vec.lang2vec.map_distance_to_filename).
+LANG2VEC_DISTANCE_FILES: dict[str, str] = {
+    "genetic": "genetic_upper_sparse.npz",
+    "geographic": "geographic_upper_round1_sparse.npz",
+    "syntactic": "syntactic_upper_round2_sparse.npz",
+    "inventory": "inventory_upper_sparse.npz",
+    "phonological": "phonological_upper_sparse.npz",
+    "featural": "featural_upper_round1_sparse.npz",
+}
+BUNDLED_DISTANCES = Path(__file__).with_name("lang2vec_distances.json")
+DISTANCES_ENV = "RAYSAFE_LANG2VEC_DISTANCES"
 
 # distance type -> (lang2vec data file, feature-name prefix selecting its columns)
 _FEATURE_SOURCES: dict[str, tuple[str, str]] = {
@@ -267,6 +301,8 @@ def to_iso639_3(code: str, overrides: dict[str, str] | None = None) -> str | Non
     primary = code.strip().replace("_", "-").split("-")[0].lower()
     if primary in overrides:
         return overrides[primary]
+    if primary in URIEL_CODE_DEFAULTS:
+        return URIEL_CODE_DEFAULTS[primary]
     if len(primary) == 2:
         return ISO639_1_TO_3.get(primary)
     if len(primary) == 3 and primary.isalpha():
@@ -338,7 +374,7 @@ def _load_feature_table(distance_type: str) -> _FeatureTable:
 
 
 def _check_distance_type(distance_type: str) -> None:
-    if distance_type not in _FEATURE_SOURCES:
+    if distance_type not in DISTANCE_TYPES:
         raise ConfigError(
             f"unknown distance type {distance_type!r}",
             where="language distance",
@@ -350,6 +386,8 @@ def uriel_vector(iso3: str, distance_type: str) -> np.ndarray | None:
     """The URIEL feature vector behind ``distance_type`` for an ISO 639-3 code, or ``None`` when URIEL has no
     value for any of its features (or does not know the language)."""
     _check_distance_type(distance_type)
+    if distance_type not in _FEATURE_SOURCES:
+        return None  # featural: only precomputed by lang2vec (source lang2vec)
     table = _load_feature_table(distance_type)
     row = table.index.get(iso3)
     if row is None:
@@ -413,6 +451,93 @@ def pair_distance(iso3_a: str, iso3_b: str, distance_type: str) -> float | None:
     return cosine_distance(np.clip(va, 0, None), np.clip(vb, 0, None))
 
 
+# ------------------------------------------------------------------------------------ lang2vec's precomputed
+@dataclass(frozen=True)
+class PrecomputedDistances:
+    """lang2vec's precomputed distances: where they come from, the ISO 639-3 codes they cover, and a lookup."""
+
+    origin: str
+    languages: frozenset[str]
+    _values: Callable[[str, str, str], float]
+
+    def value(self, iso3_a: str, iso3_b: str, distance_type: str) -> float:
+        """The distance of ``distance_type`` between two covered languages (0 for a language with itself)."""
+        return 0.0 if iso3_a == iso3_b else self._values(iso3_a, iso3_b, distance_type)
+
+
+def _lang2vec_table_dir() -> Path | None:
+    """The directory holding lang2vec's ``distances2.zip`` and ``distances_languages.txt``: ``$RAYSAFE_LANG2VEC_
+    DISTANCES`` if set (an error if the files are not there), else the installed lang2vec's data directory when it
+    ships them (lang2vec ≥ 1.1.6), else None."""
+    import os
+
+    override = os.environ.get(DISTANCES_ENV)
+    if override:
+        path = Path(override).expanduser()
+        missing = [f for f in ("distances2.zip", "distances_languages.txt") if not (path / f).is_file()]
+        if missing:
+            raise DataError(
+                f"lang2vec's precomputed distance files {missing} are missing",
+                where=f"${DISTANCES_ENV}={override}",
+                fix="point it at lang2vec's data directory (lang2vec >= 1.1.6 from its repository), or unset it",
+            )
+        return path
+    try:
+        path = lang2vec_data_dir()
+    except DataError:
+        return None
+    return path if (path / "distances2.zip").is_file() and (path / "distances_languages.txt").is_file() else None
+
+
+def read_lang2vec_table(directory: Path) -> PrecomputedDistances:
+    """lang2vec's precomputed table as ``lang2vec.distance`` reads it: languages from the first line of
+    ``distances_languages.txt``, one upper-triangular sparse matrix per type in ``distances2.zip``, the value of
+    languages i, j at ``[min(i, j), max(i, j)]``."""
+    import zipfile
+
+    from scipy import sparse
+
+    languages = (directory / "distances_languages.txt").read_text().splitlines()[0].strip().split(",")
+    index = {c: i for i, c in enumerate(languages)}
+    matrices: dict[str, object] = {}
+
+    def values(a: str, b: str, distance_type: str) -> float:
+        if distance_type not in matrices:
+            with zipfile.ZipFile(directory / "distances2.zip") as zp:
+                matrices[distance_type] = sparse.load_npz(zp.open(LANG2VEC_DISTANCE_FILES[distance_type])).tocsr()
+        i, j = sorted((index[a], index[b]))
+        return float(matrices[distance_type][i, j])
+
+    return PrecomputedDistances(f"lang2vec {directory / 'distances2.zip'}", frozenset(languages), values)
+
+
+def read_bundled_table(path: Path = BUNDLED_DISTANCES) -> PrecomputedDistances:
+    """The lang2vec distances bundled with raysafe (Xu et al.'s ``lang_sim.pt``: 16 languages, 6 types)."""
+    import json
+
+    data = json.loads(path.read_text())
+    table = {(t, *sorted((a, b))): float(v) for t, rows in data["pairs"].items() for a, b, v in rows}
+    langs = frozenset(data["codes"].values())
+    return PrecomputedDistances(
+        f"lang2vec values bundled in {path.name} ({len(langs)} languages of Xu et al.)",
+        langs,
+        lambda a, b, t: table[(t, *sorted((a, b)))],
+    )
+
+
+@lru_cache(maxsize=4)
+def _precomputed(env_value: str | None) -> PrecomputedDistances:
+    directory = _lang2vec_table_dir()
+    return read_lang2vec_table(directory) if directory is not None else read_bundled_table()
+
+
+def precomputed_distances() -> PrecomputedDistances:
+    """lang2vec's precomputed distances: its own table when installed or pointed at, else the bundled values."""
+    import os
+
+    return _precomputed(os.environ.get(DISTANCES_ENV))
+
+
 @dataclass(frozen=True)
 class LanguageDistances:
     """Pairwise distances (one row per unordered language pair and distance type) and, per language left out,
@@ -420,6 +545,8 @@ class LanguageDistances:
 
     table: pl.DataFrame
     missing: dict[str, str]
+    source: str = "uriel_features"
+    note: str = ""
 
 
 DISTANCE_SCHEMA = {
@@ -429,6 +556,7 @@ DISTANCE_SCHEMA = {
     "iso3_b": pl.String,
     "distance_type": pl.String,
     "distance": pl.Float64,
+    "source": pl.String,
 }
 
 
@@ -436,33 +564,69 @@ def language_distances(
     langs: list[str],
     distance_types: tuple[str, ...] | list[str] = DEFAULT_DISTANCE_TYPES,
     iso3_overrides: dict[str, str] | None = None,
+    source: str = "auto",
 ) -> LanguageDistances:
-    """Distances between every unordered pair of ``langs`` (codes as in our data) for each distance type.
+    """Distances between every unordered pair of ``langs`` (codes as in our data) for each distance type, from
+    ``source`` (module docstring: ``lang2vec``, ``uriel_features`` or ``auto``).
 
-    A language that cannot be mapped to ISO 639-3, or that URIEL has no data for (for one distance type or all),
-    is left out of that type's pairs and named in ``missing`` with the reason; nothing is raised for it.
-    Rows have ``lang_a < lang_b`` in the order of ``sorted(langs)``.
+    A language that cannot be mapped to ISO 639-3, that the source does not cover, or that URIEL has no data for
+    (for one distance type or all), is left out of that type's pairs and named in ``missing`` with the reason;
+    nothing is raised for it. Rows have ``lang_a < lang_b`` in the order of ``sorted(langs)``.
     """
     for dt in distance_types:
         _check_distance_type(dt)
+    if source not in DISTANCE_SOURCES:
+        raise ConfigError(
+            f"unknown distance source {source!r}",
+            where="analysis.distance_source",
+            fix=f"use one of {DISTANCE_SOURCES}",
+        )
     ordered = sorted(dict.fromkeys(langs))
     iso = {lang: to_iso639_3(lang, iso3_overrides) for lang in ordered}
     missing: dict[str, str] = {}
+
+    def leave_out(lang: str, reason: str) -> None:
+        missing[lang] = f"{missing[lang]}; {reason}" if lang in missing else reason
+
     for lang, code in iso.items():
         if code is None:
-            missing[lang] = f"language {lang!r} has no ISO 639-3 equivalent known here; left out of URIEL distances"
+            leave_out(lang, f"language {lang!r} has no ISO 639-3 equivalent known here; left out of URIEL distances")
+    mapped = [lang for lang in ordered if iso[lang] is not None]
+    note = ""
+    pre = precomputed_distances() if source in ("auto", "lang2vec") else None
+    if source == "auto":
+        uncovered = [lang for lang in mapped if iso[lang] not in pre.languages]
+        if uncovered:
+            note = (
+                f"lang2vec's precomputed distances ({pre.origin}) do not cover {uncovered}: all distances re-derived "
+                f"from URIEL features instead (set {DISTANCES_ENV} to lang2vec's table for the authors' values)"
+            )
+            pre = None
+    used = "lang2vec" if pre is not None else "uriel_features"
     rows: list[dict] = []
     for dt in distance_types:
         usable = []
-        for lang in ordered:
-            if iso[lang] is None:
-                continue
-            if uriel_vector(iso[lang], dt) is None:
-                reason = f"URIEL has no {dt} data for {lang!r} (ISO 639-3 {iso[lang]!r}); left out of {dt} distances"
-                missing[lang] = f"{missing[lang]}; {reason}" if lang in missing else reason
+        for lang in mapped:
+            if pre is not None:
+                if iso[lang] not in pre.languages:
+                    leave_out(
+                        lang,
+                        f"lang2vec's precomputed distances ({pre.origin}) do not cover {lang!r} (ISO 639-3 "
+                        f"{iso[lang]!r}); left out of {dt} distances (source uriel_features covers more languages)",
+                    )
+                    continue
+            elif uriel_vector(iso[lang], dt) is None:
+                why = "is only precomputed by lang2vec (source lang2vec)" if dt == "featural" else "data"
+                leave_out(
+                    lang,
+                    f"URIEL has no {dt} data for {lang!r} (ISO 639-3 {iso[lang]!r}); left out of {dt} distances"
+                    if why == "data"
+                    else f"{dt} distance {why}; {lang!r} left out of {dt} distances",
+                )
                 continue
             usable.append(lang)
         for a, b in combinations(usable, 2):
+            d = pre.value(iso[a], iso[b], dt) if pre is not None else pair_distance(iso[a], iso[b], dt)
             rows.append(
                 {
                     "lang_a": a,
@@ -470,7 +634,9 @@ def language_distances(
                     "iso3_a": iso[a],
                     "iso3_b": iso[b],
                     "distance_type": dt,
-                    "distance": pair_distance(iso[a], iso[b], dt),
+                    "distance": d,
+                    "source": used,
                 }
             )
-    return LanguageDistances(table=pl.DataFrame(rows, schema=DISTANCE_SCHEMA), missing=missing)
+    table = pl.DataFrame(rows, schema=DISTANCE_SCHEMA)
+    return LanguageDistances(table=table, missing=missing, source=used, note=note)

@@ -202,16 +202,22 @@ def plot_similarity_vs_distance(
     return paths
 
 
-def plot_transfer(transfer_best: pl.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_transfer(transfer_best: pl.DataFrame, out_dir: str | Path, summary: str = "selected") -> list[Path]:
     """Heatmap of acc(A->B) - acc(B->B) (source A in rows, target B in columns) per concept and averaged, on a
-    diverging scale centred at 0."""
+    diverging scale centred at 0; ``summary="selected"`` for ``transfer_best`` (each concept's train-selected
+    layer, files ``transfer_<concept>.png``), ``"max"`` for ``transfer_max`` (max over layers, the paper's,
+    files ``transfer_max_<concept>.png``)."""
     out, paths = Path(out_dir), []
+    prefix = "transfer_max" if summary == "max" else "transfer"
     for (model, concept), part in transfer_best.group_by(["model", "concept"], maintain_order=True):
         langs, m = _matrix(part.select("source_lang", "target_lang", "delta").rows(), symmetric=False)
         span = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 0.0
         span = max(span, 1e-3)
         layer = part["layer"][0]
-        where = "mean over concepts" if concept == MEAN else f"layer {layer}"
+        if summary == "max":
+            where = "max over layers" + (", mean over concepts" if concept == MEAN else "")
+        else:
+            where = "mean over concepts" if concept == MEAN else f"layer {layer}"
         fig = Figure(figsize=(0.45 * len(langs) + 3, 0.45 * len(langs) + 2.2))
         _heatmap(
             fig,
@@ -224,7 +230,7 @@ def plot_transfer(transfer_best: pl.DataFrame, out_dir: str | Path) -> list[Path
             ylabel="source A (vector)",
             cbar="accuracy difference",
         )
-        paths.append(_save(fig, out / f"transfer_{_slug(concept)}.png"))
+        paths.append(_save(fig, out / f"{prefix}_{_slug(concept)}.png"))
     return paths
 
 
@@ -305,6 +311,8 @@ def plot_concepts(
         )
     if tables["transfer_best"].height:
         figs["transfer"] = plot_transfer(tables["transfer_best"], out)
+    if tables.get("transfer_max") is not None and tables["transfer_max"].height:
+        figs["transfer_max"] = plot_transfer(tables["transfer_max"], out, summary="max")
     if steering is not None and steering.height:
         figs["steering"] = plot_steering(steering, out)
     if judged is not None and judged.height:

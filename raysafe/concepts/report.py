@@ -121,6 +121,12 @@ def write_concept_report(
         "languages:\n\n" + markdown_table(tables["transfer_asymmetry"].drop("model"))
     )
     parts.append(_links(figs.get("transfer", []), root))
+    if figs.get("transfer_max"):
+        parts.append(
+            "\nThe paper's matrix beside it (`transfer_max`): max over layers of acc(A→B) − max over layers of "
+            "acc(B→B), layers chosen on the test pairs:\n"
+        )
+        parts.append(_links(figs["transfer_max"], root))
     if steering is not None:
         parts.append("\n## Cross-lingual control (steering)\n")
         parts.append(

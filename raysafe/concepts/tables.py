@@ -20,6 +20,7 @@ Tables returned (every one carries ``model``):
 ``consistency_curve`` per (concept | "mean", layer): mean cosine over language pairs
 ``transfer``         per layer: acc(A->B), acc(B->B), delta = acc(A->B) - acc(B->B)
 ``transfer_best``    delta per (concept | "mean", source, target) at each concept's train-selected layer
+``transfer_max``     the paper's matrix: max over layers of acc(A->B) minus max over layers of acc(B->B)
 ``transfer_asymmetry`` per concept | "mean": mean delta of high->low vs low->high pairs
 ``language_distance`` URIEL distances per language pair and distance type
 ``distance_pairs``   similarity and 1 - distance per (concept | "mean", lang pair, distance type), pair_group
@@ -42,6 +43,7 @@ from raysafe.concepts import vectors as C
 from raysafe.concepts.language_distance import (
     DEFAULT_DISTANCE_TYPES,
     DISTANCE_SCHEMA,
+    DISTANCE_SOURCES,
     DISTANCE_TYPES,
     LanguageDistances,
     language_distances,
@@ -65,8 +67,10 @@ class ConceptOptions:
     method: ``mean_diff`` (paper) | ``pca`` (RepE-style) | ``logistic``; min_pairs: least number of pairs a
     (concept, language) needs in each split; selection_folds: folds of the train-only cross-validation that picks
     layers; high_resource / high_resource_by_model: which languages count as high-resource (per model name, falling
-    back to ``high_resource``); distance_types: URIEL distances to correlate with; iso3_overrides: ISO 639-3 code per
-    language code where the default mapping is not wanted (e.g. ``{"zh": "cmn"}``); similarity_summary: which
+    back to ``high_resource``); exclude_by_model: languages left out per model (as Xu et al.'s utils.py
+    ``llama_exclude`` / ``qwen_exclude`` / ``bloomz_exclude``); distance_types: URIEL distances to correlate with; iso3_overrides: ISO 639-3 code per
+    language code where the default mapping is not wanted (e.g. ``{"zh": "cmn"}``); distance_source: ``auto`` |
+    ``lang2vec`` (its precomputed distances, as the paper) | ``uriel_features`` (language_distance); similarity_summary: which
     similarity per language pair enters the distance correlation (``max_over_layers`` | ``best_layer``);
     num_layers: when given, layers outside ``0..num_layers`` are reported instead of read; keep_vectors: return the
     vectors themselves; logistic_C, seed: for the logistic probe and the CV folds.
@@ -77,8 +81,10 @@ class ConceptOptions:
     selection_folds: int = 5
     high_resource: tuple[str, ...] = DEFAULT_HIGH_RESOURCE
     high_resource_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    exclude_by_model: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     distance_types: tuple[str, ...] = DEFAULT_DISTANCE_TYPES
     iso3_overrides: Mapping[str, str] = field(default_factory=dict)
+    distance_source: str = "auto"
     similarity_summary: str = "max_over_layers"
     num_layers: int | None = None
     keep_vectors: bool = True
@@ -103,6 +109,12 @@ class ConceptOptions:
                 where="ConceptOptions.distance_types",
                 fix=f"use some of {', '.join(DISTANCE_TYPES)}",
             )
+        if self.distance_source not in DISTANCE_SOURCES:
+            raise ConfigError(
+                f"unknown distance source {self.distance_source!r}",
+                where="ConceptOptions.distance_source",
+                fix=f"use one of {', '.join(DISTANCE_SOURCES)}",
+            )
         if self.similarity_summary not in ("max_over_layers", "best_layer"):
             raise ConfigError(
                 f"unknown similarity_summary {self.similarity_summary!r}",
@@ -115,6 +127,10 @@ class ConceptOptions:
     def high_resource_for(self, model: str) -> set[str]:
         """The high-resource language codes for ``model``."""
         return set(self.high_resource_by_model.get(model, self.high_resource))
+
+    def excluded_for(self, model: str) -> frozenset[str]:
+        """Languages left out of every analysis of ``model`` (``exclude_by_model``; none by default)."""
+        return frozenset(self.exclude_by_model.get(model, ()))
 
 
 # ----------------------------------------------------------------------------------------------- pair index
@@ -162,9 +178,10 @@ def validate_meta(meta: pl.DataFrame, X: np.ndarray, where: str) -> None:
         )
 
 
-def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
+def build_pair_index(meta: pl.DataFrame, min_pairs: int, exclude: frozenset[str] = frozenset()) -> PairIndex:
     """Match the two sides of each pair by (concept, group_id, lang), drop incomplete or duplicated pairs
-    (reported), and mark (concept, lang) usable when both splits have at least ``min_pairs`` pairs."""
+    (reported), and mark (concept, lang) usable when both splits have at least ``min_pairs`` pairs and the language
+    is not in ``exclude`` (excluded languages get a status row)."""
     m = meta.select(META_COLUMNS).with_row_index("_row")
     grouped = (
         m.group_by(["concept", "lang", "group_id"])
@@ -206,7 +223,15 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int) -> PairIndex:
         )
     usable: dict[str, list[str]] = {}
     combos = m.select("concept", "lang").unique().sort(["concept", "lang"])
+    for lang in sorted(exclude & set(combos["lang"].to_list())):
+        problems.append(
+            _status(
+                "concept", None, lang, None, f"language {lang!r} excluded for this model (analysis.exclude_by_model)"
+            )
+        )
     for concept, lang in combos.iter_rows():
+        if lang in exclude:
+            continue
         n_train = len(pairs.get((concept, lang, "train"), ((), ()))[0])
         n_test = len(pairs.get((concept, lang, "test"), ((), ()))[0])
         if n_train >= min_pairs and n_test >= min_pairs:
@@ -430,7 +455,7 @@ def analyse_concepts(
         where = f"model {model!r}, layer {layer}"
         validate_meta(meta, X, where)
         if index is None:
-            index = build_pair_index(meta, options.min_pairs)
+            index = build_pair_index(meta, options.min_pairs, options.excluded_for(model))
             first_rows = meta["row_id"]
             acc.status.extend(index.problems)
         elif not meta["row_id"].equals(first_rows):
@@ -484,11 +509,12 @@ def _assemble(
     tables["consistency_summary"] = consistency_summary(tables["consistency"], layer_of)
     tables["consistency_curve"] = consistency_curve(tables["consistency"])
     tables["transfer_best"] = transfer_best(tables["transfer"], layer_of)
+    tables["transfer_max"] = transfer_max(tables["transfer"])
     high = options.high_resource_for(model)
     tables["transfer_asymmetry"] = transfer_asymmetry_table(tables["transfer_best"], high)
     langs = sorted({lang for ls in (index.usable.values() if index else []) for lang in ls})
     try:
-        dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides))
+        dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides), options.distance_source)
     except DataError as err:  # no URIEL data at all (lang2vec missing): the rest of the analysis still stands
         dist = LanguageDistances(pl.DataFrame(schema=DISTANCE_SCHEMA), {})
         acc.status.append(
@@ -502,6 +528,8 @@ def _assemble(
         )
     for lang, why in sorted(dist.missing.items()):
         acc.status.append(_status("uriel", None, lang, None, why, status="warning"))
+    if dist.note:
+        acc.status.append(_status("uriel", None, None, None, dist.note, status="warning"))
     tables["language_distance"] = dist.table.select(pl.lit(model).alias("model"), pl.all())
     column = "max_cosine" if options.similarity_summary == "max_over_layers" else "cosine_at_concept_layer"
     tables["distance_pairs"] = distance_pairs(tables["consistency_summary"], dist.table, high, column)
@@ -644,6 +672,39 @@ def transfer_best(transfer: pl.DataFrame, layer_of: Mapping[str, int]) -> pl.Dat
         .with_columns(concept=pl.lit(MEAN), layer=pl.lit(None, pl.Int64))
     )
     cols = ["model", "concept", "layer", "source_lang", "target_lang", "acc", "acc_target_own", "delta"]
+    return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "source_lang", "target_lang"])
+
+
+def transfer_max(transfer: pl.DataFrame) -> pl.DataFrame:
+    """The paper's transfer matrix (Xu et al., transferability_analysis.py ``draw_acc_heatmap``): per concept, source A
+    and target B, ``acc`` = max over layers of acc(A→B) and ``acc_target_own`` = max over layers of acc(B→B), each
+    maximised on its own, ``delta = acc − acc_target_own``; ``layer`` = the layer of the max of acc(A→B) (lowest on
+    ties). ``concept == "mean"`` averages ``acc`` and ``acc_target_own`` over concepts (so its delta is the mean delta),
+    as the paper's heatmaps. Layers are chosen on the test pairs: an optimistic summary beside ``transfer_best``."""
+    cols = ["model", "concept", "layer", "source_lang", "target_lang", "acc", "acc_target_own", "delta"]
+    if transfer.height == 0:
+        return pl.DataFrame(schema={c: transfer.schema.get(c, pl.Float64) for c in cols})
+    keys = ["model", "concept", "source_lang", "target_lang"]
+    best_src = (
+        transfer.sort(["acc", "layer"], descending=[True, False])
+        .group_by(keys, maintain_order=True)
+        .agg(pl.col("acc").first(), pl.col("layer").first())
+    )
+    own = (
+        transfer.filter(pl.col("source_lang") == pl.col("target_lang"))
+        .group_by(["model", "concept", "target_lang"])
+        .agg(pl.col("acc").max().alias("acc_target_own"))
+    )
+    per = best_src.join(own, on=["model", "concept", "target_lang"], how="left").with_columns(
+        delta=pl.col("acc") - pl.col("acc_target_own")
+    )
+    mean = (
+        per.group_by(["model", "source_lang", "target_lang"])
+        .agg(pl.col("acc").mean(), pl.col("acc_target_own").mean())
+        .with_columns(
+            concept=pl.lit(MEAN), layer=pl.lit(None, pl.Int64), delta=pl.col("acc") - pl.col("acc_target_own")
+        )
+    )
     return pl.concat([per.select(cols), mean.select(cols)]).sort(["concept", "source_lang", "target_lang"])
 
 

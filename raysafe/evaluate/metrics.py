@@ -69,6 +69,11 @@ def language_variance(rates: np.ndarray, ddof: int = 0, scale: float = 100.0) ->
     return float(out) if out.ndim == 0 else out
 
 
+def pp2_to_fraction2(variance_pp2: float) -> float:
+    """A variance of rates given in percentage points squared, expressed for rates as fractions: ``v / 100²``."""
+    return variance_pp2 / 1e4
+
+
 def pairwise_agreement(
     X: np.ndarray, W: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:

@@ -4,8 +4,9 @@
   judgements, empty generations, the set's metric (safety rate or attack success rate) with its bootstrap
   interval, the over-refusal rate on harmless prompts, and a status (``ok``, ``no prompts``,
   ``no parsed judgements``). Every expected language has a row, with or without prompts.
-- ``summary``: one row per (model, judge, set) — mean over languages, variance across languages (pp²), pairwise
-  cross-language agreement, each with its interval; totals of unparsed judgements and empty generations; the
+- ``summary``: one row per (model, judge, set) — mean over languages, variance across languages in pp² (the MLC
+  paper's unit; beside it the same variance in fraction² and the standard deviation in pp, and the ddof used),
+  pairwise cross-language agreement, each with its interval; totals of unparsed judgements and empty generations; the
   languages without prompts; the model's mean multiple-choice accuracy.
 - ``agreement_pairs``: one row per (model, judge, set, language pair).
 - ``utility``: one row per (model, lang) — questions, accuracy and interval (``no questions`` where none).
@@ -132,6 +133,10 @@ def safety_tables(
                 "variance_pp2": float(st["variance"]),
                 "variance_ci_low": float(st["variance_ci"][0]),
                 "variance_ci_high": float(st["variance_ci"][1]),
+                # the same spread in the other units it is quoted in, side by side (docs/evaluation.md)
+                "variance_fraction2": M.pp2_to_fraction2(float(st["variance"])),
+                "sd_pp": math.sqrt(st["variance"]) if st["variance"] >= 0 else float("nan"),
+                "variance_ddof": spec.variance_ddof,
                 "agreement": float(st["agreement"]),
                 "agreement_ci_low": float(st["agreement_ci"][0]),
                 "agreement_ci_high": float(st["agreement_ci"][1]),

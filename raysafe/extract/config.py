@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import (
     Field,
     field_validator,
+    model_validator,
 )
 
 from raysafe.config import (
@@ -27,8 +28,20 @@ class ExtractSpec(Strict):
     store_dtype: Literal["float16", "float32"] = "float32"
     max_length: int = Field(512, ge=2, description="tokens per text after the chat template")
     on_overflow: Literal["truncate", "error"] = "truncate"
+    truncate: Literal["head", "tail"] = Field(
+        "head",
+        description="which part of a text over max_length is kept: head = its first max_length tokens (the authors' "
+        "code: Hugging Face truncation, LLaMA-Factory's cutoff_len); tail = a leading BOS and its last tokens",
+    )
     chat_template: bool = Field(
-        False, description="wrap each text as a user turn and read the generation prompt's last token"
+        False,
+        description="default for every model: wrap each text as a user turn with the tokenizer's own chat template "
+        "and read the generation prompt's last token (per model: `templates`)",
+    )
+    templates: dict[str, str] = Field(
+        default_factory=dict,
+        description="per model label: 'tokenizer' (its tokenizer's chat template), 'none' (the raw text) or a format "
+        "string with {text}, e.g. '[INST] {text} [/INST] ' for Llama-2-chat as Xu et al.; overrides chat_template",
     )
     padding_side: Literal["right", "left"] = "right"
     max_tokens_per_batch: int = Field(8192, ge=16, description="token budget of one padded batch (rows x longest)")
@@ -50,6 +63,28 @@ class ExtractSpec(Strict):
             if bad:
                 raise ValueError(f"layer indices are >= 0 (0 = embeddings, L = output of decoder layer L); got {bad}")
         return v
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_ok(cls, v):
+        bad = {k: t for k, t in v.items() if t not in ("tokenizer", "none") and "{text}" not in t}
+        if bad:
+            raise ValueError(
+                f"templates {bad} are neither 'tokenizer', 'none' nor a format string with {{text}} "
+                "(e.g. '[INST] {text} [/INST] ')"
+            )
+        return v
+
+    def template_for(self, model: str) -> str:
+        """The template applied to ``model``'s texts: ``templates[model]`` if given, else ``tokenizer`` when
+        ``chat_template`` is on, else ``none``."""
+        return self.templates.get(model, "tokenizer" if self.chat_template else "none")
+
+    def template_identity(self, model: str) -> bool | str:
+        """What the activation store records as ``chat_template`` for ``model``: False (raw text), True (the
+        tokenizer's template) or the format string."""
+        t = self.template_for(model)
+        return {"none": False, "tokenizer": True}.get(t, t)
 
     @field_validator("positions")
     @classmethod
@@ -76,3 +111,10 @@ class ExtractConfig(Strict):
             raise ValueError("give at least one model")
         require_unique([m.label for m in v], "model")
         return v
+
+    @model_validator(mode="after")
+    def _templates_name_models(self) -> "ExtractConfig":
+        unknown = sorted(set(self.extract.templates) - {m.label for m in self.models})
+        if unknown:
+            raise ValueError(f"extract.templates names models {unknown} that are not in `models`")
+        return self

@@ -29,19 +29,26 @@ from raysafe.models.layers import text_config
 
 
 def tokenize_texts(
-    tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None
+    tok, texts: list[str], spec: ExtractSpec, meta: pa.Table | None = None, template: str | None = None
 ) -> tuple[list[list[int]], int]:
-    """Token ids per text (chat template applied when asked) and the number truncated to ``spec.max_length``.
+    """Token ids per text, with ``template`` applied (``tokenizer``: the tokenizer's own chat template, as a user turn
+    with the generation prompt; ``none``: the raw text with the tokenizer's special tokens; otherwise a format string
+    whose ``{text}`` is replaced by the text, then tokenised with special tokens, as Xu et al.'s
+    ``template.format(input=…)``); None = ``tokenizer`` when ``spec.chat_template`` is on, else ``none``. Returns the
+    ids and the number of texts truncated to ``spec.max_length``.
 
-    Truncation keeps a leading BOS and the last ``max_length - 1`` tokens, so the prompt's end (where the ``last``
-    position reads) survives. With ``on_overflow='error'`` a long text raises DataError naming its row.
+    Truncation (``spec.truncate``) keeps the first ``max_length`` tokens (``head``, the default, as the authors'
+    code) or a leading BOS and the last ``max_length - 1`` tokens (``tail``, which keeps the prompt's end where the
+    ``last`` position reads). With ``on_overflow='error'`` a long text raises DataError naming its row.
     """
-    if spec.chat_template:
+    if template is None:
+        template = "tokenizer" if spec.chat_template else "none"
+    if template == "tokenizer":
         if not getattr(tok, "chat_template", None):
             raise DataError(
-                "extract.chat_template is on but the tokenizer has no chat template",
-                where="extract.chat_template",
-                fix="turn it off for base models, or use an instruct model",
+                "the tokenizer's chat template is asked for, but the tokenizer has none",
+                where="extract.chat_template / extract.templates",
+                fix="use 'none' (raw text) or a format string with {text} for this model, or an instruct model",
             )
         ids = [
             tok.apply_chat_template(
@@ -50,8 +57,10 @@ def tokenize_texts(
             for t in texts
         ]
         ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
-    else:
+    elif template == "none":
         ids = tok(texts, add_special_tokens=True)["input_ids"]
+    else:
+        ids = tok([template.replace("{text}", t) for t in texts], add_special_tokens=True)["input_ids"]
     n_trunc = 0
     out = []
     bos = tok.bos_token_id
@@ -68,7 +77,12 @@ def tokenize_texts(
                     fix="raise extract.max_length, shorten the text, or set extract.on_overflow=truncate",
                 )
             n_trunc += 1
-            x = ([bos] + x[-(spec.max_length - 1) :]) if (bos is not None and x[0] == bos) else x[-spec.max_length :]
+            if spec.truncate == "head":
+                x = x[: spec.max_length]
+            elif bos is not None and x[0] == bos:
+                x = [bos] + x[-(spec.max_length - 1) :]
+            else:
+                x = x[-spec.max_length :]
         out.append(list(x))
     return out, n_trunc
 
@@ -97,13 +111,14 @@ class TokenizeStage:
         spec = ModelSpec(**model)
         self.tok = load_tokenizer(spec, resolve(spec))
         self.spec = ExtractSpec(**extract)
+        self.template = self.spec.template_for(spec.label)
         self.store = ActivationStore(store_root)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shard_ids, all_ids, truncs = [], [], []
         for k in batch["shard_id"]:
             t = pq.read_table(self.store.input_path(int(k)))
-            ids, n_trunc = tokenize_texts(self.tok, t.column("text").to_pylist(), self.spec, t)
+            ids, n_trunc = tokenize_texts(self.tok, t.column("text").to_pylist(), self.spec, t, self.template)
             shard_ids.append(int(k))
             all_ids.append(ids)
             truncs.append(n_trunc)

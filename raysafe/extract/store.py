@@ -52,6 +52,7 @@ IDENTITY_FIELDS = (
     "attn_implementation",
     "max_length",
     "chat_template",
+    "truncate",
     "padding_side",
 )
 

@@ -107,7 +107,8 @@ def run_raysafe(cfg: dict, queue: mp.Queue) -> None:
         torch.set_num_threads(cfg["threads"])
     store = SyntheticActivations(cfg["items"], cfg["dim"], cfg["layers"], cfg["languages"], cfg["seed"])
     models = [f"model-{i}" for i in range(cfg["models"])]
-    opts = SeparationOptions(k=cfg["k"], bootstrap=cfg["resamples"], seed=cfg["seed"])
+    # Ledoit-Wolf shrinkage, like the scikit-learn side (the flow's default is the plain closed form)
+    opts = SeparationOptions(k=cfg["k"], bootstrap=cfg["resamples"], seed=cfg["seed"], shrinkage="ledoit_wolf")
     rss0 = peak_rss_mib()
     t0, c0 = time.perf_counter(), time.process_time()
     table = analyse_separation(store, models, list(range(cfg["layers"])), opts, progress=False)

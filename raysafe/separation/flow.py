@@ -45,6 +45,7 @@ from raysafe.extract.config import ExtractConfig
 from raysafe.extract.flow import Activations, ActivationStore
 from raysafe.identity import analysis_identity
 from raysafe.separation.config import ModelFamily, SeparationConfig
+from raysafe.separation.metrics import shrinkage_label
 from raysafe.separation.tables import (
     ReadLayer,
     alignment_shift,
@@ -603,7 +604,7 @@ def _report_notes(
             f"`{m}` {ident['weights']}" for m, ident in result.activations.get("safety", {}).get("models", {}).items()
         )
         + ".",
-        f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya shrinkage {o.shrinkage}; "
+        f"PCA: k = {o.k}, fitted {o.pca_fit.replace('_', ' ')}; Bhattacharyya covariance shrinkage {shrinkage_label(o.shrinkage)}; "
         f"{o.bootstrap} stratified bootstrap resamples, {o.ci_level:.0%} {o.ci_method} intervals; probe: "
         f"{o.probe_folds}-fold logistic regression (C = {o.probe_C}) on the {o.probe_space} space.",
         "Tables (Parquet + CSV): `tables/` (separation, best_layers"

@@ -10,8 +10,9 @@ Metrics (docs/separation.md gives the formulas):
 
 * :func:`fit_pca` — principal components (exact eigendecomposition of the covariance or Gram matrix, or a
   randomised range finder for very large ``n`` and ``d``);
-* :func:`bhattacharyya_distance` — between Gaussian fits of the two classes, covariances shrunk towards a scaled
-  identity (Ledoit-Wolf or a fixed ``alpha``);
+* :func:`bhattacharyya_distance` — between Gaussian fits of the two classes: the plain closed form on the biased
+  class covariances by default (as the paper), optionally shrunk towards a scaled identity (Ledoit-Wolf or a fixed
+  ``alpha``);
 * :func:`silhouette` — mean silhouette of the two classes (euclidean or cosine), exact, pairwise distances in
   row chunks; with bootstrap count weights it returns every resample's silhouette in one pass;
 * :func:`centroid_distance` — distance of the class means in units of the pooled within-class spread;
@@ -289,7 +290,7 @@ def bhattacharyya_gaussian(mu0: Tensor, cov0: Tensor, mu1: Tensor, cov1: Tensor)
 
 
 def moment_metrics(
-    Z0: Tensor, Z1: Tensor, W0: Tensor | None = None, W1: Tensor | None = None, shrinkage: Shrinkage = "ledoit_wolf"
+    Z0: Tensor, Z1: Tensor, W0: Tensor | None = None, W1: Tensor | None = None, shrinkage: Shrinkage = 0.0
 ) -> dict[str, Tensor]:
     """Bhattacharyya distance, normalised centroid distance and between-class variance ratio [B] of the benign rows
     ``Z0`` [n0, k] and toxic rows ``Z1`` [n1, k] under count weights ``W0`` [B, n0], ``W1`` [B, n1] (None: the
@@ -297,7 +298,8 @@ def moment_metrics(
 
     With ``p_c = n_c / n``, class means ``m_c`` and biased covariances ``S_c``: within = p0·tr S0 + p1·tr S1,
     between = p0·p1·‖m1 − m0‖², ratio = between / (within + between), centroid = ‖m1 − m0‖ / √within; the
-    Bhattacharyya distance uses each S_c shrunk by its Ledoit-Wolf intensity or by the fixed α ``shrinkage``.
+    Bhattacharyya distance uses each S_c as it is (``shrinkage=0``, the default), shrunk by its Ledoit-Wolf intensity
+    (``"ledoit_wolf"``) or by the fixed α ``shrinkage``.
     """
     n0, n1 = Z0.shape[0], Z1.shape[0]
     mu0, cov0, a0 = weighted_class_moments(Z0, W0)
@@ -316,15 +318,48 @@ def moment_metrics(
     return {"bhattacharyya": bd, "centroid_distance": centroid, "between_var_ratio": ratio}
 
 
+def shrinkage_label(shrinkage: Shrinkage) -> str:
+    """How the Bhattacharyya covariances were estimated, as the tables name it: ``none`` (the plain closed form on
+    the biased class covariances, as the paper), ``ledoit_wolf`` or ``fixed α=<α>``."""
+    if shrinkage == "ledoit_wolf":
+        return "ledoit_wolf"
+    return "none" if float(shrinkage) == 0.0 else f"fixed α={float(shrinkage):g}"
+
+
+#: The unit of each metric's value, written beside it in every table and figure.
+METRIC_UNITS: dict[str, str] = {
+    "bhattacharyya": "nats",
+    "silhouette_euclidean": "score in [-1, 1]",
+    "silhouette_cosine": "score in [-1, 1]",
+    "centroid_distance": "within-class s.d.",
+    "between_var_ratio": "fraction (×100 = % of the paper)",
+    "between_var_ratio_full": "fraction (×100 = % of the paper)",
+    "probe_accuracy": "fraction",
+    "pca_explained_variance": "fraction",
+    "detox_mean_norm": "hidden-state norm",
+    "detox_pair_norm": "hidden-state norm",
+    "detox_consistency": "ratio in [0, 1]",
+    "detox_cos_en": "cosine",
+    "detox_proj_en": "hidden-state norm",
+    "detox_cos_own": "cosine",
+}
+
+
+def metric_unit(metric: str) -> str | None:
+    """The unit of ``metric`` (None for a metric without one listed)."""
+    return METRIC_UNITS.get(metric)
+
+
 def _split(Z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(benign rows, toxic rows) of ``Z`` as float64."""
     y = y.to(Z.device)
     return Z[y == 0].to(F64), Z[y == 1].to(F64)
 
 
-def bhattacharyya_distance(Z: Tensor, y: Tensor, shrinkage: Shrinkage = "ledoit_wolf") -> float:
-    """Bhattacharyya distance between Gaussian fits of the two classes of ``Z`` [n, k] (labels ``y``), each class
-    covariance shrunk towards its scaled identity (Ledoit-Wolf intensity, or the fixed α given). NaN when a
+def bhattacharyya_distance(Z: Tensor, y: Tensor, shrinkage: Shrinkage = 0.0) -> float:
+    """Bhattacharyya distance between Gaussian fits of the two classes of ``Z`` [n, k] (labels ``y``): the plain
+    closed form by default; with ``shrinkage`` each class covariance is shrunk towards its scaled identity
+    (Ledoit-Wolf intensity, or the fixed α given). NaN when a
     covariance is singular (possible only with α = 0)."""
     Z0, Z1 = _split(Z, y)
     return float(moment_metrics(Z0, Z1, shrinkage=shrinkage)["bhattacharyya"][0])
@@ -705,7 +740,7 @@ def cell_metrics(
     *,
     X: Tensor | None = None,
     metrics: Sequence[str] = SEPARATION_METRICS,
-    shrinkage: Shrinkage = "ledoit_wolf",
+    shrinkage: Shrinkage = 0.0,
     bootstrap: int = 200,
     ci_level: float = 0.95,
     ci_method: Literal["percentile", "bc"] = "percentile",
@@ -769,9 +804,10 @@ def cell_metrics(
         for m in moment_names:
             note = ""
             if m == "bhattacharyya" and small:
-                note = (
-                    f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient "
-                    f"and held finite only by shrinkage"
+                note = f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient " + (
+                    "and held finite only by shrinkage"
+                    if shrinkage_label(shrinkage) != "none"
+                    else "and the closed form undefined (options.shrinkage: ledoit_wolf keeps it finite)"
                 )
             put(m, float(mom[m][0]), mom[m][1:] if B > 0 else None, note)
 

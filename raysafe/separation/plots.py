@@ -25,6 +25,8 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from raysafe.separation.metrics import metric_unit  # noqa: E402
+
 DPI = 150
 TOXIC_COLOUR = "#d62728"
 BENIGN_COLOUR = "#1f77b4"
@@ -45,6 +47,13 @@ METRIC_LABELS: dict[str, str] = {
     "detox_proj_en": "detox along English safety dir.",
     "detox_cos_own": "cos(detox, own safety dir.)",
 }
+
+
+def _titled(metric: str) -> str:
+    """A panel title: the metric's label and its unit (separation.metrics.METRIC_UNITS)."""
+    unit = metric_unit(metric)
+    label = METRIC_LABELS.get(metric, metric)
+    return f"{label} [{unit}]" if unit else label
 
 
 def _safe(name: str) -> str:
@@ -153,7 +162,7 @@ def plot_layer_curves(
                     ax.fill_between(
                         x[band], lo[band].astype(float), hi[band].astype(float), color=colours[lg], alpha=0.15, lw=0
                     )
-            ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+            ax.set_title(_titled(metric), fontsize=9)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(metrics) :]:
@@ -217,7 +226,7 @@ def plot_shift_heatmap(
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
         ax.set_yticks(range(len(langs)), langs, fontsize=8)
         ax.set_xlabel("layer")
-        ax.set_title(f"Δ {METRIC_LABELS.get(metric, metric)}", fontsize=9)
+        ax.set_title(f"Δ {_titled(metric)}", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.85)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from raysafe.separation.metrics import SEPARATION_METRICS
+from raysafe.separation.metrics import SEPARATION_METRICS, metric_unit
 from raysafe.separation.plots import METRIC_LABELS
 
 #: Metrics summarised in the report (all separation metrics whose larger value means more separation).
@@ -46,6 +46,7 @@ def best_layers(table: pl.DataFrame, english: str = "en") -> pl.DataFrame:
                 "value": pl.Float64,
                 "ci_low": pl.Float64,
                 "ci_high": pl.Float64,
+                "unit": pl.String,
                 "ratio_en": pl.Float64,
             }
         )
@@ -53,7 +54,7 @@ def best_layers(table: pl.DataFrame, english: str = "en") -> pl.DataFrame:
         ok.sort(["value", "layer"], descending=[True, False])
         .group_by(["model", "metric", "lang"], maintain_order=True)
         .first()
-        .select("model", "metric", "lang", "layer", "value", "ci_low", "ci_high")
+        .select("model", "metric", "lang", "layer", "value", "ci_low", "ci_high", "unit")
     )
     en = best.filter(pl.col("lang") == english).select("model", "metric", pl.col("value").alias("_en"))
     best = (
@@ -88,7 +89,7 @@ def _summary_section(
         )
         head += ["largest shift at layer", "shift", f"shift ×{english} (same layer)"]
     lines = [
-        f"### {METRIC_LABELS.get(metric, metric)} (`{metric}`)",
+        f"### {METRIC_LABELS.get(metric, metric)} (`{metric}`, unit: {metric_unit(metric) or '—'})",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -44,6 +44,8 @@ from raysafe.separation.metrics import (
     cell_metrics,
     fit_pca,
     index_counts,
+    metric_unit,
+    shrinkage_label,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ TABLE_SCHEMA: dict[str, pl.DataType] = {
     "message": pl.String,
     "pca_fit": pl.String,
     "k": pl.Int64,
+    "unit": pl.String,
+    "shrinkage": pl.String,
 }
 
 #: Columns and types of the table returned by :func:`alignment_shift`.
@@ -83,6 +87,7 @@ SHIFT_SCHEMA: dict[str, pl.DataType] = {
     "aligned_ratio_en": pl.Float64,
     "shift_ratio_en": pl.Float64,
     "shift_diff_en": pl.Float64,
+    "unit": pl.String,
     "status": pl.String,
     "message": pl.String,
 }
@@ -121,7 +126,9 @@ class SeparationOptions(Strict):
     )
     pca_solver: Literal["auto", "covariance", "gram", "randomized"] = "auto"
     shrinkage: Literal["ledoit_wolf"] | float = Field(
-        "ledoit_wolf", description="covariance shrinkage of the Bhattacharyya Gaussians: ledoit_wolf or a fixed α"
+        0.0,
+        description="covariance shrinkage of the Bhattacharyya Gaussians: 0 = none, the plain closed form (the "
+        "paper); ledoit_wolf or a fixed α in (0, 1] as options, named in the table's `shrinkage` column",
     )
     metrics: list[str] = Field(default_factory=lambda: list(SEPARATION_METRICS))
     bootstrap: int = Field(200, ge=0, description="stratified bootstrap resamples per cell (0: no intervals)")
@@ -320,6 +327,7 @@ def _rows_for(
             message=_located(model, lang, layer, message),
             pca_fit=pca_fit,
             k=k,
+            unit=metric_unit(m),
         )
         for m in metrics
     ]
@@ -467,6 +475,8 @@ def _analyse_layer(lay: _Layer, model: str, layer: int, opts: SeparationOptions)
                     message=_located(model, lg, layer, msg),
                     pca_fit=opts.pca_fit,
                     k=fit.k,
+                    unit=metric_unit(m),
+                    shrinkage=shrinkage_label(opts.shrinkage) if m == "bhattacharyya" else None,
                 )
             )
             if _RANK[status] > _RANK[worst]:
@@ -558,6 +568,7 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
                 shift=shift,
                 shift_ci_low=lo,
                 shift_ci_high=hi,
+                unit=metric_unit(r["metric"]),
                 status=status,
                 message="; ".join(msgs),
             )
@@ -783,6 +794,7 @@ def _detox_layer(
                     message=_located(model, lg, layer, msg),
                     pca_fit="none",
                     k=None,
+                    unit=metric_unit(name),
                 )
             )
             if _RANK[status] > _RANK[worst]:

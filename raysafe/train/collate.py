@@ -109,12 +109,18 @@ class PreferenceCollator:
         on_overflow: Literal["error", "skip"] = "error",
         pad_to_multiple_of: int | None = None,
         add_eos: bool = True,
+        prompt_truncation: Literal["head", "tail"] = "head",
     ):
         if max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {max_length}", where="collate.max_length")
         if max_prompt_length is not None and max_prompt_length < 1:
             raise ConfigError(
                 f"max_prompt_length must be >= 1 or None, got {max_prompt_length}", where="collate.max_prompt_length"
+            )
+        if prompt_truncation not in ("head", "tail"):
+            raise ConfigError(
+                f"prompt_truncation must be 'head' or 'tail', got {prompt_truncation!r}",
+                where="collate.prompt_truncation",
             )
         if on_overflow not in ("error", "skip"):
             raise ConfigError(
@@ -143,6 +149,7 @@ class PreferenceCollator:
         self.on_overflow = on_overflow
         self.pad_to_multiple_of = pad_to_multiple_of
         self.add_eos = add_eos
+        self.prompt_truncation = prompt_truncation
         self.pad_id = int(pad_id)
         self.skipped = 0
 
@@ -156,13 +163,17 @@ class PreferenceCollator:
         )
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Prompt token ids, left-truncated to ``max_prompt_length`` keeping a leading BOS token if there is one."""
+        """Prompt token ids cut to ``max_prompt_length``: its first tokens (``prompt_truncation="head"``, as the MLC
+        release's LLaMA-Factory ``prompt_ids[:source_len]``), or a leading BOS token if there is one and its last
+        tokens (``"tail"``, which keeps the generation prompt the MLC term reads)."""
         if self.use_chat_template:
             ids = list(self.tokenizer(self.prompt_text(text), add_special_tokens=False)["input_ids"])
         else:
             ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
         limit = self.max_prompt_length
-        if limit is not None and len(ids) > limit:
+        if limit is not None and len(ids) > limit and self.prompt_truncation == "head":
+            ids = ids[:limit]
+        elif limit is not None and len(ids) > limit:
             bos = self.tokenizer.bos_token_id
             if bos is not None and ids[0] == bos and limit > 1:
                 ids = [bos] + ids[len(ids) - (limit - 1) :]

@@ -35,7 +35,12 @@ class MLCConfig(BaseModel):
     pooling: Literal["last", "mean"] = "last"
     d: int = Field(512, ge=1, description="width of the projection head")
     tau: float = Field(0.2, gt=0)
-    eps: float = Field(1e-6, ge=0)
+    eps: float = Field(
+        0.0,
+        ge=0,
+        description="added to τ·sg(σ₁) in the denominator only; 0 = the released code (Yuyan-B/MLC dpo/trainer.py "
+        "_compute_aux_loss); ε > 0 lowers the loss by ≈ ε·Σ_j p_j σ_j/(τσ₁)² ≤ ε/τ² (docs/losses.md)",
+    )
     form: Literal["released", "plain"] = "released"
     every_k: int = Field(2, ge=1)
     weight: float = Field(0.8, ge=0, description="λ")
@@ -145,6 +150,11 @@ class OptimSpec(Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    warmup_shape: Literal["hf", "shifted"] = Field(
+        "hf",
+        description="multiplier at step s < w: hf = s/w (transformers' schedules, used by the MLC release through "
+        "LLaMA-Factory's Trainer; step 0 runs at lr 0), shifted = (s+1)/w",
+    )
     micro_batch: int = Field(1, ge=1, description="pairs per worker per micro-step")
     grad_accum: int = Field(4, ge=1)
     clip: float = Field(1.0, gt=0)
@@ -173,6 +183,9 @@ class TrainDataSpec(Strict):
     split: str | None = Field("train", description="keep pairs of this split (None: all)")
     max_length: int = Field(1024, ge=8)
     max_prompt_length: int = Field(512, ge=4)
+    prompt_truncation: Literal["head", "tail"] = Field(
+        "head", description="keep a long prompt's start (the MLC release, LLaMA-Factory) or its end (and BOS)"
+    )
     chat_template: Literal["auto", "on", "off"] = "auto"
 
     _switch = field_validator("chat_template", mode="before")(classmethod(lambda cls, v: on_off(v)))

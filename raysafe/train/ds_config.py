@@ -83,13 +83,24 @@ def deepspeed_config(spec: DeepSpeedSpec, optim: OptimSpec, on_gpu: bool) -> dic
     }
 
 
-def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
-    """Multiplier of the base learning rate at optimiser step s: linear warm-up, then cosine/linear decay to 0."""
+def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float, warmup_shape: str = "hf"):
+    """Multiplier of the base learning rate at optimiser step s: linear warm-up over ``w = ⌈warmup_ratio · total⌉``
+    steps, then cosine/linear decay to 0 (or constant).
+
+    ``warmup_shape="hf"``: ``s / w`` during warm-up, the same values as transformers' ``get_cosine_schedule_with_warmup``
+    / ``get_linear_schedule_with_warmup`` with ``TrainingArguments.get_warmup_steps`` — the scheduler of the MLC release
+    (LLaMA-Factory's ``CustomDPOTrainer.create_scheduler`` → ``Trainer.create_scheduler``). ``"shifted"``: ``(s + 1) / w``.
+    """
     warmup = int(math.ceil(warmup_ratio * total_steps))
+    if warmup_shape not in ("hf", "shifted"):
+        raise ConfigError(
+            f"unknown warm-up shape {warmup_shape!r}", where="optim.warmup_shape", fix="use hf or shifted"
+        )
+    shift = 1 if warmup_shape == "shifted" else 0
 
     def f(step: int) -> float:
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return (step + shift) / warmup
         if schedule == "constant":
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)

@@ -64,13 +64,15 @@ def singular_values(z: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------- the losses
-def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 1e-6, form: str = "released") -> LossOutput:
+def mlc_loss(z: torch.Tensor, tau: float = 0.2, eps: float = 0.0, form: str = "released") -> LossOutput:
     """MLC loss of projected variant representations ``z [B, m, d]`` (m ≥ 2), averaged over the batch.
 
     With rows L2-normalised and ``σ`` the singular values of each ``Z_b``:
 
-    - ``released``: ``−log( exp(σ₁/(τ·sg(σ₁))) / Σ_j exp(σ_j/(τ·sg(σ₁) + ε)) )`` (sg = stop-gradient, the form of
-      the authors' released code: logits divided by the detached top singular value);
+    - ``released``: ``−log( exp(σ₁/(τ·sg(σ₁))) / Σ_j exp(σ_j/(τ·sg(σ₁) + ε)) )`` (sg = stop-gradient). With
+      ``ε = 0`` (the default) this is the authors' released code, ``cross_entropy((σ / sg(σ₁)) / τ, 0)``
+      (github.com/Yuyan-B/MLC, src/llamafactory/train/dpo/trainer.py, ``_compute_aux_loss``); ``ε > 0`` enlarges
+      the denominator's scale only (an earlier raysafe variant, kept as an option);
     - ``plain``: ``−log softmax(σ/τ)₁`` (the paper's equation).
 
     Metrics: ``mlc/loss``, ``mlc/sigma1`` (mean σ₁), ``mlc/rank1_energy`` (mean σ₁²/Σσ²).

@@ -133,7 +133,11 @@ def build_policy(cfg: TrainConfig, device: torch.device):
 def make_collator(cfg: TrainConfig, tok) -> PreferenceCollator:
     template = {"auto": "auto", "on": True, "off": False}[cfg.data.chat_template]
     return PreferenceCollator(
-        tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, use_chat_template=template
+        tok,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        use_chat_template=template,
+        prompt_truncation=cfg.data.prompt_truncation,
     )
 
 
@@ -161,7 +165,7 @@ def train_loop(config: dict) -> None:
     module = AlignModule(policy, head.to(device) if head is not None else None, cfg, mlc_layer)
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio)
+        optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_shape)
     )
     ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
