@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from raysafe.atomic import write_inputs
 from raysafe.evaluate.flow import safety_outcomes
 from raysafe.evaluate.store import EvalStore
 from raysafe.study.measures import claims, held_out_tables
@@ -52,8 +53,7 @@ def write_eval(root, model, safe_by_lang, n=30):
         for i in range(n)
         for j, lang in enumerate(LANGS)
     ]
-    if not store.prompts.done():
-        store.prompts.write(0, pa.Table.from_pylist(rows), {})
+    write_inputs(store.prompts.root, pl.DataFrame(rows), len(rows), "prompts-fp", "prompts")
     verdicts = [
         {
             "row_id": r["row_id"],

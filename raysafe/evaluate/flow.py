@@ -17,13 +17,13 @@ from pathlib import Path
 import polars as pl
 
 from raysafe import tracking
-from raysafe.atomic import atomic_write_bytes, write_inputs
+from raysafe.atomic import atomic_write_bytes, input_shard_path, read_inputs_marker, write_inputs
 from raysafe.config import (
     ModelSpec,
     RaySpec,
     dump_config,
 )
-from raysafe.errors import DataError, ModelError, remote_errors
+from raysafe.errors import DataError, ModelError, OutputError, remote_errors
 from raysafe.evaluate.config import (
     EvaluateConfig,
     JudgeSpec,
@@ -413,8 +413,16 @@ def safety_outcomes(output_dir: str | Path, model: str, judge: str, set_name: st
     lang, group_id, safe (1.0 safe, 0.0 unsafe; unparsed verdicts left out). For paired comparisons of two models
     evaluated on the same prompts (the study's MLC − control difference)."""
     store = EvalStore(output_dir)
-    n = len(store.prompts.done())
-    prompts = store.prompts.read(n).filter((pl.col("set") == set_name) & pl.col("harmful"))
+    marker = read_inputs_marker(store.prompts.root)
+    if marker is None:
+        raise OutputError(
+            f"{store.root} holds no complete evaluation inputs",
+            where=str(store.prompts.root),
+            fix="run the evaluation (or the study's evaluate stage) to the end first",
+        )
+    n = int(marker["shards"])
+    prompts = pl.concat([pl.read_parquet(input_shard_path(store.prompts.root, k)) for k in range(n)], how="diagonal")
+    prompts = prompts.filter((pl.col("set") == set_name) & pl.col("harmful"))
     verdicts = store.judgements(model, judge).read(n).select("row_id", "verdict")
     return (
         prompts.join(verdicts, on="row_id", how="inner")
