@@ -27,7 +27,14 @@ from raysafe.study.measures import HEADLINE_MEASURES, claims
 from raysafe.tables import write_table
 
 SEPARATION_METRICS = ("probe_accuracy", "silhouette_euclidean", "bhattacharyya")
-HEAD_MONITOR = ("head/bias_share", "head/w_rank1", "head/rank1_z", "head/rank1_h", "head/absorbing")
+HEAD_MONITOR = (
+    "head/bias_share",
+    "head/w_rank1",
+    "head/rank1_z",
+    "head/rank1_h",
+    "head/absorbing",
+    "mlc_metrics_step",
+)
 ROLE_ORDER = ("base", "control", "mlc")
 
 

@@ -208,6 +208,7 @@ def train_loop(config: dict) -> None:
     run_log = tracking.attach(config.get("mlflow") if rank == 0 else None, node="rank0")  # others: a no-op
 
     acc: dict[str, list[float]] = {}
+    last_mlc: dict[str, float] = {}  # the MLC metrics of the last step that had the term (MLC runs every k-th step)
     step_groups: list[str] = []
     step_tokens = 0
     t_step = time.perf_counter()
@@ -270,11 +271,15 @@ def train_loop(config: dict) -> None:
         )
         step += 1
         run_log.log_metrics({k: v for k, v in out.items() if k != "step"}, step=step)
+        if out["mlc_active"]:
+            last_mlc = {k: v for k, v in out.items() if k.startswith(("mlc/", "head/", "loss/mlc"))}
+            last_mlc["mlc_metrics_step"] = step
         last = step >= total_steps or step == stop_after
         if step % cfg.checkpoint.every_n_steps == 0 or last:
             expected = probe_logps(module.policy, probe, device)
+            state = {**last_mlc, **out}  # a checkpoint after a step without MLC still shows the last MLC metrics
             write_checkpoint(
-                engine, module, tok, cfg, step, record, out, rank, probe, expected, config["identity"], world, micro
+                engine, module, tok, cfg, step, record, state, rank, probe, expected, config["identity"], world, micro
             )
         else:
             ray.train.report({k: float(v) for k, v in out.items()})
