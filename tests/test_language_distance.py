@@ -162,7 +162,7 @@ def test_geographic_distance_from_lang2vec_geo_vectors(l2v):
         assert np.max(np.abs(np.arccos(np.clip(anchors @ p, -1, 1)) / np.pi - geo)) < 0.005
     assert 50 < positions["eng"][0] < 56 and -4 < positions["eng"][1] < 2  # Great Britain
     assert 33 < positions["jpn"][0] < 38 and 130 < positions["jpn"][1] < 140  # Japan
-    d = ld.language_distances(["en", "fr", "ja"], ("geographic",)).table
+    d = ld.language_distances(["en", "fr", "ja"], ("geographic",), source="uriel_features").table
     dist = {(a, b): x for a, b, x in d.select("lang_a", "lang_b", "distance").iter_rows()}
     assert dist[("en", "fr")] < 0.05 < dist[("en", "ja")]
     assert dist[("en", "ja")] == pytest.approx(ld.great_circle_fraction(positions["eng"], positions["jpn"]))

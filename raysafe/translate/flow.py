@@ -26,7 +26,14 @@ from raysafe.data.sources import load_table
 from raysafe.errors import DataError, OutputError, remote_errors
 from raysafe.identity import fingerprint
 from raysafe.translate.config import TranslateConfig
-from raysafe.translate.report import flag, language_report, pairs_table, quality_figures, variants_table
+from raysafe.translate.report import (
+    flag,
+    flag_identical_answers,
+    language_report,
+    pairs_table,
+    quality_figures,
+    variants_table,
+)
 from raysafe.translate.store import TranslationStore
 
 log = logging.getLogger(__name__)
@@ -215,7 +222,7 @@ def assemble(cfg: TranslateConfig, store: TranslationStore, inputs: pl.DataFrame
         [store.read_language(lang, list(range(n_shards))) for lang in cfg.translate.target_langs],
         how="vertical_relaxed",
     )
-    flagged = flag(long, thresholds)
+    flagged = flag_identical_answers(flag(long, thresholds))
     src = cfg.translate.source_lang
     files = {"translations": store.root / "translations.parquet"}
     atomic_write_parquet(files["translations"], flagged.to_arrow())

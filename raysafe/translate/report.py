@@ -46,6 +46,33 @@ def flag(table: pl.DataFrame, t: Thresholds) -> pl.DataFrame:
     )
 
 
+#: the reason a translated pair's rejected answer carries when it reads the same as its chosen answer
+SAME_ANSWERS = "same_as_chosen"
+
+
+def flag_identical_answers(flagged: pl.DataFrame) -> pl.DataFrame:
+    """Flag (reason :data:`SAME_ANSWERS`) the ``rejected`` translation of a pair that reads the same as the pair's
+    ``chosen`` translation (spaces trimmed): such a pair teaches no preference, and the pairs contract refuses it."""
+    if "field" not in flagged.columns or not flagged.filter(pl.col("field") == "rejected").height:
+        return flagged
+    chosen = flagged.filter(pl.col("field") == "chosen").select(
+        "row_id", "lang", pl.col("text").str.strip_chars().alias("_chosen")
+    )
+    out = flagged.join(chosen, on=["row_id", "lang"], how="left")
+    same = (pl.col("field") == "rejected") & (pl.col("text").str.strip_chars() == pl.col("_chosen"))
+    return out.with_columns(
+        pl.when(same)
+        .then(
+            pl.when(pl.col("flag_reasons") == "")
+            .then(pl.lit(SAME_ANSWERS))
+            .otherwise(pl.col("flag_reasons") + "," + SAME_ANSWERS)
+        )
+        .otherwise(pl.col("flag_reasons"))
+        .alias("flag_reasons"),
+        (pl.col("flagged") | same.fill_null(False)).alias("flagged"),
+    ).drop("_chosen")
+
+
 def _meta(inputs: pl.DataFrame) -> list[str]:
     return [c for c in META if c in inputs.columns]
 
@@ -67,7 +94,8 @@ def variants_table(
 
 def pairs_table(inputs: pl.DataFrame, flagged: pl.DataFrame, source_lang: str, exclude_flagged: bool) -> pl.DataFrame:
     """PREFERENCE_PAIRS rows, one per (pair, language): prompt, chosen and rejected translated separately, the pair's
-    ``group_id`` kept; a translated pair is flagged when any of its three fields is (reasons as ``field:reason``)."""
+    ``group_id`` kept; a translated pair is flagged when any of its three fields is (reasons as ``field:reason``);
+    a pair whose answers read the same (:func:`flag_identical_answers`) is always left out."""
     meta = _meta(inputs)
     src = inputs.select("group_id", pl.lit(source_lang).alias("lang"), "prompt", "chosen", "rejected", *meta)
     wide = flagged.pivot(on="field", index=["row_id", "group_id", "lang"], values="text")
@@ -89,6 +117,8 @@ def pairs_table(inputs: pl.DataFrame, flagged: pl.DataFrame, source_lang: str, e
     tr = wide.join(why, on=["row_id", "lang"]).join(inputs.select("row_id", *meta), on="row_id", how="left")
     if exclude_flagged:
         tr = tr.filter(~pl.col("flagged"))
+    else:  # a pair with equal answers is left out even when flagged rows are kept: the contract refuses it
+        tr = tr.filter(~pl.col("flag_reasons").str.contains(SAME_ANSWERS, literal=True))
     tr = tr.sort(["lang", "row_id"]).select(
         "group_id",
         "lang",
