@@ -114,28 +114,11 @@ def _n_params(module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parts 1 and 2
-def run_steps(args) -> dict:
-    import copy
-
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
-    from raysafe.models.layers import num_layers
+def _steps_config(args):
+    """The TrainConfig raysafe's side of parts 1 and 2 runs under (DPO + MLC, constant learning rate)."""
     from raysafe.train.config import TrainConfig
-    from raysafe.train.data import load_samples
-    from raysafe.train.ds_config import lr_lambda
-    from raysafe.train.forward import policy_forward
-    from raysafe.train.mlc import MLCHead
-    from raysafe.train.worker import AlignModule, _scalar, make_collator, param_groups
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    steps = args.warmup + args.steps
-    cfg = TrainConfig.model_validate(
+    return TrainConfig.model_validate(
         {
             "model": {"path": args.model or "tiny-gemma3"},
             "data": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length},
@@ -146,26 +129,25 @@ def run_steps(args) -> dict:
             "seed": args.seed,
         }
     )
+
+
+def _bench_rows(cfg, pairs: int, steps: int) -> list[dict]:
+    """The first ``steps · pairs`` joined samples of the bundled fixtures; refuses when there are fewer."""
+    from raysafe.train.data import load_samples
+
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
-    if samples.height < steps * args.pairs:
-        raise SystemExit(
-            f"{samples.height} pairs cannot fill {steps} steps of {args.pairs} pairs; lower --steps/--pairs"
-        )
-    rows = samples.head(steps * args.pairs).to_dicts()
+    if samples.height < steps * pairs:
+        raise SystemExit(f"{samples.height} pairs cannot fill {steps} steps of {pairs} pairs; lower --steps/--pairs")
+    return samples.head(steps * pairs).to_dicts()
 
-    tok = _tokenizer(args)
-    t0 = time.perf_counter()
-    policy, label = _policy(args, device)
-    if len(tok) > policy.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tok)} tokens, the model's vocabulary {policy.config.vocab_size}")
-    trl_policy = copy.deepcopy(policy)  # the same initial weights for TRL
-    load_s = time.perf_counter() - t0
 
-    # ---- raysafe: collated batches, reference log-probs precomputed with the initial weights
-    collator = make_collator(cfg, tok)
+def _collate_batches(collator, rows: list[dict], pairs: int, steps: int, device) -> list[dict]:
+    """One collated batch of ``pairs`` samples per step, its tensors on ``device``."""
+    import torch
+
     batches = []
     for i in range(steps):
-        chunk = rows[i * args.pairs : (i + 1) * args.pairs]
+        chunk = rows[i * pairs : (i + 1) * pairs]
         batch = collator(
             [
                 {
@@ -179,43 +161,75 @@ def run_steps(args) -> dict:
             ]
         )
         batches.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return batches
+
+
+def _reference_logps(policy, batches: list[dict], autocast) -> tuple[list[tuple], float]:
+    """(chosen, rejected) reference log-probs of every batch under the initial weights, and the seconds it took."""
+    import torch
+
+    from raysafe.train.forward import policy_forward
+
     t0 = time.perf_counter()
     refs = []
     with torch.inference_mode(), autocast:
         for b in batches:
             out = policy_forward(policy, b, None)
             refs.append((out.chosen_logps.float().clone(), out.rejected_logps.float().clone()))
-    ref_s = time.perf_counter() - t0
-    # width of the answer rows once trimmed to their attended columns (what policy_forward runs without MLC)
+    return refs, time.perf_counter() - t0
+
+
+def _answer_widths(batches: list[dict]) -> list[int]:
+    """Width of each batch's answer rows once trimmed to their attended columns (what policy_forward runs without
+    MLC)."""
     answer_width = []
     for b in batches:
         cols = b["attention_mask"][: 2 * int(b["n_pairs"])].any(0).nonzero().flatten()
         answer_width.append(int(cols[-1] - cols[0] + 1))
-    layer = cfg.mlc.resolve_layer(num_layers(policy))
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
-    module = AlignModule(policy, head, cfg, layer)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", steps, 0.0))
+    return answer_width
 
-    series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}
 
-    def raysafe_step(i: int, mlc: bool) -> dict:
-        b = batches[i]
+class _RaysafeSteps:
+    """raysafe's optimiser step with plain PyTorch (AlignModule forward, backward, clipping, AdamW), timed."""
+
+    def __init__(self, policy, cfg, batches: list[dict], refs: list[tuple], steps: int, device, autocast):
+        import torch
+
+        from raysafe.models.layers import num_layers
+        from raysafe.train.ds_config import lr_lambda
+        from raysafe.train.mlc import MLCHead
+        from raysafe.train.worker import AlignModule, param_groups
+
+        self.cfg, self.batches, self.refs, self.device, self.autocast = cfg, batches, refs, device, autocast
+        self.answer_width = _answer_widths(batches)
+        self.layer = cfg.mlc.resolve_layer(num_layers(policy))
+        head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
+        self.module = AlignModule(policy, head, cfg, self.layer)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda("constant", steps, 0.0))
+
+    def step(self, i: int, mlc: bool) -> dict:
+        import torch
+
+        from raysafe.train.worker import _scalar
+
+        b, device = self.batches[i], self.device
         _sync(device)
         t_a, c_a = time.perf_counter(), time.process_time()
-        with autocast:
-            loss, metrics = module(b, refs[i][0], refs[i][1], mlc)
+        with self.autocast:
+            loss, metrics = self.module(b, self.refs[i][0], self.refs[i][1], mlc)
         _sync(device)
         t_b = time.perf_counter()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip)
         _sync(device)
         t_c = time.perf_counter()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         vals = {k: _scalar(v) for k, v in metrics.items()}  # what the worker logs every step
         _sync(device)
         t_d, c_d = time.perf_counter(), time.process_time()
@@ -228,21 +242,27 @@ def run_steps(args) -> dict:
             "tokens": int(b["attention_mask"][: 2 * int(b["n_pairs"])].sum()),
             "loss": vals["loss/total"],
             "rows": int(b["input_ids"].shape[0]) if mlc else 2 * int(b["n_pairs"]),
-            "width": int(b["input_ids"].shape[1]) if mlc else answer_width[i],
+            "width": int(b["input_ids"].shape[1]) if mlc else self.answer_width[i],
         }
 
-    # ---- TRL: the same English pairs in the same order
-    conversational = collator.use_chat_template
+
+def _trl_data(rows: list[dict], conversational: bool) -> dict:
+    """The same English pairs in the same order, as TRL's dataset columns."""
     if conversational:
-        data = {
+        return {
             "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
             "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
             "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
         }
-    else:
-        data = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    return {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+
+
+def _trl_args(args, steps: int, bf16: bool, device):
+    """TRL's DPOConfig matching raysafe's step (one flat list of settings)."""
+    import trl
+
     out_dir = tempfile.mkdtemp(prefix="raysafe-bench-trl-")
-    dpo_args = trl.DPOConfig(
+    return trl.DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.pairs,
         gradient_accumulation_steps=1,
@@ -273,14 +293,27 @@ def run_steps(args) -> dict:
         seed=args.seed,
         **({"optim": args.trl_optim} if args.trl_optim else {}),
     )
-    step_tokens: list[int] = []
-    step_shapes: list[tuple[int, int]] = []
+
+
+def _counting_dpo_trainer(step_tokens: list[int], step_shapes: list[tuple[int, int]]):
+    """trl.DPOTrainer that appends each training step's non-pad token count and batch shape to the given lists."""
+    import trl
 
     class CountingDPOTrainer(trl.DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
             step_tokens.append(int(inputs["attention_mask"].sum()))  # chosen + rejected rows, non-pad
             step_shapes.append(tuple(inputs["input_ids"].shape))
             return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingDPOTrainer
+
+
+def _interleave_callback(raysafe: _RaysafeSteps, series: dict, step_tokens: list, step_shapes: list, steps: int):
+    """A TrainerCallback that times TRL's optimiser steps and, after each, runs raysafe's two steps on the same
+    pairs (their order alternating), appending to ``series``."""
+    from transformers import TrainerCallback
+
+    device = raysafe.device
 
     class Interleave(TrainerCallback):
         """Times TRL's optimiser steps; after each, runs raysafe's two steps on the same pairs."""
@@ -316,7 +349,7 @@ def run_steps(args) -> dict:
             )
             order = (False, True) if i % 2 == 0 else (True, False)
             for mlc in order:
-                series["dpo_mlc" if mlc else "dpo"].append(raysafe_step(i, mlc))
+                series["dpo_mlc" if mlc else "dpo"].append(raysafe.step(i, mlc))
             print(
                 f"  step {i + 1}/{steps}: TRL {series['trl'][-1]['step_s']:.2f} s, raysafe DPO "
                 f"{series['dpo'][-1]['step_s']:.2f} s, DPO+MLC {series['dpo_mlc'][-1]['step_s']:.2f} s",
@@ -324,64 +357,118 @@ def run_steps(args) -> dict:
                 flush=True,
             )
 
+    return Interleave()
+
+
+def _series_summary(per_step: list[dict], warmup: int) -> dict:
+    """Medians and token rates of one series over its steps after ``warmup``."""
+    xs = per_step[warmup:]
+    total_s = sum(x["step_s"] for x in xs)
+    total_tok = sum(x["tokens"] for x in xs)
+    s = {
+        "step_s_median": statistics.median(x["step_s"] for x in xs),
+        "tokens_per_step": total_tok / len(xs),
+        "tokens_per_s": total_tok / total_s,
+        "steps": len(xs),
+        "per_step": per_step,
+        "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
+        "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs),
+    }
+    for k in ("fwd_s", "bwd_s", "opt_s", "fwd_bwd_s"):
+        if k in xs[0]:
+            s[k + "_median"] = statistics.median(x[k] for x in xs)
+    if "rows" in xs[0]:
+        s["rows_x_width"] = (
+            f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
+        )
+    return s
+
+
+def _train_trl_interleaved(args, rows, tok, trl_policy, collator, raysafe: _RaysafeSteps, steps: int, bf16: bool):
+    """Trains TRL's DPOTrainer on the same pairs, raysafe's two steps run after each of its steps.
+
+    Returns (per-step series of trl, dpo and dpo_mlc; TRL's init seconds, optimiser name and checkpointing flag)."""
+    from datasets import Dataset
+
+    series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}
+    data = _trl_data(rows, collator.use_chat_template)
+    dpo_args = _trl_args(args, steps, bf16, raysafe.device)
+    step_tokens: list[int] = []
+    step_shapes: list[tuple[int, int]] = []
     t0 = time.perf_counter()
-    trainer = CountingDPOTrainer(
+    trainer = _counting_dpo_trainer(step_tokens, step_shapes)(
         model=trl_policy,
         args=dpo_args,
         train_dataset=Dataset.from_dict(data),
         processing_class=tok,
-        callbacks=[Interleave()],
+        callbacks=[_interleave_callback(raysafe, series, step_tokens, step_shapes, steps)],
     )
     trl_init_s = time.perf_counter() - t0
-    optim_name = str(getattr(trainer.args.optim, "value", trainer.args.optim))
-    trl_checkpointing = bool(getattr(trainer.model, "is_activation_checkpointing", False))
+    trl_run = {
+        "init_s": trl_init_s,
+        "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+        "checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+    }
     trainer.train()
+    return series, trl_run
 
-    def summary(name: str) -> dict:
-        xs = series[name][args.warmup :]
-        total_s = sum(x["step_s"] for x in xs)
-        total_tok = sum(x["tokens"] for x in xs)
-        s = {
-            "step_s_median": statistics.median(x["step_s"] for x in xs),
-            "tokens_per_step": total_tok / len(xs),
-            "tokens_per_s": total_tok / total_s,
-            "steps": len(xs),
-            "per_step": series[name],
-            "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
-            "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs),
-        }
-        for k in ("fwd_s", "bwd_s", "opt_s", "fwd_bwd_s"):
-            if k in xs[0]:
-                s[k + "_median"] = statistics.median(x[k] for x in xs)
-        if "rows" in xs[0]:
-            s["rows_x_width"] = (
-                f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
-            )
-        return s
+
+def run_steps(args) -> dict:
+    import copy
+
+    import torch
+    import trl
+
+    from raysafe.train.worker import make_collator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    steps = args.warmup + args.steps
+    cfg = _steps_config(args)
+    rows = _bench_rows(cfg, args.pairs, steps)
+
+    tok = _tokenizer(args)
+    t0 = time.perf_counter()
+    policy, label = _policy(args, device)
+    if len(tok) > policy.config.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tok)} tokens, the model's vocabulary {policy.config.vocab_size}")
+    trl_policy = copy.deepcopy(policy)  # the same initial weights for TRL
+    load_s = time.perf_counter() - t0
+
+    # ---- raysafe: collated batches, reference log-probs precomputed with the initial weights
+    collator = make_collator(cfg, tok)
+    batches = _collate_batches(collator, rows, args.pairs, steps, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    refs, ref_s = _reference_logps(policy, batches, autocast)
+    raysafe = _RaysafeSteps(policy, cfg, batches, refs, steps, device, autocast)
+    # ---- TRL: the same English pairs in the same order, raysafe's steps interleaved
+    series, trl_run = _train_trl_interleaved(args, rows, tok, trl_policy, collator, raysafe, steps, bf16)
 
     report = {
         "model": label,
         "params": _n_params(policy),
-        "mlc_layer": layer,
+        "mlc_layer": raysafe.layer,
         "device": str(device),
         "precision": "bf16 autocast" if bf16 else "fp32",
         "threads": torch.get_num_threads(),
         "load_s": load_s,
         "raysafe_reference_pass_s": ref_s,
-        "trl_init_s (incl. tokenising + reference pass)": trl_init_s,
+        "trl_init_s (incl. tokenising + reference pass)": trl_run["init_s"],
         "trl": {
             "version": trl.__version__,
-            "optim": optim_name,
+            "optim": trl_run["optim"],
             "precompute_ref_log_probs": True,
-            "gradient_checkpointing": trl_checkpointing,
+            "gradient_checkpointing": trl_run["checkpointing"],
             "report_to": "none",
             "sampling": "sequential",
         },
         "raysafe_optim": "torch.optim.AdamW (defaults) + clip_grad_norm_(1.0), no DeepSpeed",
-        "series": {k: summary(k) for k in series},
+        "series": {k: _series_summary(v, args.warmup) for k, v in series.items()},
     }
     if args.profile_mlc:
-        report["profile_mlc"] = profile_mlc(module, batches, refs, args.profile_repeats, device, autocast)
+        report["profile_mlc"] = profile_mlc(raysafe.module, batches, refs, args.profile_repeats, device, autocast)
     return report
 
 
