@@ -472,6 +472,61 @@ def run_steps(args) -> dict:
     return report
 
 
+def _rows_pass(decoder, b: dict, rows: slice, trim: bool):
+    """Last hidden states of the decoder body over ``rows`` of batch ``b`` (trimmed to their attended columns)."""
+    ids, mask, pos = b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows]
+    if trim:
+        cols = mask.any(0).nonzero().flatten()
+        span = slice(int(cols[0]), int(cols[-1]) + 1)
+        ids, mask, pos = ids[:, span], mask[:, span], pos[:, span]
+    return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+
+def _variant_hidden(policy, b: dict, layer: int, upto_layer: bool, trim: bool):
+    """Pooled hidden states at ``layer`` of the variant rows of batch ``b`` as (n, m, hidden); ``upto_layer`` stops
+    the decoder at the MLC layer, ``trim`` runs the variant rows at their own padded width."""
+    from raysafe.models.layers import decoder_body, hidden_state_hooks
+    from raysafe.train.forward import pool_hidden
+
+    decoder = decoder_body(policy)
+    n, m = int(b["n_pairs"]), int(b["m"])
+    captured: dict = {}
+    rows = slice(2 * n, None)
+    mask = b["attention_mask"][rows]
+    last = b["variant_last_index"]
+    if trim:
+        cols = mask.any(0).nonzero().flatten()
+        last = last - int(cols[0])
+    with hidden_state_hooks(policy, [layer], captured.__setitem__):
+        ids, am, pos = b["input_ids"][rows], mask, b["position_ids"][rows]
+        if trim:
+            span = slice(int(cols[0]), int(cols[-1]) + 1)
+            ids, am, pos = ids[:, span], am[:, span], pos[:, span]
+        layers = decoder.layers
+        if upto_layer:
+            decoder.layers = layers[: max(layer, 1)]
+        try:
+            decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
+        finally:
+            decoder.layers = layers
+    return pool_hidden(captured[layer], am, last, "last").reshape(n, m, -1)
+
+
+def _median_time(fn, repeats: int, device, module) -> float:
+    """Median seconds of ``repeats`` runs of ``fn`` after one untimed run; the module's gradients are dropped after."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    module.policy.zero_grad(set_to_none=True)
+    module.head.zero_grad(set_to_none=True)
+    return statistics.median(ts)
+
+
 def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
     """Forward + backward time of the pieces of the MLC step on the first batch, medians of ``repeats`` runs.
 
@@ -481,62 +536,23 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
     """
     import torch
 
-    from raysafe.models.layers import decoder_body, hidden_state_hooks
-    from raysafe.train.forward import policy_forward, pool_hidden
+    from raysafe.models.layers import decoder_body
+    from raysafe.train.forward import policy_forward
     from raysafe.train.mlc import consistency_loss
 
     policy, head, layer = module.policy, module.head, module.mlc_layer
     b = batches[0]
-    n, m = int(b["n_pairs"]), int(b["m"])
-    resp = 2 * n
+    resp = 2 * int(b["n_pairs"])
     decoder = decoder_body(policy)
 
-    def rows_pass(rows: slice, trim: bool) -> torch.Tensor:
-        ids, mask, pos = b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows]
-        if trim:
-            cols = mask.any(0).nonzero().flatten()
-            span = slice(int(cols[0]), int(cols[-1]) + 1)
-            ids, mask, pos = ids[:, span], mask[:, span], pos[:, span]
-        return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-
-    captured: dict[int, torch.Tensor] = {}
-
-    def variant_hidden(upto_layer: bool, trim: bool) -> torch.Tensor:
-        rows = slice(resp, None)
-        mask = b["attention_mask"][rows]
-        last = b["variant_last_index"]
-        if trim:
-            cols = mask.any(0).nonzero().flatten()
-            last = last - int(cols[0])
-        with hidden_state_hooks(policy, [layer], captured.__setitem__):
-            ids, am, pos = b["input_ids"][rows], mask, b["position_ids"][rows]
-            if trim:
-                span = slice(int(cols[0]), int(cols[-1]) + 1)
-                ids, am, pos = ids[:, span], am[:, span], pos[:, span]
-            layers = decoder.layers
-            if upto_layer:
-                decoder.layers = layers[: max(layer, 1)]
-            try:
-                decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
-            finally:
-                decoder.layers = layers
-        return pool_hidden(captured[layer], am, last, "last").reshape(n, m, -1)
-
     def timed(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            ts.append(time.perf_counter() - t)
-        policy.zero_grad(set_to_none=True)
-        head.zero_grad(set_to_none=True)
-        return statistics.median(ts)
+        return _median_time(fn, repeats, device, module)
 
     def mlc_term(h: torch.Tensor) -> torch.Tensor:
         return consistency_loss(head(h.float()), module.mlc).loss
+
+    def decoder_loss(rows: slice, trim: bool) -> None:
+        _rows_pass(decoder, b, rows, trim).float().pow(2).mean().backward()
 
     res: dict[str, float] = {}
     with autocast:
@@ -546,25 +562,21 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
         res["DPO+MLC step forward+backward (today: one pass over all rows)"] = timed(
             lambda: module(b, refs[0][0], refs[0][1], True)[0].backward()
         )
-        res["  decoder only, all rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(None), False).float().pow(2).mean().backward()
-        )
-        res["  decoder only, answer rows, full depth, own width"] = timed(
-            lambda: rows_pass(slice(0, resp), True).float().pow(2).mean().backward()
-        )
+        res["  decoder only, all rows, full depth, joint width"] = timed(lambda: decoder_loss(slice(None), False))
+        res["  decoder only, answer rows, full depth, own width"] = timed(lambda: decoder_loss(slice(0, resp), True))
         res["  decoder only, variant rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(resp, None), False).float().pow(2).mean().backward()
+            lambda: decoder_loss(slice(resp, None), False)
         )
         res["  variant rows to layer L, own width + MLC term"] = timed(
-            lambda: mlc_term(variant_hidden(True, True)).backward()
+            lambda: mlc_term(_variant_hidden(policy, b, layer, True, True)).backward()
         )
-        pooled = variant_hidden(False, False).detach()
+        pooled = _variant_hidden(policy, b, layer, False, False).detach()
         res["  MLC term alone (head + loss on pooled states)"] = timed(
             lambda: mlc_term(pooled.clone().requires_grad_(True)).backward()
         )
         with torch.no_grad():
             today = policy_forward(policy, b, layer).variant_hidden.float()
-            proposed = variant_hidden(True, True).float()
+            proposed = _variant_hidden(policy, b, layer, True, True).float()
         res["max |pooled hidden today - proposed|"] = float((today - proposed).abs().max())
     res["variant rows x width (joint)"] = f"{b['input_ids'].shape[0] - resp} x {b['input_ids'].shape[1]}"
     return res
@@ -621,6 +633,65 @@ def measured_train_loop(config: dict) -> None:
         )
 
 
+def _memory_config(args, model_dir: Path, d: int, stage: int, storage: Path, n: int):
+    """The TrainConfig of one ZeRO stage of part 3 (one flat list of settings)."""
+    from raysafe.train.config import TrainConfig
+
+    return TrainConfig.model_validate(
+        {
+            "model": {"path": str(model_dir), "name": "tiny-llama"},
+            "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
+            "mixture": {"languages": LANGS, "m": 4},
+            "loss": {"name": "dpo", "beta": 0.1},
+            "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
+            "optim": {
+                "lr": 1e-4,
+                "epochs": 1,
+                "micro_batch": 1,
+                "grad_accum": 1,
+                "max_steps": args.mem_steps,
+                "warmup_ratio": 0.0,
+            },
+            "deepspeed": {"zero_stage": stage},
+            "checkpoint": {
+                "every_n_steps": 10**6,
+                "storage_path": str(storage),
+                "max_failures": 0,
+                "name": f"bench-zero{stage}",
+            },
+            "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
+            "tracking": {"enabled": False},
+            "seed": args.seed,
+        }
+    )
+
+
+def _measure_stage(args, model_dir: Path, work: Path, stage: int, d: int, psi: int, n: int) -> dict:
+    """Trains one ZeRO stage with the measured worker loop and collects what every worker wrote."""
+    from raysafe.train import flow
+
+    storage = work / f"zero{stage}"
+    storage.mkdir()
+    cfg = _memory_config(args, model_dir, d, stage, storage, n)
+    t0 = time.perf_counter()
+    res = flow.run_train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    workers = [json.loads((storage / f"bench_memory_rank{r}.json").read_text()) for r in range(n)]
+    print(
+        f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
+        f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "steps": res.steps,
+        "wall_s": wall,
+        "workers": workers,
+        "rank0_final_memory_mb": res.metrics.get("memory_mb"),
+        "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20,
+    }
+
+
 def run_memory(args) -> dict:
     import shutil
 
@@ -630,7 +701,6 @@ def run_memory(args) -> dict:
 
     from raysafe.models.tiny import save_tiny, tiny_config
     from raysafe.train import flow
-    from raysafe.train.config import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="raysafe-bench-mem-"))
     model_dir = save_tiny(work / "model", "llama", hidden=args.mem_hidden, num_layers=args.mem_layers)
@@ -651,52 +721,7 @@ def run_memory(args) -> dict:
     stages = {}
     try:
         for stage in args.mem_stages:
-            storage = work / f"zero{stage}"
-            storage.mkdir()
-            cfg = TrainConfig.model_validate(
-                {
-                    "model": {"path": str(model_dir), "name": "tiny-llama"},
-                    "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
-                    "mixture": {"languages": LANGS, "m": 4},
-                    "loss": {"name": "dpo", "beta": 0.1},
-                    "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
-                    "optim": {
-                        "lr": 1e-4,
-                        "epochs": 1,
-                        "micro_batch": 1,
-                        "grad_accum": 1,
-                        "max_steps": args.mem_steps,
-                        "warmup_ratio": 0.0,
-                    },
-                    "deepspeed": {"zero_stage": stage},
-                    "checkpoint": {
-                        "every_n_steps": 10**6,
-                        "storage_path": str(storage),
-                        "max_failures": 0,
-                        "name": f"bench-zero{stage}",
-                    },
-                    "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
-                    "tracking": {"enabled": False},
-                    "seed": args.seed,
-                }
-            )
-            t0 = time.perf_counter()
-            res = flow.run_train(cfg, progress=False)
-            wall = time.perf_counter() - t0
-            workers = [json.loads((storage / f"bench_memory_rank{r}.json").read_text()) for r in range(n)]
-            stages[stage] = {
-                "steps": res.steps,
-                "wall_s": wall,
-                "workers": workers,
-                "rank0_final_memory_mb": res.metrics.get("memory_mb"),
-                "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20,
-            }
-            print(
-                f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
-                f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
+            stages[stage] = _measure_stage(args, model_dir, work, stage, d, psi, n)
     finally:
         flow.train_loop = original
         ray.shutdown()
