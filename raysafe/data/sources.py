@@ -238,8 +238,14 @@ def _items_per_class(df: pl.DataFrame, n: int, where: str) -> pl.DataFrame:
     return df.join(items.select("group_id"), on="group_id", how="semi", maintain_order="left")
 
 
-def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
-    """Check ``df`` against ``contract``; return it with contract types and a ``row_id``. Raises DataError."""
+def _rows_desc(bad: pl.DataFrame) -> str:
+    """The first five offending rows by row_id, group_id and lang, for an error's ``where``."""
+    cols = [c for c in ("row_id", "group_id", "lang") if c in bad.columns]
+    return "; ".join(", ".join(f"{c}={r[c]!r}" for c in cols) for r in bad.head(5).select(cols).iter_rows(named=True))
+
+
+def _check_columns_and_rows(df: pl.DataFrame, contract: Contract, where: str) -> None:
+    """Every required column is there and the source has rows."""
     missing = [c for c in contract.required if c not in df.columns]
     if missing:
         raise DataError(
@@ -253,14 +259,10 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             where=where,
             fix="check data.languages, data.limit_per_lang and data.items_per_class",
         )
-    df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
 
-    def rows_desc(bad: pl.DataFrame) -> str:
-        cols = [c for c in ("row_id", "group_id", "lang") if c in bad.columns]
-        return "; ".join(
-            ", ".join(f"{c}={r[c]!r}" for c in cols) for r in bad.head(5).select(cols).iter_rows(named=True)
-        )
 
+def _check_text_fields(df: pl.DataFrame, contract: Contract, where: str) -> None:
+    """Every text field is a string column without empty or missing values."""
     for field in contract.text_fields:
         if df.schema[field] not in (pl.String, pl.Null):
             raise DataError(
@@ -272,9 +274,13 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
         if bad.height:
             raise DataError(
                 f"{contract.name}: {bad.height} row(s) have an empty or missing {field!r}",
-                where=f"{where}: {rows_desc(bad)}",
+                where=f"{where}: {_rows_desc(bad)}",
                 fix="remove or fill those rows",
             )
+
+
+def _check_groups_and_languages(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
+    """group_id and lang as strings on every row, every language code known; returns ``df`` with them cast."""
     for col in ("group_id", "lang"):
         if col in df.columns:
             df = df.with_columns(pl.col(col).cast(pl.String))
@@ -282,7 +288,7 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             if bad.height:
                 raise DataError(
                     f"{contract.name}: {bad.height} row(s) have no {col}",
-                    where=f"{where}: {rows_desc(bad)}",
+                    where=f"{where}: {_rows_desc(bad)}",
                     fix=f"give every row a {col}",
                 )
     if "lang" in df.columns:
@@ -291,9 +297,14 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             bad = df.filter(pl.col("lang").is_in(unknown))
             raise DataError(
                 f"{contract.name}: unknown language code(s) {unknown}",
-                where=f"{where}: {rows_desc(bad)}",
+                where=f"{where}: {_rows_desc(bad)}",
                 fix="use ISO 639-1 codes (en, zh, sw, ...), or list extra codes in RAYSAFE_EXTRA_LANGS",
             )
+    return df
+
+
+def _check_label(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
+    """Labels, where there are any, as integers; returns ``df`` with them cast."""
     if "label" in df.columns:
         try:
             df = df.with_columns(pl.col("label").cast(pl.Int64, strict=True))
@@ -303,6 +314,11 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
                 where=f"{where}, field label",
                 fix="map labels with data.label_map (e.g. {toxic: 1, neutral: 0})",
             ) from None
+    return df
+
+
+def _check_unique_and_distinct(df: pl.DataFrame, contract: Contract, where: str) -> None:
+    """No two rows share the contract's key, and the contract's distinct pair of fields differs on every row."""
     key = [c for c in contract.key if c in df.columns]
     if key:
         dup = df.filter(pl.len().over(key) > 1)
@@ -311,7 +327,7 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
             raise DataError(
                 f"{contract.name}: {dup.height} rows share their ({shown}) with another row; the later one would "
                 "silently replace the earlier",
-                where=f"{where}: {rows_desc(dup)}",
+                where=f"{where}: {_rows_desc(dup)}",
                 fix=f"keep one row per ({shown}): give each item its own group_id, or remove the duplicates",
             )
     if contract.distinct:
@@ -320,9 +336,19 @@ def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
         if same.height:
             raise DataError(
                 f"{contract.name}: {same.height} row(s) have {a} equal to {b}, which teaches no preference",
-                where=f"{where}: {rows_desc(same)}",
+                where=f"{where}: {_rows_desc(same)}",
                 fix=f"remove those rows or correct their {a} / {b}",
             )
+
+
+def validate(df: pl.DataFrame, contract: Contract, where: str) -> pl.DataFrame:
+    """Check ``df`` against ``contract``; return it with contract types and a ``row_id``. Raises DataError."""
+    _check_columns_and_rows(df, contract, where)
+    df = df.with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+    _check_text_fields(df, contract, where)
+    df = _check_groups_and_languages(df, contract, where)
+    df = _check_label(df, contract, where)
+    _check_unique_and_distinct(df, contract, where)
     keep = ["row_id"] + [c for c in contract.columns if c in df.columns]
     extra = [c for c in ("category", "concept", "split", "source") if c in df.columns and c not in keep]
     return df.select(keep + extra)

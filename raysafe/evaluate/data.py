@@ -141,9 +141,8 @@ def _answer_index(v, where: str) -> int:
     raise DataError(f"answer {v!r} is not one of A-D or 0-3", where=where, fix="give the correct option as A-D or 0-3")
 
 
-def normalize_mc(df: pl.DataFrame, where: str, prefix: str) -> pl.DataFrame:
-    """Raw MC rows (``choices`` list, or columns A-D; ``answer`` letter or index; lower- or capitalised names) →
-    (group_id, lang, question, choices, answer, subject). Raises DataError naming the row and field."""
+def _mc_columns(df: pl.DataFrame, where: str) -> pl.DataFrame:
+    """Lower-cased column names, lang, question, choices (built from A-D when absent) and answer present."""
     rename = {c: c.lower() for c in df.columns if c in ("Question", "Answer", "Subject", "Choices")}
     df = df.rename(rename)
     if "lang" not in df.columns:
@@ -168,40 +167,48 @@ def normalize_mc(df: pl.DataFrame, where: str, prefix: str) -> pl.DataFrame:
         df = df.with_columns(pl.concat_list([pl.col(c).cast(pl.String) for c in "ABCD"]).alias("choices"))
     if "answer" not in df.columns:
         raise DataError("multiple-choice rows have no answer column", where=where, fix="map it with `columns:`")
-    df = _with_group_ids(df, prefix)
+    return df
+
+
+def _mc_row(r: dict, loc: str) -> dict:
+    """One checked question: known language, non-empty question, exactly four non-empty options, valid answer."""
+    if not is_known(str(r["lang"])):
+        raise DataError(
+            f"unknown language code {r['lang']!r}",
+            where=loc,
+            fix="use ISO 639-1 codes, or list extra codes in RAYSAFE_EXTRA_LANGS",
+        )
+    q = r["question"]
+    if not isinstance(q, str) or not q.strip():
+        raise DataError("empty or missing question", where=f"{loc}, field question", fix="fill or remove the row")
+    ch = r["choices"]
+    if ch is None or len(ch) != 4 or any((not isinstance(c, str)) or not c.strip() for c in ch):
+        raise DataError(
+            f"a question needs exactly 4 non-empty options, got {ch!r}",
+            where=f"{loc}, field choices",
+            fix="give four options",
+        )
+    return {
+        "group_id": str(r["group_id"]),
+        "lang": str(r["lang"]),
+        "question": q,
+        "choices": list(ch),
+        "answer": _answer_index(r["answer"], f"{loc}, field answer"),
+        "subject": str(r.get("subject") or ""),
+    }
+
+
+def normalize_mc(df: pl.DataFrame, where: str, prefix: str) -> pl.DataFrame:
+    """Raw MC rows (``choices`` list, or columns A-D; ``answer`` letter or index; lower- or capitalised names) →
+    (group_id, lang, question, choices, answer, subject). Raises DataError naming the row and field."""
+    df = _with_group_ids(_mc_columns(df, where), prefix)
     rows = []
     for i, r in enumerate(
         df.select(
             [c for c in ("group_id", "lang", "question", "choices", "answer", "subject") if c in df.columns]
         ).iter_rows(named=True)
     ):
-        loc = f"{where}: row {i}, group_id={r['group_id']!r}, lang={r['lang']!r}"
-        if not is_known(str(r["lang"])):
-            raise DataError(
-                f"unknown language code {r['lang']!r}",
-                where=loc,
-                fix="use ISO 639-1 codes, or list extra codes in RAYSAFE_EXTRA_LANGS",
-            )
-        q = r["question"]
-        if not isinstance(q, str) or not q.strip():
-            raise DataError("empty or missing question", where=f"{loc}, field question", fix="fill or remove the row")
-        ch = r["choices"]
-        if ch is None or len(ch) != 4 or any((not isinstance(c, str)) or not c.strip() for c in ch):
-            raise DataError(
-                f"a question needs exactly 4 non-empty options, got {ch!r}",
-                where=f"{loc}, field choices",
-                fix="give four options",
-            )
-        rows.append(
-            {
-                "group_id": str(r["group_id"]),
-                "lang": str(r["lang"]),
-                "question": q,
-                "choices": list(ch),
-                "answer": _answer_index(r["answer"], f"{loc}, field answer"),
-                "subject": str(r.get("subject") or ""),
-            }
-        )
+        rows.append(_mc_row(r, f"{where}: row {i}, group_id={r['group_id']!r}, lang={r['lang']!r}"))
     return pl.DataFrame(
         rows,
         schema={

@@ -174,155 +174,227 @@ def run_evaluate(
         return _run_evaluate(cfg, parent_run_id, progress)
 
 
-def _run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None, progress: bool) -> EvaluateResult:
-    from raysafe.evaluate.judges import make_judge
-    from raysafe.evaluate.stages import (
-        ClassifierJudgeStage,
-        ModelWorkerStage,
-        judge_shard,
-    )
-    from raysafe.evaluate.tables import (
-        PER_LANGUAGE_SCHEMA,
-        frame,
-        safety_tables,
-        utility_table,
-    )
+@dataclass
+class _Inputs:
+    """The prompts and multiple-choice questions of one evaluation, their languages, fingerprints and shards."""
 
-    t_start = time.perf_counter()
-    store = EvalStore(cfg.output_dir)
-    # ---- inputs (validated before any model is loaded)
-    prompts = load_prompts(cfg.sets)
-    if cfg.languages is not None:
-        prompts = prompts.filter(pl.col("lang").is_in(cfg.languages))
-        if prompts.height == 0:
-            raise DataError(
-                f"no prompt of the sets is in languages {cfg.languages}",
-                where="languages",
-                fix="list languages the sets have, or leave `languages` unset",
-            )
-        prompts = prompts.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+    prompts: pl.DataFrame
+    langs: list[str]
+    prompts_fp: str
+    mc: pl.DataFrame | None
+    mc_langs: list[str]
+    mc_fp: str | None
+    n_prompt_shards: int = 0
+    n_mc_shards: int = 0
+
+
+def _restrict_languages(df: pl.DataFrame, languages: list[str] | None, what: str, where: str, fix: str):
+    """Rows of ``df`` in ``languages`` (all when None), renumbered; refuses when none is left."""
+    if languages is None:
+        return df
+    df = df.filter(pl.col("lang").is_in(languages))
+    if df.height == 0:
+        raise DataError(what, where=where, fix=fix)
+    return df.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+
+
+def _load_inputs(cfg: EvaluateConfig) -> _Inputs:
+    """Prompts and (when utility is on) multiple-choice questions, validated before any model is loaded."""
+    prompts = _restrict_languages(
+        load_prompts(cfg.sets),
+        cfg.languages,
+        f"no prompt of the sets is in languages {cfg.languages}",
+        "languages",
+        "list languages the sets have, or leave `languages` unset",
+    )
     langs = _languages(cfg, list(dict.fromkeys(prompts["lang"].to_list())))
     prompts_fp = fingerprint(prompts)
     mc = None
     if cfg.utility.enabled:
-        mc = load_mc(cfg.utility)
-        if cfg.languages is not None:
-            mc = mc.filter(pl.col("lang").is_in(cfg.languages))
-            if mc.height == 0:
-                raise DataError(
-                    f"no multiple-choice question is in languages {cfg.languages}",
-                    where="utility.sources",
-                    fix="add questions in those languages, or set utility.enabled=false",
-                )
-            mc = mc.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
+        mc = _restrict_languages(
+            load_mc(cfg.utility),
+            cfg.languages,
+            f"no multiple-choice question is in languages {cfg.languages}",
+            "utility.sources",
+            "add questions in those languages, or set utility.enabled=false",
+        )
     mc_langs = _languages(cfg, list(dict.fromkeys(mc["lang"].to_list()))) if mc is not None else []
     mc_fp = fingerprint(mc) if mc is not None else None
-    # ---- models and judges exist (fail before any work)
+    return _Inputs(prompts, langs, prompts_fp, mc, mc_langs, mc_fp)
+
+
+def _check_models_and_judges(cfg: EvaluateConfig) -> dict[str, str]:
+    """Models and judges exist (fail before any work); returns each model's weights fingerprint by label."""
+    from raysafe.evaluate.judges import make_judge
+
     fps = {model_label(m): _check_model(m, f"models[{i}].path") for i, m in enumerate(cfg.models)}
     for i, j in enumerate(cfg.judges):
         if j.kind == "classifier":
             _check_model(j.model, f"judges[{i}].model.path")
         elif j.kind == "openai":
             make_judge(j)  # raises ConfigError when the endpoint's environment variable is unset
-    n_prompt_shards = write_inputs(store.prompts.root, prompts, cfg.generation.shard_rows, prompts_fp, "prompts")
-    n_mc_shards = write_inputs(store.mc.root, mc, cfg.utility.shard_rows, mc_fp, "questions") if mc is not None else 0
-    gen_ids = {}
+    return fps
+
+
+def _claim_outputs(cfg: EvaluateConfig, store: EvalStore, fps: dict[str, str], inputs: _Inputs) -> None:
+    """Each model's generations, utility scores and judgements belong to exactly these weights and inputs."""
     for spec in cfg.models:
         label = model_label(spec)
-        gen_ids[label] = {
+        gen_id = {
             "model_path": spec.path,
             "fingerprint": fps[label],
-            "prompts": prompts_fp,
+            "prompts": inputs.prompts_fp,
             "generation": cfg.generation.model_dump(mode="json"),
         }
-        claim(store.model_dir(label) / "model.json", gen_ids[label], f"generations of model {label!r}")
-        if mc is not None:
+        claim(store.model_dir(label) / "model.json", gen_id, f"generations of model {label!r}")
+        if inputs.mc is not None:
             claim(
                 store.utility(label).root / "utility.json",
-                {"fingerprint": fps[label], "questions": mc_fp, "utility": cfg.utility.model_dump(mode="json")},
+                {"fingerprint": fps[label], "questions": inputs.mc_fp, "utility": cfg.utility.model_dump(mode="json")},
                 f"utility scores of model {label!r}",
             )
         for j in cfg.judges:
             claim(
                 store.judgements(label, j.label).root / "judge.json",
-                {"judge": j.model_dump(mode="json", exclude={"ray"}), "generations": gen_ids[label]},
+                {"judge": j.model_dump(mode="json", exclude={"ray"}), "generations": gen_id},
                 f"judgements by {j.label!r}",
             )
+
+
+def _generate(cfg: EvaluateConfig, store: EvalStore, spec: ModelSpec, inputs: _Inputs, progress: bool) -> int:
+    """Generation and multiple-choice shards of one model still missing, run on the actor pool; returns how many
+    generation shards were missing."""
+    from raysafe.evaluate.stages import ModelWorkerStage
+
+    label = model_label(spec)
+    gen_missing = store.generations(label).missing(inputs.n_prompt_shards)
+    mc_missing = store.utility(label).missing(inputs.n_mc_shards) if inputs.mc is not None else []
+    items = [{"task": "generate", "shard_id": k} for k in gen_missing]
+    items += [{"task": "mc", "shard_id": k} for k in mc_missing]
+    if items:
+        _run_pool(
+            items,
+            ModelWorkerStage,
+            {
+                "model": spec.model_dump(),
+                "generation": cfg.generation.model_dump(),
+                "utility": cfg.utility.model_dump(),
+                "store_root": str(store.root),
+                "model_label": label,
+                "torch_threads": _threads(cfg.ray),
+            },
+            cfg.ray,
+            f"generate {label}",
+            progress,
+        )
+    return len(gen_missing)
+
+
+def _judge(cfg: EvaluateConfig, store: EvalStore, label: str, j: JudgeSpec, n: int, tokens: dict, progress) -> int:
+    """Judgement shards of one model by one judge that are missing or stale (their generation changed), judged
+    now; returns how many."""
+    from raysafe.evaluate.judges import make_judge
+    from raysafe.evaluate.stages import ClassifierJudgeStage, judge_shard
+
+    missing = store.judgements(label, j.label).stale_or_missing(n, "generation_token", tokens)
+    if missing and j.kind == "classifier":
+        jray = j.ray or cfg.ray
+        _run_pool(
+            [{"shard_id": k} for k in missing],
+            ClassifierJudgeStage,
+            {
+                "judge": j.model_dump(),
+                "store_root": str(store.root),
+                "model_label": label,
+                "torch_threads": _threads(jray),
+            },
+            jray,
+            f"judge {label} ({j.label})",
+            progress,
+        )
+    elif missing:
+        judge = make_judge(j)
+        for k in missing:
+            judge_shard(judge, store, label, k)
+    return len(missing)
+
+
+@dataclass
+class _Tables:
+    """Rows of the result tables, gathered model by model."""
+
+    per_lang: list = field(default_factory=list)
+    summary: list = field(default_factory=list)
+    pairs: list = field(default_factory=list)
+    util_rows: list = field(default_factory=list)
+    util_summ: dict = field(default_factory=dict)
+
+
+def _evaluate_model(cfg, store: EvalStore, spec: ModelSpec, inputs: _Inputs, result, tables: _Tables, progress):
+    """Generates, judges and scores one model, adding its rows to ``tables``; writes its responses CSV."""
+    from raysafe.evaluate.tables import safety_tables, utility_table
+
+    label = model_label(spec)
+    n = inputs.n_prompt_shards
+    result.shards_generated[label] = _generate(cfg, store, spec, inputs, progress)
+    gens = store.generations(label).read(n)
+    tokens = {k: (store.generations(label).info(k) or {}).get("token") for k in range(n)}
+    for j in cfg.judges:
+        result.shards_judged[f"{label}/{j.label}"] = _judge(cfg, store, label, j, n, tokens, progress)
+        judged = store.judgements(label, j.label).read(n)
+        a, b, c = safety_tables(inputs.prompts, judged, label, j.label, inputs.langs, cfg.metrics)
+        tables.per_lang += a
+        tables.summary += b
+        tables.pairs += c
+    if inputs.mc is not None:
+        scores = store.utility(label).read(inputs.n_mc_shards)
+        rows, tables.util_summ[label] = utility_table(inputs.mc, scores, label, inputs.mc_langs, cfg.metrics)
+        tables.util_rows += rows
+    _write_responses(store, label, gens, cfg.judges, n)
+
+
+def _fill_result(result: EvaluateResult, tables: _Tables) -> None:
+    """The result's frames from the gathered rows (utility columns NaN when utility is off)."""
+    from raysafe.evaluate.tables import PER_LANGUAGE_SCHEMA, frame
+
+    result.per_language = frame(tables.per_lang, PER_LANGUAGE_SCHEMA)
+    summ = frame(tables.summary)
+    if tables.util_summ:
+        summ = summ.join(pl.DataFrame(list(tables.util_summ.values())), on="model", how="left")
+    else:
+        summ = summ.with_columns(
+            pl.lit(float("nan")).alias(c) for c in ("utility_accuracy", "utility_ci_low", "utility_ci_high")
+        )
+    result.summary_table = summ
+    result.agreement_pairs = frame(tables.pairs)
+    result.utility = frame(tables.util_rows)
+
+
+def _run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None, progress: bool) -> EvaluateResult:
+    t_start = time.perf_counter()
+    store = EvalStore(cfg.output_dir)
+    # ---- inputs (validated before any model is loaded)
+    inputs = _load_inputs(cfg)
+    # ---- models and judges exist (fail before any work)
+    fps = _check_models_and_judges(cfg)
+    inputs.n_prompt_shards = write_inputs(
+        store.prompts.root, inputs.prompts, cfg.generation.shard_rows, inputs.prompts_fp, "prompts"
+    )
+    inputs.n_mc_shards = (
+        write_inputs(store.mc.root, inputs.mc, cfg.utility.shard_rows, inputs.mc_fp, "questions")
+        if inputs.mc is not None
+        else 0
+    )
+    _claim_outputs(cfg, store, fps, inputs)
 
     result = EvaluateResult(Path(cfg.output_dir), pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), pl.DataFrame())
     name = cfg.tracking.run_name or f"evaluate {'+'.join(model_label(m) for m in cfg.models)}"
     with tracking.run(cfg.tracking, name, parent_run_id=parent_run_id, tags={"raysafe.flow": "evaluate"}) as mlrun:
-        tracking.log_params({"config": cfg.model_dump(mode="json"), "prompts_fingerprint": prompts_fp})
-        per_lang, summary, pairs, util_rows, util_summ = [], [], [], [], {}
+        tracking.log_params({"config": cfg.model_dump(mode="json"), "prompts_fingerprint": inputs.prompts_fp})
+        tables = _Tables()
         for spec in cfg.models:
-            label = model_label(spec)
-            gen_missing = store.generations(label).missing(n_prompt_shards)
-            mc_missing = store.utility(label).missing(n_mc_shards) if mc is not None else []
-            items = [{"task": "generate", "shard_id": k} for k in gen_missing]
-            items += [{"task": "mc", "shard_id": k} for k in mc_missing]
-            if items:
-                _run_pool(
-                    items,
-                    ModelWorkerStage,
-                    {
-                        "model": spec.model_dump(),
-                        "generation": cfg.generation.model_dump(),
-                        "utility": cfg.utility.model_dump(),
-                        "store_root": str(store.root),
-                        "model_label": label,
-                        "torch_threads": _threads(cfg.ray),
-                    },
-                    cfg.ray,
-                    f"generate {label}",
-                    progress,
-                )
-            result.shards_generated[label] = len(gen_missing)
-            gens = store.generations(label).read(n_prompt_shards)
-            tokens = {k: (store.generations(label).info(k) or {}).get("token") for k in range(n_prompt_shards)}
-            for j in cfg.judges:
-                jdir = store.judgements(label, j.label)
-                missing = jdir.stale_or_missing(n_prompt_shards, "generation_token", tokens)
-                if missing and j.kind == "classifier":
-                    jray = j.ray or cfg.ray
-                    _run_pool(
-                        [{"shard_id": k} for k in missing],
-                        ClassifierJudgeStage,
-                        {
-                            "judge": j.model_dump(),
-                            "store_root": str(store.root),
-                            "model_label": label,
-                            "torch_threads": _threads(jray),
-                        },
-                        jray,
-                        f"judge {label} ({j.label})",
-                        progress,
-                    )
-                elif missing:
-                    judge = make_judge(j)
-                    for k in missing:
-                        judge_shard(judge, store, label, k)
-                result.shards_judged[f"{label}/{j.label}"] = len(missing)
-                judged = jdir.read(n_prompt_shards)
-                a, b, c = safety_tables(prompts, judged, label, j.label, langs, cfg.metrics)
-                per_lang += a
-                summary += b
-                pairs += c
-            if mc is not None:
-                scores = store.utility(label).read(n_mc_shards)
-                rows, util_summ[label] = utility_table(mc, scores, label, mc_langs, cfg.metrics)
-                util_rows += rows
-            _write_responses(store, label, gens, cfg.judges, n_prompt_shards)
-        result.per_language = frame(per_lang, PER_LANGUAGE_SCHEMA)
-        summ = frame(summary)
-        if util_summ:
-            summ = summ.join(pl.DataFrame(list(util_summ.values())), on="model", how="left")
-        else:
-            summ = summ.with_columns(
-                pl.lit(float("nan")).alias(c) for c in ("utility_accuracy", "utility_ci_low", "utility_ci_high")
-            )
-        result.summary_table = summ
-        result.agreement_pairs = frame(pairs)
-        result.utility = frame(util_rows)
+            _evaluate_model(cfg, store, spec, inputs, result, tables, progress)
+        _fill_result(result, tables)
         _write_outputs(cfg, store, result)
         result.seconds = time.perf_counter() - t_start
         if mlrun is not None:

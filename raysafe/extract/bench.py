@@ -111,33 +111,12 @@ def naive_loop(model, tok, texts: list[str], batch: int = 16) -> tuple[float, in
     return time.perf_counter() - t0, tokens
 
 
-def run(args) -> dict:
-    import polars as pl
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raysafe.config import ModelSpec, load_config
+def _bench_config(args, data: Path, work: Path):
+    """The ExtractConfig of the pipeline run: all layers, last position, one model actor (a flat list of settings)."""
+    from raysafe.config import load_config
     from raysafe.extract.config import ExtractConfig
-    from raysafe.extract.flow import run_extract
-    from raysafe.extract.stages import Extractor, tokenize_texts
-    from raysafe.extract.store import ActivationStore
-    from raysafe.models.batching import (
-        padded_tokens,
-        padding_efficiency,
-        plan_token_batches,
-    )
-    from raysafe.models.layers import num_layers
-    from raysafe.models.loading import resolve
 
-    rows = corpus_texts(args.per_lang)
-    work = Path(tempfile.mkdtemp(prefix="raysafe-bench-"))
-    data = work / "texts.jsonl"
-    pl.DataFrame(rows).write_ndjson(data)
-    print(
-        f"corpus: {len(rows)} texts in {len({r['lang'] for r in rows})} languages/scripts "
-        f"({', '.join(sorted({r['lang'] for r in rows}))})"
-    )
-    cfg = load_config(
+    return load_config(
         ExtractConfig,
         data={
             "models": [{"path": args.model, "name": "m"}],
@@ -160,19 +139,17 @@ def run(args) -> dict:
             "tracking": {"enabled": False},
         },
     )
-    torch.set_num_threads(args.threads)
-    resolved = resolve(ModelSpec(path=args.model))
-    results: dict = {
-        "texts": len(rows),
-        "threads": args.threads,
-        "batch_overhead_tokens": args.batch_overhead_tokens,
-        "omp_wait_policy": args.omp_wait_policy,
-    }
 
-    # 1. naive (the model load is timed too, for an end-to-end comparison with the pipeline's actor start-up)
+
+def _measure_naive(model_path: str, rows: list[dict], results: dict) -> None:
+    """1. the naive loop; the model load is timed too, for an end-to-end comparison with the pipeline's actor
+    start-up."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     t_load = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(resolved.path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_path)
     load_secs = time.perf_counter() - t_load
     texts = [r["text"] for r in rows]
     secs, naive_tokens = naive_loop(model, tok, texts)
@@ -185,8 +162,14 @@ def run(args) -> dict:
     )
     del model
 
-    # 2. pipeline
+
+def _measure_pipeline(args, cfg, results: dict) -> None:
+    """2. the raysafe pipeline: end to end (incl. Ray and actor start-up) and steady state (between the first and
+    the last shard's done mark)."""
     import ray
+
+    from raysafe.extract.flow import run_extract
+    from raysafe.extract.store import ActivationStore
 
     ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
@@ -206,41 +189,55 @@ def run(args) -> dict:
     )
     print(f"raysafe pipeline, steady state (shards 2..{len(done)}): {results['pipeline_steady_tok_s']:,.0f} tok/s")
 
-    # 3./4./5. the same extractor in a plain loop
+
+def _time_layers(ext, ids: list, layers: list[int]) -> float:
+    """Seconds the extractor takes over every shard of ``ids`` keeping ``layers``."""
+    ext.layers = layers
+    t = time.perf_counter()
+    for s in ids:
+        ext.extract(s)
+    return time.perf_counter() - t
+
+
+def _padding_efficiencies(ids: list, spec, overhead_tokens: int, results: dict) -> None:
+    """Real / padded tokens of the naive batches of 16 and of raysafe's token-budget batches."""
+    from raysafe.models.batching import (
+        padded_tokens,
+        padding_efficiency,
+        plan_token_batches,
+    )
+
+    flat = [len(x) for s in ids for x in s]
+    results["naive_padding_efficiency"] = padding_efficiency(
+        flat, [list(range(i, min(i + 16, len(flat)))) for i in range(0, len(flat), 16)]
+    )
+    padded = sum(
+        padded_tokens(ls, plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch, overhead_tokens))
+        for ls in ([len(x) for x in s] for s in ids)
+    )
+    results["pipeline_padding_efficiency"] = sum(flat) / padded
+
+
+def _measure_plain(args, cfg, rows: list[dict], results: dict) -> None:
+    """3./4./5. the same extractor in a plain loop: all layers against half of them, achieved FLOP/s, padding."""
+    from raysafe.extract.stages import Extractor, tokenize_texts
+    from raysafe.models.layers import num_layers
+
     shards = [[r["text"] for r in rows[i : i + args.shard_rows]] for i in range(0, len(rows), args.shard_rows)]
     ext = Extractor({"path": args.model}, cfg.extract.model_dump(), layers=[0], torch_threads=args.threads)
     n_layers = num_layers(ext.model)
     ids = [tokenize_texts(ext.tok, s, cfg.extract)[0] for s in shards]
-
-    def plain(layers: list[int]) -> float:
-        ext.layers = layers
-        t = time.perf_counter()
-        for s in ids:
-            ext.extract(s)
-        return time.perf_counter() - t
-
     ext.layers = list(range(n_layers + 1))
     ext.extract(ids[0])  # warm-up
-    all_secs = plain(list(range(n_layers + 1)))
-    half_secs = plain(list(range(n_layers // 2 + 1)))
+    all_secs = _time_layers(ext, ids, list(range(n_layers + 1)))
+    half_secs = _time_layers(ext, ids, list(range(n_layers // 2 + 1)))
     tokens = sum(len(x) for s in ids for x in s)
     results["plain_tok_s"] = tokens / all_secs
     results["half_over_all"] = half_secs / all_secs
     flops = forward_flops(ext.model, [x for s in ids for x in s], n_layers)
     results["gflops"] = flops / all_secs / 1e9
     results["peak_gflops"] = matmul_peak_gflops(args.threads)
-    flat = [len(x) for s in ids for x in s]
-    results["naive_padding_efficiency"] = padding_efficiency(
-        flat, [list(range(i, min(i + 16, len(flat)))) for i in range(0, len(flat), 16)]
-    )
-    spec = cfg.extract
-    padded = sum(
-        padded_tokens(
-            ls, plan_token_batches(ls, spec.max_tokens_per_batch, spec.max_rows_per_batch, ext.overhead_tokens)
-        )
-        for ls in ([len(x) for x in s] for s in ids)
-    )
-    results["pipeline_padding_efficiency"] = sum(flat) / padded
+    _padding_efficiencies(ids, cfg.extract, ext.overhead_tokens, results)
     print(f"same Extractor, plain loop, all {n_layers + 1} layers: {results['plain_tok_s']:,.0f} tok/s")
     print(f"layers 0..{n_layers // 2} vs all: {half_secs:.2f} s / {all_secs:.2f} s = {results['half_over_all']:.2f}x")
     print(
@@ -251,6 +248,35 @@ def run(args) -> dict:
         f"achieved {results['gflops']:.1f} GFLOP/s vs fp32 matmul peak {results['peak_gflops']:.1f} GFLOP/s "
         f"= {results['gflops'] / results['peak_gflops']:.0%}"
     )
+
+
+def run(args) -> dict:
+    import polars as pl
+    import torch
+
+    from raysafe.config import ModelSpec
+    from raysafe.models.loading import resolve
+
+    rows = corpus_texts(args.per_lang)
+    work = Path(tempfile.mkdtemp(prefix="raysafe-bench-"))
+    data = work / "texts.jsonl"
+    pl.DataFrame(rows).write_ndjson(data)
+    print(
+        f"corpus: {len(rows)} texts in {len({r['lang'] for r in rows})} languages/scripts "
+        f"({', '.join(sorted({r['lang'] for r in rows}))})"
+    )
+    cfg = _bench_config(args, data, work)
+    torch.set_num_threads(args.threads)
+    resolved = resolve(ModelSpec(path=args.model))
+    results: dict = {
+        "texts": len(rows),
+        "threads": args.threads,
+        "batch_overhead_tokens": args.batch_overhead_tokens,
+        "omp_wait_policy": args.omp_wait_policy,
+    }
+    _measure_naive(resolved.path, rows, results)
+    _measure_pipeline(args, cfg, results)
+    _measure_plain(args, cfg, rows, results)
     print()
     print(
         f"RATIO pipeline(steady)/naive = {results['pipeline_steady_tok_s'] / results['naive_tok_s']:.2f}x   "

@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -240,6 +241,59 @@ def perplexity(stats: TextStats) -> float:
 Probe = tuple[int, object]
 
 
+def _unit_probe(p_vec) -> np.ndarray:
+    """The probe direction as a float64 unit vector (a zero vector stays zero)."""
+    u = np.asarray(p_vec.detach().cpu() if isinstance(p_vec, torch.Tensor) else p_vec, dtype=np.float64)
+    return u / (np.linalg.norm(u) or 1.0)
+
+
+def _steered_measures(
+    model, tokenizer, vectors, pairs, neutral_texts, p_layer: int, u, batch_size: int, max_length: int, alpha: float
+) -> dict:
+    """Projection, pair gap, behaviour score and neutral perplexity of one language under ``alpha`` (0: unsteered)."""
+    texts = [p for p, _ in pairs] + [n for _, n in pairs]
+    ctx = steering(model, vectors, alpha) if alpha != 0 else nullcontext()
+    with ctx:
+        st = text_stats(model, tokenizer, texts, probe_layer=p_layer, batch_size=batch_size, max_length=max_length)
+        nt = (
+            text_stats(model, tokenizer, neutral_texts, batch_size=batch_size, max_length=max_length)
+            if neutral_texts
+            else None
+        )
+    k = len(pairs)
+    pos = TextStats(st.logprob_sum[:k], st.n_tokens[:k], None)
+    neg = TextStats(st.logprob_sum[k:], st.n_tokens[k:], None)
+    proj = st.last_state.astype(np.float64) @ u
+    return {
+        "projection": float(proj.mean()),
+        "pair_gap": float(proj[:k].mean() - proj[k:].mean()),
+        "behaviour_score": behaviour_score(pos, neg),
+        "perplexity": perplexity(nt) if nt is not None else float("nan"),
+    }
+
+
+def _steering_row(lang: str, label: str, alpha: float, p_layer, n_pairs: int, n_neutral: int, m: dict, base: dict):
+    """One row of measure_steering's table: the measures under ``alpha`` and their changes from alpha 0."""
+    return {
+        "lang": lang,
+        "layers": label,
+        "alpha": float(alpha),
+        "probe_layer": int(p_layer),
+        "n_pairs": n_pairs,
+        "n_neutral": n_neutral,
+        "projection": m["projection"],
+        "projection_shift": m["projection"] - base["projection"],
+        "pair_gap": m["pair_gap"],
+        "projection_shift_in_gaps": (
+            (m["projection"] - base["projection"]) / base["pair_gap"] if base["pair_gap"] != 0 else float("nan")
+        ),
+        "behaviour_score": m["behaviour_score"],
+        "behaviour_shift": m["behaviour_score"] - base["behaviour_score"],
+        "perplexity": m["perplexity"],
+        "perplexity_ratio": m["perplexity"] / base["perplexity"],
+    }
+
+
 def measure_steering(
     model: nn.Module,
     tokenizer,
@@ -276,59 +330,15 @@ def measure_steering(
         if not pairs:
             raise ConfigError(f"no held-out pairs for language {lang!r}", where="measure_steering(held_out=...)")
         p_layer, p_vec = (probe.get(lang) if isinstance(probe, Mapping) else probe) or (deepest, vectors[deepest])
-        u = np.asarray(p_vec.detach().cpu() if isinstance(p_vec, torch.Tensor) else p_vec, dtype=np.float64)
-        u = u / (np.linalg.norm(u) or 1.0)
-        texts = [p for p, _ in pairs] + [n for _, n in pairs]
+        u = _unit_probe(p_vec)
         neutral_texts = list(neutral.get(lang, ()))
-
-        # bound as defaults: the closure is called within this iteration, and binding says so
-        def run(alpha: float, texts=texts, neutral_texts=neutral_texts, pairs=pairs, p_layer=p_layer, u=u) -> dict:
-            ctx = steering(model, vectors, alpha) if alpha != 0 else nullcontext()
-            with ctx:
-                st = text_stats(
-                    model, tokenizer, texts, probe_layer=p_layer, batch_size=batch_size, max_length=max_length
-                )
-                nt = (
-                    text_stats(model, tokenizer, neutral_texts, batch_size=batch_size, max_length=max_length)
-                    if neutral_texts
-                    else None
-                )
-            k = len(pairs)
-            pos = TextStats(st.logprob_sum[:k], st.n_tokens[:k], None)
-            neg = TextStats(st.logprob_sum[k:], st.n_tokens[k:], None)
-            proj = st.last_state.astype(np.float64) @ u
-            return {
-                "projection": float(proj.mean()),
-                "pair_gap": float(proj[:k].mean() - proj[k:].mean()),
-                "behaviour_score": behaviour_score(pos, neg),
-                "perplexity": perplexity(nt) if nt is not None else float("nan"),
-            }
-
-        base = run(0.0)
+        measure = partial(
+            _steered_measures, model, tokenizer, vectors, pairs, neutral_texts, p_layer, u, batch_size, max_length
+        )
+        base = measure(0.0)
         for alpha in alphas:
-            m = base if alpha == 0 else run(float(alpha))
-            rows.append(
-                {
-                    "lang": lang,
-                    "layers": label,
-                    "alpha": float(alpha),
-                    "probe_layer": int(p_layer),
-                    "n_pairs": len(pairs),
-                    "n_neutral": len(neutral_texts),
-                    "projection": m["projection"],
-                    "projection_shift": m["projection"] - base["projection"],
-                    "pair_gap": m["pair_gap"],
-                    "projection_shift_in_gaps": (
-                        (m["projection"] - base["projection"]) / base["pair_gap"]
-                        if base["pair_gap"] != 0
-                        else float("nan")
-                    ),
-                    "behaviour_score": m["behaviour_score"],
-                    "behaviour_shift": m["behaviour_score"] - base["behaviour_score"],
-                    "perplexity": m["perplexity"],
-                    "perplexity_ratio": m["perplexity"] / base["perplexity"],
-                }
-            )
+            m = base if alpha == 0 else measure(float(alpha))
+            rows.append(_steering_row(lang, label, alpha, p_layer, len(pairs), len(neutral_texts), m, base))
     return pl.DataFrame(rows)
 
 

@@ -185,12 +185,81 @@ def run_study(cfg: StudyConfig, progress: bool = True, restart: bool = False) ->
         return _run_study(cfg)
 
 
-def _run_study(cfg: StudyConfig) -> StudyResult:
+def _base_model_stages(cfg: StudyConfig, st: _Stages, base: ModelSpec) -> None:
+    """Separation, concepts and evaluation of the base model (each unless skipped)."""
     from raysafe.concepts.flow import run_concepts
     from raysafe.evaluate.flow import run_evaluate
     from raysafe.separation.flow import run_separation
+
+    if "separation" not in cfg.skip:
+        c = cfg.separation_config(base, [])
+        st.run("separation_before", lambda _, c=c: _separation(run_separation, c), stage_identity(c, [base]))
+    if "concepts" not in cfg.skip:
+        c = cfg.concepts_config([base], "before")
+        st.run("concepts_before", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, [base]))
+    if "evaluate" not in cfg.skip:
+        c = cfg.evaluate_config([base], "before")
+        st.run("evaluate_before", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, [base]))
+
+
+def _training_stages(cfg: StudyConfig, st: _Stages, base: ModelSpec) -> list[ModelSpec]:
+    """The MLC run (and the control run) of the base model; returns the trained models. A stage's identity is its
+    run's (config less cosmetic fields, data, weights, versions)."""
     from raysafe.train.flow import identity_of, run_train, validate
 
+    trained: list[ModelSpec] = []
+    for which in ["mlc"] + (["control"] if cfg.control else []):
+        c = cfg.train_config(which, base)
+        info = st.run(f"train_{which}", lambda r, c=c: _train(run_train, c, r), identity_of(c, validate(c)[0]))
+        trained.append(ModelSpec(path=info["model_dir"], name=f"{base.label}-{which}", dtype=base.dtype))
+    return trained
+
+
+def _trained_model_stages(cfg: StudyConfig, st: _Stages, base: ModelSpec, trained: list, planned) -> None:
+    """Separation, concepts and evaluation of the trained checkpoints, and the held-out consistency check."""
+    from raysafe.concepts.flow import run_concepts
+    from raysafe.evaluate.flow import run_evaluate
+    from raysafe.separation.flow import run_separation
+
+    after = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if n.startswith("train_")}
+    if "separation" not in cfg.skip:
+        c = cfg.separation_config(base, trained)
+        st.run(
+            "separation_after",
+            lambda _, c=c: _separation(run_separation, c),
+            stage_identity(c, [base, *trained], after),
+        )
+    if "concepts" not in cfg.skip:
+        c = cfg.concepts_config(trained, "after")
+        st.run("concepts_after", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, trained, after))
+    if "evaluate" not in cfg.skip:
+        c = cfg.evaluate_config(trained, "after")
+        st.run("evaluate_after", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, trained, after))
+    if "consistency" in planned:
+        settings = {
+            "trained": [m.model_dump() for m in trained],
+            "split": cfg.consistency_split,
+            "train": cfg.train_config("mlc", base).mixture.model_dump(),
+        }
+        upstream = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if "separation" in n}
+        st.run("consistency", lambda _: _consistency(cfg, base, trained), stage_identity(settings, [], upstream))
+
+
+def _report_stage(cfg: StudyConfig, st: _Stages, base: ModelSpec, trained: list[ModelSpec]) -> None:
+    """The study report, its identity chained from every stage's; its path and table go on the result."""
+    from raysafe.study.report import write_study_report
+
+    upstream = {n: i.get("identity_fingerprint") for n, i in st.result.stages.items()}
+    info = st.run(
+        "report",
+        lambda _: write_study_report(cfg, base, trained, st.result.stages),
+        stage_identity({}, [], upstream),
+    )
+    st.result.report = Path(info["report"])
+    st.result.table = pl.read_parquet(info["table"])
+
+
+def _run_study(cfg: StudyConfig) -> StudyResult:
     cfg.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cfg.root / "study_config.yaml", dump_config(cfg).encode())
     planned = plan(cfg)
@@ -207,60 +276,10 @@ def _run_study(cfg: StudyConfig) -> StudyResult:
             atomic_write_json(parent_file, {"run_id": parent_id})
         st = _Stages(cfg, planned, parent_id)
         st.result.mlflow_run_id = parent_id
-
-        # ---- the base model
-        if "separation" not in cfg.skip:
-            c = cfg.separation_config(base, [])
-            st.run("separation_before", lambda _, c=c: _separation(run_separation, c), stage_identity(c, [base]))
-        if "concepts" not in cfg.skip:
-            c = cfg.concepts_config([base], "before")
-            st.run("concepts_before", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, [base]))
-        if "evaluate" not in cfg.skip:
-            c = cfg.evaluate_config([base], "before")
-            st.run("evaluate_before", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, [base]))
-
-        # ---- training: a stage's identity is its run's (config less cosmetic fields, data, weights, versions)
-        trained: list[ModelSpec] = []
-        for which in ["mlc"] + (["control"] if cfg.control else []):
-            c = cfg.train_config(which, base)
-            info = st.run(f"train_{which}", lambda r, c=c: _train(run_train, c, r), identity_of(c, validate(c)[0]))
-            trained.append(ModelSpec(path=info["model_dir"], name=f"{base.label}-{which}", dtype=base.dtype))
-        after = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if n.startswith("train_")}
-
-        # ---- the trained checkpoints
-        if "separation" not in cfg.skip:
-            c = cfg.separation_config(base, trained)
-            st.run(
-                "separation_after",
-                lambda _, c=c: _separation(run_separation, c),
-                stage_identity(c, [base, *trained], after),
-            )
-        if "concepts" not in cfg.skip:
-            c = cfg.concepts_config(trained, "after")
-            st.run("concepts_after", lambda _, c=c: _concepts(run_concepts, c), stage_identity(c, trained, after))
-        if "evaluate" not in cfg.skip:
-            c = cfg.evaluate_config(trained, "after")
-            st.run("evaluate_after", lambda r, c=c: _evaluate(run_evaluate, c, r), stage_identity(c, trained, after))
-        if "consistency" in planned:
-            settings = {
-                "trained": [m.model_dump() for m in trained],
-                "split": cfg.consistency_split,
-                "train": cfg.train_config("mlc", base).mixture.model_dump(),
-            }
-            upstream = {n: i["identity_fingerprint"] for n, i in st.result.stages.items() if "separation" in n}
-            st.run("consistency", lambda _: _consistency(cfg, base, trained), stage_identity(settings, [], upstream))
-
-        # ---- the report
-        from raysafe.study.report import write_study_report
-
-        upstream = {n: i.get("identity_fingerprint") for n, i in st.result.stages.items()}
-        info = st.run(
-            "report",
-            lambda _: write_study_report(cfg, base, trained, st.result.stages),
-            stage_identity({}, [], upstream),
-        )
-        st.result.report = Path(info["report"])
-        st.result.table = pl.read_parquet(info["table"])
+        _base_model_stages(cfg, st, base)
+        trained = _training_stages(cfg, st, base)
+        _trained_model_stages(cfg, st, base, trained, planned)
+        _report_stage(cfg, st, base, trained)
         if parent is not None:
             tracking.log_artifact(st.result.report.parent, "report", run_id=parent_id)
     return st.result

@@ -86,8 +86,9 @@ def _separation_shift(stages: dict) -> pl.DataFrame | None:
     return best.select("aligned_model", "lang", "metric", "layer", "shift")
 
 
-def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
-    models = [base.label] + [m.label for m in trained]
+def _per_language_table(base: ModelSpec, models: list[str], stages: dict) -> pl.DataFrame:
+    """(model, lang) rows: safety with its interval, separation shift per metric, concept recognition, and the
+    safety change against the base model."""
     langs: list[str] = []
     per_lang: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -125,7 +126,11 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
             .drop("_b")
         )
 
-    # ---- per model
+    return table
+
+
+def _per_model_table(base: ModelSpec, models: list[str], stages: dict) -> pl.DataFrame:
+    """One row per model: evaluation summary, concept consistency, MLC weight and the MLC head monitor."""
     summary: dict[str, dict[str, Any]] = {m: {"model": m} for m in models}
     sums = _evaluation_table(stages, "summary")
     if sums is not None:
@@ -149,7 +154,12 @@ def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -
                 for k in HEAD_MONITOR:  # the MLC head monitor at the last step (raysafe.train.mlc.head_monitor)
                     if k in metrics:
                         summary[model][k.replace("/", "_")] = metrics[k]
-    return table, pl.DataFrame(list(summary.values()))
+    return pl.DataFrame(list(summary.values()))
+
+
+def build_tables(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+    models = [base.label] + [m.label for m in trained]
+    return _per_language_table(base, models, stages), _per_model_table(base, models, stages)
 
 
 def _match(name: str, models: list[str]) -> str | None:
@@ -162,15 +172,10 @@ def _match(name: str, models: list[str]) -> str | None:
     return None
 
 
-def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -> dict[str, Any]:
+def _report_figures(table: pl.DataFrame, stages: dict, out: Path) -> list[tuple[str, Path]]:
+    """(title, path) of the safety-before-and-after bars and the held-out consistency-by-layer figure."""
     from raysafe.plots import per_language_bars
 
-    out = cfg.root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    table, summary = build_tables(cfg, base, trained, stages)
-    paths = {}
-    for name, df in (("per_language", table), ("per_model", summary)):
-        paths[name] = write_table(df, out, name)[0]
     figures: list[tuple[str, Path]] = []
     if table.height and "safety" in table.columns:
         bars = table.filter(pl.col("safety").is_not_null())
@@ -196,6 +201,31 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
                 _consistency_figure(cons, stages["consistency"]["mlc_layer"], out / "consistency_by_layer.png"),
             )
         )
+    return figures
+
+
+def _stage_links(stages: dict, out: Path) -> list[str]:
+    """The report's last section: each stage's report, output directory or checkpoint."""
+    lines = ["## Stage reports", ""]
+    for name, info in stages.items():
+        rep = info.get("report")
+        if rep:
+            lines.append(f"- {name}: [{Path(rep).name}]({_rel(Path(rep), out)})")
+        elif info.get("output_dir"):
+            lines.append(f"- {name}: `{info['output_dir']}`")
+        elif info.get("checkpoint_dir"):
+            lines.append(f"- {name}: checkpoint `{info['checkpoint_dir']}`")
+    return lines
+
+
+def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: dict) -> dict[str, Any]:
+    out = cfg.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table, summary = build_tables(cfg, base, trained, stages)
+    paths = {}
+    for name, df in (("per_language", table), ("per_model", summary)):
+        paths[name] = write_table(df, out, name)[0]
+    figures = _report_figures(table, stages, out)
     heat = [Path(p) for p in stages.get("separation_after", {}).get("figures", []) if "shift" in Path(p).name]
     headline, hpaths = _headline(cfg, base, trained, stages, out)
     paths.update(hpaths)
@@ -224,15 +254,7 @@ def write_study_report(cfg, base: ModelSpec, trained: list[ModelSpec], stages: d
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     for p in heat:
         lines += [f"## Separation shift: {p.stem}", "", f"![{p.stem}]({_rel(p, out)})", ""]
-    lines += ["## Stage reports", ""]
-    for name, info in stages.items():
-        rep = info.get("report")
-        if rep:
-            lines.append(f"- {name}: [{Path(rep).name}]({_rel(Path(rep), out)})")
-        elif info.get("output_dir"):
-            lines.append(f"- {name}: `{info['output_dir']}`")
-        elif info.get("checkpoint_dir"):
-            lines.append(f"- {name}: checkpoint `{info['checkpoint_dir']}`")
+    lines += _stage_links(stages, out)
     report = out / "report.md"
     atomic_write_bytes(report, ("\n".join(lines) + "\n").encode("utf-8"))
     return {

@@ -245,18 +245,8 @@ def _rows(results, sweep_dir: Path, param_keys: list[str]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- flow
-def prepare(cfg: SweepConfig) -> dict[str, Any]:
-    """Every check that needs no trial: space vs model depth and languages, data per (mixture, m), evaluation
-    and held-out sets. Returns what the driver needs (the named mixtures, total steps, held-out rows, ...)."""
-    from raysafe.models.loading import model_depth
-    from raysafe.train.flow import total_steps, validate
-
-    base = TrainConfig.model_validate(_absolute(cfg.base.model_dump(mode="json")))
-    try:
-        depth = model_depth(base.model)
-    except RaysafeError as e:
-        raise _wrap(e, "train.model") from None
-    named = validate_space(cfg.space, base, depth)
+def _warn_weight_zero(cfg: SweepConfig) -> None:
+    """Warns when λ = 0 trials would repeat each other across the MLC-only axes of the space."""
     mlc_only = [k for k in ("mixture", "m", "tau", "layer") if getattr(cfg.space, k) is not None]
     if cfg.space.weight is not None and 0 in cfg.space.weight.values and mlc_only:
         log.warning(
@@ -265,6 +255,12 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
             "mlc.weight=0)",
             ", ".join(f"space.{k}" for k in mlc_only),
         )
+
+
+def _validate_combos(cfg: SweepConfig, base: TrainConfig, named: dict) -> int | None:
+    """Runs the train flow's checks on every (mixture, m) combination; returns the trials' total training steps."""
+    from raysafe.train.flow import total_steps, validate
+
     ms = cfg.space.m.values if cfg.space.m is not None else [base.mixture.m]
     combos = [(name, m) for name in named for m in ms] if cfg.space.mixture is not None else [(None, m) for m in ms]
     steps = None
@@ -290,6 +286,11 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
             raise _wrap(e, where) from None
         if steps is None:
             steps = total_steps(tcfg, samples.height)
+    return steps
+
+
+def _check_scheduler(cfg: SweepConfig, steps: int) -> None:
+    """ASHA needs a grace period and a report interval below the trials' training steps."""
     sch = cfg.scheduler
     if sch.kind == "asha":
         if sch.grace_period >= steps:
@@ -305,30 +306,52 @@ def prepare(cfg: SweepConfig) -> dict[str, Any]:
                 where="scheduler.report_every_n_steps",
                 fix=f"report more often than every {steps} steps",
             )
-    out: dict[str, Any] = {"base": base, "named": named, "depth": depth, "total_steps": steps, "consistency": None}
-    c = cfg.evaluation.consistency
-    if c.enabled:
-        from raysafe.models.layers import resolve_layer
-        from raysafe.sweep.heldout import heldout_rows
 
-        langs = c.languages or list(base.mixture.languages)
-        layer_spec = c.layer if c.layer is not None else base.mlc.layer
-        try:
-            layer = resolve_layer(layer_spec, depth, where="evaluation.consistency.layer")
-        except RaysafeError as e:
-            raise _wrap(e, "evaluation.consistency.layer") from None
-        variants = c.variants or base.data.variants
-        variants = type(variants).model_validate(_absolute(variants.model_dump(mode="json")))
-        try:
-            rows = heldout_rows(variants, c.split, langs, c.max_items)
-        except RaysafeError as e:
-            raise _wrap(e, "evaluation.consistency") from None
-        out["consistency"] = {
-            "spec": c.model_dump(mode="json"),
-            "rows": rows.to_dicts(),
-            "languages": langs,
-            "layer": layer,
-        }
+
+def _consistency_setup(cfg: SweepConfig, base: TrainConfig, depth: int) -> dict[str, Any] | None:
+    """The held-out consistency check's spec, rows, languages and layer (None when it is off)."""
+    c = cfg.evaluation.consistency
+    if not c.enabled:
+        return None
+    from raysafe.models.layers import resolve_layer
+    from raysafe.sweep.heldout import heldout_rows
+
+    langs = c.languages or list(base.mixture.languages)
+    layer_spec = c.layer if c.layer is not None else base.mlc.layer
+    try:
+        layer = resolve_layer(layer_spec, depth, where="evaluation.consistency.layer")
+    except RaysafeError as e:
+        raise _wrap(e, "evaluation.consistency.layer") from None
+    variants = c.variants or base.data.variants
+    variants = type(variants).model_validate(_absolute(variants.model_dump(mode="json")))
+    try:
+        rows = heldout_rows(variants, c.split, langs, c.max_items)
+    except RaysafeError as e:
+        raise _wrap(e, "evaluation.consistency") from None
+    return {
+        "spec": c.model_dump(mode="json"),
+        "rows": rows.to_dicts(),
+        "languages": langs,
+        "layer": layer,
+    }
+
+
+def prepare(cfg: SweepConfig) -> dict[str, Any]:
+    """Every check that needs no trial: space vs model depth and languages, data per (mixture, m), evaluation
+    and held-out sets. Returns what the driver needs (the named mixtures, total steps, held-out rows, ...)."""
+    from raysafe.models.loading import model_depth
+
+    base = TrainConfig.model_validate(_absolute(cfg.base.model_dump(mode="json")))
+    try:
+        depth = model_depth(base.model)
+    except RaysafeError as e:
+        raise _wrap(e, "train.model") from None
+    named = validate_space(cfg.space, base, depth)
+    _warn_weight_zero(cfg)
+    steps = _validate_combos(cfg, base, named)
+    _check_scheduler(cfg, steps)
+    out: dict[str, Any] = {"base": base, "named": named, "depth": depth, "total_steps": steps, "consistency": None}
+    out["consistency"] = _consistency_setup(cfg, base, depth)
     return out
 
 
@@ -347,28 +370,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, restart: bool = False) ->
         return _run_sweep(cfg, prep, progress, t0)
 
 
-def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+def _evaluate_template(cfg: SweepConfig, base: TrainConfig, sweep_dir: Path, tspec: dict):
+    """The evaluate config trials and the baseline share (the baseline's own model and directory), or None."""
+    if not cfg.evaluation.enabled:
+        return None
+    return cfg.evaluate_config(
+        base.model.model_dump(mode="json"),
+        str(sweep_dir / "baseline" / "evaluate"),
+        f"base-{base.model.label}",
+        tspec,
+    )
 
-    from raysafe.config import RaySpec
-    from raysafe.runtime import ensure_ray
-    from raysafe.sweep import report as R
-    from raysafe.sweep.scheduler import ResumableASHA
-    from raysafe.sweep.trial import TrialContext, run_trial
 
-    base: TrainConfig = prep["base"]
-    sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
-    tspec = _tracking_spec(cfg.tracking)
-    ev_template = None
-    if cfg.evaluation.enabled:
-        ev_template = cfg.evaluate_config(
-            base.model.model_dump(mode="json"),
-            str(sweep_dir / "baseline" / "evaluate"),
-            f"base-{base.model.label}",
-            tspec,
-        )
-    # ---- the sweep directory belongs to this sweep
+def _sweep_state(cfg: SweepConfig, sweep_dir: Path) -> tuple[Path, dict, dict, str]:
+    """(state path, saved state, identity, fingerprint); refuses a directory that holds another sweep."""
     state_path = sweep_dir / "sweep_state.json"
     identity = _identity(cfg)
     fp = digest(identity)
@@ -382,6 +397,218 @@ def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float
             fix="give the sweep a new `name` (--set name=NEW_NAME), or `--restart` to move the old sweep aside "
             "and start afresh",
         )
+    return state_path, state, identity, fp
+
+
+def _baseline(cfg: SweepConfig, state: dict, state_path: Path, ev_template, parent_id, progress: bool) -> dict:
+    """The base model's evaluation metrics: evaluated once per sweep, kept in the state across a resume."""
+    baseline: dict[str, float] = dict(state.get("baseline") or {})
+    if cfg.evaluation.enabled and cfg.evaluation.baseline and not baseline:  # once per sweep, kept on resume
+        from raysafe.evaluate.flow import run_evaluate
+
+        ev = run_evaluate(ev_template, parent_run_id=parent_id, progress=progress)
+        baseline = M.eval_metrics(ev.per_language, ev.summary_table, cfg.evaluation.set, cfg.evaluation.judge)
+        tracking.log_metrics({f"baseline_{k}": v for k, v in baseline.items() if not math.isnan(v)})
+        state["baseline"] = baseline
+        atomic_write_json(state_path, state)
+    return baseline
+
+
+def _fixed_train_settings(cfg: SweepConfig, sweep_dir: Path, tspec: dict) -> dict[str, Any]:
+    """The train config overrides every trial gets (resources, storage, tracking, ASHA's report interval)."""
+    r = cfg.resources
+    fixed: dict[str, Any] = {
+        "ray.num_workers": r.num_workers,
+        "ray.cpus_per_worker": r.cpus_per_worker,
+        "ray.use_gpu": r.use_gpu,
+        "ray.address": None,
+        "checkpoint.storage_path": str(sweep_dir / "train"),
+        "tracking": tspec,
+    }
+    if r.torch_threads is not None:
+        fixed["ray.torch_threads"] = r.torch_threads
+    if cfg.scheduler.kind == "asha":
+        fixed["checkpoint.every_n_steps"] = cfg.scheduler.report_every_n_steps
+    return fixed
+
+
+def _trial_context(cfg, prep, sweep_dir: Path, tspec: dict, parent_id, ev_template, baseline: dict):
+    """What every trial receives (``raysafe.sweep.trial.TrialContext``)."""
+    from raysafe.sweep.trial import TrialContext
+
+    return TrialContext(
+        base=prep["base"].model_dump(mode="json"),
+        named=prep["named"],
+        fixed=_fixed_train_settings(cfg, sweep_dir, tspec),
+        sweep_dir=str(sweep_dir),
+        tracking=tspec,
+        parent_run_id=parent_id,
+        objective=cfg.objective.model_dump(mode="json"),
+        evaluate=(
+            {
+                k: v
+                for k, v in ev_template.model_dump(mode="json").items()
+                if k not in ("models", "output_dir", "tracking")
+            }
+            if ev_template is not None
+            else None
+        ),
+        eval_set=cfg.evaluation.set,
+        eval_judge=cfg.evaluation.judge,
+        baseline=baseline,
+        consistency=prep["consistency"],
+        total_steps=prep["total_steps"],
+        depth=prep["depth"],
+    )
+
+
+def _new_tuner(cfg: SweepConfig, prep: dict, trainable, sweep_dir: Path, exp_path: Path, concurrent, progress: bool):
+    """A fresh Tune experiment: search space, optional ASHA (its rung records started empty), concurrency cap."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from raysafe.sweep.scheduler import ResumableASHA
+
+    scheduler = None
+    asha_state = sweep_dir / "asha_state.json"
+    asha_state.unlink(missing_ok=True)  # a new Tune experiment starts with empty rungs
+    if cfg.scheduler.kind == "asha":
+        s = cfg.scheduler
+        scheduler = ResumableASHA(
+            str(asha_state),
+            time_attr="train_step",
+            metric=s.metric,
+            mode=s.mode,
+            max_t=prep["total_steps"],
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg.space, prep["named"], cfg.search.algorithm),
+        tune_config=tune.TuneConfig(
+            num_samples=cfg.search.num_samples,
+            scheduler=scheduler,
+            # the generator itself caps the trials in flight (Tune ignores TuneConfig.max_concurrent_trials
+            # when it is given a SearchGenerator such as this one)
+            search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent),
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(
+            name=exp_path.name,
+            storage_path=str(sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=1 if progress else 0,
+        ),
+    )
+
+
+def _fit(cfg: SweepConfig, prep: dict, ctx, sweep_dir: Path, exp_path: Path, resumed: bool, concurrent, progress):
+    """Runs the trials: restores the Tune experiment when there is one, else starts a new one."""
+    from ray import tune
+
+    from raysafe.sweep.trial import run_trial
+
+    r = cfg.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), {"CPU": r.driver_cpus, "memory": r.driver_memory_mb * 2**20}
+    )
+    if resumed:
+        log.info("resuming the sweep in %s: finished trials are kept, unfinished ones run again", exp_path)
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, restart_errored=cfg.retry_errored)
+    else:
+        tuner = _new_tuner(cfg, prep, trainable, sweep_dir, exp_path, concurrent, progress)
+    with remote_errors():
+        return tuner.fit()
+
+
+def _close_stopped_runs(rows: list[dict]) -> None:
+    """The scheduler ended these trials' processes mid-run: their MLflow runs are closed here."""
+    for row in rows:
+        if row["status"] == "stopped" and row.get("mlflow_run_id"):
+            tracking.end_run(
+                row["mlflow_run_id"],
+                "KILLED",
+                {"raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"},
+            )
+
+
+def _write_best_config(cfg: SweepConfig, base: TrainConfig, best: dict, sweep_dir: Path) -> Path:
+    """``best_train_config.yaml``: the best trial's train config, ready for ``raysafe train``."""
+    from raysafe.sweep import report as R
+    from raysafe.sweep.trial import trial_dir
+
+    trial_cfg = load_config(TrainConfig, trial_dir(sweep_dir, best["trial_id"]) / "train_config.yaml")
+    text = R.best_train_config(
+        trial_cfg, f"{cfg.name}-best", base.checkpoint.storage_path, cfg.base.tracking.model_dump(mode="json")
+    )
+    path = sweep_dir / "best_train_config.yaml"
+    header = (
+        f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
+        f"run: raysafe train {path}\n"
+    )
+    atomic_write_bytes(path, (header + text).encode())
+    return path
+
+
+def _write_outputs(cfg: SweepConfig, base: TrainConfig, rows: list[dict], sweep_dir: Path, param_keys: list[str]):
+    """Results table, Pareto plot and best train config; returns (table, best row or None, paths)."""
+    from raysafe.sweep import report as R
+
+    table = R.results_table(rows, cfg.objective, param_keys)
+    paths: dict[str, Path] = {}
+    paths["results_parquet"], paths["results_csv"] = write_table(table, sweep_dir, "results")
+    paths["pareto_plot"] = R.pareto_plot(
+        table,
+        cfg.objective,
+        sweep_dir / "pareto.png",
+        f"sweep {cfg.name}: {table.height} trials, Pareto front over "
+        f"{', '.join(t.metric for t in cfg.objective.pareto)}",
+        param_keys,
+    )
+    best = table.filter(pl.col("best")).row(0, named=True) if table.height and table["best"].any() else None
+    if best is not None:
+        paths["best_config"] = _write_best_config(cfg, base, best, sweep_dir)
+    return table, best, paths
+
+
+def _log_outcome(table: pl.DataFrame, best: dict | None, paths: dict[str, Path], sweep_dir: Path) -> None:
+    """Trial counts by status, the best objective and the output files, to the MLflow parent run."""
+    counts = dict(table.group_by("status").len().iter_rows()) if table.height else {}
+    tracking.log_metrics({f"trials_{k.replace(' ', '_')}": float(v) for k, v in counts.items()})
+    if best is not None:
+        tracking.log_metrics({"best_objective": float(best["objective"])})
+        tracking.set_tags({"raysafe.best_trial": best["trial_id"]})
+    for key in ("results_parquet", "results_csv", "pareto_plot", "best_config", "summary"):
+        if key in paths:
+            tracking.log_artifact(paths[key])
+    tracking.log_artifact(sweep_dir / "sweep_config.yaml")
+
+
+def _log_sweep_params(cfg: SweepConfig, prep: dict[str, Any], planned: int) -> None:
+    """The sweep config, planned trials, total steps and model depth, as the parent run's parameters."""
+    tracking.log_params(
+        {
+            "config": cfg.model_dump(mode="json"),
+            "planned_trials": planned,
+            "total_steps": prep["total_steps"],
+            "model_depth": prep["depth"],
+        }
+    )
+
+
+def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:
+    from ray import tune
+
+    from raysafe.config import RaySpec
+    from raysafe.runtime import ensure_ray
+
+    base: TrainConfig = prep["base"]
+    sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
+    tspec = _tracking_spec(cfg.tracking)
+    ev_template = _evaluate_template(cfg, base, sweep_dir, tspec)
+    # ---- the sweep directory belongs to this sweep
+    state_path, state, identity, fp = _sweep_state(cfg, sweep_dir)
     ensure_ray(RaySpec(address=cfg.ray.address))
     concurrent = _check_resources(cfg, ev_template)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -399,139 +626,16 @@ def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float
         parent_id = parent.info.run_id if parent is not None else None
         state.update(fingerprint=fp, identity=identity, parent_run_id=parent_id, planned_trials=planned)
         atomic_write_json(state_path, state)
-        tracking.log_params(
-            {
-                "config": cfg.model_dump(mode="json"),
-                "planned_trials": planned,
-                "total_steps": prep["total_steps"],
-                "model_depth": prep["depth"],
-            }
-        )
-        baseline: dict[str, float] = dict(state.get("baseline") or {})
-        if cfg.evaluation.enabled and cfg.evaluation.baseline and not baseline:  # once per sweep, kept on resume
-            from raysafe.evaluate.flow import run_evaluate
-
-            ev = run_evaluate(ev_template, parent_run_id=parent_id, progress=progress)
-            baseline = M.eval_metrics(ev.per_language, ev.summary_table, cfg.evaluation.set, cfg.evaluation.judge)
-            tracking.log_metrics({f"baseline_{k}": v for k, v in baseline.items() if not math.isnan(v)})
-            state["baseline"] = baseline
-            atomic_write_json(state_path, state)
-        r = cfg.resources
-        fixed: dict[str, Any] = {
-            "ray.num_workers": r.num_workers,
-            "ray.cpus_per_worker": r.cpus_per_worker,
-            "ray.use_gpu": r.use_gpu,
-            "ray.address": None,
-            "checkpoint.storage_path": str(sweep_dir / "train"),
-            "tracking": tspec,
-        }
-        if r.torch_threads is not None:
-            fixed["ray.torch_threads"] = r.torch_threads
-        if cfg.scheduler.kind == "asha":
-            fixed["checkpoint.every_n_steps"] = cfg.scheduler.report_every_n_steps
-        ctx = TrialContext(
-            base=base.model_dump(mode="json"),
-            named=named,
-            fixed=fixed,
-            sweep_dir=str(sweep_dir),
-            tracking=tspec,
-            parent_run_id=parent_id,
-            objective=cfg.objective.model_dump(mode="json"),
-            evaluate=(
-                {
-                    k: v
-                    for k, v in ev_template.model_dump(mode="json").items()
-                    if k not in ("models", "output_dir", "tracking")
-                }
-                if ev_template is not None
-                else None
-            ),
-            eval_set=cfg.evaluation.set,
-            eval_judge=cfg.evaluation.judge,
-            baseline=baseline,
-            consistency=prep["consistency"],
-            total_steps=prep["total_steps"],
-            depth=prep["depth"],
-        )
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=ctx), {"CPU": r.driver_cpus, "memory": r.driver_memory_mb * 2**20}
-        )
-        if resumed:
-            log.info("resuming the sweep in %s: finished trials are kept, unfinished ones run again", exp_path)
-            tuner = tune.Tuner.restore(
-                str(exp_path), trainable, resume_unfinished=True, restart_errored=cfg.retry_errored
-            )
-        else:
-            scheduler = None
-            asha_state = sweep_dir / "asha_state.json"
-            asha_state.unlink(missing_ok=True)  # a new Tune experiment starts with empty rungs
-            if cfg.scheduler.kind == "asha":
-                s = cfg.scheduler
-                scheduler = ResumableASHA(
-                    str(asha_state),
-                    time_attr="train_step",
-                    metric=s.metric,
-                    mode=s.mode,
-                    max_t=prep["total_steps"],
-                    grace_period=s.grace_period,
-                    reduction_factor=s.reduction_factor,
-                )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(cfg.space, named, cfg.search.algorithm),
-                tune_config=tune.TuneConfig(
-                    num_samples=cfg.search.num_samples,
-                    scheduler=scheduler,
-                    # the generator itself caps the trials in flight (Tune ignores TuneConfig.max_concurrent_trials
-                    # when it is given a SearchGenerator such as this one)
-                    search_alg=BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=concurrent),
-                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
-                ),
-                run_config=tune.RunConfig(
-                    name=exp_path.name,
-                    storage_path=str(sweep_dir),
-                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                    verbose=1 if progress else 0,
-                ),
-            )
-        with remote_errors():
-            results = tuner.fit()
+        _log_sweep_params(cfg, prep, planned)
+        baseline = _baseline(cfg, state, state_path, ev_template, parent_id, progress)
+        ctx = _trial_context(cfg, prep, sweep_dir, tspec, parent_id, ev_template, baseline)
+        results = _fit(cfg, prep, ctx, sweep_dir, exp_path, resumed, concurrent, progress)
 
         # ---- report
         rows = _rows(results, sweep_dir, param_keys)
         if parent is not None:
-            for row in rows:  # the scheduler ended these trials' processes mid-run: close their runs here
-                if row["status"] == "stopped" and row.get("mlflow_run_id"):
-                    tracking.end_run(
-                        row["mlflow_run_id"],
-                        "KILLED",
-                        {"raysafe.trial_status": f"stopped by the scheduler after step {int(row['train_step'])}"},
-                    )
-        table = R.results_table(rows, cfg.objective, param_keys)
-        paths: dict[str, Path] = {}
-        paths["results_parquet"], paths["results_csv"] = write_table(table, sweep_dir, "results")
-        paths["pareto_plot"] = R.pareto_plot(
-            table,
-            cfg.objective,
-            sweep_dir / "pareto.png",
-            f"sweep {cfg.name}: {table.height} trials, Pareto front over "
-            f"{', '.join(t.metric for t in cfg.objective.pareto)}",
-            param_keys,
-        )
-        best = table.filter(pl.col("best")).row(0, named=True) if table.height and table["best"].any() else None
-        if best is not None:
-            from raysafe.sweep.trial import trial_dir
-
-            trial_cfg = load_config(TrainConfig, trial_dir(sweep_dir, best["trial_id"]) / "train_config.yaml")
-            text = R.best_train_config(
-                trial_cfg, f"{cfg.name}-best", base.checkpoint.storage_path, cfg.base.tracking.model_dump(mode="json")
-            )
-            paths["best_config"] = sweep_dir / "best_train_config.yaml"
-            header = (
-                f"# best trial {best['trial_id']} of sweep {cfg.name} (objective {best['objective']:.6g}); "
-                f"run: raysafe train {paths['best_config']}\n"
-            )
-            atomic_write_bytes(paths["best_config"], (header + text).encode())
+            _close_stopped_runs(rows)
+        table, best, paths = _write_outputs(cfg, base, rows, sweep_dir, param_keys)
         result = SweepResult(
             sweep_dir,
             table,
@@ -547,13 +651,5 @@ def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float
         atomic_write_bytes(sweep_dir / "summary.txt", (result.summary() + "\n").encode())
         paths["summary"] = sweep_dir / "summary.txt"
         if parent is not None:
-            counts = dict(table.group_by("status").len().iter_rows()) if table.height else {}
-            tracking.log_metrics({f"trials_{k.replace(' ', '_')}": float(v) for k, v in counts.items()})
-            if best is not None:
-                tracking.log_metrics({"best_objective": float(best["objective"])})
-                tracking.set_tags({"raysafe.best_trial": best["trial_id"]})
-            for key in ("results_parquet", "results_csv", "pareto_plot", "best_config", "summary"):
-                if key in paths:
-                    tracking.log_artifact(paths[key])
-            tracking.log_artifact(sweep_dir / "sweep_config.yaml")
+            _log_outcome(table, best, paths, sweep_dir)
     return result

@@ -53,6 +53,51 @@ def results_table(rows: list[dict[str, Any]], objective: ObjectiveSpec, param_ke
     return df
 
 
+def _pareto_panel(ax, done: pl.DataFrame, x, y, param_keys: list[str] | None) -> None:
+    """One panel: the finished trials over metric ``x`` against ``y``, the Pareto front joined, the best starred,
+    points labelled by trial id and searched values."""
+    keys = [k for k in (param_keys or []) if k in done.columns]
+    label = pl.concat_str(
+        [pl.col("trial_id").str.slice(-5)] + [pl.lit(f" {k}=") + pl.col(k).cast(pl.String) for k in keys]
+    ).alias("_label")
+    pts = (
+        done.with_columns(label)
+        .select("_label", x.metric, y.metric, "pareto", "best")
+        .drop_nans(subset=[x.metric, y.metric])
+        .drop_nulls(subset=[x.metric, y.metric])
+    )
+    xs, ys = pts[x.metric].to_list(), pts[y.metric].to_list()
+    ax.scatter(xs, ys, c="#9aa5b1", s=36, label="trials", zorder=2)
+    fr = pts.filter(pl.col("pareto")).sort(x.metric)
+    if fr.height:
+        ax.plot(
+            fr[x.metric].to_list(),
+            fr[y.metric].to_list(),
+            "-o",
+            c="#c0392b",
+            ms=7,
+            lw=1.4,
+            label="Pareto front (all objectives)",
+            zorder=3,
+        )
+    bst = pts.filter(pl.col("best"))
+    if bst.height:
+        ax.scatter(
+            bst[x.metric].to_list(),
+            bst[y.metric].to_list(),
+            marker="*",
+            s=260,
+            c="#f1c40f",
+            edgecolors="k",
+            label="best (score, constraints)",
+            zorder=4,
+        )
+    for (xv, yv), texts in _coincident_labels(pts["_label"].to_list(), xs, ys).items():
+        ax.annotate("\n".join(texts), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=6, va="bottom")
+    ax.margins(x=0.12, y=0.18)  # room for the labels at the edges
+    ax.legend(fontsize=7, loc="best")
+
+
 def pareto_plot(
     df: pl.DataFrame, objective: ObjectiveSpec, path: Path, title: str, param_keys: list[str] | None = None
 ) -> Path:
@@ -71,48 +116,7 @@ def pareto_plot(
         if done.height == 0 or x.metric not in done.columns or y.metric not in done.columns:
             ax.text(0.5, 0.5, "no evaluated trial", ha="center", va="center", transform=ax.transAxes)
         else:
-            keys = [k for k in (param_keys or []) if k in done.columns]
-            label = pl.concat_str(
-                [pl.col("trial_id").str.slice(-5)] + [pl.lit(f" {k}=") + pl.col(k).cast(pl.String) for k in keys]
-            ).alias("_label")
-            pts = (
-                done.with_columns(label)
-                .select("_label", x.metric, y.metric, "pareto", "best")
-                .drop_nans(subset=[x.metric, y.metric])
-                .drop_nulls(subset=[x.metric, y.metric])
-            )
-            xs, ys = pts[x.metric].to_list(), pts[y.metric].to_list()
-            ax.scatter(xs, ys, c="#9aa5b1", s=36, label="trials", zorder=2)
-            fr = pts.filter(pl.col("pareto")).sort(x.metric)
-            if fr.height:
-                ax.plot(
-                    fr[x.metric].to_list(),
-                    fr[y.metric].to_list(),
-                    "-o",
-                    c="#c0392b",
-                    ms=7,
-                    lw=1.4,
-                    label="Pareto front (all objectives)",
-                    zorder=3,
-                )
-            bst = pts.filter(pl.col("best"))
-            if bst.height:
-                ax.scatter(
-                    bst[x.metric].to_list(),
-                    bst[y.metric].to_list(),
-                    marker="*",
-                    s=260,
-                    c="#f1c40f",
-                    edgecolors="k",
-                    label="best (score, constraints)",
-                    zorder=4,
-                )
-            for (xv, yv), texts in _coincident_labels(pts["_label"].to_list(), xs, ys).items():
-                ax.annotate(
-                    "\n".join(texts), (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=6, va="bottom"
-                )
-            ax.margins(x=0.12, y=0.18)  # room for the labels at the edges
-            ax.legend(fontsize=7, loc="best")
+            _pareto_panel(ax, done, x, y, param_keys)
         ax.set_xlabel(f"{x.metric} ({'higher' if x.mode == 'max' else 'lower'} is better)")
         ax.set_ylabel(f"{y.metric} ({'higher' if y.mode == 'max' else 'lower'} is better)")
         ax.grid(alpha=0.3)

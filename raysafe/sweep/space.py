@@ -234,8 +234,8 @@ def _refuse(key: str, value: Any, what: str, fix: str) -> ConfigError:
     return ConfigError(f"search space: {what} (value {value!r})", where=f"space.{key}", fix=fix)
 
 
-def _check_mixture_option(opt: MixtureOption, i: int) -> None:
-    key = f"mixture[{i}]"
+def _check_option_languages(opt: MixtureOption, key: str) -> None:
+    """At least two known languages, each listed once, the anchor among them."""
     langs = opt.languages
     if len(langs) < 2:
         raise _refuse(
@@ -262,6 +262,11 @@ def _check_mixture_option(opt: MixtureOption, i: int) -> None:
             f"the anchor language is not one of the option's languages {langs}",
             "add the anchor to languages or set anchor to one of them",
         )
+
+
+def _check_option_weights(opt: MixtureOption, key: str) -> None:
+    """Sampling weights: one finite positive weight per language, and only for kind 'fixed'."""
+    langs = opt.languages
     if opt.kind == "fixed" and opt.weights is not None:
         if len(opt.weights) != len(langs):
             raise _refuse(
@@ -285,6 +290,11 @@ def _check_mixture_option(opt: MixtureOption, i: int) -> None:
             f"weights apply to kind 'fixed' only, not {opt.kind!r}",
             "remove weights, or set kind: fixed",
         )
+
+
+def _check_option_dominant(opt: MixtureOption, key: str) -> None:
+    """kind 'dominant_balanced': dominant languages besides the anchor, some left over, a share in (0, 1)."""
+    langs = opt.languages
     if opt.kind == "dominant_balanced":
         dom = opt.dominant or []
         outside = [x for x in dom if x not in langs]
@@ -317,6 +327,11 @@ def _check_mixture_option(opt: MixtureOption, i: int) -> None:
                 "the dominant share must lie in (0, 1)",
                 "e.g. 0.5: half of the sampling weight on the dominant languages",
             )
+
+
+def _check_option_dirichlet(opt: MixtureOption, key: str) -> None:
+    """kind 'dirichlet': one concentration or one per language, each finite and > 0."""
+    langs = opt.languages
     if opt.kind == "dirichlet":
         alpha = opt.concentration if isinstance(opt.concentration, list) else [opt.concentration]
         if isinstance(opt.concentration, list) and len(alpha) != len(langs):
@@ -334,6 +349,14 @@ def _check_mixture_option(opt: MixtureOption, i: int) -> None:
                 "Dirichlet concentrations must be finite and > 0",
                 "e.g. 1.0 (uniform over the simplex), 0.3 (peaked mixtures), 10 (near-uniform)",
             )
+
+
+def _check_mixture_option(opt: MixtureOption, i: int) -> None:
+    key = f"mixture[{i}]"
+    _check_option_languages(opt, key)
+    _check_option_weights(opt, key)
+    _check_option_dominant(opt, key)
+    _check_option_dirichlet(opt, key)
 
 
 def _check_positive(key: str, axis: Axis, allow_zero: bool) -> None:

@@ -115,15 +115,75 @@ def _child_run_id(tdir: Path) -> str | None:
     return json.loads(p.read_text())["run_id"] if p.exists() else None
 
 
+def _record_attempt(tdir: Path, config: dict) -> None:
+    """Appends this attempt's start time and parameters to the trial's attempts.jsonl."""
+    tdir.mkdir(parents=True, exist_ok=True)
+    with open(tdir / ATTEMPTS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"started": time.time(), "params": config}) + "\n")
+
+
+def _attach_child_run(tdir: Path, child_id: str, trial_id: str, params: dict, cfg: TrainConfig, ctx) -> None:
+    """Closes the runs of a cut-short attempt, records the trial's MLflow run id and logs its parameters."""
+    if (tdir / RUN_FILE).exists():  # a restarted trial: runs of the attempt that was cut short
+        for stale in tracking.running_children(child_id):
+            tracking.end_run(stale, "KILLED", {"raysafe.note": "attempt cut short; the trial was restarted"})
+    atomic_write_json(tdir / RUN_FILE, {"run_id": child_id})
+    tracking.log_params(
+        {
+            "trial_id": trial_id,
+            **{f"param.{k}": v for k, v in params.items()},
+            "mixture.languages": ",".join(cfg.mixture.languages),
+            "mixture.weights": cfg.mixture.weights,
+            "mixture.m": cfg.mixture.m,
+            "mlc.layer": cfg.mlc.layer,
+            "mlc.layer_resolved": cfg.mlc.resolve_layer(ctx.depth) if ctx.depth else None,
+        }
+    )
+
+
+def _trial_metrics(res, ctx: TrialContext, tdir: Path, trial_id: str, child_id: str | None) -> dict:
+    """Training metrics, then the evaluation (and deltas to the baseline) and held-out consistency when on."""
+    out = M.train_metrics(res.metrics, res.steps)
+    if ctx.evaluate is not None:
+        out.update(_evaluate(res.model_dir, ctx, tdir, trial_id, child_id))
+        if ctx.baseline:
+            out.update(M.baseline_deltas(out, ctx.baseline))
+    if ctx.consistency is not None:
+        from raysafe.sweep.heldout import ConsistencySpec, measure_remote
+
+        c = ctx.consistency
+        out.update(
+            measure_remote(
+                str(res.model_dir), c["rows"], c["languages"], c["layer"], ConsistencySpec.model_validate(c["spec"])
+            )
+        )
+    return out
+
+
+def _write_result(tdir: Path, trial_id: str, params: dict, out: dict, broken: list, res, child_id) -> None:
+    """The trial's result.json: parameters, metrics, violated constraints, checkpoint and run ids."""
+    atomic_write_json(
+        tdir / RESULT_FILE,
+        {
+            "trial_id": trial_id,
+            "params": params,
+            "metrics": json.loads(json.dumps(out, default=float)),  # numpy scalars as floats
+            "violations": broken,
+            "checkpoint_dir": str(res.checkpoint_dir),
+            "model_dir": str(res.model_dir),
+            "train_run_id": res.mlflow_run_id,
+            "mlflow_run_id": child_id,
+        },
+    )
+
+
 def run_trial(config: dict, ctx: TrialContext) -> None:
     """The Tune function trainable (``tune.with_parameters(run_trial, ctx=...)``)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     tdir = trial_dir(ctx.sweep_dir, trial_id)
-    tdir.mkdir(parents=True, exist_ok=True)
-    with open(tdir / ATTEMPTS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"started": time.time(), "params": config}) + "\n")
+    _record_attempt(tdir, config)
     params = dict(config)
     fixed = {**ctx.fixed, "checkpoint.name": f"trial_{trial_id}"}
     cfg = trial_train_config(TrainConfig.model_validate(ctx.base), params, ctx.named, fixed)
@@ -140,37 +200,10 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     ) as child:
         child_id = child.info.run_id if child is not None else None
         if child_id:
-            if (tdir / RUN_FILE).exists():  # a restarted trial: runs of the attempt that was cut short
-                for stale in tracking.running_children(child_id):
-                    tracking.end_run(stale, "KILLED", {"raysafe.note": "attempt cut short; the trial was restarted"})
-            atomic_write_json(tdir / RUN_FILE, {"run_id": child_id})
-            tracking.log_params(
-                {
-                    "trial_id": trial_id,
-                    **{f"param.{k}": v for k, v in params.items()},
-                    "mixture.languages": ",".join(cfg.mixture.languages),
-                    "mixture.weights": cfg.mixture.weights,
-                    "mixture.m": cfg.mixture.m,
-                    "mlc.layer": cfg.mlc.layer,
-                    "mlc.layer_resolved": cfg.mlc.resolve_layer(ctx.depth) if ctx.depth else None,
-                }
-            )
+            _attach_child_run(tdir, child_id, trial_id, params, cfg, ctx)
         final = _train_and_watch(cfg, ctx, child_id)
         res = final["result"]
-        out = M.train_metrics(res.metrics, res.steps)
-        if ctx.evaluate is not None:
-            out.update(_evaluate(res.model_dir, ctx, tdir, trial_id, child_id))
-            if ctx.baseline:
-                out.update(M.baseline_deltas(out, ctx.baseline))
-        if ctx.consistency is not None:
-            from raysafe.sweep.heldout import ConsistencySpec, measure_remote
-
-            c = ctx.consistency
-            out.update(
-                measure_remote(
-                    str(res.model_dir), c["rows"], c["languages"], c["layer"], ConsistencySpec.model_validate(c["spec"])
-                )
-            )
+        out = _trial_metrics(res, ctx, tdir, trial_id, child_id)
         out["objective"] = score(out, objective.primary, objective.terms)
         broken = violations(out, objective.constraints)
         out["feasible"] = 0.0 if broken else 1.0
@@ -178,19 +211,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             tracking.set_tags(
                 {"raysafe.violations": "; ".join(broken) or "none", "raysafe.checkpoint": str(res.checkpoint_dir)}
             )
-        atomic_write_json(
-            tdir / RESULT_FILE,
-            {
-                "trial_id": trial_id,
-                "params": params,
-                "metrics": json.loads(json.dumps(out, default=float)),  # numpy scalars as floats
-                "violations": broken,
-                "checkpoint_dir": str(res.checkpoint_dir),
-                "model_dir": str(res.model_dir),
-                "train_run_id": res.mlflow_run_id,
-                "mlflow_run_id": child_id,
-            },
-        )
+        _write_result(tdir, trial_id, params, out, broken, res, child_id)
         tracking.log_metrics(out, step=res.steps)
     # Reported after the trial's MLflow run is closed: at the last step ASHA answers STOP (the trial is at max_t or
     # at a rung), which ends this function with SystemExit; the trial is complete by then.

@@ -114,28 +114,11 @@ def _n_params(module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- parts 1 and 2
-def run_steps(args) -> dict:
-    import copy
-
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
-    from raysafe.models.layers import num_layers
+def _steps_config(args):
+    """The TrainConfig raysafe's side of parts 1 and 2 runs under (DPO + MLC, constant learning rate)."""
     from raysafe.train.config import TrainConfig
-    from raysafe.train.data import load_samples
-    from raysafe.train.ds_config import lr_lambda
-    from raysafe.train.forward import policy_forward
-    from raysafe.train.mlc import MLCHead
-    from raysafe.train.worker import AlignModule, _scalar, make_collator, param_groups
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    steps = args.warmup + args.steps
-    cfg = TrainConfig.model_validate(
+    return TrainConfig.model_validate(
         {
             "model": {"path": args.model or "tiny-gemma3"},
             "data": {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length},
@@ -146,26 +129,25 @@ def run_steps(args) -> dict:
             "seed": args.seed,
         }
     )
+
+
+def _bench_rows(cfg, pairs: int, steps: int) -> list[dict]:
+    """The first ``steps · pairs`` joined samples of the bundled fixtures; refuses when there are fewer."""
+    from raysafe.train.data import load_samples
+
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
-    if samples.height < steps * args.pairs:
-        raise SystemExit(
-            f"{samples.height} pairs cannot fill {steps} steps of {args.pairs} pairs; lower --steps/--pairs"
-        )
-    rows = samples.head(steps * args.pairs).to_dicts()
+    if samples.height < steps * pairs:
+        raise SystemExit(f"{samples.height} pairs cannot fill {steps} steps of {pairs} pairs; lower --steps/--pairs")
+    return samples.head(steps * pairs).to_dicts()
 
-    tok = _tokenizer(args)
-    t0 = time.perf_counter()
-    policy, label = _policy(args, device)
-    if len(tok) > policy.config.vocab_size:
-        raise SystemExit(f"tokenizer has {len(tok)} tokens, the model's vocabulary {policy.config.vocab_size}")
-    trl_policy = copy.deepcopy(policy)  # the same initial weights for TRL
-    load_s = time.perf_counter() - t0
 
-    # ---- raysafe: collated batches, reference log-probs precomputed with the initial weights
-    collator = make_collator(cfg, tok)
+def _collate_batches(collator, rows: list[dict], pairs: int, steps: int, device) -> list[dict]:
+    """One collated batch of ``pairs`` samples per step, its tensors on ``device``."""
+    import torch
+
     batches = []
     for i in range(steps):
-        chunk = rows[i * args.pairs : (i + 1) * args.pairs]
+        chunk = rows[i * pairs : (i + 1) * pairs]
         batch = collator(
             [
                 {
@@ -179,43 +161,75 @@ def run_steps(args) -> dict:
             ]
         )
         batches.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return batches
+
+
+def _reference_logps(policy, batches: list[dict], autocast) -> tuple[list[tuple], float]:
+    """(chosen, rejected) reference log-probs of every batch under the initial weights, and the seconds it took."""
+    import torch
+
+    from raysafe.train.forward import policy_forward
+
     t0 = time.perf_counter()
     refs = []
     with torch.inference_mode(), autocast:
         for b in batches:
             out = policy_forward(policy, b, None)
             refs.append((out.chosen_logps.float().clone(), out.rejected_logps.float().clone()))
-    ref_s = time.perf_counter() - t0
-    # width of the answer rows once trimmed to their attended columns (what policy_forward runs without MLC)
+    return refs, time.perf_counter() - t0
+
+
+def _answer_widths(batches: list[dict]) -> list[int]:
+    """Width of each batch's answer rows once trimmed to their attended columns (what policy_forward runs without
+    MLC)."""
     answer_width = []
     for b in batches:
         cols = b["attention_mask"][: 2 * int(b["n_pairs"])].any(0).nonzero().flatten()
         answer_width.append(int(cols[-1] - cols[0] + 1))
-    layer = cfg.mlc.resolve_layer(num_layers(policy))
-    head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
-    module = AlignModule(policy, head, cfg, layer)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", steps, 0.0))
+    return answer_width
 
-    series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}
 
-    def raysafe_step(i: int, mlc: bool) -> dict:
-        b = batches[i]
+class _RaysafeSteps:
+    """raysafe's optimiser step with plain PyTorch (AlignModule forward, backward, clipping, AdamW), timed."""
+
+    def __init__(self, policy, cfg, batches: list[dict], refs: list[tuple], steps: int, device, autocast):
+        import torch
+
+        from raysafe.models.layers import num_layers
+        from raysafe.train.ds_config import lr_lambda
+        from raysafe.train.mlc import MLCHead
+        from raysafe.train.worker import AlignModule, param_groups
+
+        self.cfg, self.batches, self.refs, self.device, self.autocast = cfg, batches, refs, device, autocast
+        self.answer_width = _answer_widths(batches)
+        self.layer = cfg.mlc.resolve_layer(num_layers(policy))
+        head = MLCHead(policy.config.hidden_size, cfg.mlc.d, cfg.mlc.head).to(device)
+        self.module = AlignModule(policy, head, cfg, self.layer)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.module, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda("constant", steps, 0.0))
+
+    def step(self, i: int, mlc: bool) -> dict:
+        import torch
+
+        from raysafe.train.worker import _scalar
+
+        b, device = self.batches[i], self.device
         _sync(device)
         t_a, c_a = time.perf_counter(), time.process_time()
-        with autocast:
-            loss, metrics = module(b, refs[i][0], refs[i][1], mlc)
+        with self.autocast:
+            loss, metrics = self.module(b, self.refs[i][0], self.refs[i][1], mlc)
         _sync(device)
         t_b = time.perf_counter()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.clip)
         _sync(device)
         t_c = time.perf_counter()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         vals = {k: _scalar(v) for k, v in metrics.items()}  # what the worker logs every step
         _sync(device)
         t_d, c_d = time.perf_counter(), time.process_time()
@@ -228,21 +242,27 @@ def run_steps(args) -> dict:
             "tokens": int(b["attention_mask"][: 2 * int(b["n_pairs"])].sum()),
             "loss": vals["loss/total"],
             "rows": int(b["input_ids"].shape[0]) if mlc else 2 * int(b["n_pairs"]),
-            "width": int(b["input_ids"].shape[1]) if mlc else answer_width[i],
+            "width": int(b["input_ids"].shape[1]) if mlc else self.answer_width[i],
         }
 
-    # ---- TRL: the same English pairs in the same order
-    conversational = collator.use_chat_template
+
+def _trl_data(rows: list[dict], conversational: bool) -> dict:
+    """The same English pairs in the same order, as TRL's dataset columns."""
     if conversational:
-        data = {
+        return {
             "prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
             "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
             "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows],
         }
-    else:
-        data = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+    return {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
+
+
+def _trl_args(args, steps: int, bf16: bool, device):
+    """TRL's DPOConfig matching raysafe's step (one flat list of settings)."""
+    import trl
+
     out_dir = tempfile.mkdtemp(prefix="raysafe-bench-trl-")
-    dpo_args = trl.DPOConfig(
+    return trl.DPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=args.pairs,
         gradient_accumulation_steps=1,
@@ -273,14 +293,27 @@ def run_steps(args) -> dict:
         seed=args.seed,
         **({"optim": args.trl_optim} if args.trl_optim else {}),
     )
-    step_tokens: list[int] = []
-    step_shapes: list[tuple[int, int]] = []
+
+
+def _counting_dpo_trainer(step_tokens: list[int], step_shapes: list[tuple[int, int]]):
+    """trl.DPOTrainer that appends each training step's non-pad token count and batch shape to the given lists."""
+    import trl
 
     class CountingDPOTrainer(trl.DPOTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: D102
             step_tokens.append(int(inputs["attention_mask"].sum()))  # chosen + rejected rows, non-pad
             step_shapes.append(tuple(inputs["input_ids"].shape))
             return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingDPOTrainer
+
+
+def _interleave_callback(raysafe: _RaysafeSteps, series: dict, step_tokens: list, step_shapes: list, steps: int):
+    """A TrainerCallback that times TRL's optimiser steps and, after each, runs raysafe's two steps on the same
+    pairs (their order alternating), appending to ``series``."""
+    from transformers import TrainerCallback
+
+    device = raysafe.device
 
     class Interleave(TrainerCallback):
         """Times TRL's optimiser steps; after each, runs raysafe's two steps on the same pairs."""
@@ -316,7 +349,7 @@ def run_steps(args) -> dict:
             )
             order = (False, True) if i % 2 == 0 else (True, False)
             for mlc in order:
-                series["dpo_mlc" if mlc else "dpo"].append(raysafe_step(i, mlc))
+                series["dpo_mlc" if mlc else "dpo"].append(raysafe.step(i, mlc))
             print(
                 f"  step {i + 1}/{steps}: TRL {series['trl'][-1]['step_s']:.2f} s, raysafe DPO "
                 f"{series['dpo'][-1]['step_s']:.2f} s, DPO+MLC {series['dpo_mlc'][-1]['step_s']:.2f} s",
@@ -324,65 +357,174 @@ def run_steps(args) -> dict:
                 flush=True,
             )
 
+    return Interleave()
+
+
+def _series_summary(per_step: list[dict], warmup: int) -> dict:
+    """Medians and token rates of one series over its steps after ``warmup``."""
+    xs = per_step[warmup:]
+    total_s = sum(x["step_s"] for x in xs)
+    total_tok = sum(x["tokens"] for x in xs)
+    s = {
+        "step_s_median": statistics.median(x["step_s"] for x in xs),
+        "tokens_per_step": total_tok / len(xs),
+        "tokens_per_s": total_tok / total_s,
+        "steps": len(xs),
+        "per_step": per_step,
+        "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
+        "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs),
+    }
+    for k in ("fwd_s", "bwd_s", "opt_s", "fwd_bwd_s"):
+        if k in xs[0]:
+            s[k + "_median"] = statistics.median(x[k] for x in xs)
+    if "rows" in xs[0]:
+        s["rows_x_width"] = (
+            f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
+        )
+    return s
+
+
+def _train_trl_interleaved(args, rows, tok, trl_policy, collator, raysafe: _RaysafeSteps, steps: int, bf16: bool):
+    """Trains TRL's DPOTrainer on the same pairs, raysafe's two steps run after each of its steps.
+
+    Returns (per-step series of trl, dpo and dpo_mlc; TRL's init seconds, optimiser name and checkpointing flag)."""
+    from datasets import Dataset
+
+    series: dict[str, list[dict]] = {"trl": [], "dpo": [], "dpo_mlc": []}
+    data = _trl_data(rows, collator.use_chat_template)
+    dpo_args = _trl_args(args, steps, bf16, raysafe.device)
+    step_tokens: list[int] = []
+    step_shapes: list[tuple[int, int]] = []
     t0 = time.perf_counter()
-    trainer = CountingDPOTrainer(
+    trainer = _counting_dpo_trainer(step_tokens, step_shapes)(
         model=trl_policy,
         args=dpo_args,
         train_dataset=Dataset.from_dict(data),
         processing_class=tok,
-        callbacks=[Interleave()],
+        callbacks=[_interleave_callback(raysafe, series, step_tokens, step_shapes, steps)],
     )
     trl_init_s = time.perf_counter() - t0
-    optim_name = str(getattr(trainer.args.optim, "value", trainer.args.optim))
-    trl_checkpointing = bool(getattr(trainer.model, "is_activation_checkpointing", False))
+    trl_run = {
+        "init_s": trl_init_s,
+        "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
+        "checkpointing": bool(getattr(trainer.model, "is_activation_checkpointing", False)),
+    }
     trainer.train()
+    return series, trl_run
 
-    def summary(name: str) -> dict:
-        xs = series[name][args.warmup :]
-        total_s = sum(x["step_s"] for x in xs)
-        total_tok = sum(x["tokens"] for x in xs)
-        s = {
-            "step_s_median": statistics.median(x["step_s"] for x in xs),
-            "tokens_per_step": total_tok / len(xs),
-            "tokens_per_s": total_tok / total_s,
-            "steps": len(xs),
-            "per_step": series[name],
-            "cpu_s_median": statistics.median(x["cpu_s"] for x in xs),
-            "tokens_per_cpu_s": total_tok / sum(x["cpu_s"] for x in xs),
-        }
-        for k in ("fwd_s", "bwd_s", "opt_s", "fwd_bwd_s"):
-            if k in xs[0]:
-                s[k + "_median"] = statistics.median(x[k] for x in xs)
-        if "rows" in xs[0]:
-            s["rows_x_width"] = (
-                f"{statistics.median(x['rows'] for x in xs):.0f} x {statistics.median(x['width'] for x in xs):.0f}"
-            )
-        return s
+
+def run_steps(args) -> dict:
+    import copy
+
+    import torch
+    import trl
+
+    from raysafe.train.worker import make_collator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    steps = args.warmup + args.steps
+    cfg = _steps_config(args)
+    rows = _bench_rows(cfg, args.pairs, steps)
+
+    tok = _tokenizer(args)
+    t0 = time.perf_counter()
+    policy, label = _policy(args, device)
+    if len(tok) > policy.config.vocab_size:
+        raise SystemExit(f"tokenizer has {len(tok)} tokens, the model's vocabulary {policy.config.vocab_size}")
+    trl_policy = copy.deepcopy(policy)  # the same initial weights for TRL
+    load_s = time.perf_counter() - t0
+
+    # ---- raysafe: collated batches, reference log-probs precomputed with the initial weights
+    collator = make_collator(cfg, tok)
+    batches = _collate_batches(collator, rows, args.pairs, steps, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    refs, ref_s = _reference_logps(policy, batches, autocast)
+    raysafe = _RaysafeSteps(policy, cfg, batches, refs, steps, device, autocast)
+    # ---- TRL: the same English pairs in the same order, raysafe's steps interleaved
+    series, trl_run = _train_trl_interleaved(args, rows, tok, trl_policy, collator, raysafe, steps, bf16)
 
     report = {
         "model": label,
         "params": _n_params(policy),
-        "mlc_layer": layer,
+        "mlc_layer": raysafe.layer,
         "device": str(device),
         "precision": "bf16 autocast" if bf16 else "fp32",
         "threads": torch.get_num_threads(),
         "load_s": load_s,
         "raysafe_reference_pass_s": ref_s,
-        "trl_init_s (incl. tokenising + reference pass)": trl_init_s,
+        "trl_init_s (incl. tokenising + reference pass)": trl_run["init_s"],
         "trl": {
             "version": trl.__version__,
-            "optim": optim_name,
+            "optim": trl_run["optim"],
             "precompute_ref_log_probs": True,
-            "gradient_checkpointing": trl_checkpointing,
+            "gradient_checkpointing": trl_run["checkpointing"],
             "report_to": "none",
             "sampling": "sequential",
         },
         "raysafe_optim": "torch.optim.AdamW (defaults) + clip_grad_norm_(1.0), no DeepSpeed",
-        "series": {k: summary(k) for k in series},
+        "series": {k: _series_summary(v, args.warmup) for k, v in series.items()},
     }
     if args.profile_mlc:
-        report["profile_mlc"] = profile_mlc(module, batches, refs, args.profile_repeats, device, autocast)
+        report["profile_mlc"] = profile_mlc(raysafe.module, batches, refs, args.profile_repeats, device, autocast)
     return report
+
+
+def _rows_pass(decoder, b: dict, rows: slice, trim: bool):
+    """Last hidden states of the decoder body over ``rows`` of batch ``b`` (trimmed to their attended columns)."""
+    ids, mask, pos = b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows]
+    if trim:
+        cols = mask.any(0).nonzero().flatten()
+        span = slice(int(cols[0]), int(cols[-1]) + 1)
+        ids, mask, pos = ids[:, span], mask[:, span], pos[:, span]
+    return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+
+
+def _variant_hidden(policy, b: dict, layer: int, upto_layer: bool, trim: bool):
+    """Pooled hidden states at ``layer`` of the variant rows of batch ``b`` as (n, m, hidden); ``upto_layer`` stops
+    the decoder at the MLC layer, ``trim`` runs the variant rows at their own padded width."""
+    from raysafe.models.layers import decoder_body, hidden_state_hooks
+    from raysafe.train.forward import pool_hidden
+
+    decoder = decoder_body(policy)
+    n, m = int(b["n_pairs"]), int(b["m"])
+    captured: dict = {}
+    rows = slice(2 * n, None)
+    mask = b["attention_mask"][rows]
+    last = b["variant_last_index"]
+    if trim:
+        cols = mask.any(0).nonzero().flatten()
+        last = last - int(cols[0])
+    with hidden_state_hooks(policy, [layer], captured.__setitem__):
+        ids, am, pos = b["input_ids"][rows], mask, b["position_ids"][rows]
+        if trim:
+            span = slice(int(cols[0]), int(cols[-1]) + 1)
+            ids, am, pos = ids[:, span], am[:, span], pos[:, span]
+        layers = decoder.layers
+        if upto_layer:
+            decoder.layers = layers[: max(layer, 1)]
+        try:
+            decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
+        finally:
+            decoder.layers = layers
+    return pool_hidden(captured[layer], am, last, "last").reshape(n, m, -1)
+
+
+def _median_time(fn, repeats: int, device, module) -> float:
+    """Median seconds of ``repeats`` runs of ``fn`` after one untimed run; the module's gradients are dropped after."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    module.policy.zero_grad(set_to_none=True)
+    module.head.zero_grad(set_to_none=True)
+    return statistics.median(ts)
 
 
 def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
@@ -394,62 +536,23 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
     """
     import torch
 
-    from raysafe.models.layers import decoder_body, hidden_state_hooks
-    from raysafe.train.forward import policy_forward, pool_hidden
+    from raysafe.models.layers import decoder_body
+    from raysafe.train.forward import policy_forward
     from raysafe.train.mlc import consistency_loss
 
     policy, head, layer = module.policy, module.head, module.mlc_layer
     b = batches[0]
-    n, m = int(b["n_pairs"]), int(b["m"])
-    resp = 2 * n
+    resp = 2 * int(b["n_pairs"])
     decoder = decoder_body(policy)
 
-    def rows_pass(rows: slice, trim: bool) -> torch.Tensor:
-        ids, mask, pos = b["input_ids"][rows], b["attention_mask"][rows], b["position_ids"][rows]
-        if trim:
-            cols = mask.any(0).nonzero().flatten()
-            span = slice(int(cols[0]), int(cols[-1]) + 1)
-            ids, mask, pos = ids[:, span], mask[:, span], pos[:, span]
-        return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-
-    captured: dict[int, torch.Tensor] = {}
-
-    def variant_hidden(upto_layer: bool, trim: bool) -> torch.Tensor:
-        rows = slice(resp, None)
-        mask = b["attention_mask"][rows]
-        last = b["variant_last_index"]
-        if trim:
-            cols = mask.any(0).nonzero().flatten()
-            last = last - int(cols[0])
-        with hidden_state_hooks(policy, [layer], captured.__setitem__):
-            ids, am, pos = b["input_ids"][rows], mask, b["position_ids"][rows]
-            if trim:
-                span = slice(int(cols[0]), int(cols[-1]) + 1)
-                ids, am, pos = ids[:, span], am[:, span], pos[:, span]
-            layers = decoder.layers
-            if upto_layer:
-                decoder.layers = layers[: max(layer, 1)]
-            try:
-                decoder(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=False)
-            finally:
-                decoder.layers = layers
-        return pool_hidden(captured[layer], am, last, "last").reshape(n, m, -1)
-
     def timed(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            ts.append(time.perf_counter() - t)
-        policy.zero_grad(set_to_none=True)
-        head.zero_grad(set_to_none=True)
-        return statistics.median(ts)
+        return _median_time(fn, repeats, device, module)
 
     def mlc_term(h: torch.Tensor) -> torch.Tensor:
         return consistency_loss(head(h.float()), module.mlc).loss
+
+    def decoder_loss(rows: slice, trim: bool) -> None:
+        _rows_pass(decoder, b, rows, trim).float().pow(2).mean().backward()
 
     res: dict[str, float] = {}
     with autocast:
@@ -459,25 +562,21 @@ def profile_mlc(module, batches, refs, repeats: int, device, autocast) -> dict:
         res["DPO+MLC step forward+backward (today: one pass over all rows)"] = timed(
             lambda: module(b, refs[0][0], refs[0][1], True)[0].backward()
         )
-        res["  decoder only, all rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(None), False).float().pow(2).mean().backward()
-        )
-        res["  decoder only, answer rows, full depth, own width"] = timed(
-            lambda: rows_pass(slice(0, resp), True).float().pow(2).mean().backward()
-        )
+        res["  decoder only, all rows, full depth, joint width"] = timed(lambda: decoder_loss(slice(None), False))
+        res["  decoder only, answer rows, full depth, own width"] = timed(lambda: decoder_loss(slice(0, resp), True))
         res["  decoder only, variant rows, full depth, joint width"] = timed(
-            lambda: rows_pass(slice(resp, None), False).float().pow(2).mean().backward()
+            lambda: decoder_loss(slice(resp, None), False)
         )
         res["  variant rows to layer L, own width + MLC term"] = timed(
-            lambda: mlc_term(variant_hidden(True, True)).backward()
+            lambda: mlc_term(_variant_hidden(policy, b, layer, True, True)).backward()
         )
-        pooled = variant_hidden(False, False).detach()
+        pooled = _variant_hidden(policy, b, layer, False, False).detach()
         res["  MLC term alone (head + loss on pooled states)"] = timed(
             lambda: mlc_term(pooled.clone().requires_grad_(True)).backward()
         )
         with torch.no_grad():
             today = policy_forward(policy, b, layer).variant_hidden.float()
-            proposed = variant_hidden(True, True).float()
+            proposed = _variant_hidden(policy, b, layer, True, True).float()
         res["max |pooled hidden today - proposed|"] = float((today - proposed).abs().max())
     res["variant rows x width (joint)"] = f"{b['input_ids'].shape[0] - resp} x {b['input_ids'].shape[1]}"
     return res
@@ -534,6 +633,65 @@ def measured_train_loop(config: dict) -> None:
         )
 
 
+def _memory_config(args, model_dir: Path, d: int, stage: int, storage: Path, n: int):
+    """The TrainConfig of one ZeRO stage of part 3 (one flat list of settings)."""
+    from raysafe.train.config import TrainConfig
+
+    return TrainConfig.model_validate(
+        {
+            "model": {"path": str(model_dir), "name": "tiny-llama"},
+            "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
+            "mixture": {"languages": LANGS, "m": 4},
+            "loss": {"name": "dpo", "beta": 0.1},
+            "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
+            "optim": {
+                "lr": 1e-4,
+                "epochs": 1,
+                "micro_batch": 1,
+                "grad_accum": 1,
+                "max_steps": args.mem_steps,
+                "warmup_ratio": 0.0,
+            },
+            "deepspeed": {"zero_stage": stage},
+            "checkpoint": {
+                "every_n_steps": 10**6,
+                "storage_path": str(storage),
+                "max_failures": 0,
+                "name": f"bench-zero{stage}",
+            },
+            "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
+            "tracking": {"enabled": False},
+            "seed": args.seed,
+        }
+    )
+
+
+def _measure_stage(args, model_dir: Path, work: Path, stage: int, d: int, psi: int, n: int) -> dict:
+    """Trains one ZeRO stage with the measured worker loop and collects what every worker wrote."""
+    from raysafe.train import flow
+
+    storage = work / f"zero{stage}"
+    storage.mkdir()
+    cfg = _memory_config(args, model_dir, d, stage, storage, n)
+    t0 = time.perf_counter()
+    res = flow.run_train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    workers = [json.loads((storage / f"bench_memory_rank{r}.json").read_text()) for r in range(n)]
+    print(
+        f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
+        f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "steps": res.steps,
+        "wall_s": wall,
+        "workers": workers,
+        "rank0_final_memory_mb": res.metrics.get("memory_mb"),
+        "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20,
+    }
+
+
 def run_memory(args) -> dict:
     import shutil
 
@@ -543,7 +701,6 @@ def run_memory(args) -> dict:
 
     from raysafe.models.tiny import save_tiny, tiny_config
     from raysafe.train import flow
-    from raysafe.train.config import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="raysafe-bench-mem-"))
     model_dir = save_tiny(work / "model", "llama", hidden=args.mem_hidden, num_layers=args.mem_layers)
@@ -564,52 +721,7 @@ def run_memory(args) -> dict:
     stages = {}
     try:
         for stage in args.mem_stages:
-            storage = work / f"zero{stage}"
-            storage.mkdir()
-            cfg = TrainConfig.model_validate(
-                {
-                    "model": {"path": str(model_dir), "name": "tiny-llama"},
-                    "data": {"max_length": args.mem_max_length, "max_prompt_length": args.mem_max_length * 3 // 4},
-                    "mixture": {"languages": LANGS, "m": 4},
-                    "loss": {"name": "dpo", "beta": 0.1},
-                    "mlc": {"weight": 0.8, "layer": 0.5, "d": d, "every_k": 2},
-                    "optim": {
-                        "lr": 1e-4,
-                        "epochs": 1,
-                        "micro_batch": 1,
-                        "grad_accum": 1,
-                        "max_steps": args.mem_steps,
-                        "warmup_ratio": 0.0,
-                    },
-                    "deepspeed": {"zero_stage": stage},
-                    "checkpoint": {
-                        "every_n_steps": 10**6,
-                        "storage_path": str(storage),
-                        "max_failures": 0,
-                        "name": f"bench-zero{stage}",
-                    },
-                    "ray": {"num_workers": n, "torch_threads": 1, "cpus_per_worker": 1},
-                    "tracking": {"enabled": False},
-                    "seed": args.seed,
-                }
-            )
-            t0 = time.perf_counter()
-            res = flow.run_train(cfg, progress=False)
-            wall = time.perf_counter() - t0
-            workers = [json.loads((storage / f"bench_memory_rank{r}.json").read_text()) for r in range(n)]
-            stages[stage] = {
-                "steps": res.steps,
-                "wall_s": wall,
-                "workers": workers,
-                "rank0_final_memory_mb": res.metrics.get("memory_mb"),
-                "expected_state_mb": expected_state_bytes(stage, psi, n) / 2**20,
-            }
-            print(
-                f"  ZeRO-{stage}: {res.steps} steps in {wall:.0f} s; peak RSS per worker "
-                f"{', '.join(str(round(w['peak_rss_mb'])) for w in workers)} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
+            stages[stage] = _measure_stage(args, model_dir, work, stage, d, psi, n)
     finally:
         flow.train_loop = original
         ray.shutdown()

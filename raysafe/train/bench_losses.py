@@ -194,6 +194,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _logprobs_part(args, argv: list[str]) -> dict:
+    """[1] peak memory and time of the label log-probs, naive log_softmax against sequence_logprobs."""
+    print(
+        f"\n[1] label log-probs: logits [rows={args.rows}, tokens={args.tokens}, vocab={args.vocab}] {args.dtype}"
+        f" = {args.rows * args.tokens * args.vocab * (2 if args.dtype == 'bf16' else 4) / 2**20:.0f} MiB"
+    )
+    print(f"{'pass':<18}{'method':<22}{'peak MiB':>10}{'time s':>10}")
+    part1 = {}
+    for mode in ("forward", "backward"):
+        naive = _run_worker(f"naive-{mode}", argv)
+        lean = _run_worker(f"lean-{mode}", argv)
+        part1[mode] = {"naive": naive, "sequence_logprobs": lean}
+        label = "forward" if mode == "forward" else "forward+backward"
+        print(f"{label:<18}{'naive log_softmax':<22}{naive['peak_mib']:>10.0f}{naive['time_s']:>10.3f}")
+        print(f"{label:<18}{'sequence_logprobs':<22}{lean['peak_mib']:>10.0f}{lean['time_s']:>10.3f}")
+        print(
+            f"ratio {label}: peak memory naive/lean = {naive['peak_mib'] / max(lean['peak_mib'], 1e-9):.1f}x,"
+            f" time lean/naive = {lean['time_s'] / naive['time_s']:.2f}x"
+        )
+    return part1
+
+
+def _mlc_part(args, argv: list[str]) -> dict:
+    """[2] one training step with DPO alone against DPO + MLC, and the MLC term alone."""
+    print(
+        f"\n[2] one training step, tiny Gemma 3 (hidden={args.hidden}, layers={args.layers},"
+        f" vocab={args.model_vocab}), B={args.pairs} pairs, m={args.m}, d={args.d}"
+    )
+    dpo = _run_worker("step-dpo", argv)
+    both = _run_worker("step-dpo-mlc", argv)
+    term = _run_worker("mlc-term", argv)
+    print(f"{'step':<34}{'rows x width':>14}{'peak MiB':>10}{'time s':>10}")
+    print(
+        f"{'DPO only (answer rows)':<34}{dpo['rows']:>7} x {dpo['width']:<4}{dpo['peak_mib']:>10.0f}"
+        f"{dpo['time_s']:>10.3f}"
+    )
+    print(
+        f"{'DPO + MLC (answer + variant rows)':<34}{both['rows']:>7} x {both['width']:<4}"
+        f"{both['peak_mib']:>10.0f}{both['time_s']:>10.3f}"
+    )
+    print(f"{'MLC term alone (head + loss)':<34}{'':>14}{term['peak_mib']:>10.1f}{term['time_s']:>10.4f}")
+    print(
+        f"ratio: DPO+MLC step / DPO step = {both['time_s'] / dpo['time_s']:.2f}x time,"
+        f" {both['peak_mib'] / max(dpo['peak_mib'], 1e-9):.2f}x peak memory;"
+        f" MLC term alone = {100 * term['time_s'] / dpo['time_s']:.2f}% of a DPO step"
+    )
+    return {"dpo": dpo, "dpo_mlc": both, "mlc_term": term}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -209,48 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     report: dict[str, object] = {"args": {k: v for k, v in vars(args).items() if k != "worker"}}
     if not args.skip_logprobs:
-        print(
-            f"\n[1] label log-probs: logits [rows={args.rows}, tokens={args.tokens}, vocab={args.vocab}] {args.dtype}"
-            f" = {args.rows * args.tokens * args.vocab * (2 if args.dtype == 'bf16' else 4) / 2**20:.0f} MiB"
-        )
-        print(f"{'pass':<18}{'method':<22}{'peak MiB':>10}{'time s':>10}")
-        part1 = {}
-        for mode in ("forward", "backward"):
-            naive = _run_worker(f"naive-{mode}", argv)
-            lean = _run_worker(f"lean-{mode}", argv)
-            part1[mode] = {"naive": naive, "sequence_logprobs": lean}
-            label = "forward" if mode == "forward" else "forward+backward"
-            print(f"{label:<18}{'naive log_softmax':<22}{naive['peak_mib']:>10.0f}{naive['time_s']:>10.3f}")
-            print(f"{label:<18}{'sequence_logprobs':<22}{lean['peak_mib']:>10.0f}{lean['time_s']:>10.3f}")
-            print(
-                f"ratio {label}: peak memory naive/lean = {naive['peak_mib'] / max(lean['peak_mib'], 1e-9):.1f}x,"
-                f" time lean/naive = {lean['time_s'] / naive['time_s']:.2f}x"
-            )
-        report["logprobs"] = part1
+        report["logprobs"] = _logprobs_part(args, argv)
     if not args.skip_mlc:
-        print(
-            f"\n[2] one training step, tiny Gemma 3 (hidden={args.hidden}, layers={args.layers},"
-            f" vocab={args.model_vocab}), B={args.pairs} pairs, m={args.m}, d={args.d}"
-        )
-        dpo = _run_worker("step-dpo", argv)
-        both = _run_worker("step-dpo-mlc", argv)
-        term = _run_worker("mlc-term", argv)
-        print(f"{'step':<34}{'rows x width':>14}{'peak MiB':>10}{'time s':>10}")
-        print(
-            f"{'DPO only (answer rows)':<34}{dpo['rows']:>7} x {dpo['width']:<4}{dpo['peak_mib']:>10.0f}"
-            f"{dpo['time_s']:>10.3f}"
-        )
-        print(
-            f"{'DPO + MLC (answer + variant rows)':<34}{both['rows']:>7} x {both['width']:<4}"
-            f"{both['peak_mib']:>10.0f}{both['time_s']:>10.3f}"
-        )
-        print(f"{'MLC term alone (head + loss)':<34}{'':>14}{term['peak_mib']:>10.1f}{term['time_s']:>10.4f}")
-        print(
-            f"ratio: DPO+MLC step / DPO step = {both['time_s'] / dpo['time_s']:.2f}x time,"
-            f" {both['peak_mib'] / max(dpo['peak_mib'], 1e-9):.2f}x peak memory;"
-            f" MLC term alone = {100 * term['time_s'] / dpo['time_s']:.2f}% of a DPO step"
-        )
-        report["mlc"] = {"dpo": dpo, "dpo_mlc": both, "mlc_term": term}
+        report["mlc"] = _mlc_part(args, argv)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -213,8 +213,34 @@ def run_train(cfg: TrainConfig, progress: bool = True, restart: bool = False, lo
         return _fit(cfg, samples, resume, identity)
 
 
-def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict) -> TrainResult:
-    import ray
+def _log_run_inputs(cfg: TrainConfig, samples: pl.DataFrame, steps: int) -> None:
+    """The config, step count and training pairs (with their fingerprint) on the MLflow run."""
+    tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
+    tracking.log_input(
+        f"preference pairs + prompt variants (split {cfg.data.split})",
+        {"pairs": cfg.data.pairs, "variants": cfg.data.variants},
+        fingerprint(samples),
+        samples.height,
+        context="training",
+    )
+
+
+def _training_table(cfg: TrainConfig, samples: pl.DataFrame, steps: int, pre: bool) -> pl.DataFrame:
+    """The samples in the order the run consumes them (only as many as it consumes), with their reference
+    log-probs when those are precomputed on the driver."""
+    order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
+    per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
+    order = order.filter(pl.col("pos") < steps * per_step)  # only what the run will consume
+    if pre:
+        needed = samples.filter(pl.col("sample_idx").is_in(order["sample_idx"].unique().implode()))
+        log.info("precomputing reference log-probs for the %d pairs the run consumes", needed.height)
+        refs = precompute_reference(cfg, needed)
+        samples = samples.join(refs, on="sample_idx", how="left")
+    return order.join(samples, on="sample_idx", how="left").sort("pos")
+
+
+def _torch_trainer(cfg: TrainConfig, ds, loop_config: dict, name: str, storage_path: str, resume: str | None):
+    """Ray Train's TorchTrainer over ``ds`` (in order, unsplit) running ``train_loop`` on the configured workers."""
     from ray.data import ExecutionOptions
     from ray.train import (
         Checkpoint,
@@ -225,6 +251,49 @@ def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: 
         ScalingConfig,
     )
     from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+        datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        resume_from_checkpoint=Checkpoint.from_directory(resume) if resume else None,
+    )
+
+
+def _final_checkpoint(result, name: str, storage_path: str) -> tuple[Path, dict]:
+    """(directory, saved state) of the run's last checkpoint; refuses a run that produced none."""
+    if result.checkpoint is None:
+        raise OutputError(
+            f"training run {name} produced no checkpoint",
+            where=storage_path,
+            fix="look at the worker logs above; re-running resumes from the latest checkpoint",
+        )
+    ckpt_dir = Path(result.checkpoint.path)
+    return ckpt_dir, json.loads((ckpt_dir / STATE_FILE).read_text())
+
+
+def _log_checkpoint(ckpt_dir: Path) -> None:
+    """The final checkpoint's path (parameter and tag), state and config on the MLflow run."""
+    tracking.log_params({"checkpoint": str(ckpt_dir)})
+    tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
+    tracking.log_artifact(ckpt_dir / STATE_FILE)
+    tracking.log_artifact(ckpt_dir / CONFIG_FILE)
+
+
+def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict) -> TrainResult:
+    import ray
 
     from raysafe.config import RaySpec
     from raysafe.runtime import ensure_ray, quiet_ray_data
@@ -240,63 +309,22 @@ def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: 
     storage_path = str(storage) if storage else cfg.checkpoint.storage_path
 
     with tracking.run(cfg.tracking, f"train {name}", tags={"raysafe.flow": "train"}) as mlrun:
-        tracking.log_params({"config": cfg.model_dump(mode="json"), "total_steps": steps, "pairs": samples.height})
-        tracking.log_input(
-            f"preference pairs + prompt variants (split {cfg.data.split})",
-            {"pairs": cfg.data.pairs, "variants": cfg.data.variants},
-            fingerprint(samples),
-            samples.height,
-            context="training",
-        )
-        order = epoch_order(samples.height, cfg.optim.epochs, cfg.seed)
-        per_step = cfg.optim.micro_batch * cfg.ray.num_workers * cfg.optim.grad_accum
-        order = order.filter(pl.col("pos") < steps * per_step)  # only what the run will consume
-        if pre:
-            needed = samples.filter(pl.col("sample_idx").is_in(order["sample_idx"].unique().implode()))
-            log.info("precomputing reference log-probs for the %d pairs the run consumes", needed.height)
-            refs = precompute_reference(cfg, needed)
-            samples = samples.join(refs, on="sample_idx", how="left")
-        table = order.join(samples, on="sample_idx", how="left").sort("pos")
+        _log_run_inputs(cfg, samples, steps)
+        table = _training_table(cfg, samples, steps, pre)
         ds = ray.data.from_arrow(table.to_arrow())
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "cfg": cfg.model_dump(mode="json"),
-                "total_steps": steps,
-                "reference_on_worker": ref_on_worker,
-                "mlflow": tracking.attach_info(cfg.tracking, mlrun),
-                "identity": identity,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.ray.num_workers,
-                use_gpu=cfg.ray.use_gpu,
-                resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage_path,
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            ),
-            datasets={"train": ds},
-            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-            resume_from_checkpoint=Checkpoint.from_directory(resume) if resume else None,
-        )
+        loop_config = {
+            "cfg": cfg.model_dump(mode="json"),
+            "total_steps": steps,
+            "reference_on_worker": ref_on_worker,
+            "mlflow": tracking.attach_info(cfg.tracking, mlrun),
+            "identity": identity,
+        }
+        trainer = _torch_trainer(cfg, ds, loop_config, name, storage_path, resume)
         with remote_errors():
             result = trainer.fit()
-        if result.checkpoint is None:
-            raise OutputError(
-                f"training run {name} produced no checkpoint",
-                where=storage_path,
-                fix="look at the worker logs above; re-running resumes from the latest checkpoint",
-            )
-        ckpt_dir = Path(result.checkpoint.path)
-        state = json.loads((ckpt_dir / STATE_FILE).read_text())
+        ckpt_dir, state = _final_checkpoint(result, name, storage_path)
         if mlrun is not None:
-            tracking.log_params({"checkpoint": str(ckpt_dir)})
-            tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
-            tracking.log_artifact(ckpt_dir / STATE_FILE)
-            tracking.log_artifact(ckpt_dir / CONFIG_FILE)
+            _log_checkpoint(ckpt_dir)
     return TrainResult(
         ckpt_dir,
         ckpt_dir / HF_DIR,

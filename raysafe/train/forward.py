@@ -91,6 +91,34 @@ def policy_forward(
     chunk of logits exists at a time (forward and backward); ``None`` computes the selected logits at once.
     """
     n_pairs, m = int(batch["n_pairs"]), int(batch["m"])
+    input_ids, attention_mask, labels, position_ids = _forward_rows(batch, mlc_layer)
+    decoder = decoder_body(model)
+    captured: dict[int, torch.Tensor] = {}
+    depth = num_layers(model)
+    if mlc_layer is not None and not 0 <= mlc_layer <= depth:
+        raise ModelError(
+            f"MLC layer {mlc_layer} is out of range for a model with {depth} layers",
+            where="mlc.layer",
+            fix=f"use 0 (embeddings) to {depth} (the final state after the final norm)",
+        )
+    with hidden_state_hooks(model, [mlc_layer] if mlc_layer is not None else [], captured.__setitem__):
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    last_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    answers = _answer_logps_per_row(model, last_hidden, labels, n_pairs, chunk_positions, head_chunk)
+
+    variant_hidden = None
+    if mlc_layer is not None:
+        resp = 2 * n_pairs
+        assert mlc_layer in captured, "the layer hook did not fire"
+        pooled = pool_hidden(captured[mlc_layer][resp:], attention_mask[resp:], batch["variant_last_index"], pooling)
+        variant_hidden = pooled.reshape(n_pairs, m, -1)
+    return ForwardOutput(*answers, variant_hidden)
+
+
+def _forward_rows(batch: dict[str, Any], mlc_layer: int | None) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels, position_ids) the pass runs on: every row, or without the MLC term only
+    the answer rows trimmed to their attended columns. Refuses a batch whose row count is not 2·B + B·m."""
+    n_pairs, m = int(batch["n_pairs"]), int(batch["m"])
     input_ids = batch["input_ids"]
     attention_mask = batch["attention_mask"]
     labels = batch["labels"]
@@ -110,20 +138,12 @@ def policy_forward(
         span = slice(int(cols[0]), int(cols[-1]) + 1)
         input_ids, attention_mask = input_ids[rows, span], attention_mask[rows, span]
         labels, position_ids = labels[rows, span], position_ids[rows, span]
+    return input_ids, attention_mask, labels, position_ids
 
-    decoder = decoder_body(model)
-    captured: dict[int, torch.Tensor] = {}
-    depth = num_layers(model)
-    if mlc_layer is not None and not 0 <= mlc_layer <= depth:
-        raise ModelError(
-            f"MLC layer {mlc_layer} is out of range for a model with {depth} layers",
-            where="mlc.layer",
-            fix=f"use 0 (embeddings) to {depth} (the final state after the final norm)",
-        )
-    with hidden_state_hooks(model, [mlc_layer] if mlc_layer is not None else [], captured.__setitem__):
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    last_hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
+def _answer_logps_per_row(model, last_hidden, labels, n_pairs: int, chunk_positions, head_chunk) -> tuple:
+    """(chosen log-prob sums, rejected log-prob sums, chosen token counts, rejected token counts, chosen mean NLL)
+    over the answer tokens of the 2B response rows."""
     resp = 2 * n_pairs
     targets = labels[:resp, 1:]
     scored = targets != IGNORE_INDEX
@@ -135,13 +155,7 @@ def policy_forward(
     chosen_logps, rejected_logps = sums[:n_pairs], sums[n_pairs:]
     chosen_ntok, rejected_ntok = ntok[:n_pairs], ntok[n_pairs:]
     chosen_nll_mean = -chosen_logps.sum() / chosen_ntok.sum().clamp(min=1).to(chosen_logps.dtype)
-
-    variant_hidden = None
-    if mlc_layer is not None:
-        assert mlc_layer in captured, "the layer hook did not fire"
-        pooled = pool_hidden(captured[mlc_layer][resp:], attention_mask[resp:], batch["variant_last_index"], pooling)
-        variant_hidden = pooled.reshape(n_pairs, m, -1)
-    return ForwardOutput(chosen_logps, rejected_logps, chosen_ntok, rejected_ntok, chosen_nll_mean, variant_hidden)
+    return chosen_logps, rejected_logps, chosen_ntok, rejected_ntok, chosen_nll_mean
 
 
 def reference_logps(model: nn.Module, batch: dict[str, Any], **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,49 +55,55 @@ def plain_loop(cfg, store_root: Path, threads: int) -> tuple[float, int]:
     return time.perf_counter() - t0, sentences
 
 
-def run(args) -> dict:
+def _bench_model(args, work: Path) -> str:
+    """``--model``, or a random Marian model with the target-language codes saved under ``work``."""
+    if args.model is not None:
+        return args.model
+    from raysafe.models.tiny import save_tiny_mt
+    from raysafe.translate.codes import NLLB
+
+    codes = [f">>{NLLB[c][:3]}<<" for c in ("en", *args.langs.split(","))]
+    return str(save_tiny_mt(work / "mt", "marian", codes, d_model=args.d_model, layers=args.layers, never_stop=True))
+
+
+def _bench_config(args, model: str, output_dir: Path, actors: int, threads: int):
+    """The TranslateConfig of one measured run (a flat list of settings)."""
     from raysafe.config import load_config
     from raysafe.translate.config import TranslateConfig
+
+    return load_config(
+        TranslateConfig,
+        data={
+            "data": {"kind": "fixture", "name": "safety_prompts", "languages": ["en"], "limit_per_lang": args.rows},
+            "translator": {
+                "kind": "seq2seq",
+                "model": {"path": model, "name": "bench-mt"},
+                "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size,
+            },
+            "translate": {"target_langs": args.langs.split(","), "shard_rows": args.shard_rows},
+            "quality": {"langid": "langid", "round_trip": True},
+            "output_dir": str(output_dir),
+            "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
+            "tracking": {"enabled": False},
+        },
+    )
+
+
+def run(args) -> dict:
     from raysafe.translate.flow import run_translate
 
     work = Path(tempfile.mkdtemp(prefix="raysafe-bench-translate-"))
-    model = args.model
-    if model is None:
-        from raysafe.models.tiny import save_tiny_mt
-        from raysafe.translate.codes import NLLB
-
-        codes = [f">>{NLLB[c][:3]}<<" for c in ("en", *args.langs.split(","))]
-        model = str(
-            save_tiny_mt(work / "mt", "marian", codes, d_model=args.d_model, layers=args.layers, never_stop=True)
-        )
+    model = _bench_model(args, work)
     threads_per_actor = max(1, args.threads // args.actors)
-
-    def cfg(out: str, actors: int, threads: int):
-        return load_config(
-            TranslateConfig,
-            data={
-                "data": {"kind": "fixture", "name": "safety_prompts", "languages": ["en"], "limit_per_lang": args.rows},
-                "translator": {
-                    "kind": "seq2seq",
-                    "model": {"path": model, "name": "bench-mt"},
-                    "max_new_tokens": args.max_new_tokens,
-                    "batch_size": args.batch_size,
-                },
-                "translate": {"target_langs": args.langs.split(","), "shard_rows": args.shard_rows},
-                "quality": {"langid": "langid", "round_trip": True},
-                "output_dir": str(work / out),
-                "ray": {"num_actors": actors, "num_cpus_per_actor": 1, "torch_threads": threads},
-                "tracking": {"enabled": False},
-            },
-        )
 
     import ray
 
     from raysafe.runtime import ensure_ray
 
-    ensure_ray(cfg("pool", args.actors, threads_per_actor).ray)
-    loop_s, loop_n = plain_loop(cfg("loop", 1, args.threads), work / "loop", args.threads)
-    res = run_translate(cfg("pool", args.actors, threads_per_actor), progress=False)
+    ensure_ray(_bench_config(args, model, work / "pool", args.actors, threads_per_actor).ray)
+    loop_s, loop_n = plain_loop(_bench_config(args, model, work / "loop", 1, args.threads), work / "loop", args.threads)
+    res = run_translate(_bench_config(args, model, work / "pool", args.actors, threads_per_actor), progress=False)
     ray.shutdown()
     out = {
         "model": args.model or f"random Marian d_model={args.d_model} layers={args.layers}",

@@ -269,6 +269,40 @@ def _report_md(cfg: TranslateConfig, report: pl.DataFrame, warnings: list[str], 
     return "\n".join(lines) + "\n"
 
 
+def _check_all_cells_done(store: TranslationStore, cells: list[tuple[str, int]]) -> None:
+    """Refuses to assemble while any (language, shard) cell is still missing."""
+    still = [(lang, k) for lang, k in cells if k not in store.done_shards(lang)]
+    if still:
+        raise OutputError(
+            f"translation ended with {len(still)} cell(s) missing, e.g. {still[:3]}",
+            where=str(store.root),
+            fix="re-run the same command: it resumes from the cells already written",
+        )
+
+
+def _run_metrics(report: pl.DataFrame, sentences: int, seconds: float, cells_translated: int) -> dict:
+    """The run's MLflow metrics: throughput, and per language the row counts and the quality medians."""
+    metrics = {"sentences": sentences, "seconds": seconds, "cells_translated": cells_translated}
+    if seconds > 0 and sentences:
+        metrics["sentences_per_s"] = sentences / seconds
+    for r in report.iter_rows(named=True):
+        for key in ("translated", "flagged", "kept"):
+            metrics[f"{key}_{r['lang']}"] = r[key]
+        for key in ("chrf_median", "langid_prob_median", "length_ratio_median"):
+            if r[key] is not None:
+                metrics[f"{key}_{r['lang']}"] = r[key]
+    return metrics
+
+
+def _log_outputs(cfg: TranslateConfig, store: TranslationStore, figures) -> None:
+    """The output directory, the report files, the config and the quality figures on the MLflow run."""
+    tracking.log_params({"output_dir": str(Path(cfg.output_dir).resolve())})
+    for p in (store.root / "report.json", store.root / "report.md", store.root / "config.yaml"):
+        tracking.log_artifact(p)
+    for p in figures:
+        tracking.log_artifact(p, "figures")
+
+
 def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResult:
     """Translate ``cfg.data`` into every target language, score every row, and write the contract files."""
     contract = contract_of(cfg)
@@ -291,13 +325,7 @@ def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResul
         t0 = time.perf_counter()
         summaries = translate_cells(cfg, store, missing, fields, progress) if missing else []
         seconds = time.perf_counter() - t0
-        still = [(lang, k) for lang, k in cells if k not in store.done_shards(lang)]
-        if still:
-            raise OutputError(
-                f"translation ended with {len(still)} cell(s) missing, e.g. {still[:3]}",
-                where=str(store.root),
-                fix="re-run the same command: it resumes from the cells already written",
-            )
+        _check_all_cells_done(store, cells)
         files, report, flagged = assemble(cfg, store, inputs, contract, n_shards)
         result_files.update(files)
         warnings += unk_warnings(report, cfg.quality.max_unk_rate)
@@ -308,16 +336,7 @@ def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResul
         figures = quality_figures(flagged, store.root / "figures")
         (store.root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         sentences = sum(int(s["sentences"]) for s in summaries)
-        metrics = {"sentences": sentences, "seconds": seconds, "cells_translated": len(missing)}
-        if seconds > 0 and sentences:
-            metrics["sentences_per_s"] = sentences / seconds
-        for r in report.iter_rows(named=True):
-            for key in ("translated", "flagged", "kept"):
-                metrics[f"{key}_{r['lang']}"] = r[key]
-            for key in ("chrf_median", "langid_prob_median", "length_ratio_median"):
-                if r[key] is not None:
-                    metrics[f"{key}_{r['lang']}"] = r[key]
-        tracking.log_metrics(metrics)
+        tracking.log_metrics(_run_metrics(report, sentences, seconds, len(missing)))
         result = TranslateResult(
             Path(cfg.output_dir),
             contract,
@@ -331,10 +350,6 @@ def run_translate(cfg: TranslateConfig, progress: bool = True) -> TranslateResul
             warnings,
         )
         if mlrun is not None:
-            tracking.log_params({"output_dir": str(Path(cfg.output_dir).resolve())})
-            for p in (store.root / "report.json", store.root / "report.md", store.root / "config.yaml"):
-                tracking.log_artifact(p)
-            for p in figures:
-                tracking.log_artifact(p, "figures")
+            _log_outputs(cfg, store, figures)
             result.mlflow_run_id = mlrun.info.run_id
     return result
