@@ -118,8 +118,11 @@ def test_study_interrupted_then_continued_under_one_parent_run(ray_local, tiny_l
     assert trained["safety_change"].is_not_null().all()
     assert trained["shift_probe_accuracy"].is_not_null().all()
     per_model = pl.read_parquet(res.report.parent / "per_model.parquet")
-    assert per_model.filter(pl.col("model") == "tiny-mlc")["rank1_energy_L2"].is_not_null().all()
+    assert per_model.filter(pl.col("model") == "tiny-mlc")["head_bias_share"].is_not_null().all()  # head monitor
+    diffs = pl.read_parquet(res.stages["consistency"]["differences"])  # held-out, paired, at the MLC layer
+    assert set(diffs["comparison"]) == {"mlc − base"} and set(diffs["lang"]) == set(LANGS) - {"en"} | {"all"}
     report = res.report.read_text()
+    assert "## Headline: MLC against its control" in report and "**retrieval_p1**" in report
     assert "## Per language" in report and "safety_before_after.png" in report
     assert (res.report.parent / "safety_before_after.png").stat().st_size > 0
 
