@@ -26,7 +26,7 @@ Metrics (docs/separation.md gives the formulas):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -764,7 +764,6 @@ def cell_metrics(
     y = y.to(Z.device)
     Z0, Z1 = _split(Z, y)
     n0, n1 = Z0.shape[0], Z1.shape[0]
-    k = Z.shape[1]
     out: dict[str, MetricValue] = {}
     unknown = [m for m in metrics if m not in SEPARATION_METRICS]
     if unknown:
@@ -773,83 +772,138 @@ def cell_metrics(
         msg = f"needs >= 2 items per class, have {n1} toxic and {n0} benign"
         return {m: MetricValue(None, None, None, "skipped", msg) for m in metrics}
     B = int(bootstrap)
-    # row 0 of the weights: the data itself; rows 1..B: the stratified resamples
-    W0 = torch.ones(1, n0, dtype=F64, device=Z.device)
-    W1 = torch.ones(1, n1, dtype=F64, device=Z.device)
-    if B > 0:
-        i0, i1 = stratified_bootstrap(n0, n1, B, torch.Generator(device="cpu").manual_seed(seed))
-        W0 = torch.cat([W0, index_counts(i0.to(Z.device), n0)])
-        W1 = torch.cat([W1, index_counts(i1.to(Z.device), n1)])
+    W0, W1 = _bootstrap_weights(n0, n1, B, seed, Z.device)
     want = set(metrics)
 
     def put(name: str, point: float, reps: Tensor | None, note: str = "") -> None:
-        status, msgs = ("degraded", [note]) if note else ("ok", [])
-        lo = hi = None
-        if not math.isfinite(point):
-            out[name] = MetricValue(None, None, None, "degraded", "; ".join(msgs + ["not finite (singular data)"]))
-            return
-        if reps is not None:
-            lo_f, hi_f, n_bad = bootstrap_interval(reps, point, ci_level, ci_method)
-            lo, hi = _finite_or_none(lo_f), _finite_or_none(hi_f)
-            if n_bad:
-                status = "degraded"
-                msgs.append(f"{n_bad} of {reps.numel()} bootstrap resamples not finite")
-        out[name] = MetricValue(point, lo, hi, status, "; ".join(msgs))
+        out[name] = _metric_value(point, reps, ci_level, ci_method, note)
 
-    # ---- moment metrics in PCA space
-    moment_names = [m for m in ("bhattacharyya", "centroid_distance", "between_var_ratio") if m in want]
-    if moment_names:
-        mom = moment_metrics(Z0, Z1, W0, W1, shrinkage)
-        small = min(n0, n1) <= k
-        for m in moment_names:
-            note = ""
-            if m == "bhattacharyya" and small:
-                note = f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient " + (
-                    "and held finite only by shrinkage"
-                    if shrinkage_label(shrinkage) != "none"
-                    else "and the closed form undefined (options.shrinkage: ledoit_wolf keeps it finite)"
-                )
-            put(m, float(mom[m][0]), mom[m][1:] if B > 0 else None, note)
-
+    _put_moment_metrics(put, want, Z0, Z1, W0, W1, shrinkage, B)
     # ---- silhouettes (exact point estimate in float64 and all resamples in one pass over the distances)
     for dist in ("euclidean", "cosine"):
         name = f"silhouette_{dist}"
         if name in want:
             pt, reps_s = silhouette_pass(Z0, Z1, dist, W0[1:] if B > 0 else None, W1[1:] if B > 0 else None, chunk_rows)
             put(name, float(pt), reps_s)
-
-    # ---- full-space metrics
     if FULL_SPACE_METRICS & want:
-        if X is None:
-            for m in FULL_SPACE_METRICS & want:
-                out[m] = MetricValue(None, None, None, "skipped", "full-dimensional vectors not given")
-        else:
-            yX = y.to(X.device)
-            X0, X1 = X[yX == 0], X[yX == 1]
-            boot_full = B > 0 and "between_var_ratio_full" in want
-            W0f, W1f = (W0, W1) if boot_full else (W0[:1], W1[:1])
-            between, total = weighted_between_parts(X0, X1, W0f, W1f)
-            nan = torch.full_like(total, float("nan"))
-            ratio = torch.where(total > 0, between / total.clamp_min(1e-300), nan)
-            if "between_var_ratio_full" in want:
-                put("between_var_ratio_full", float(ratio[0]), ratio[1:] if boot_full else None)
-            if "pca_explained_variance" in want:
-                zall = torch.cat([Z0, Z1])
-                inside = float(((zall - zall.mean(0)) ** 2).sum()) / (n0 + n1)
-                tot = float(total[0])
-                put("pca_explained_variance", inside / tot if tot > 0 else float("nan"), None)
-
-    # ---- linear probe
+        _put_full_space_metrics(put, out, want, X, y, Z0, Z1, W0, W1, B)
     if "probe_accuracy" in want:
         feats = Z if probe_on == "pca" else X
-        folds = min(probe_folds, n0, n1)
-        if feats is None:
-            out["probe_accuracy"] = MetricValue(None, None, None, "skipped", "full-dimensional vectors not given")
-        elif folds < 2:
-            out["probe_accuracy"] = MetricValue(None, None, None, "skipped", "probe needs >= 2 items per class")
-        else:
-            res = probe_cv_accuracy(feats, y, folds=folds, C=probe_C, seed=seed)
-            lo, hi = wilson_interval(res.n_correct, res.n, ci_level)
-            note = f"{folds}-fold instead of {probe_folds}-fold (small class)" if folds < probe_folds else ""
-            out["probe_accuracy"] = MetricValue(res.accuracy, lo, hi, "degraded" if note else "ok", note)
+        out["probe_accuracy"] = _probe_metric(feats, y, n0, n1, probe_folds, probe_C, seed, ci_level)
     return {m: out[m] for m in metrics}
+
+
+def _bootstrap_weights(n0: int, n1: int, B: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Count weights [1 + B, n0] and [1 + B, n1]: row 0 the data itself, rows 1..B the stratified resamples
+    drawn on the CPU from ``seed``."""
+    W0 = torch.ones(1, n0, dtype=F64, device=device)
+    W1 = torch.ones(1, n1, dtype=F64, device=device)
+    if B > 0:
+        i0, i1 = stratified_bootstrap(n0, n1, B, torch.Generator(device="cpu").manual_seed(seed))
+        W0 = torch.cat([W0, index_counts(i0.to(device), n0)])
+        W1 = torch.cat([W1, index_counts(i1.to(device), n1)])
+    return W0, W1
+
+
+def _metric_value(
+    point: float, reps: Tensor | None, ci_level: float, ci_method: Literal["percentile", "bc"], note: str = ""
+) -> MetricValue:
+    """One metric's value: its point estimate, bootstrap interval from ``reps`` and status (``degraded`` with
+    ``note``, a non-finite point or non-finite resamples)."""
+    status, msgs = ("degraded", [note]) if note else ("ok", [])
+    lo = hi = None
+    if not math.isfinite(point):
+        return MetricValue(None, None, None, "degraded", "; ".join(msgs + ["not finite (singular data)"]))
+    if reps is not None:
+        lo_f, hi_f, n_bad = bootstrap_interval(reps, point, ci_level, ci_method)
+        lo, hi = _finite_or_none(lo_f), _finite_or_none(hi_f)
+        if n_bad:
+            status = "degraded"
+            msgs.append(f"{n_bad} of {reps.numel()} bootstrap resamples not finite")
+    return MetricValue(point, lo, hi, status, "; ".join(msgs))
+
+
+def _put_moment_metrics(
+    put: Callable[..., None],
+    want: set[str],
+    Z0: Tensor,
+    Z1: Tensor,
+    W0: Tensor,
+    W1: Tensor,
+    shrinkage: Shrinkage,
+    B: int,
+) -> None:
+    """The moment metrics in PCA space (Bhattacharyya, centroid distance, between-variance ratio)."""
+    moment_names = [m for m in ("bhattacharyya", "centroid_distance", "between_var_ratio") if m in want]
+    if not moment_names:
+        return
+    n0, n1, k = Z0.shape[0], Z1.shape[0], Z0.shape[1]
+    mom = moment_metrics(Z0, Z1, W0, W1, shrinkage)
+    small = min(n0, n1) <= k
+    for m in moment_names:
+        note = ""
+        if m == "bhattacharyya" and small:
+            note = f"a class has {min(n0, n1)} items in {k} PCA dimensions: its covariance is rank-deficient " + (
+                "and held finite only by shrinkage"
+                if shrinkage_label(shrinkage) != "none"
+                else "and the closed form undefined (options.shrinkage: ledoit_wolf keeps it finite)"
+            )
+        put(m, float(mom[m][0]), mom[m][1:] if B > 0 else None, note)
+
+
+def _put_full_space_metrics(
+    put: Callable[..., None],
+    out: dict[str, MetricValue],
+    want: set[str],
+    X: Tensor | None,
+    y: Tensor,
+    Z0: Tensor,
+    Z1: Tensor,
+    W0: Tensor,
+    W1: Tensor,
+    B: int,
+) -> None:
+    """The full-space metrics (between-variance ratio of the full vectors, PCA explained variance); skipped
+    without ``X``."""
+    if X is None:
+        for m in FULL_SPACE_METRICS & want:
+            out[m] = MetricValue(None, None, None, "skipped", "full-dimensional vectors not given")
+        return
+    n0, n1 = Z0.shape[0], Z1.shape[0]
+    yX = y.to(X.device)
+    X0, X1 = X[yX == 0], X[yX == 1]
+    boot_full = B > 0 and "between_var_ratio_full" in want
+    W0f, W1f = (W0, W1) if boot_full else (W0[:1], W1[:1])
+    between, total = weighted_between_parts(X0, X1, W0f, W1f)
+    nan = torch.full_like(total, float("nan"))
+    ratio = torch.where(total > 0, between / total.clamp_min(1e-300), nan)
+    if "between_var_ratio_full" in want:
+        put("between_var_ratio_full", float(ratio[0]), ratio[1:] if boot_full else None)
+    if "pca_explained_variance" in want:
+        zall = torch.cat([Z0, Z1])
+        inside = float(((zall - zall.mean(0)) ** 2).sum()) / (n0 + n1)
+        tot = float(total[0])
+        put("pca_explained_variance", inside / tot if tot > 0 else float("nan"), None)
+
+
+def _probe_metric(
+    feats: Tensor | None,
+    y: Tensor,
+    n0: int,
+    n1: int,
+    probe_folds: int,
+    probe_C: float,
+    seed: int,
+    ci_level: float,
+) -> MetricValue:
+    """The linear probe's pooled out-of-fold accuracy with its Wilson interval; skipped without features or
+    with fewer than 2 items in a class."""
+    folds = min(probe_folds, n0, n1)
+    if feats is None:
+        return MetricValue(None, None, None, "skipped", "full-dimensional vectors not given")
+    if folds < 2:
+        return MetricValue(None, None, None, "skipped", "probe needs >= 2 items per class")
+    res = probe_cv_accuracy(feats, y, folds=folds, C=probe_C, seed=seed)
+    lo, hi = wilson_interval(res.n_correct, res.n, ci_level)
+    note = f"{folds}-fold instead of {probe_folds}-fold (small class)" if folds < probe_folds else ""
+    return MetricValue(res.accuracy, lo, hi, "degraded" if note else "ok", note)
