@@ -703,14 +703,7 @@ def _detox_layer(
             _warn(model, lg, layer, "skipped", msg)
             rows.extend(_rows_for(model, lg, layer, DETOX_METRICS, "skipped", msg, "none", None))
 
-    smeta, sX, err = _read(read_safety, model, layer)
-    dirs: dict[str, Tensor] = {}
-    dir_notes: dict[str, str] = {}
-    if err is not None:
-        dir_notes["*"] = f"safety set: {err}"
-    else:
-        dirs, dir_notes = _directions(smeta, sX, device, f"model {model!r} layer {layer}")
-    del smeta, sX
+    dirs, dir_notes = _safety_directions(read_safety, model, layer, device)
     meta, X, err = _read(read_detox, model, layer)
     if err is None and "group_id" not in meta.columns:
         err = f"detox pairs of model {model!r} layer {layer} lack the group_id column"
@@ -740,68 +733,121 @@ def _detox_layer(
     for lg in lay.lang_rows:
         ti, ni, notes = _pairs(meta, lang_arr, keep_mask, lg)
         notes = lay.notes[lg] + notes
-        m = len(ti)
-        if m == 0:
-            msg = "; ".join(notes + ["no complete toxic/neutral pair"])
-            _warn(model, lg, layer, "skipped", msg)
-            rows += _rows_for(model, lg, layer, DETOX_METRICS, "skipped", msg, "none", None, 0, 0)
-            continue
-        tox_rows = torch.as_tensor(ti.copy(), device=device)
-        neu_rows = torch.as_tensor(ni.copy(), device=device)
-        V = lay.X[neu_rows].to(F64) - lay.X[tox_rows].to(F64)
-        own = dirs.get(lg)
         own_note = dir_notes.get(lg) or dir_notes.get("*") or f"no {lg!r} rows in the safety set"
-        vals = _detox_values(V, d_en, own, torch.ones(1, m, dtype=F64, device=device))
-        reps = None
-        if opts.bootstrap > 0 and m >= 2:
-            gen = torch.Generator(device="cpu").manual_seed(cell_seed(opts.seed, lg, layer))
-            idx = torch.randint(0, m, (opts.bootstrap, m), generator=gen).to(device)
-            reps = _detox_values(V, d_en, own, index_counts(idx, m))
-        worst, worst_msg = "ok", ""
-        for name in DETOX_METRICS:
-            msgs = list(notes)
-            point = vals.get(name)
-            if point is None:
-                why = en_note if name in ("detox_cos_en", "detox_proj_en") else own_note
-                status, value, lo, hi = "skipped", None, None, None
-                msgs.append(why)
-            else:
-                value = float(point[0])
-                lo = hi = None
-                if reps is not None:
-                    lo_f, hi_f, bad = bootstrap_interval(reps[name], value, opts.ci_level, opts.ci_method)
-                    lo = lo_f if math.isfinite(lo_f) else None
-                    hi = hi_f if math.isfinite(hi_f) else None
-                    if bad:
-                        msgs.append(f"{bad} bootstrap resamples not finite")
-                if not math.isfinite(value):
-                    value, lo, hi = None, None, None
-                    msgs.append("not finite (zero-length displacement or direction)")
-                status = "degraded" if msgs else "ok"
-            msg = "; ".join(msgs)
-            rows.append(
-                dict(
-                    model=model,
-                    lang=lg,
-                    layer=layer,
-                    metric=name,
-                    value=value,
-                    ci_low=lo,
-                    ci_high=hi,
-                    n_pos=m,
-                    n_neg=m,
-                    status=status,
-                    message=_located(model, lg, layer, msg),
-                    pca_fit="none",
-                    k=None,
-                    unit=metric_unit(name),
-                )
-            )
-            if _RANK[status] > _RANK[worst]:
-                worst, worst_msg = status, msg
-        if worst != "ok":
-            _warn(model, lg, layer, worst, worst_msg)
+        rows += _detox_language(
+            model, lg, layer, lay.X, ti, ni, notes, d_en, dirs.get(lg), en_note, own_note, opts, device
+        )
     return rows
+
+
+def _safety_directions(
+    read_safety: ReadLayer, model: str, layer: int, device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The per-language safety directions of one (model, layer) from the safety set, and a note per language
+    (``"*"``: all) that has none."""
+    smeta, sX, err = _read(read_safety, model, layer)
+    dirs: dict[str, Tensor] = {}
+    dir_notes: dict[str, str] = {}
+    if err is not None:
+        dir_notes["*"] = f"safety set: {err}"
+    else:
+        dirs, dir_notes = _directions(smeta, sX, device, f"model {model!r} layer {layer}")
+    del smeta, sX
+    return dirs, dir_notes
+
+
+def _detox_language(
+    model: str,
+    lg: str,
+    layer: int,
+    X: Tensor,
+    ti: np.ndarray,
+    ni: np.ndarray,
+    notes: list[str],
+    d_en: Tensor | None,
+    own: Tensor | None,
+    en_note: str,
+    own_note: str,
+    opts: SeparationOptions,
+    device: torch.device,
+) -> list[dict]:
+    """The detox metric rows of one language from its toxic rows ``ti`` and paired neutral rows ``ni``."""
+    m = len(ti)
+    if m == 0:
+        msg = "; ".join(notes + ["no complete toxic/neutral pair"])
+        _warn(model, lg, layer, "skipped", msg)
+        return _rows_for(model, lg, layer, DETOX_METRICS, "skipped", msg, "none", None, 0, 0)
+    tox_rows = torch.as_tensor(ti.copy(), device=device)
+    neu_rows = torch.as_tensor(ni.copy(), device=device)
+    V = X[neu_rows].to(F64) - X[tox_rows].to(F64)
+    vals = _detox_values(V, d_en, own, torch.ones(1, m, dtype=F64, device=device))
+    reps = None
+    if opts.bootstrap > 0 and m >= 2:
+        gen = torch.Generator(device="cpu").manual_seed(cell_seed(opts.seed, lg, layer))
+        idx = torch.randint(0, m, (opts.bootstrap, m), generator=gen).to(device)
+        reps = _detox_values(V, d_en, own, index_counts(idx, m))
+    rows: list[dict] = []
+    worst, worst_msg = "ok", ""
+    for name in DETOX_METRICS:
+        why = en_note if name in ("detox_cos_en", "detox_proj_en") else own_note
+        row, msg = _detox_metric_row(model, lg, layer, name, vals.get(name), reps, notes, why, m, opts)
+        rows.append(row)
+        if _RANK[row["status"]] > _RANK[worst]:
+            worst, worst_msg = row["status"], msg
+    if worst != "ok":
+        _warn(model, lg, layer, worst, worst_msg)
+    return rows
+
+
+def _detox_metric_row(
+    model: str,
+    lg: str,
+    layer: int,
+    name: str,
+    point: Tensor | None,
+    reps: dict[str, Tensor] | None,
+    notes: list[str],
+    why: str,
+    m: int,
+    opts: SeparationOptions,
+) -> tuple[dict, str]:
+    """One detox metric's table row (point estimate ``point[0]``, bootstrap interval from ``reps``; skipped with
+    ``why`` when the metric has no value) and its message."""
+    msgs = list(notes)
+    if point is None:
+        status, value, lo, hi = "skipped", None, None, None
+        msgs.append(why)
+    else:
+        value = float(point[0])
+        lo = hi = None
+        if reps is not None:
+            lo_f, hi_f, bad = bootstrap_interval(reps[name], value, opts.ci_level, opts.ci_method)
+            lo = lo_f if math.isfinite(lo_f) else None
+            hi = hi_f if math.isfinite(hi_f) else None
+            if bad:
+                msgs.append(f"{bad} bootstrap resamples not finite")
+        if not math.isfinite(value):
+            value, lo, hi = None, None, None
+            msgs.append("not finite (zero-length displacement or direction)")
+        status = "degraded" if msgs else "ok"
+    msg = "; ".join(msgs)
+    row = dict(
+        model=model,
+        lang=lg,
+        layer=layer,
+        metric=name,
+        value=value,
+        ci_low=lo,
+        ci_high=hi,
+        n_pos=m,
+        n_neg=m,
+        status=status,
+        message=_located(model, lg, layer, msg),
+        pca_fit="none",
+        k=None,
+        unit=metric_unit(name),
+    )
+    return row, msg
 
 
 def _detox_values(V: Tensor, d_en: Tensor | None, d_own: Tensor | None, W: Tensor) -> dict[str, Tensor]:
