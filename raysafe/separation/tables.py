@@ -524,60 +524,67 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
     a = table.filter(pl.col("model") == aligned).select(cols).unique(keys, keep="first")
     j = b.join(a, on=keys, how="full", suffix="_a", coalesce=True)
     z = float(torch.special.ndtri(torch.tensor(0.975, dtype=F64)))
-    out_rows: list[dict] = []
-    for r in j.iter_rows(named=True):
-        status, msgs = "ok", []
-        for side, st, msg, name in (
-            ("base", r["status"], r["message"], base),
-            ("aligned", r["status_a"], r["message_a"], aligned),
-        ):
-            if st is None:
-                status = "skipped"
-                msgs.append(f"no {side} ({name!r}) row")
-            elif st != "ok":
-                status = max(status, st, key=_RANK.__getitem__)
-                msgs.append(f"{side}: {msg}")
-        if (
-            r["n_pos"] is not None
-            and r["n_pos_a"] is not None
-            and (r["n_pos"], r["n_neg"]) != (r["n_pos_a"], r["n_neg_a"])
-        ):
-            status = max(status, "degraded", key=_RANK.__getitem__)
-            msgs.append(
-                f"different item counts: base {r['n_pos']} toxic / {r['n_neg']} benign, aligned "
-                f"{r['n_pos_a']} / {r['n_neg_a']}"
-            )
-        bv, av = r["value"], r["value_a"]
-        shift = av - bv if (bv is not None and av is not None) else None
-        lo = hi = None
-        if shift is not None and None not in (r["ci_low"], r["ci_high"], r["ci_low_a"], r["ci_high_a"]):
-            se = math.hypot((r["ci_high"] - r["ci_low"]) / (2 * z), (r["ci_high_a"] - r["ci_low_a"]) / (2 * z))
-            lo, hi = shift - z * se, shift + z * se
-        if shift is None and status == "ok":
-            status = "skipped"
-            msgs.append("no value on one side")
-        out_rows.append(
-            dict(
-                base_model=base,
-                aligned_model=aligned,
-                lang=r["lang"],
-                layer=r["layer"],
-                metric=r["metric"],
-                base_value=bv,
-                aligned_value=av,
-                shift=shift,
-                shift_ci_low=lo,
-                shift_ci_high=hi,
-                unit=metric_unit(r["metric"]),
-                status=status,
-                message="; ".join(msgs),
-            )
-        )
+    out_rows = [_shift_row(r, base, aligned, z) for r in j.iter_rows(named=True)]
     if not out_rows:
         return pl.DataFrame(schema=SHIFT_SCHEMA)
     df = pl.DataFrame(
         out_rows, schema={k: v for k, v in SHIFT_SCHEMA.items() if "ratio_en" not in k and k != "shift_diff_en"}
     )
+    df = _with_english_ratios(df, english)
+    order = {m: i for i, m in enumerate(dict.fromkeys(table["metric"].to_list()))}
+    df = df.with_columns(pl.col("metric").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
+    return df.sort(["_order", "lang", "layer"]).select(list(SHIFT_SCHEMA)).cast(SHIFT_SCHEMA)
+
+
+def _shift_row(r: dict, base: str, aligned: str, z: float) -> dict:
+    """One row of :func:`alignment_shift` (without the ratios to English) from a joined base/aligned row ``r``
+    (aligned columns suffixed ``_a``); ``z`` is the normal quantile of the 95% interval."""
+    status, msgs = "ok", []
+    for side, st, msg, name in (
+        ("base", r["status"], r["message"], base),
+        ("aligned", r["status_a"], r["message_a"], aligned),
+    ):
+        if st is None:
+            status = "skipped"
+            msgs.append(f"no {side} ({name!r}) row")
+        elif st != "ok":
+            status = max(status, st, key=_RANK.__getitem__)
+            msgs.append(f"{side}: {msg}")
+    if r["n_pos"] is not None and r["n_pos_a"] is not None and (r["n_pos"], r["n_neg"]) != (r["n_pos_a"], r["n_neg_a"]):
+        status = max(status, "degraded", key=_RANK.__getitem__)
+        msgs.append(
+            f"different item counts: base {r['n_pos']} toxic / {r['n_neg']} benign, aligned "
+            f"{r['n_pos_a']} / {r['n_neg_a']}"
+        )
+    bv, av = r["value"], r["value_a"]
+    shift = av - bv if (bv is not None and av is not None) else None
+    lo = hi = None
+    if shift is not None and None not in (r["ci_low"], r["ci_high"], r["ci_low_a"], r["ci_high_a"]):
+        se = math.hypot((r["ci_high"] - r["ci_low"]) / (2 * z), (r["ci_high_a"] - r["ci_low_a"]) / (2 * z))
+        lo, hi = shift - z * se, shift + z * se
+    if shift is None and status == "ok":
+        status = "skipped"
+        msgs.append("no value on one side")
+    return dict(
+        base_model=base,
+        aligned_model=aligned,
+        lang=r["lang"],
+        layer=r["layer"],
+        metric=r["metric"],
+        base_value=bv,
+        aligned_value=av,
+        shift=shift,
+        shift_ci_low=lo,
+        shift_ci_high=hi,
+        unit=metric_unit(r["metric"]),
+        status=status,
+        message="; ".join(msgs),
+    )
+
+
+def _with_english_ratios(df: pl.DataFrame, english: str) -> pl.DataFrame:
+    """``df`` with each language's base, aligned and shift values relative to English at the same layer and
+    metric (``*_ratio_en``, ``shift_diff_en``)."""
     en = df.filter(pl.col("lang") == english).select(
         "layer",
         "metric",
@@ -590,15 +597,12 @@ def alignment_shift(table: pl.DataFrame, base: str, aligned: str, english: str =
     def ratio(num: str, den: str) -> pl.Expr:
         return pl.when(pl.col(den).abs() > 1e-12).then(pl.col(num) / pl.col(den)).otherwise(None)
 
-    df = df.with_columns(
+    return df.with_columns(
         ratio("base_value", "_b_en").alias("base_ratio_en"),
         ratio("aligned_value", "_a_en").alias("aligned_ratio_en"),
         ratio("shift", "_s_en").alias("shift_ratio_en"),
         (pl.col("shift") - pl.col("_s_en")).alias("shift_diff_en"),
     )
-    order = {m: i for i, m in enumerate(dict.fromkeys(table["metric"].to_list()))}
-    df = df.with_columns(pl.col("metric").replace_strict(order, return_dtype=pl.Int64).alias("_order"))
-    return df.sort(["_order", "lang", "layer"]).select(list(SHIFT_SCHEMA)).cast(SHIFT_SCHEMA)
 
 
 # ============================================================================================ detox displacement
