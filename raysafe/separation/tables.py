@@ -456,34 +456,52 @@ def _analyse_layer(lay: _Layer, model: str, layer: int, opts: SeparationOptions)
             probe_on=opts.probe_space,
             chunk_rows=opts.chunk_rows,
         )
-        worst = "ok"
-        worst_msg = ""
-        for m, mv in res.items():
-            status, msg = _combine(mv, notes)
-            rows.append(
-                dict(
-                    model=model,
-                    lang=lg,
-                    layer=layer,
-                    metric=m,
-                    value=mv.value,
-                    ci_low=mv.ci_low,
-                    ci_high=mv.ci_high,
-                    n_pos=n_pos,
-                    n_neg=n_neg,
-                    status=status,
-                    message=_located(model, lg, layer, msg),
-                    pca_fit=opts.pca_fit,
-                    k=fit.k,
-                    unit=metric_unit(m),
-                    shrinkage=shrinkage_label(opts.shrinkage) if m == "bhattacharyya" else None,
-                )
-            )
-            if _RANK[status] > _RANK[worst]:
-                worst, worst_msg = status, msg
-        if worst != "ok":
-            _warn(model, lg, layer, worst, worst_msg)
+        rows += _cell_rows(res, model, lg, layer, notes, n_pos, n_neg, fit.k, opts)
         del Xl, Z
+    return rows
+
+
+def _cell_rows(
+    res: dict[str, MetricValue],
+    model: str,
+    lg: str,
+    layer: int,
+    notes: list[str],
+    n_pos: int,
+    n_neg: int,
+    k: int,
+    opts: SeparationOptions,
+) -> list[dict]:
+    """The table rows of one cell's metric values ``res`` (each worsened by the cell-level ``notes``); warns once
+    with the worst status."""
+    rows: list[dict] = []
+    worst = "ok"
+    worst_msg = ""
+    for m, mv in res.items():
+        status, msg = _combine(mv, notes)
+        rows.append(
+            dict(
+                model=model,
+                lang=lg,
+                layer=layer,
+                metric=m,
+                value=mv.value,
+                ci_low=mv.ci_low,
+                ci_high=mv.ci_high,
+                n_pos=n_pos,
+                n_neg=n_neg,
+                status=status,
+                message=_located(model, lg, layer, msg),
+                pca_fit=opts.pca_fit,
+                k=k,
+                unit=metric_unit(m),
+                shrinkage=shrinkage_label(opts.shrinkage) if m == "bhattacharyya" else None,
+            )
+        )
+        if _RANK[status] > _RANK[worst]:
+            worst, worst_msg = status, msg
+    if worst != "ok":
+        _warn(model, lg, layer, worst, worst_msg)
     return rows
 
 
