@@ -40,6 +40,7 @@ from raysafe.separation.metrics import (
     F64,
     SEPARATION_METRICS,
     MetricValue,
+    PCAFit,
     bootstrap_interval,
     cell_metrics,
     fit_pca,
@@ -944,30 +945,44 @@ def pca_scatter_points(
             }
         for lg, idx in groups.items():
             fit, orient_rows = fits[lg]
-            sign = _orientation(fit.transform(lay.X[orient_rows]), lay.labels[orient_rows])
-            scale = math.sqrt(float(fit.explained_variance[0])) or 1.0
-            keep = _subsample(lay.labels[idx], max_points_per_class, cell_seed(opts.seed, lg, layer))
-            rows_i = idx[keep]
-            Z = (fit.transform(lay.X[rows_i]) * sign / scale).cpu().numpy()
-            if Z.shape[1] < 2:
-                Z = np.concatenate([Z, np.zeros((Z.shape[0], 1))], axis=1)
-            ev = fit.explained_variance_ratio.cpu().numpy().tolist() + [0.0]
-            frames.append(
-                pl.DataFrame(
-                    {
-                        "model": model,
-                        "layer": layer,
-                        "lang": lg,
-                        "label": lay.labels[rows_i].cpu().numpy(),
-                        "pc1": Z[:, 0],
-                        "pc2": Z[:, 1],
-                        "ev1": ev[0],
-                        "ev2": ev[1],
-                    },
-                    schema=SCATTER_SCHEMA,
-                )
-            )
+            frames.append(_scatter_frame(lay, fit, orient_rows, idx, model, lg, layer, max_points_per_class, opts))
     return pl.concat(frames) if frames else pl.DataFrame(schema=SCATTER_SCHEMA)
+
+
+def _scatter_frame(
+    lay: _Layer,
+    fit: PCAFit,
+    orient_rows: Tensor,
+    idx: Tensor,
+    model: str,
+    lg: str,
+    layer: int,
+    max_points_per_class: int,
+    opts: SeparationOptions,
+) -> pl.DataFrame:
+    """The scatter points of one (model, language): a seeded sample of its rows ``idx`` projected on ``fit``,
+    oriented on ``orient_rows`` and scaled by the standard deviation along PC1."""
+    sign = _orientation(fit.transform(lay.X[orient_rows]), lay.labels[orient_rows])
+    scale = math.sqrt(float(fit.explained_variance[0])) or 1.0
+    keep = _subsample(lay.labels[idx], max_points_per_class, cell_seed(opts.seed, lg, layer))
+    rows_i = idx[keep]
+    Z = (fit.transform(lay.X[rows_i]) * sign / scale).cpu().numpy()
+    if Z.shape[1] < 2:
+        Z = np.concatenate([Z, np.zeros((Z.shape[0], 1))], axis=1)
+    ev = fit.explained_variance_ratio.cpu().numpy().tolist() + [0.0]
+    return pl.DataFrame(
+        {
+            "model": model,
+            "layer": layer,
+            "lang": lg,
+            "label": lay.labels[rows_i].cpu().numpy(),
+            "pc1": Z[:, 0],
+            "pc2": Z[:, 1],
+            "ev1": ev[0],
+            "ev2": ev[1],
+        },
+        schema=SCATTER_SCHEMA,
+    )
 
 
 def _orientation(Z: Tensor, y: Tensor) -> Tensor:
