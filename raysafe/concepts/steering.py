@@ -266,8 +266,8 @@ def run_concept_steering(
     concept analysis; ``pairs`` the concept-pair rows (with texts); ``analysed_langs[concept]`` the languages
     analysed for each concept."""
     n_layers = num_layers(model)
-    status: list[dict] = []
-    frames, gens, rates = [], [], []
+    acc = _Collected()
+    status = acc.status
     selected = dict(concept_layers.select("concept", "layer_selected_on_train").iter_rows())
     concepts = spec.concepts if spec.concepts is not None else sorted(analysed_langs)
     for concept in concepts:
@@ -284,136 +284,17 @@ def run_concept_steering(
             )
             continue
         source = _vectors(vectors, concept, spec.source_lang, spec.vector)
-        targets = [t for t in (spec.target_langs or langs)]
-        for t in targets:
-            if t not in langs:
-                status.append(
-                    _status(
-                        concept,
-                        t,
-                        None,
-                        f"target language {t!r} has no analysed {concept!r} pairs; left out of steering",
-                    )
-                )
-        targets = [t for t in targets if t in langs]
-        if not targets:
+        texts = _target_texts(spec, concept, langs, pairs, neutral, status)
+        if texts is None:
             continue
-        held_out = {t: held_out_pairs(pairs, concept, t, spec.n_pairs) for t in targets}
-        for t in [t for t, p in held_out.items() if not p]:
-            status.append(
-                _status(concept, t, None, f"no test-split pairs of {concept!r} in {t!r}; left out of steering")
-            )
-        held_out = {t: p for t, p in held_out.items() if p}
-        neutral_by_lang = {t: neutral_texts(neutral, t, spec.n_neutral, spec.neutral_label) for t in held_out}
-        for t in [t for t, texts in neutral_by_lang.items() if not texts]:
-            status.append(
-                _status(concept, t, None, f"no neutral text in language {t!r}; its perplexity is NaN", status="warning")
-            )
         for layer_set in layer_sets(spec, selected.get(concept)):
-            label = ",".join(map(str, layer_set))
-            bad = [L for L in layer_set if not 1 <= L <= n_layers]
-            if bad:
-                status.append(
-                    _status(
-                        concept,
-                        None,
-                        bad[0],
-                        f"steering layer(s) {bad} out of range for {model_label}, which has {n_layers} "
-                        f"decoder layers (use 1..{n_layers}); layer set [{label}] skipped",
-                    )
-                )
+            p_layer = _probe_layer(spec, concept, layer_set, source, n_layers, model_label, status)
+            if p_layer is None:
                 continue
-            missing = [L for L in layer_set if L not in source]
-            if missing:
-                status.append(
-                    _status(
-                        concept,
-                        spec.source_lang,
-                        missing[0],
-                        f"layer(s) {missing} were not analysed, so there is no {concept!r} vector to steer "
-                        f"with; add them to `layers`; layer set [{label}] skipped",
-                    )
-                )
-                continue
-            if n_layers in layer_set:
-                status.append(
-                    _status(
-                        concept,
-                        None,
-                        n_layers,
-                        f"layer {n_layers} vectors come from the final-norm output but are added before "
-                        "the norm; prefer an earlier layer",
-                        status="warning",
-                    )
-                )
-            p_layer = max(layer_set) if spec.probe_layer == "steered" else int(spec.probe_layer)
-            if not 1 <= p_layer <= n_layers:
-                status.append(
-                    _status(
-                        concept,
-                        None,
-                        p_layer,
-                        f"probe layer {p_layer} out of range 1..{n_layers}; layer set [{label}] skipped",
-                    )
-                )
-                continue
-            if p_layer < max(layer_set):
-                status.append(
-                    _status(
-                        concept,
-                        None,
-                        p_layer,
-                        f"probe layer {p_layer} lies before steered layer(s) [{label}], so the projection cannot shift",
-                        status="warning",
-                    )
-                )
-            probe = {}
-            for t in held_out:
-                own = _vectors(vectors, concept, t, "unit").get(p_layer)
-                if own is None:
-                    own = source.get(p_layer, source[max(layer_set)])
-                probe[t] = (p_layer, own)
-            steer = {L: source[L] for L in layer_set}
-            log.info(
-                "steering %s: %s from %s at layer(s) [%s], alphas %s, targets %s",
-                model_label,
-                concept,
-                spec.source_lang,
-                label,
-                spec.alphas,
-                sorted(held_out),
+            _steer_layer_set(
+                model, tokenizer, spec, model_label, concept, layer_set, p_layer, vectors, source, texts, acc
             )
-            try:
-                df = sweep_steering(
-                    model,
-                    tokenizer,
-                    steer,
-                    [layer_set],
-                    spec.alphas,
-                    held_out,
-                    neutral_by_lang,
-                    probe=probe,
-                    batch_size=spec.batch_size,
-                    max_length=spec.max_length,
-                )
-                frames.append(
-                    df.with_columns(
-                        model=pl.lit(model_label), concept=pl.lit(concept), source_lang=pl.lit(spec.source_lang)
-                    )
-                )
-                if spec.generate.enabled and concept in spec.generate.concepts:
-                    g, r = judge_generations(model, tokenizer, concept, label, steer, held_out, probe, spec)
-                    gens.extend(g)
-                    rates.extend(r)
-            except RaysafeError as err:
-                status.append(
-                    _status(
-                        concept,
-                        None,
-                        max(layer_set),
-                        f"steering {concept!r} at [{label}] failed: {' '.join(str(err).split())}",
-                    )
-                )
+    frames, gens, rates = acc.frames, acc.gens, acc.rates
     measurements = pl.concat(frames, how="diagonal") if frames else pl.DataFrame()
     if measurements.height:
         first = ["model", "concept", "source_lang", "layers", "lang", "alpha"]
@@ -421,3 +302,185 @@ def run_concept_steering(
     generations = pl.DataFrame(gens, schema=GEN_SCHEMA, orient="row").with_columns(model=pl.lit(model_label))
     judged = pl.DataFrame(rates, schema=RATE_SCHEMA, orient="row").with_columns(model=pl.lit(model_label))
     return SteeringOutput(measurements, generations, judged, status)
+
+
+@dataclass
+class _Collected:
+    """What :func:`run_concept_steering` gathers over its concepts and layer sets."""
+
+    frames: list[pl.DataFrame] = field(default_factory=list)
+    gens: list = field(default_factory=list)
+    rates: list = field(default_factory=list)
+    status: list[dict] = field(default_factory=list)
+
+
+def _target_texts(
+    spec: ConceptSteeringSpec,
+    concept: str,
+    langs: list[str],
+    pairs: pl.DataFrame,
+    neutral: pl.DataFrame | None,
+    status: list[dict],
+) -> tuple[dict, dict] | None:
+    """The held-out pairs and neutral texts of each analysed target language of ``concept`` (None: no target
+    language was analysed); a status row for each target left out or without neutral text."""
+    targets = [t for t in (spec.target_langs or langs)]
+    for t in targets:
+        if t not in langs:
+            status.append(
+                _status(
+                    concept,
+                    t,
+                    None,
+                    f"target language {t!r} has no analysed {concept!r} pairs; left out of steering",
+                )
+            )
+    targets = [t for t in targets if t in langs]
+    if not targets:
+        return None
+    held_out = {t: held_out_pairs(pairs, concept, t, spec.n_pairs) for t in targets}
+    for t in [t for t, p in held_out.items() if not p]:
+        status.append(_status(concept, t, None, f"no test-split pairs of {concept!r} in {t!r}; left out of steering"))
+    held_out = {t: p for t, p in held_out.items() if p}
+    neutral_by_lang = {t: neutral_texts(neutral, t, spec.n_neutral, spec.neutral_label) for t in held_out}
+    for t in [t for t, texts in neutral_by_lang.items() if not texts]:
+        status.append(
+            _status(concept, t, None, f"no neutral text in language {t!r}; its perplexity is NaN", status="warning")
+        )
+    return held_out, neutral_by_lang
+
+
+def _probe_layer(
+    spec: ConceptSteeringSpec,
+    concept: str,
+    layer_set: list[int],
+    source: dict[int, np.ndarray],
+    n_layers: int,
+    model_label: str,
+    status: list[dict],
+) -> int | None:
+    """The probe layer of one layer set after checking the set against the model and the source vectors (None:
+    the set is skipped); a status row for each problem found."""
+    label = ",".join(map(str, layer_set))
+    bad = [L for L in layer_set if not 1 <= L <= n_layers]
+    if bad:
+        status.append(
+            _status(
+                concept,
+                None,
+                bad[0],
+                f"steering layer(s) {bad} out of range for {model_label}, which has {n_layers} "
+                f"decoder layers (use 1..{n_layers}); layer set [{label}] skipped",
+            )
+        )
+        return None
+    missing = [L for L in layer_set if L not in source]
+    if missing:
+        status.append(
+            _status(
+                concept,
+                spec.source_lang,
+                missing[0],
+                f"layer(s) {missing} were not analysed, so there is no {concept!r} vector to steer "
+                f"with; add them to `layers`; layer set [{label}] skipped",
+            )
+        )
+        return None
+    if n_layers in layer_set:
+        status.append(
+            _status(
+                concept,
+                None,
+                n_layers,
+                f"layer {n_layers} vectors come from the final-norm output but are added before "
+                "the norm; prefer an earlier layer",
+                status="warning",
+            )
+        )
+    p_layer = max(layer_set) if spec.probe_layer == "steered" else int(spec.probe_layer)
+    if not 1 <= p_layer <= n_layers:
+        status.append(
+            _status(
+                concept,
+                None,
+                p_layer,
+                f"probe layer {p_layer} out of range 1..{n_layers}; layer set [{label}] skipped",
+            )
+        )
+        return None
+    if p_layer < max(layer_set):
+        status.append(
+            _status(
+                concept,
+                None,
+                p_layer,
+                f"probe layer {p_layer} lies before steered layer(s) [{label}], so the projection cannot shift",
+                status="warning",
+            )
+        )
+    return p_layer
+
+
+def _steer_layer_set(
+    model,
+    tokenizer,
+    spec: ConceptSteeringSpec,
+    model_label: str,
+    concept: str,
+    layer_set: list[int],
+    p_layer: int,
+    vectors: pl.DataFrame,
+    source: dict[int, np.ndarray],
+    texts: tuple[dict, dict],
+    acc: _Collected,
+) -> None:
+    """Sweep one layer set over the alphas with the source vectors (and generate under steering where
+    configured), probing each target language on its own direction at ``p_layer`` (the source's where it has
+    none); a failure becomes a status row."""
+    held_out, neutral_by_lang = texts
+    probe = {}
+    for t in held_out:
+        own = _vectors(vectors, concept, t, "unit").get(p_layer)
+        if own is None:
+            own = source.get(p_layer, source[max(layer_set)])
+        probe[t] = (p_layer, own)
+    steer = {L: source[L] for L in layer_set}
+    label = ",".join(map(str, layer_set))
+    log.info(
+        "steering %s: %s from %s at layer(s) [%s], alphas %s, targets %s",
+        model_label,
+        concept,
+        spec.source_lang,
+        label,
+        spec.alphas,
+        sorted(held_out),
+    )
+    try:
+        df = sweep_steering(
+            model,
+            tokenizer,
+            steer,
+            [layer_set],
+            spec.alphas,
+            held_out,
+            neutral_by_lang,
+            probe=probe,
+            batch_size=spec.batch_size,
+            max_length=spec.max_length,
+        )
+        acc.frames.append(
+            df.with_columns(model=pl.lit(model_label), concept=pl.lit(concept), source_lang=pl.lit(spec.source_lang))
+        )
+        if spec.generate.enabled and concept in spec.generate.concepts:
+            g, r = judge_generations(model, tokenizer, concept, label, steer, held_out, probe, spec)
+            acc.gens.extend(g)
+            acc.rates.extend(r)
+    except RaysafeError as err:
+        acc.status.append(
+            _status(
+                concept,
+                None,
+                max(layer_set),
+                f"steering {concept!r} at [{label}] failed: {' '.join(str(err).split())}",
+            )
+        )
