@@ -183,6 +183,21 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int, exclude: frozenset[str]
     (reported), and mark (concept, lang) usable when both splits have at least ``min_pairs`` pairs and the language
     is not in ``exclude`` (excluded languages get a status row)."""
     m = meta.select(META_COLUMNS).with_row_index("_row")
+    grouped, problems = _matched_groups(m)
+    pairs: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for (concept, lang, split), part in grouped.filter(pl.col("ok")).group_by(["concept", "lang", "split"]):
+        pairs[(concept, lang, split)] = (
+            part["pos"].to_numpy().astype(np.int64),
+            part["neg"].to_numpy().astype(np.int64),
+        )
+    usable, usable_problems = _usable_languages(m, pairs, min_pairs, exclude)
+    return PairIndex(pairs=pairs, usable=usable, problems=problems + usable_problems)
+
+
+def _matched_groups(m: pl.DataFrame) -> tuple[pl.DataFrame, list[dict]]:
+    """The rows ``m`` (with ``_row``) grouped by (concept, lang, group_id) with their positive and negative row,
+    ``ok`` where the group is exactly one positive and one negative in one split; a warning row per (concept,
+    lang) with dropped groups."""
     grouped = (
         m.group_by(["concept", "lang", "group_id"])
         .agg(
@@ -215,12 +230,18 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int, exclude: frozenset[str]
                 status="warning",
             )
         )
-    pairs: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
-    for (concept, lang, split), part in grouped.filter(pl.col("ok")).group_by(["concept", "lang", "split"]):
-        pairs[(concept, lang, split)] = (
-            part["pos"].to_numpy().astype(np.int64),
-            part["neg"].to_numpy().astype(np.int64),
-        )
+    return grouped, problems
+
+
+def _usable_languages(
+    m: pl.DataFrame,
+    pairs: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]],
+    min_pairs: int,
+    exclude: frozenset[str],
+) -> tuple[dict[str, list[str]], list[dict]]:
+    """The usable languages of each concept (not excluded, at least ``min_pairs`` pairs in both splits) and a
+    status row for each excluded language, each left-out (concept, lang) and each concept with under 2."""
+    problems: list[dict] = []
     usable: dict[str, list[str]] = {}
     combos = m.select("concept", "lang").unique().sort(["concept", "lang"])
     for lang in sorted(exclude & set(combos["lang"].to_list())):
@@ -260,7 +281,7 @@ def build_pair_index(meta: pl.DataFrame, min_pairs: int, exclude: frozenset[str]
                     status="warning",
                 )
             )
-    return PairIndex(pairs=pairs, usable=usable, problems=problems)
+    return usable, problems
 
 
 def _status(
