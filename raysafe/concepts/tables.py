@@ -533,6 +533,18 @@ def _assemble(
     tables["transfer_max"] = transfer_max(tables["transfer"])
     high = options.high_resource_for(model)
     tables["transfer_asymmetry"] = transfer_asymmetry_table(tables["transfer_best"], high)
+    dist = _uriel_distances(acc, index, options)
+    tables["language_distance"] = dist.table.select(pl.lit(model).alias("model"), pl.all())
+    column = "max_cosine" if options.similarity_summary == "max_over_layers" else "cosine_at_concept_layer"
+    tables["distance_pairs"] = distance_pairs(tables["consistency_summary"], dist.table, high, column)
+    tables["distance_correlation"] = distance_correlation(tables["distance_pairs"], acc.status)
+    tables["status"] = _frame(acc.status, "status", model)
+    return tables
+
+
+def _uriel_distances(acc: _Accumulator, index: PairIndex | None, options: ConceptOptions) -> LanguageDistances:
+    """The URIEL distances between the usable languages (empty, with a status row, when there is no URIEL data);
+    a status row per language without a distance and for the source's note."""
     langs = sorted({lang for ls in (index.usable.values() if index else []) for lang in ls})
     try:
         dist = language_distances(langs, options.distance_types, dict(options.iso3_overrides), options.distance_source)
@@ -551,12 +563,7 @@ def _assemble(
         acc.status.append(_status("uriel", None, lang, None, why, status="warning"))
     if dist.note:
         acc.status.append(_status("uriel", None, None, None, dist.note, status="warning"))
-    tables["language_distance"] = dist.table.select(pl.lit(model).alias("model"), pl.all())
-    column = "max_cosine" if options.similarity_summary == "max_over_layers" else "cosine_at_concept_layer"
-    tables["distance_pairs"] = distance_pairs(tables["consistency_summary"], dist.table, high, column)
-    tables["distance_correlation"] = distance_correlation(tables["distance_pairs"], acc.status)
-    tables["status"] = _frame(acc.status, "status", model)
-    return tables
+    return dist
 
 
 # --------------------------------------------------------------------------------------- cross-layer summaries
