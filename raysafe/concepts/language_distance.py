@@ -605,26 +605,7 @@ def language_distances(
     used = "lang2vec" if pre is not None else "uriel_features"
     rows: list[dict] = []
     for dt in distance_types:
-        usable = []
-        for lang in mapped:
-            if pre is not None:
-                if iso[lang] not in pre.languages:
-                    leave_out(
-                        lang,
-                        f"lang2vec's precomputed distances ({pre.origin}) do not cover {lang!r} (ISO 639-3 "
-                        f"{iso[lang]!r}); left out of {dt} distances (source uriel_features covers more languages)",
-                    )
-                    continue
-            elif uriel_vector(iso[lang], dt) is None:
-                why = "is only precomputed by lang2vec (source lang2vec)" if dt == "featural" else "data"
-                leave_out(
-                    lang,
-                    f"URIEL has no {dt} data for {lang!r} (ISO 639-3 {iso[lang]!r}); left out of {dt} distances"
-                    if why == "data"
-                    else f"{dt} distance {why}; {lang!r} left out of {dt} distances",
-                )
-                continue
-            usable.append(lang)
+        usable = _covered_languages(mapped, iso, dt, pre, leave_out)
         for a, b in combinations(usable, 2):
             d = pre.value(iso[a], iso[b], dt) if pre is not None else pair_distance(iso[a], iso[b], dt)
             rows.append(
@@ -640,3 +621,35 @@ def language_distances(
             )
     table = pl.DataFrame(rows, schema=DISTANCE_SCHEMA)
     return LanguageDistances(table=table, missing=missing, source=used, note=note)
+
+
+def _covered_languages(
+    mapped: list[str],
+    iso: dict[str, str | None],
+    dt: str,
+    pre: PrecomputedDistances | None,
+    leave_out: Callable[[str, str], None],
+) -> list[str]:
+    """The languages of ``mapped`` that the source (``pre``: lang2vec's precomputed distances, None: URIEL
+    features) has ``dt`` data for; each other one is left out with its reason."""
+    usable = []
+    for lang in mapped:
+        if pre is not None:
+            if iso[lang] not in pre.languages:
+                leave_out(
+                    lang,
+                    f"lang2vec's precomputed distances ({pre.origin}) do not cover {lang!r} (ISO 639-3 "
+                    f"{iso[lang]!r}); left out of {dt} distances (source uriel_features covers more languages)",
+                )
+                continue
+        elif uriel_vector(iso[lang], dt) is None:
+            why = "is only precomputed by lang2vec (source lang2vec)" if dt == "featural" else "data"
+            leave_out(
+                lang,
+                f"URIEL has no {dt} data for {lang!r} (ISO 639-3 {iso[lang]!r}); left out of {dt} distances"
+                if why == "data"
+                else f"{dt} distance {why}; {lang!r} left out of {dt} distances",
+            )
+            continue
+        usable.append(lang)
+    return usable
