@@ -206,32 +206,9 @@ def write_separation_report(
     out.mkdir(parents=True, exist_ok=True)
     path = out / "separation_report.md"
     models = list(dict.fromkeys(table["model"].to_list())) if table.height else []
-    layers = sorted(table["layer"].unique().to_list()) if table.height else []
-    langs = [lg for lg in _lang_order(table["lang"].to_list(), english) if lg != "*"] if table.height else []
-    lines = [f"# {title}", ""]
-    lines.append(
-        f"Models: {', '.join(models) or '–'}. Languages: {', '.join(langs) or '–'}. "
-        f"Layers: {', '.join(map(str, layers)) or '–'}."
-    )
-    if table.height:
-        fits = sorted(set(table["pca_fit"].drop_nulls().to_list()))
-        ks = sorted(set(table["k"].drop_nulls().to_list()))
-        lines.append(f"PCA fit: {', '.join(fits)}; components: {', '.join(map(str, ks)) or '–'}.")
-    lines.append("")
-    for n in notes:
-        lines.append(f"- {n}")
-    if notes:
-        lines.append("")
+    lines = _overview_lines(table, models, english, title, notes)
     if figures:
-        lines += ["## Figures", ""]
-        for section, paths in figures.items():
-            if not paths:
-                continue
-            lines += [f"### {section}", ""]
-            for p in paths:
-                rel = os.path.relpath(Path(p).resolve(), out.resolve()).replace(os.sep, "/")
-                lines.append(f"![{Path(p).stem}]({rel})")
-            lines.append("")
+        lines += _figures_section(figures, out)
     lines += [
         "## Per-language summary",
         "",
@@ -254,3 +231,40 @@ def write_separation_report(
     lines += _problems_section({"separation": table, "shift": shift, "detox": detox})
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _overview_lines(
+    table: pl.DataFrame, models: list[str], english: str, title: str, notes: Sequence[str]
+) -> list[str]:
+    """The report's title, the models, languages, layers and PCA fits of ``table``, and the ``notes``."""
+    layers = sorted(table["layer"].unique().to_list()) if table.height else []
+    langs = [lg for lg in _lang_order(table["lang"].to_list(), english) if lg != "*"] if table.height else []
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"Models: {', '.join(models) or '–'}. Languages: {', '.join(langs) or '–'}. "
+        f"Layers: {', '.join(map(str, layers)) or '–'}."
+    )
+    if table.height:
+        fits = sorted(set(table["pca_fit"].drop_nulls().to_list()))
+        ks = sorted(set(table["k"].drop_nulls().to_list()))
+        lines.append(f"PCA fit: {', '.join(fits)}; components: {', '.join(map(str, ks)) or '–'}.")
+    lines.append("")
+    for n in notes:
+        lines.append(f"- {n}")
+    if notes:
+        lines.append("")
+    return lines
+
+
+def _figures_section(figures: Mapping[str, Sequence[str | Path]], out: Path) -> list[str]:
+    """Markdown lines linking each section's figures relative to the report directory ``out``."""
+    lines = ["## Figures", ""]
+    for section, paths in figures.items():
+        if not paths:
+            continue
+        lines += [f"### {section}", ""]
+        for p in paths:
+            rel = os.path.relpath(Path(p).resolve(), out.resolve()).replace(os.sep, "/")
+            lines.append(f"![{Path(p).stem}]({rel})")
+        lines.append("")
+    return lines
