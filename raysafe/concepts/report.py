@@ -92,6 +92,24 @@ def write_concept_report(
         "sides of each pair; a test pair is recognised when its positive side projects higher. Layers are chosen "
         "on train data only (cross-validation within the train split); the test-selected figure is optimistic.\n"
     )
+    parts += _analysis_sections(tables, figs, root)
+    parts += _steering_sections(steering, judged, generations, figs, root)
+    parts.append("\n## Status\n")
+    parts.append(markdown_table(tables["status"].drop("model")))
+    names = list(tables) + [n for n, df in extra.items() if df is not None]
+    parts.append(
+        "\nTables (Parquet; CSV beside each, without vector columns): "
+        + ", ".join(f"[{n}](tables/{n}.parquet)" for n in names)
+        + "\n"
+    )
+    path = root / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def _analysis_sections(tables: dict[str, pl.DataFrame], figs: dict[str, list[Path]], root: Path) -> list[str]:
+    """The report's recognition, consistency, distance and transfer sections."""
+    parts: list[str] = []
     parts.append("## Recognition\n")
     parts.append(
         "Test accuracy at the layer chosen on train data:\n\n"
@@ -127,6 +145,18 @@ def write_concept_report(
             "acc(B→B), layers chosen on the test pairs:\n"
         )
         parts.append(_links(figs["transfer_max"], root))
+    return parts
+
+
+def _steering_sections(
+    steering: pl.DataFrame | None,
+    judged: pl.DataFrame | None,
+    generations: pl.DataFrame | None,
+    figs: dict[str, list[Path]],
+    root: Path,
+) -> list[str]:
+    """The report's steering section and its generations under steering (none without steering tables)."""
+    parts: list[str] = []
     if steering is not None:
         parts.append("\n## Cross-lingual control (steering)\n")
         parts.append(
@@ -176,14 +206,4 @@ def write_concept_report(
                     sample.select("concept", "lang", "alpha", "prompt", "continuation", "judged_concept"), max_rows=40
                 )
             )
-    parts.append("\n## Status\n")
-    parts.append(markdown_table(tables["status"].drop("model")))
-    names = list(tables) + [n for n, df in extra.items() if df is not None]
-    parts.append(
-        "\nTables (Parquet; CSV beside each, without vector columns): "
-        + ", ".join(f"[{n}](tables/{n}.parquet)" for n in names)
-        + "\n"
-    )
-    path = root / "report.md"
-    path.write_text("\n".join(parts), encoding="utf-8")
-    return path
+    return parts
