@@ -342,27 +342,7 @@ def analyse_model(
             log.info(
                 "[4/5] steering %s with %s vectors, alphas %s", label, cfg.steering.source_lang, cfg.steering.alphas
             )
-            try:
-                res = steer_model(cfg, spec, tables, pairs, neutral)
-                steering = res.measurements if res.measurements.height else None
-                judged = res.judged if res.judged.height else None
-                gens = res.generations if res.generations.height else None
-                tables = _with_status(tables, res.status, label)
-            except RaysafeError as err:
-                tables = _with_status(
-                    tables,
-                    [
-                        {
-                            "scope": "steering",
-                            "concept": None,
-                            "lang": None,
-                            "layer": None,
-                            "status": "skipped",
-                            "message": f"steering failed: {' '.join(str(err).split())}",
-                        }
-                    ],
-                    label,
-                )
+            tables, steering, judged, gens = _steer_outputs(cfg, spec, tables, pairs, neutral)
             seconds[f"steering {label}"] = time.perf_counter() - t0
             out.steering_rows = steering.height if steering is not None else 0
     finally:  # tables, figures and report, with whatever steering produced
@@ -374,6 +354,49 @@ def analyse_model(
         log.info("wrote %s", out.report)
     out.headline, out.recognition_by_lang = headline(tables, steering)
     out.n_problems = tables["status"].height
+    _log_outcome(label, tables, steering, out)
+    tracking.log_artifact(out.output_dir, f"concepts/{label}")
+
+
+def _steer_outputs(
+    cfg: ConceptsConfig,
+    spec: ModelSpec,
+    tables: dict[str, pl.DataFrame],
+    pairs: pl.DataFrame,
+    neutral: pl.DataFrame | None,
+) -> tuple[dict[str, pl.DataFrame], pl.DataFrame | None, pl.DataFrame | None, pl.DataFrame | None]:
+    """Steer one model: ``tables`` with the steering status rows added (a failure becomes one skipped row) and
+    the steering measurements, judged rates and generations (None where empty or failed)."""
+    label = spec.label
+    steering = judged = gens = None
+    try:
+        res = steer_model(cfg, spec, tables, pairs, neutral)
+        steering = res.measurements if res.measurements.height else None
+        judged = res.judged if res.judged.height else None
+        gens = res.generations if res.generations.height else None
+        tables = _with_status(tables, res.status, label)
+    except RaysafeError as err:
+        tables = _with_status(
+            tables,
+            [
+                {
+                    "scope": "steering",
+                    "concept": None,
+                    "lang": None,
+                    "layer": None,
+                    "status": "skipped",
+                    "message": f"steering failed: {' '.join(str(err).split())}",
+                }
+            ],
+            label,
+        )
+    return tables, steering, judged, gens
+
+
+def _log_outcome(
+    label: str, tables: dict[str, pl.DataFrame], steering: pl.DataFrame | None, out: ModelConcepts
+) -> None:
+    """Log one model's skipped rows and warnings, and track its headline, steering and status-row metrics."""
     skipped = tables["status"].filter(pl.col("status") == "skipped")
     for message in skipped["message"]:
         log.warning("%s: %s", label, message)
@@ -387,7 +410,6 @@ def analyse_model(
     if steering is not None:
         tracking.log_metrics({f"{label}.{k}": v for k, v in steering_metrics(steering).items()})
     tracking.log_metrics({f"{label}.n_status_rows": out.n_problems})
-    tracking.log_artifact(out.output_dir, f"concepts/{label}")
 
 
 def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
