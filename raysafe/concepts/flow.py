@@ -459,8 +459,6 @@ def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
 
 def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     """Run the value-concept study for every model of ``cfg`` (see the module docstring)."""
-    from raysafe.models.loading import model_depth
-
     t_all = time.perf_counter()
     out_root = Path(cfg.output_dir)
     result = ConceptsResult(out_root)
@@ -468,20 +466,7 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     log.info("[1/5] reading concept pairs and checking models")
     pairs = load_pairs(cfg)
     neutral = load_neutral(cfg)
-    plans = []
-    for spec in cfg.models:
-        n = model_depth(spec)
-        wanted, valid = plan_layers(cfg.layers, n)
-        bad = [x for x in wanted if x not in valid]
-        if not valid:
-            raise ConfigError(
-                f"none of the layers {wanted} exists in model {spec.label!r}, which has {n} decoder layers",
-                where="layers",
-                fix=f"use indices 0..{n} (0 = embeddings, {n} = last layer) or 'all'",
-            )
-        if bad:
-            log.warning("%s: layer(s) %s out of range 0..%d; they are reported and skipped", spec.label, bad, n)
-        plans.append((spec, n, wanted, valid))
+    plans = _plan_models(cfg)
     log.info(
         "%d concept pairs, concepts %s, languages %s",
         pairs.height,
@@ -495,13 +480,7 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     result.extracted = {label: bool(a.extracted) for label, a in acts.items()}
     result.activations = {label: a.identities[label] for label, a in acts.items()}
     result.seconds["extraction"] = time.perf_counter() - t0
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    result.identity = analysis_identity(cfg.model_dump(mode="json"), result.activations)
-    atomic_write_json(
-        out_root / "activations.json",
-        {"identity": result.identity, "store": cfg.activations_dir, "models": result.activations},
-    )
+    _write_run_identity(cfg, result, out_root)
     failures: list[tuple[str, RaysafeError]] = []
     with tracking.run(cfg.tracking, "concepts", tags={"raysafe.flow": "concepts"}) as mlrun:
         tracking.log_params(
@@ -538,3 +517,37 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
             f"their outputs are in {out_root}",
         )
     return result
+
+
+def _plan_models(cfg: ConceptsConfig) -> list[tuple[ModelSpec, int, list[int], list[int]]]:
+    """(spec, depth, wanted layers, valid layers) of each model; a model with no valid layer is a config error,
+    out-of-range layers are warned about (and reported and skipped later)."""
+    from raysafe.models.loading import model_depth
+
+    plans = []
+    for spec in cfg.models:
+        n = model_depth(spec)
+        wanted, valid = plan_layers(cfg.layers, n)
+        bad = [x for x in wanted if x not in valid]
+        if not valid:
+            raise ConfigError(
+                f"none of the layers {wanted} exists in model {spec.label!r}, which has {n} decoder layers",
+                where="layers",
+                fix=f"use indices 0..{n} (0 = embeddings, {n} = last layer) or 'all'",
+            )
+        if bad:
+            log.warning("%s: layer(s) %s out of range 0..%d; they are reported and skipped", spec.label, bad, n)
+        plans.append((spec, n, wanted, valid))
+    return plans
+
+
+def _write_run_identity(cfg: ConceptsConfig, result: ConceptsResult, out_root: Path) -> None:
+    """Write ``config.yaml`` and ``activations.json`` (the analysis identity and the activations' identities) and
+    set ``result.identity``."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    result.identity = analysis_identity(cfg.model_dump(mode="json"), result.activations)
+    atomic_write_json(
+        out_root / "activations.json",
+        {"identity": result.identity, "store": cfg.activations_dir, "models": result.activations},
+    )
