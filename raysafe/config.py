@@ -181,6 +181,14 @@ class SourceSpec(Strict):
         return self
 
 
+def require_models(models: list) -> list:
+    """A flow's ``models`` list: at least one, and unique labels (outputs are keyed by label)."""
+    if not models:
+        raise ValueError("give at least one model")
+    require_unique([m.label for m in models], "model")
+    return models
+
+
 def require_unique(labels: list[str], what: str, scope: str = "") -> None:
     """Raise ValueError naming the repeated labels: outputs are keyed by label, so two models (or judges) with one
     label would overwrite each other."""

@@ -20,7 +20,7 @@ from raysafe.config import (
     SourceSpec,
     Strict,
     TrackingSpec,
-    require_unique,
+    require_models,
 )
 from raysafe.extract.config import ExtractSpec
 
@@ -111,10 +111,7 @@ class ConceptsConfig(Strict):
     @field_validator("models")
     @classmethod
     def _unique_models(cls, v):
-        if not v:
-            raise ValueError("give at least one model")
-        require_unique([m.label for m in v], "model")
-        return v
+        return require_models(v)
 
     @field_validator("layers")
     @classmethod

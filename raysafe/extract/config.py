@@ -17,7 +17,7 @@ from raysafe.config import (
     SourceSpec,
     Strict,
     TrackingSpec,
-    require_unique,
+    require_models,
 )
 
 
@@ -107,10 +107,7 @@ class ExtractConfig(Strict):
     @field_validator("models")
     @classmethod
     def _unique_models(cls, v):
-        if not v:
-            raise ValueError("give at least one model")
-        require_unique([m.label for m in v], "model")
-        return v
+        return require_models(v)
 
     @model_validator(mode="after")
     def _templates_name_models(self) -> "ExtractConfig":
