@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -33,9 +33,42 @@ def safe_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-class GenerationSpec(Strict):
-    """How responses are generated (batched ``generate``; greedy unless ``temperature`` > 0)."""
+class VllmSpec(Strict):
+    """Engine settings of the ``vllm`` generation backend (read only when ``generation.backend`` is ``vllm``)."""
 
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs one engine spans; None: int(ray.num_gpus_per_actor), at least 1"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="share of GPU memory vLLM reserves for weights and KV cache (the CPU build: share of host RAM "
+        "for the KV cache; use about 0.2 on a shared machine)",
+    )
+    max_model_len: int | None = Field(
+        None, ge=8, description="context length of the engine; None: max_prompt_tokens + max_new_tokens"
+    )
+    enable_prefix_caching: bool = Field(True, description="reuse the KV cache of shared prefixes (the chat template)")
+    enforce_eager: bool = Field(False, description="no CUDA graph capture: faster start, slower decoding")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="sequences decoded together (continuous batching); None: vLLM's default"
+    )
+    batch_size: int = Field(64, ge=1, description="prompts per Ray Data batch sent to an engine")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="further vLLM engine arguments (e.g. quantization, kv_cache_dtype)"
+    )
+
+
+class GenerationSpec(Strict):
+    """How responses are generated (greedy unless ``temperature`` > 0) and by which backend."""
+
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: Hugging Face generate in a Ray Data actor pool (the reference, CPU default); vllm: vLLM "
+        "engines through Ray Data LLM (needs the vllm extra: pip install -e '.[vllm]')",
+    )
+    vllm: VllmSpec = VllmSpec()
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -47,7 +80,7 @@ class GenerationSpec(Strict):
     system_prompt: str | None = Field(None, description="system turn (chat template only)")
     plain_format: str = Field("{prompt}", description="prompt text without a chat template; must contain {prompt}")
     max_prompt_tokens: int = Field(1024, ge=4, description="longer prompts keep their last tokens (and BOS)")
-    batch_size: int = Field(16, ge=1, description="prompts per generate call (length-sorted)")
+    batch_size: int = Field(16, ge=1, description="hf: prompts per generate call (length-sorted)")
     shard_rows: int = Field(64, ge=1, description="prompts per output shard: the unit of atomic writes and resume")
 
     @field_validator("plain_format")
@@ -63,6 +96,13 @@ class GenerationSpec(Strict):
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
         return v
+
+    def identity(self) -> dict:
+        """The fields that decide the generations of this backend (the identity of stored generations): ``hf``
+        leaves out the vllm section (and the backend name, so generations stored before backends existed stay
+        valid); ``vllm`` leaves out hf's ``batch_size``."""
+        exclude = {"backend", "vllm"} if self.backend == "hf" else {"batch_size"}
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 def is_loopback_host(host: str) -> bool:

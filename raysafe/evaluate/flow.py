@@ -165,6 +165,7 @@ def run_evaluate(
     from raysafe.atomic import remove_stale_temp_files
     from raysafe.locks import move_aside, output_lock
 
+    check_generation_backend(cfg)
     what = f"evaluation outputs {cfg.output_dir}"
     with output_lock(cfg.output_dir, what) if lock else contextlib.nullcontext():
         if restart:
@@ -244,7 +245,7 @@ def _claim_outputs(cfg: EvaluateConfig, store: EvalStore, fps: dict[str, str], i
             "model_path": spec.path,
             "fingerprint": fps[label],
             "prompts": inputs.prompts_fp,
-            "generation": cfg.generation.model_dump(mode="json"),
+            "generation": cfg.generation.identity(),
         }
         claim(store.model_dir(label) / "model.json", gen_id, f"generations of model {label!r}")
         if inputs.mc is not None:
@@ -269,7 +270,14 @@ def _generate(cfg: EvaluateConfig, store: EvalStore, spec: ModelSpec, inputs: _I
     label = model_label(spec)
     gen_missing = store.generations(label).missing(inputs.n_prompt_shards)
     mc_missing = store.utility(label).missing(inputs.n_mc_shards) if inputs.mc is not None else []
-    items = [{"task": "generate", "shard_id": k} for k in gen_missing]
+    items = []
+    if cfg.generation.backend == "vllm":
+        from raysafe.evaluate.vllm_backend import generate_shards
+
+        generate_shards(cfg.generation, spec, cfg.ray, store, label, gen_missing, progress)
+    else:
+        items += [{"task": "generate", "shard_id": k} for k in gen_missing]
+    # multiple-choice scoring needs the model's log-likelihoods: always the hf model in the actor pool
     items += [{"task": "mc", "shard_id": k} for k in mc_missing]
     if items:
         _run_pool(
@@ -368,6 +376,14 @@ def _fill_result(result: EvaluateResult, tables: _Tables) -> None:
     result.summary_table = summ
     result.agreement_pairs = frame(tables.pairs)
     result.utility = frame(tables.util_rows)
+
+
+def check_generation_backend(cfg: EvaluateConfig, where: str = "generation.backend") -> None:
+    """Refuse before any work when the configured generation backend cannot run here (vllm not installed)."""
+    if cfg.generation.backend == "vllm":
+        from raysafe.evaluate.vllm_backend import require_vllm
+
+        require_vllm(where)
 
 
 def _run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None, progress: bool) -> EvaluateResult:

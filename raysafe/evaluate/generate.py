@@ -1,8 +1,13 @@
-"""Batched generation: prompt formatting (chat template or plain), length-sorted left-padded ``generate`` batches,
-EOS and stop strings, and one :class:`Generation` per prompt (text, new tokens, finish reason).
+"""Generation shared by both backends, and the Hugging Face (``hf``) backend.
 
-Used by the generation actor (``raysafe.evaluate.stages``) and by the classifier judge. Greedy unless a temperature
-is given; sampling is seeded per call so a re-run of a shard reproduces it.
+Shared, so that ``hf`` and ``vllm`` (:mod:`raysafe.evaluate.vllm_backend`) see byte-identical prompts and report
+identical records: prompt formatting (chat template or plain format, left truncation: :func:`prompt_ids`), the EOS
+ids (:func:`eos_ids`), sampling seeds (:func:`sampling_seed`) and the mapping of a row's new tokens to one
+:class:`Generation` (text cut at the first stop string, new tokens, finish reason: :func:`to_generation`).
+
+The ``hf`` backend: length-sorted left-padded ``generate`` batches (:func:`generate_ids`), used by the generation
+actor (``raysafe.evaluate.stages``), the classifier judge and the LLM translator. Greedy unless a temperature is
+given; sampling is seeded per shard and batch so that a re-run of a shard reproduces it.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ def prompt_ids(tok, text: str, spec: GenerationSpec, chat: bool) -> list[int]:
     return ids
 
 
-def eos_ids(model, tok) -> list[int]:
+def eos_ids(generation_config, tok) -> list[int]:
+    """Token ids that end a response: the model's generation config's ``eos_token_id`` (one or a list; Gemma 3
+    also ends a turn with ``<end_of_turn>``) and the tokenizer's."""
     ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), tok):
+    for src in (generation_config, tok):
         v = getattr(src, "eos_token_id", None)
         if isinstance(v, int):
             ids.add(v)
@@ -61,10 +68,45 @@ def eos_ids(model, tok) -> list[int]:
     return sorted(ids)
 
 
+def sampling_seed(seed: int, shard: int, part: int) -> int:
+    """The seed of one sampling draw: ``seed`` of the config, the output shard, and the part within the shard
+    (``hf``: the generate batch; ``vllm``: the prompt, as vLLM seeds each request). Irrelevant when greedy."""
+    return (seed + shard) * 1_000_003 + part
+
+
 def cut_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
     """``text`` up to the earliest stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _tokens_to_stop(tok, toks: list[int], stop_strings: list[str]) -> int:
+    """The fewest leading tokens of ``toks`` whose decoded text holds a stop string (the whole text holds one):
+    where a generation stopped by that string ended (binary search; decoding is monotone in the prefix)."""
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cut_at_stop(tok.decode(toks[:mid], skip_special_tokens=True), stop_strings)[1]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def to_generation(tok, new_tokens: list[int], eos: list[int], stop_strings: list[str], max_new_tokens: int):
+    """One :class:`Generation` from the tokens a backend generated after the prompt (``hf``: a row of the padded
+    batch, padding after EOS included; ``vllm``: the request's token ids). The text is the decoded tokens before the
+    first EOS, cut at the first stop string; ``n_new_tokens`` counts the tokens up to the EOS (excluded) or up to
+    the token that completed the stop string (included). finish_reason: ``stop`` (a stop string), ``eos``, or
+    ``length`` (``max_new_tokens`` reached)."""
+    end = next((k for k, t in enumerate(new_tokens) if t in eos), None)
+    toks = list(new_tokens[:end]) if end is not None else list(new_tokens)
+    text, found = cut_at_stop(tok.decode(toks, skip_special_tokens=True), stop_strings)
+    if found:
+        return Generation(text, _tokens_to_stop(tok, toks, stop_strings), "stop")
+    # vLLM may leave the EOS out of a request's tokens: fewer than max_new_tokens without a stop string is an EOS
+    reason = "eos" if end is not None or len(toks) < max_new_tokens else "length"
+    return Generation(text, len(toks), reason)
 
 
 class StopOnStrings:
@@ -107,7 +149,7 @@ def generate_ids(
     from transformers import GenerationConfig, StoppingCriteriaList
 
     device = next(model.parameters()).device
-    eos = eos_ids(model, tok)
+    eos = eos_ids(getattr(model, "generation_config", None), tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
     stops = list(stop_strings or [])
     out: list[Generation | None] = [None] * len(ids)
@@ -126,7 +168,7 @@ def generate_ids(
         )
         crit = StopOnStrings(tok, stops, prompt_len) if stops else None
         if temperature > 0:
-            torch.manual_seed(seed * 1_000_003 + b)
+            torch.manual_seed(sampling_seed(seed, 0, b))
         gen = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
@@ -135,19 +177,7 @@ def generate_ids(
         )
         new = gen[:, prompt_len:].cpu().tolist()
         for j, i in enumerate(rows):
-            toks = new[j]
-            end = next((k for k, t in enumerate(toks) if t in eos), None)
-            if crit is not None and j in crit.stopped_at and (end is None or crit.stopped_at[j] <= end):
-                toks, reason = toks[: crit.stopped_at[j]], "stop"
-            elif end is not None:
-                toks, reason = toks[:end], "eos"
-            else:
-                reason = "length"
-            text = tok.decode(toks, skip_special_tokens=True)
-            text, found = cut_at_stop(text, stops)
-            if found:
-                reason = "stop"
-            out[i] = Generation(text, len(toks), reason)
+            out[i] = to_generation(tok, new[j], eos, stops, max_new_tokens)
     return out  # type: ignore[return-value]
 
 

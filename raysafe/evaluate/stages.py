@@ -63,11 +63,26 @@ UTILITY_SCHEMA = pa.schema(
 
 
 def generate_shard(gen, store: EvalStore, model_label: str, k: int) -> dict:
-    """Generate responses for prompt shard ``k`` and write generation shard ``k``; returns its summary."""
+    """Generate responses (``hf`` backend) for prompt shard ``k`` and write generation shard ``k``; returns its
+    summary."""
     inputs = pq.read_table(store.prompts.path(k)).to_pylist()
     t0 = time.perf_counter()
     outs, prompt_tokens = gen.generate([r["text"] for r in inputs], seed_offset=k)
-    seconds = time.perf_counter() - t0
+    return write_generation_shard(store, model_label, k, inputs, outs, prompt_tokens, time.perf_counter() - t0, "hf")
+
+
+def write_generation_shard(
+    store: EvalStore,
+    model_label: str,
+    k: int,
+    inputs: list[dict],
+    outs: list,
+    prompt_tokens: int,
+    seconds: float,
+    backend: str,
+) -> dict:
+    """Write generation shard ``k`` (one row per prompt row of ``inputs``, with its :class:`Generation`) and its
+    done-marker; returns the summary. Both backends write through here, so their records and stores are the same."""
     rows = [
         {
             "row_id": r["row_id"],
@@ -81,7 +96,7 @@ def generate_shard(gen, store: EvalStore, model_label: str, k: int) -> dict:
             "finish_reason": o.finish_reason,
             "empty": not o.text.strip(),
         }
-        for r, o in zip(inputs, outs)
+        for r, o in zip(inputs, outs, strict=True)
     ]
     new_tokens = sum(o.n_new_tokens for o in outs)
     # ``token`` identifies this version of the shard: judgements made from another version are redone.
@@ -93,6 +108,7 @@ def generate_shard(gen, store: EvalStore, model_label: str, k: int) -> dict:
         "new_tokens": new_tokens,
         "seconds": seconds,
         "n_empty": sum(r["empty"] for r in rows),
+        "backend": backend,
         "token": uuid.uuid4().hex,
     }
     store.generations(model_label).write(k, pa.Table.from_pylist(rows, GENERATION_SCHEMA), summary)

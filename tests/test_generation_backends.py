@@ -1,0 +1,149 @@
+"""The generation backends (``hf``, ``vllm``): what they share (prompt token ids, sampling parameters, the mapping of
+generated tokens to records), the vllm backend's Ray Data LLM configuration, and the refusal without the extra.
+
+The two backends' greedy outputs are compared where vLLM is importable: tests/test_vllm_backend.py (marker ``vllm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from raysafe.config import ModelSpec, RaySpec
+from raysafe.errors import ConfigError
+from raysafe.evaluate.config import EvaluateConfig, GenerationSpec
+from raysafe.evaluate.generate import Generation, Generator, prompt_ids, sampling_seed, to_generation
+from raysafe.evaluate.vllm_backend import engine_kwargs, request_rows, sampling_params
+from raysafe.models.tiny import tiny_tokenizer
+
+EOS = 2  # the tiny tokenizer's </s>
+
+
+def _ids(tok, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_tokens_map_to_records_as_decoded_by_hand():
+    tok = tiny_tokenizer()
+    # EOS ends the text; what follows (hf's padding after EOS) is ignored
+    assert to_generation(tok, _ids(tok, "ab") + [EOS, 0, 0], [EOS], [], 8) == Generation("ab", 2, "eos")
+    # the max number of new tokens reached without EOS or stop string
+    assert to_generation(tok, _ids(tok, "abcd"), [EOS], [], 4) == Generation("abcd", 4, "length")
+    # vLLM may leave EOS out of a request's tokens: fewer than max_new_tokens and no stop string is an EOS
+    assert to_generation(tok, _ids(tok, "abc"), [EOS], [], 8) == Generation("abc", 3, "eos")
+    # a stop string cuts the text; the tokens up to the one completing the earliest stop string are counted
+    assert to_generation(tok, _ids(tok, "hi. Bye\nx"), [EOS], ["\n", ". B"], 16) == Generation("hi", 5, "stop")
+    # hf: a row stopped by a stop string is padded after it (pad is special: not in the text, not counted)
+    assert to_generation(tok, _ids(tok, "ok!zz") + [0, 0], [EOS], ["!"], 16) == Generation("ok", 3, "stop")
+    # a stop string after EOS does not count
+    assert to_generation(tok, _ids(tok, "ok") + [EOS] + _ids(tok, "!"), [EOS], ["!"], 16) == Generation("ok", 2, "eos")
+
+
+@pytest.mark.parametrize("chat_template", ["on", "off"])
+def test_vllm_requests_carry_the_prompt_ids_hf_generates_from(tiny_gemma_dir, chat_template):
+    """Byte-identical prompts: the token ids of the vllm requests are those the hf Generator feeds ``generate``,
+    through chat template or plain format, with system prompt and left truncation."""
+    gen_cfg = {
+        "chat_template": chat_template,
+        "system_prompt": "Be brief." if chat_template == "on" else None,
+        "plain_format": "Q: {prompt}\nA:",
+        "max_prompt_tokens": 64,
+        "max_new_tokens": 3,
+    }
+    spec = GenerationSpec(**gen_cfg)
+    hf = Generator({"path": str(tiny_gemma_dir)}, gen_cfg, "cpu", torch_threads=1)
+    texts = [
+        "short",
+        "a prompt long enough to be truncated on the left, keeping BOS and its last tokens, " * 2,
+        "日本語",
+    ]
+    shards = {3: [{"text": t} for t in texts[:2]], 7: [{"text": texts[2]}]}
+    rows = request_rows(hf.tok, spec, hf.chat, [EOS], shards)
+    assert [(r["shard_id"], r["index"]) for r in rows] == [(3, 0), (3, 1), (7, 0)]
+    assert [r["tokenized_prompt"] for r in rows] == [prompt_ids(hf.tok, t, spec, hf.chat) for t in texts]
+    assert max(len(r["tokenized_prompt"]) for r in rows) == 64
+    if chat_template == "on":  # the template starts with BOS; truncation keeps it
+        assert rows[1]["tokenized_prompt"][0] == hf.tok.bos_token_id
+    rendered = hf.tok.decode(rows[0]["tokenized_prompt"])
+    want = "<|system|>Be brief.<|end|><|user|>short<|end|><|assistant|>" if chat_template == "on" else "Q: short\nA:"
+    assert rendered.endswith(want)
+    assert [r["sampling_params"]["seed"] for r in rows] == [
+        sampling_seed(0, 3, 0),
+        sampling_seed(0, 3, 1),
+        7 * 1_000_003,
+    ]
+
+
+def test_sampling_params_and_engine_settings():
+    greedy = GenerationSpec(max_new_tokens=9, stop_strings=["\nUser:"], seed=5)
+    p = sampling_params(greedy, [1, 106], 42)
+    assert p == {
+        "max_tokens": 9,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": 42,
+        "stop_token_ids": [1, 106],
+        "skip_special_tokens": True,
+        "stop": ["\nUser:"],
+    }
+    sampled = GenerationSpec(temperature=0.7, top_p=0.9)
+    assert sampling_params(sampled, [1], 0) == {
+        "max_tokens": 128,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 0,
+        "stop_token_ids": [1],
+        "skip_special_tokens": True,
+    }
+    gen = GenerationSpec(max_prompt_tokens=100, max_new_tokens=28, backend="vllm", vllm={"engine_kwargs": {"x": 1}})
+    model = ModelSpec(path="gemma3-270m")
+    kw = engine_kwargs(gen, model, RaySpec(num_gpus_per_actor=4), None)
+    assert kw["tensor_parallel_size"] == 4 and kw["dtype"] == "bfloat16" and kw["max_model_len"] == 128
+    assert kw["enable_prefix_caching"] is True and kw["x"] == 1 and "revision" not in kw
+    cpu = engine_kwargs(gen, model, RaySpec(), "abc123")
+    assert cpu["tensor_parallel_size"] == 1 and cpu["dtype"] == "float32" and cpu["revision"] == "abc123"
+    pinned = gen.model_copy(update={"vllm": gen.vllm.model_copy(update={"tensor_parallel_size": 2})})
+    assert engine_kwargs(pinned, model, RaySpec(num_gpus_per_actor=1), None)["tensor_parallel_size"] == 2
+
+
+def test_processor_config_asks_gpus_on_gpu_actors_and_cpus_otherwise():
+    pytest.importorskip("ray.data.llm")
+    from raysafe.evaluate.vllm_backend import processor_config
+
+    gen = GenerationSpec(backend="vllm", vllm={"batch_size": 32})
+    model = ModelSpec(path="gemma3-270m")
+    gpu = processor_config(gen, model, RaySpec(num_actors=2, num_gpus_per_actor=2), "/m", None)
+    assert gpu.engine_kwargs["tensor_parallel_size"] == 2 and gpu.placement_group_config is None
+    assert gpu.batch_size == 32 and gpu.concurrency == 2 and gpu.model_source == "/m"
+    cpu = processor_config(gen, model, RaySpec(num_cpus_per_actor=2), "/m", None)
+    (bundle,) = cpu.placement_group_config["bundles"]
+    assert bundle["CPU"] == 2.0 and not bundle.get("GPU")
+
+
+def test_generation_identity_per_backend():
+    """hf generations keep their identity of before the backends (no backend/vllm fields); vllm's differ from
+    hf's and include the engine settings, not hf's batch size."""
+    hf = GenerationSpec()
+    assert "backend" not in hf.identity() and "vllm" not in hf.identity() and hf.identity()["batch_size"] == 16
+    v = GenerationSpec(backend="vllm")
+    assert v.identity()["backend"] == "vllm" and "batch_size" not in v.identity() and "vllm" in v.identity()
+    assert GenerationSpec(backend="vllm", batch_size=3).identity() == v.identity()
+
+
+def test_vllm_without_the_extra_is_refused_before_any_work(tmp_path, monkeypatch):
+    from raysafe.evaluate.flow import run_evaluate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    cfg = EvaluateConfig.model_validate(
+        {
+            "models": [{"path": "gemma3-270m"}],
+            "generation": {"backend": "vllm"},
+            "output_dir": str(tmp_path / "eval"),
+        }
+    )
+    with pytest.raises(ConfigError) as e:
+        run_evaluate(cfg, progress=False)
+    assert "pip install -e '.[vllm]'" in str(e.value) and "generation.backend" in str(e.value)
+    assert not (tmp_path / "eval").exists()  # refused before the output directory is even locked
