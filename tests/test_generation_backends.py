@@ -147,3 +147,84 @@ def test_vllm_without_the_extra_is_refused_before_any_work(tmp_path, monkeypatch
         run_evaluate(cfg, progress=False)
     assert "pip install -e '.[vllm]'" in str(e.value) and "generation.backend" in str(e.value)
     assert not (tmp_path / "eval").exists()  # refused before the output directory is even locked
+
+
+def test_transformers_stop_strings_differ_so_hf_keeps_its_own_criterion(tiny_gemma_dir):
+    """transformers' ``generate(stop_strings=...)`` also matches a stop string that begins in the prompt (its
+    criterion reads the whole sequence), where raysafe's criterion and vLLM read only the response: here a stop
+    string made of the prompt's last character and the first generated one stops transformers after one token,
+    while raysafe's hf backend (like vLLM) generates on. Hence hf keeps ``StopOnStrings``."""
+    import torch
+
+    hf = Generator({"path": str(tiny_gemma_dir)}, {"max_new_tokens": 6}, "cpu", torch_threads=1)
+    found = None
+    for prompt in ["How are you?", "Hello world.", "Tell me a story:", "x=1;", "abc", "Q: 2+2", "Hi!", "Name"]:
+        ids = prompt_ids(hf.tok, prompt, hf.spec, hf.chat)
+        free = hf.generate([prompt])[0][0]
+        first = free.text[:1]
+        if first.isascii() and first.isprintable() and not first.isspace() and first not in free.text[1:]:
+            found = (prompt, ids, free, hf.tok.decode(ids)[-1] + first)  # the rendered prompt's last character
+            break
+    assert found, "no prompt gave a response starting with a printable ASCII character"
+    prompt, ids, free, stop = found
+    assert stop not in free.text  # the response alone does not hold the stop string
+    ours = hf.generate([prompt])[0][0]
+    assert ours == free
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=6, do_sample=False, stop_strings=[stop], pad_token_id=hf.tok.pad_token_id)
+    out = hf.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            generation_config=gc, tokenizer=hf.tok)  # fmt: skip
+    assert out.shape[1] - len(ids) == 1 < free.n_new_tokens
+
+
+@pytest.mark.parametrize(
+    "name, keys",
+    [("evaluate_cluster.yaml", ()), ("study_cluster.yaml", ("evaluate",)), ("sweep_cluster.yaml", ("evaluate",))],
+)
+def test_cluster_configs_generate_with_vllm(name, keys):
+    """The cluster configs of evaluate, study and sweep generate with the vllm backend (a valid GenerationSpec)."""
+    from pathlib import Path
+
+    import yaml
+
+    tree = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "configs" / name).read_text())
+    if name == "sweep_cluster.yaml":
+        tree = tree["evaluation"]
+    for k in keys:
+        tree = tree[k]
+    spec = GenerationSpec.model_validate(tree["generation"])
+    assert spec.backend == "vllm" and spec.vllm.enable_prefix_caching
+
+
+@pytest.mark.parametrize(
+    "config, key, flow",
+    [
+        ("study_local.yaml", "evaluate.generation.backend", "study"),
+        ("sweep_local.yaml", "evaluation.evaluate.generation.backend", "sweep"),
+    ],
+)
+def test_study_and_sweep_refuse_vllm_without_the_extra_before_starting(tmp_path, monkeypatch, config, key, flow):
+    from pathlib import Path
+
+    from raysafe.config import load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    path = Path(__file__).parents[1] / "jobs" / "configs" / config
+    if flow == "study":
+        from raysafe.study.config import StudyConfig
+        from raysafe.study.flow import run_study
+
+        cfg = load_config(StudyConfig, path, [f"{key}=vllm", f"output_dir={tmp_path / 'out'}"])
+        run = run_study
+    else:
+        from raysafe.sweep.config import SweepConfig
+        from raysafe.sweep.flow import run_sweep
+
+        cfg = load_config(SweepConfig, path, [f"{key}=vllm", f"output_dir={tmp_path / 'out'}"])
+        run = run_sweep
+    with pytest.raises(ConfigError) as e:
+        run(cfg, progress=False)
+    assert key in str(e.value) and "pip install -e '.[vllm]'" in str(e.value)
+    assert not (tmp_path / "out").exists()

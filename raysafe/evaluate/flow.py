@@ -26,6 +26,7 @@ from raysafe.config import (
 from raysafe.errors import DataError, ModelError, OutputError, remote_errors
 from raysafe.evaluate.config import (
     EvaluateConfig,
+    GenerationSpec,
     JudgeSpec,
     model_label,
 )
@@ -165,7 +166,7 @@ def run_evaluate(
     from raysafe.atomic import remove_stale_temp_files
     from raysafe.locks import move_aside, output_lock
 
-    check_generation_backend(cfg)
+    check_generation_backend(cfg.generation)
     what = f"evaluation outputs {cfg.output_dir}"
     with output_lock(cfg.output_dir, what) if lock else contextlib.nullcontext():
         if restart:
@@ -378,9 +379,11 @@ def _fill_result(result: EvaluateResult, tables: _Tables) -> None:
     result.utility = frame(tables.util_rows)
 
 
-def check_generation_backend(cfg: EvaluateConfig, where: str = "generation.backend") -> None:
-    """Refuse before any work when the configured generation backend cannot run here (vllm not installed)."""
-    if cfg.generation.backend == "vllm":
+def check_generation_backend(generation: GenerationSpec | dict, where: str = "generation.backend") -> None:
+    """Refuse before any work when the generation backend asked for cannot run here (vllm not installed). The
+    study and the sweep call it on their evaluation settings before they start."""
+    spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec.model_validate(generation)
+    if spec.backend == "vllm":
         from raysafe.evaluate.vllm_backend import require_vllm
 
         require_vllm(where)

@@ -177,8 +177,11 @@ def plan(cfg: StudyConfig) -> list[str]:
 def run_study(cfg: StudyConfig, progress: bool = True, restart: bool = False) -> StudyResult:
     """Run (or continue) the study of ``cfg``; see the module docstring. The output directory is locked while the
     study runs; ``restart`` moves an existing one aside (``<dir>.replaced-<UTC time>``) and starts afresh."""
+    from raysafe.evaluate.flow import check_generation_backend
     from raysafe.locks import move_aside, output_lock
 
+    if "evaluate" not in cfg.skip:  # the evaluation's generation backend can run (vllm installed), before any stage
+        check_generation_backend(cfg.evaluate.get("generation", {}), "evaluate.generation.backend")
     with output_lock(cfg.root, f"study {cfg.root}"):
         if restart:
             move_aside(cfg.root)

@@ -362,6 +362,12 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, restart: bool = False) ->
     from raysafe.locks import move_aside, output_lock
 
     t0 = time.perf_counter()
+    if cfg.evaluation.enabled:  # the trials' generation backend can run (vllm installed), before any training
+        from raysafe.evaluate.flow import check_generation_backend
+
+        check_generation_backend(
+            cfg.evaluation.evaluate.get("generation", {}), "evaluation.evaluate.generation.backend"
+        )
     prep = prepare(cfg)  # before anything is written
     sweep_dir = (Path(cfg.output_dir) / cfg.name).resolve()
     with output_lock(sweep_dir, f"sweep {sweep_dir}"):
