@@ -228,3 +228,22 @@ def test_study_and_sweep_refuse_vllm_without_the_extra_before_starting(tmp_path,
         run(cfg, progress=False)
     assert key in str(e.value) and "pip install -e '.[vllm]'" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_engines_asking_more_ram_than_is_free_are_refused(monkeypatch):
+    """vLLM's CPU build reserves gpu_memory_utilization x host RAM and refuses to start without it: said first."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from raysafe.evaluate.vllm_backend import check_cpu_memory
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=24 * 2**30, available=8 * 2**30))
+    gen = GenerationSpec(backend="vllm")  # gpu_memory_utilization 0.9: 21.6 GiB of 24
+    with pytest.raises(ConfigError) as e:
+        check_cpu_memory(gen, RaySpec())
+    assert "generation.vllm.gpu_memory_utilization" in str(e.value) and "at most 0.27" in str(e.value)
+    check_cpu_memory(
+        gen.model_copy(update={"vllm": gen.vllm.model_copy(update={"gpu_memory_utilization": 0.2})}), RaySpec()
+    )
+    check_cpu_memory(gen, RaySpec(num_gpus_per_actor=1))  # GPU engines: vLLM checks GPU memory itself

@@ -49,6 +49,27 @@ def require_vllm(where: str = "generation.backend") -> None:
         ) from None
 
 
+def check_cpu_memory(gen: GenerationSpec, ray_spec: RaySpec) -> None:
+    """vLLM's CPU build reserves ``gpu_memory_utilization`` × host RAM for its KV cache and refuses to start when
+    that much is not free: say so before the engine starts (GPU engines check their own memory)."""
+    import psutil
+
+    if ray_spec.num_gpus_per_actor > 0:
+        return
+    mem = psutil.virtual_memory()
+    want = gen.vllm.gpu_memory_utilization * mem.total * ray_spec.num_actors
+    if want > mem.available:
+        fits = mem.available / mem.total / ray_spec.num_actors
+        raise ConfigError(
+            f"vLLM on CPU would reserve {gen.vllm.gpu_memory_utilization} x {mem.total / 2**30:.1f} GiB of host RAM "
+            f"per engine x {ray_spec.num_actors} engine(s) for its KV cache, but only {mem.available / 2**30:.1f} GiB "
+            "is free",
+            where="generation.vllm.gpu_memory_utilization",
+            fix=f"set generation.vllm.gpu_memory_utilization to at most {max(fits * 0.8, 0.01):.2f} "
+            "(0.2 is enough for small models), or run on GPU actors (ray.num_gpus_per_actor)",
+        )
+
+
 def vllm_dtype(model: ModelSpec, ray_spec: RaySpec) -> str:
     """The engine's dtype, chosen as ``hf`` chooses it (``auto``: bfloat16 on GPU actors, float32 on CPU)."""
     if model.dtype != "auto":
@@ -177,6 +198,7 @@ def generate_shards(
     require_vllm()
     if not shards:
         return []
+    check_cpu_memory(gen, ray_spec)
     resolved = resolve(model)
     tok = load_tokenizer(model, resolved)
     chat = uses_chat_template(tok, gen.chat_template)
