@@ -70,3 +70,13 @@ def test_hf_and_vllm_give_the_same_greedy_generations(tmp_path, ray_local):
     assert got["n_new_tokens"].to_list() == [o.n_new_tokens for o in want]
     assert got["finish_reason"].to_list() == [o.finish_reason for o in want]
     assert set(got["finish_reason"]) >= {"stop", "length"}  # the cases the mapping must agree on are exercised
+
+    # resume: a shard lost (as after a kill before its done-marker) is the only one generated again
+    shards = store.generations("m")
+    kept = shards.info(0)["token"]
+    shards.done_path(1).unlink()
+    missing = shards.missing(n)
+    assert missing == [1]
+    again = generate_shards(gen, model, RaySpec(num_cpus_per_actor=1), store, "m", missing, False)
+    assert [s["shard_id"] for s in again] == [1] and shards.info(0)["token"] == kept
+    assert store.generations("m").read(n).sort("row_id")["response"].to_list() == [o.text for o in want]
