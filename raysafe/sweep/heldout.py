@@ -15,7 +15,7 @@ from typing import Literal
 import polars as pl
 from pydantic import Field
 
-from raysafe.config import SourceSpec, Strict
+from raysafe.config import GpuCount, SourceSpec, Strict
 from raysafe.errors import DataError, remote_errors
 
 
@@ -33,7 +33,7 @@ class ConsistencySpec(Strict):
     max_length: int = Field(256, ge=8)
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="auto: when the tokenizer has one")
     cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    gpus: GpuCount = Field(0.0, description="GPUs of the measuring task; N ≥ 2 spreads the model over them")
     torch_threads: int | None = Field(None, ge=1)
 
 
