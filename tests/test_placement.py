@@ -113,9 +113,10 @@ def test_a_model_that_cannot_fit_is_refused_before_any_weight_is_read(tiny_llama
         loading.load_causal_lm(ModelSpec(path=str(tiny_llama_dir), name="tiny"), "cuda")
 
 
-def test_a_dispatched_model_extracts_what_the_plain_one_does(tiny_llama_dir):
-    """The device-map path end to end on CPU: accelerate places each block by the map, and the hidden-state hooks
-    of extraction read the same vectors as from the model loaded whole."""
+def test_a_model_loaded_by_device_map_extracts_what_the_plain_one_does(tiny_llama_dir):
+    """The device-map branch of loading on CPU: ``from_pretrained`` with a per-module map, then
+    :func:`placed_for_inference`, then extraction's hooks read the same vectors as from the model loaded whole.
+    (One CPU device only: moving activations between GPUs is accelerate's, and needs GPUs to be exercised.)"""
     from transformers import AutoModelForCausalLM
 
     from raysafe.extract.hidden import pooled_hidden_states

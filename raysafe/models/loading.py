@@ -280,8 +280,14 @@ def placed_for_inference(spec: ModelSpec, model, device: torch.device, placement
         from raysafe.models.placement import check_placed
 
         check_placed(spec.label, model)
-        return model.eval()
-    return model.to(device).eval()
+        placed = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+        devices = sorted({str(d) for d in placed.values()})
+    else:
+        model = model.to(device)
+        devices = [str(device)]
+    attn = getattr(model.config, "_attn_implementation", None) or spec.attn_implementation
+    log.info("model %s loaded: attention %s, %s on %s", spec.label, attn, model.dtype, ", ".join(devices))
+    return model.eval()
 
 
 def load_hf_config(spec: ModelSpec, resolved: ResolvedModel | None = None):
