@@ -279,6 +279,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
         name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
         tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
+        tracking.log_models_lineage(cfg.models)  # the training run and identity of a raysafe checkpoint
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
         for spec, info, layers in plans:
             done = store.done_shards(spec.label)
@@ -349,6 +350,16 @@ class Activations:
     def record(self) -> dict:
         """What the analysis outputs carry: the store and each model's identity."""
         return {"store": str(self.store.root.resolve()), "models": self.identities}
+
+    def log_inputs(self, kind: str) -> None:
+        """Each model's stored activations as a dataset input of the active MLflow run: the store, the weights and
+        texts fingerprints they were made from, their layers and positions; digest = their identity."""
+        root = str(self.store.root.resolve())
+        for label, ident in self.identities.items():
+            source = {"store": root, "model": label} | {
+                k: ident[k] for k in ("weights", "texts", "layers", "positions")
+            }
+            tracking.log_dataset(f"{kind} activations of {label}", source, ident["activations"], None, "analysis")
 
     def params(self, prefix: str) -> dict[str, str]:
         """Flat MLflow params: ``<prefix>.<model>.activations`` / ``.weights`` / ``.texts``."""

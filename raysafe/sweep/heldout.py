@@ -67,6 +67,15 @@ def heldout_rows(variants: SourceSpec, split: str | None, languages: list[str], 
     )
 
 
+def log_heldout_input(variants: SourceSpec, rows: list[dict]) -> None:
+    """The held-out rows the consistency measure reads, as a dataset input of the active MLflow run (the sweep's)."""
+    from raysafe import tracking
+    from raysafe.identity import fingerprint
+
+    table = pl.DataFrame(rows)
+    tracking.log_input("held-out prompt variants", {"variants": variants}, fingerprint(table), table.height, "held-out")
+
+
 def measure(
     model_path: str,
     rows: list[dict],
