@@ -294,7 +294,7 @@ def checkpoint_lineage(model_dir: str | Path) -> dict[str, Any] | None:
             except (OSError, ValueError) as e:
                 log.warning("cannot read the training lineage in %s (%s): not recorded", ckpt, e)
                 return None
-            return {"checkpoint": str(ckpt.resolve()), "identity": digest(identity), "step": state.get("step")}
+            return {"checkpoint": str(ckpt.absolute()), "identity": digest(identity), "step": state.get("step")}
     return None
 
 
@@ -305,7 +305,7 @@ def log_checkpoint(ckpt_dir: str | Path, files: tuple[str, ...] = ()) -> None:
     run, params = location, identity, step), which the runs that later load it take as their model input."""
     if (mlflow := _active_mlflow()) is None:
         return
-    ckpt = Path(ckpt_dir).resolve()
+    ckpt = Path(ckpt_dir).absolute()
     lineage = checkpoint_lineage(ckpt) or {"checkpoint": str(ckpt), "identity": "unknown", "step": None}
     tags = {
         "raysafe.checkpoint": lineage["checkpoint"],
