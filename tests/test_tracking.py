@@ -231,3 +231,27 @@ def test_log_dataset_records_stored_inputs_without_a_row_count(mlflow_local):
     assert inp.dataset.name == "safety activations of m" and inp.dataset.digest == "d1g35t"
     assert json.loads(inp.dataset.source) == {"store": "/x", "weights": "w1"} and not inp.dataset.profile
     assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "analysis")]
+
+
+def test_an_extraction_actor_samples_its_own_system_metrics_into_the_run(mlflow_local, monkeypatch, tiny_llama_dir):
+    """The model actors run on the GPU nodes, not the driver's: each samples its node into the extraction's run."""
+    import os
+    import socket
+    import time
+
+    from mlflow import MlflowClient
+
+    from raysafe.extract.stages import ExtractorStage
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    spec = TrackingSpec(experiment="t", log_system_metrics=True)
+    with tracking.run(TrackingSpec(experiment="t"), "extract") as r:
+        stage = ExtractorStage({"path": str(tiny_llama_dir)}, {}, [1], str(os.getcwd()), "tiny", "id", 1, None)
+        assert stage.run_log.run_id is None  # system metrics off: nothing attached
+        stage = ExtractorStage(
+            {"path": str(tiny_llama_dir)}, {}, [1], str(os.getcwd()), "tiny", "id", 1, tracking.attach_info(spec, r)
+        )
+        time.sleep(1.0)
+        stage.run_log.close()
+    keys = set(MlflowClient(mlflow_local).get_run(r.info.run_id).data.metrics)
+    assert f"system/extract-{socket.gethostname()}-{os.getpid()}/cpu_utilization_percentage" in keys

@@ -179,8 +179,11 @@ def extract_model(
     missing: list[int],
     identity: str,
     progress: bool = True,
+    mlflow: dict | None = None,
 ) -> list[dict]:
-    """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard."""
+    """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard.
+    ``mlflow``: :func:`raysafe.tracking.attach_info` of the run each model actor samples its system metrics into
+    (``system/extract-<host>-<pid>/…``: the GPUs the actors use are on other nodes than the driver)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -209,6 +212,7 @@ def extract_model(
             "model_label": spec.label,
             "identity": identity,
             "torch_threads": _actor_threads(cfg),
+            "mlflow": mlflow,
         },
         batch_size=1,
         num_gpus=cfg.ray.num_gpus_per_actor or None,
@@ -285,7 +289,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
             done = store.done_shards(spec.label)
             missing = [k for k in range(n_shards) if k not in done]
             t0 = time.perf_counter()
-            summaries = extract_model(cfg, spec, layers, store, missing, info["identity"], progress) if missing else []
+            metrics_into = tracking.attach_info(cfg.tracking, mlrun) if cfg.tracking.log_system_metrics else None
+            summaries = (
+                extract_model(cfg, spec, layers, store, missing, info["identity"], progress, metrics_into)
+                if missing
+                else []
+            )
             wall = time.perf_counter() - t0
             tokens = sum(int(s["tokens"]) for s in summaries)
             mr = ModelResult(
