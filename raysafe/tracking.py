@@ -316,14 +316,18 @@ def log_checkpoint(ckpt_dir: str | Path, files: tuple[str, ...] = ()) -> None:
     for f in files:
         if (ckpt / f).exists():
             log_artifact(ckpt / f)
-    model = mlflow.create_external_model(
-        name=f"checkpoint-{lineage['identity']}",
-        source_run_id=mlflow.active_run().info.run_id,
-        params={k: str(v) for k, v in lineage.items()},
-        tags={"raysafe.identity": lineage["identity"]},
-        model_type="raysafe-checkpoint",
-    )
-    mlflow.set_tags(tags | {"raysafe.checkpoint.model_id": model.model_id})
+    try:
+        model = mlflow.create_external_model(
+            name=f"checkpoint-{lineage['identity']}",
+            source_run_id=mlflow.active_run().info.run_id,
+            params={k: str(v) for k, v in lineage.items()},
+            tags={"raysafe.identity": lineage["identity"]},
+            model_type="raysafe-checkpoint",
+        )
+        tags["raysafe.checkpoint.model_id"] = model.model_id
+    except mlflow.exceptions.MlflowException as e:  # a tracking server without MLflow 3's logged models
+        log.warning("the tracking server cannot record the checkpoint as an MLflow model (%s): tags only", e)
+    mlflow.set_tags(tags)
 
 
 def log_model_lineage(label: str, model_path: str) -> dict[str, Any] | None:
@@ -351,7 +355,10 @@ def log_model_lineage(label: str, model_path: str) -> dict[str, Any] | None:
         if model_id:
             from mlflow.entities import LoggedModelInput
 
-            mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(model_id)])
+            try:
+                mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(model_id)])
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("cannot record model %s as an input of this run (%s): tags only", model_id, e)
     else:
         log.info(
             "model %s comes from checkpoint %s, whose training run is not in this store", label, lineage["checkpoint"]

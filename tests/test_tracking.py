@@ -255,3 +255,20 @@ def test_an_extraction_actor_samples_its_own_system_metrics_into_the_run(mlflow_
         stage.run_log.close()
     keys = set(MlflowClient(mlflow_local).get_run(r.info.run_id).data.metrics)
     assert f"system/extract-{socket.gethostname()}-{os.getpid()}/cpu_utilization_percentage" in keys
+
+
+def test_a_server_without_logged_models_still_gets_the_lineage_tags(mlflow_local, tmp_path, monkeypatch, caplog):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def refuse(**kwargs):
+        raise MlflowException("logged models are not supported by this server")
+
+    monkeypatch.setattr(mlflow, "create_external_model", refuse)
+    ckpt = _checkpoint(tmp_path)
+    with tracking.run(TrackingSpec(experiment="train"), "train") as r:
+        tracking.log_checkpoint(ckpt)
+    run = MlflowClient(mlflow_local).get_run(r.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raysafe.checkpoint"] == str(ckpt)
+    assert "raysafe.checkpoint.model_id" not in run.data.tags and "tags only" in caplog.text
