@@ -272,3 +272,16 @@ def test_a_server_without_logged_models_still_gets_the_lineage_tags(mlflow_local
     run = MlflowClient(mlflow_local).get_run(r.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raysafe.checkpoint"] == str(ckpt)
     assert "raysafe.checkpoint.model_id" not in run.data.tags and "tags only" in caplog.text
+
+
+def test_the_sweeps_heldout_rows_are_its_dataset_input(mlflow_local):
+    from mlflow import MlflowClient
+
+    from raysafe.sweep.heldout import log_heldout_input
+
+    rows = [{"group_id": "g0", "lang": "en", "text": "a"}, {"group_id": "g0", "lang": "de", "text": "b"}]
+    with tracking.run(TrackingSpec(experiment="t"), "sweep") as r:
+        log_heldout_input(SourceSpec(name="safety_prompts"), rows)
+    (inp,) = MlflowClient(mlflow_local).get_run(r.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "held-out prompt variants" and json.loads(inp.dataset.profile) == {"num_rows": 2}
+    assert json.loads(inp.dataset.source) == {"variants": {"name": "safety_prompts"}}
