@@ -27,6 +27,7 @@ SHARED = {
     "tables",
     "plots",
     "tracking",
+    "kernels",
     "runtime",
     "data",
     "models",

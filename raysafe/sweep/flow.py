@@ -595,6 +595,12 @@ def _log_sweep_params(cfg: SweepConfig, prep: dict[str, Any], planned: int) -> N
             "model_depth": prep["depth"],
         }
     )
+    if prep["consistency"] is not None:  # the trials' training data are logged by their training runs
+        from raysafe.sweep.heldout import log_heldout_input
+
+        log_heldout_input(
+            cfg.evaluation.consistency.variants or prep["base"].data.variants, prep["consistency"]["rows"]
+        )
 
 
 def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:

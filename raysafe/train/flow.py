@@ -285,11 +285,9 @@ def _final_checkpoint(result, name: str, storage_path: str) -> tuple[Path, dict]
 
 
 def _log_checkpoint(ckpt_dir: Path) -> None:
-    """The final checkpoint's path (parameter and tag), state and config on the MLflow run."""
-    tracking.log_params({"checkpoint": str(ckpt_dir)})
-    tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
-    tracking.log_artifact(ckpt_dir / STATE_FILE)
-    tracking.log_artifact(ckpt_dir / CONFIG_FILE)
+    """The final checkpoint's lineage on the MLflow run: path and identity (parameter, tags, an external MLflow
+    model that runs loading it take as input), its state, config and identity files."""
+    tracking.log_checkpoint(ckpt_dir, (STATE_FILE, CONFIG_FILE, IDENTITY_FILE))
 
 
 def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict) -> TrainResult:
