@@ -22,7 +22,10 @@ def ensure_ray(spec: RaySpec) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # With the dashboard: it serves Ray's State API, which Ray Train V2's PlacementGroupCleaner (a detached actor
+        # every TorchTrainer.fit starts) asks once a second whether the Train controller is alive. Without it every
+        # ask fails and logs "Failed to query Ray Train Controller actor state" for as long as training runs.
+        ray.init(include_dashboard=True, **kwargs)
     log.info("ray resources: %s", ray.cluster_resources())
 
 
