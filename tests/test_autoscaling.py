@@ -7,8 +7,8 @@ cluster launcher's default one) reports no node-type limits to the GCS, so the c
 reads a YAML that the Ray wheel does not ship, so the fixture starts the same cluster on its own port and temporary
 directory and, at the end, stops only the processes that run from that directory.
 
-The sweep's trials train 3 steps with a checkpoint only at step 3: Tune must still see steps 1, 2 and 3 (Train
-reports every step to Tune; polling checkpoints would have shown step 3 only).
+The sweep's trials train 2 steps with a checkpoint only at step 2: Tune must still see steps 1 and 2 (Train reports
+every step to Tune; polling checkpoints, as the trials did before, showed the final step only).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def autoscaling_cluster():
     try:
         subprocess.run(
             [ray_cli, "start", "--head", f"--port={port}", f"--temp-dir={tmp}", "--num-cpus=0"]
-            + [f"--autoscaling-config={cfg_path}", "--dashboard-port=0"],
+            + [f"--autoscaling-config={cfg_path}", "--include-dashboard=false"],
             env=env,
             check=True,
             capture_output=True,
@@ -152,7 +152,7 @@ def autoscaling_cluster():
             os.environ["RAY_AUTH_MODE"] = saved
 
 
-def _train_tree(model_dir, tmp_path, steps: int = 3, every: int = 3) -> dict:
+def _train_tree(model_dir, tmp_path, steps: int = 2, every: int = 2) -> dict:
     return {
         "model": {"path": str(model_dir), "name": "tiny"},
         "precompute_reference": "off",
@@ -206,7 +206,7 @@ def test_sweep_on_the_autoscaling_cluster_reports_every_training_step_to_tune(
     from raysafe.sweep.config import SweepConfig
     from raysafe.sweep.flow import run_sweep
 
-    train = _train_tree(tiny_llama_dir, tmp_path)  # 3 steps, one checkpoint: at step 3
+    train = _train_tree(tiny_llama_dir, tmp_path)  # 2 steps, one checkpoint: at step 2
     train["tracking"] = {"experiment": "test-autoscaling-train"}
     tree = {
         "name": "autoscale",
@@ -228,8 +228,8 @@ def test_sweep_on_the_autoscaling_cluster_reports_every_training_step_to_tune(
     for trial_id, run_id in zip(res.table["trial_id"], res.table["mlflow_run_id"]):
         rows = (res.sweep_dir / "tune" / f"trial_{trial_id}" / "result.json").read_text().splitlines()
         results = [json.loads(x) for x in rows]
-        # every step reached Tune (what ASHA sees), 1 and 2 while training ran, 3 with the final result
-        assert [r["train_step"] for r in results] == [1.0, 2.0, 3.0]
-        assert [r["final"] for r in results] == [0.0, 0.0, 1.0]
+        # every step reached Tune (what ASHA sees): 1 while training ran, 2 with the final result
+        assert [r["train_step"] for r in results] == [1.0, 2.0]
+        assert [r["final"] for r in results] == [0.0, 1.0]
         assert all(isinstance(r["train_loss_align"], float) for r in results)
-        assert [m.step for m in client.get_metric_history(run_id, "train_loss_align")] == [1, 2, 3]
+        assert [m.step for m in client.get_metric_history(run_id, "train_loss_align")] == [1, 2]
