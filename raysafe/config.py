@@ -212,6 +212,16 @@ def _gpu_count(v: float) -> float:
 GpuCount = Annotated[float, Field(ge=0), AfterValidator(_gpu_count)]
 
 
+def capacity_field():
+    """``ray.capacity`` of the train and sweep configs (see :func:`raysafe.runtime.capacity_from`)."""
+    return Field(
+        None,
+        description="the most the cluster can grow to, e.g. {CPU: 64, GPU: 16}: work is sized and refused against it "
+        "where the autoscaler reports no limits of its own (the cluster launcher's default autoscaler); nodes that are "
+        "not up yet are left to Ray's autoscaler",
+    )
+
+
 class RaySpec(Strict):
     """Ray resources. ``address`` None: use RAY_ADDRESS if set, else start a local instance."""
 
