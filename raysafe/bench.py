@@ -5,6 +5,7 @@ from __future__ import annotations
 BENCHES = {
     "extract": "raysafe.extract.bench",
     "generate": "raysafe.evaluate.bench",
+    "gpu": "raysafe.gpu_check",
     "losses": "raysafe.train.bench_losses",
     "separation": "raysafe.separation.bench",
     "train": "raysafe.train.bench",

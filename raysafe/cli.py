@@ -109,6 +109,9 @@ def run_flow(name: str, args) -> int:
 
         print(dump_config(cfg))
         return 0
+    from raysafe.kernels import log_kernel_report
+
+    log_kernel_report(name, cfg)  # which attention kernel and DeepSpeed ops this job will use (logs, never fails)
     kwargs = {"restart": True} if getattr(args, "restart", False) else {}
     result = _resolve(run_ref)(cfg, **kwargs)
     print(result.summary())

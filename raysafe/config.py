@@ -198,12 +198,40 @@ def require_unique(labels: list[str], what: str, scope: str = "") -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ ray
+def _gpu_count(v: float) -> float:
+    if v > 1 and v != int(v):
+        raise ValueError(
+            f"{v:g} GPUs per actor: above 1 give a whole number (the actor's model is spread over that many GPUs); "
+            "below 1 a fraction lets actors share a GPU"
+        )
+    return v
+
+
+#: GPUs reserved per model actor: a fraction below 1 (actors share a GPU) or a whole number; with N ≥ 2 the actor's
+#: model is spread over its N GPUs (raysafe.models.placement).
+GpuCount = Annotated[float, Field(ge=0), AfterValidator(_gpu_count)]
+
+
+def capacity_field():
+    """``ray.capacity`` of the train and sweep configs (see :func:`raysafe.runtime.capacity_from`)."""
+    return Field(
+        None,
+        description="the most the cluster can grow to, e.g. {CPU: 64, GPU: 16}: work is sized and refused against it "
+        "where the autoscaler reports no limits of its own (the cluster launcher's default autoscaler); nodes that are "
+        "not up yet are left to Ray's autoscaler",
+    )
+
+
 class RaySpec(Strict):
     """Ray resources. ``address`` None: use RAY_ADDRESS if set, else start a local instance."""
 
     address: str | None = None
     num_actors: int = Field(1, ge=1, description="size of the model actor pool")
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_gpus_per_actor: GpuCount = Field(
+        0.0,
+        description="GPUs per model actor: a fraction below 1 shares a GPU between actors; a whole number N ≥ 2 "
+        "spreads one model over the actor's N GPUs (models that do not fit one)",
+    )
     num_cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor (default: CPUs/actors)")
     tokenize_cpus: float = Field(0.5, gt=0, description="CPUs per tokenisation task")

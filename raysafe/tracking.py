@@ -19,9 +19,9 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from raysafe.config import SourceSpec, TrackingSpec
+from raysafe.config import ModelSpec, SourceSpec, TrackingSpec
 from raysafe.errors import RaysafeError
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,27 @@ def configure(spec: TrackingSpec) -> str | None:
     return uri
 
 
+def system_metrics_gaps(have_psutil: bool, have_nvml: bool, gpus_visible: bool) -> list[str]:
+    """What MLflow's system-metrics sampler will leave out, and what to install (a pure function of what is
+    importable: psutil samples CPU, memory, disk and network; pynvml, from the nvidia-ml-py package, the GPUs)."""
+    gaps = []
+    if not have_psutil:
+        gaps.append("CPU/memory/disk/network metrics need psutil (pip install psutil)")
+    if gpus_visible and not have_nvml:
+        gaps.append("GPU metrics need pynvml (pip install nvidia-ml-py)")
+    return gaps
+
+
+def _warn_system_metrics_gaps(where: str) -> None:
+    import importlib.util
+
+    torch = sys.modules.get("torch")  # only when the flow already imported it: GPUs are asked of torch, not probed
+    gpus = bool(torch is not None and torch.cuda.is_available())
+    found = [importlib.util.find_spec(m) is not None for m in ("psutil", "pynvml")]
+    for gap in system_metrics_gaps(found[0], found[1], gpus):
+        log.warning("system metrics (%s): %s", where, gap)
+
+
 _PARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("raysafe_mlflow_parent", default=None)
 
 
@@ -125,6 +146,9 @@ def run(
         yield None
         return
     import mlflow
+
+    if spec.log_system_metrics:
+        _warn_system_metrics_gaps("this process")
 
     if resume_run_id:
         try:
@@ -217,22 +241,130 @@ def _log_batch(client: Any, run_id: str, metrics: dict[str, float], step: int | 
 def log_input(name: str, sources: dict[str, SourceSpec], digest: str, n_rows: int, context: str) -> None:
     """Record a dataset the active run read (MLflow's run inputs): its name, where it came from (the source settings,
     as JSON), its content digest (:func:`raysafe.identity.fingerprint` of the rows) and its row count."""
+    source = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in sources.items()}
+    source_type = "hugging_face" if any(v.kind == "hub" for v in sources.values()) else "local"
+    log_dataset(name, source, digest, n_rows, context, source_type)
+
+
+def log_dataset(
+    name: str, source: dict[str, Any], digest: str, n_rows: int | None, context: str, source_type: str = "local"
+) -> None:
+    """Record a dataset the active run read that is not a configured source (e.g. stored activations: ``source``
+    names the store and what its contents were made from, ``digest`` is their identity)."""
     if (mlflow := _active_mlflow()) is None:
         return
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    source = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in sources.items()}
     dataset = Dataset(
         name=name,
         digest=digest,
-        source_type="hugging_face" if any(v.kind == "hub" for v in sources.values()) else "local",
-        source=json.dumps(source, sort_keys=True),
-        profile=json.dumps({"num_rows": n_rows}),
+        source_type=source_type,
+        source=json.dumps(source, sort_keys=True, default=str),
+        profile=json.dumps({"num_rows": n_rows}) if n_rows is not None else None,
     )
     run_id = mlflow.active_run().info.run_id
     mlflow.MlflowClient().log_inputs(
         run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
     )
+
+
+# ------------------------------------------------------------------------------------------ checkpoint lineage
+#: Files a training checkpoint keeps beside its Hugging Face directory (``<checkpoint>/model``): the identity of the
+#: run that wrote it and its trainer state (raysafe.train.identity.IDENTITY_FILE, raysafe.train.checkpoint.STATE_FILE;
+#: a test keeps the names equal, since shared machinery does not import a flow).
+IDENTITY_FILE = "run_identity.json"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_lineage(model_dir: str | Path) -> dict[str, Any] | None:
+    """Where a model directory came from, when it is a raysafe training checkpoint's export (``<ckpt>/model``) or the
+    checkpoint itself: {checkpoint, identity (digest of its run identity), step}; None for any other model (a hub id,
+    a GGUF file, a directory without the training files)."""
+    from raysafe.identity import digest
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    for ckpt in (path, path.parent):
+        ident = ckpt / IDENTITY_FILE
+        if ident.is_file():
+            try:
+                identity = json.loads(ident.read_text())
+                state = json.loads((ckpt / STATE_FILE).read_text()) if (ckpt / STATE_FILE).is_file() else {}
+            except (OSError, ValueError) as e:
+                log.warning("cannot read the training lineage in %s (%s): not recorded", ckpt, e)
+                return None
+            return {"checkpoint": str(ckpt.absolute()), "identity": digest(identity), "step": state.get("step")}
+    return None
+
+
+def log_checkpoint(ckpt_dir: str | Path, files: tuple[str, ...] = ()) -> None:
+    """Link a trained checkpoint to the active run that made it: its location and identity digest as a parameter and
+    tags (``raysafe.checkpoint``, ``raysafe.checkpoint.identity``, ``raysafe.checkpoint.step``), ``files`` of it as
+    artifacts, and an MLflow model whose weights stay outside MLflow (``create_external_model``: source run = this
+    run, params = location, identity, step), which the runs that later load it take as their model input."""
+    if (mlflow := _active_mlflow()) is None:
+        return
+    ckpt = Path(ckpt_dir).absolute()
+    lineage = checkpoint_lineage(ckpt) or {"checkpoint": str(ckpt), "identity": "unknown", "step": None}
+    tags = {
+        "raysafe.checkpoint": lineage["checkpoint"],
+        "raysafe.checkpoint.identity": lineage["identity"],
+        "raysafe.checkpoint.step": str(lineage["step"]),
+    }
+    mlflow.log_params({"checkpoint": lineage["checkpoint"]})
+    for f in files:
+        if (ckpt / f).exists():
+            log_artifact(ckpt / f)
+    try:
+        model = mlflow.create_external_model(
+            name=f"checkpoint-{lineage['identity']}",
+            source_run_id=mlflow.active_run().info.run_id,
+            params={k: str(v) for k, v in lineage.items()},
+            tags={"raysafe.identity": lineage["identity"]},
+            model_type="raysafe-checkpoint",
+        )
+        tags["raysafe.checkpoint.model_id"] = model.model_id
+    except mlflow.exceptions.MlflowException as e:  # a tracking server without MLflow 3's logged models
+        log.warning("the tracking server cannot record the checkpoint as an MLflow model (%s): tags only", e)
+    mlflow.set_tags(tags)
+
+
+def log_model_lineage(label: str, model_path: str) -> dict[str, Any] | None:
+    """On the active run, record which training run and identity the model ``label`` (at ``model_path``) came from,
+    when it is a raysafe checkpoint: tags ``raysafe.model.<label>.checkpoint`` / ``.identity`` / ``.step`` /
+    ``.train_run`` (the run tagged with that checkpoint identity, in any experiment of the store), and the training
+    run's external model as a model input of this run. Returns the lineage (None for other models)."""
+    if (mlflow := _active_mlflow()) is None:
+        return None
+    lineage = checkpoint_lineage(model_path)
+    if lineage is None:
+        return None
+    tags = {f"raysafe.model.{label}.{k}": str(v) for k, v in lineage.items()}
+    producers = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`raysafe.checkpoint.identity` = '{lineage['identity']}'",
+        output_format="list",
+        order_by=["attributes.start_time DESC"],
+    )
+    if producers:
+        run = producers[0]
+        lineage["train_run"] = run.info.run_id
+        tags[f"raysafe.model.{label}.train_run"] = run.info.run_id
+        model_id = run.data.tags.get("raysafe.checkpoint.model_id")
+        if model_id:
+            from mlflow.entities import LoggedModelInput
+
+            try:
+                mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id, models=[LoggedModelInput(model_id)])
+            except mlflow.exceptions.MlflowException as e:
+                log.warning("cannot record model %s as an input of this run (%s): tags only", model_id, e)
+    else:
+        log.info(
+            "model %s comes from checkpoint %s, whose training run is not in this store", label, lineage["checkpoint"]
+        )
+    mlflow.set_tags(tags)
+    return lineage
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None, run_id: str | None = None) -> None:
@@ -316,6 +448,8 @@ class AttachedRun:
         if info.get("system_metrics"):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            _warn_system_metrics_gaps(node or "attached process")
+
             self._monitor = SystemMetricsMonitor(
                 self.run_id, resume_logging=True, node_id=node, tracking_uri=info["uri"]
             )
@@ -335,3 +469,9 @@ def attach(info: dict | None, node: str | None = None) -> AttachedRun:
     """Attach to the run :func:`attach_info` describes (``None``: a logger that does nothing, e.g. on ranks > 0).
     ``node`` names this process in system metrics (``system/<node>/...``), apart from the driver's ``system/...``."""
     return AttachedRun(info, node)
+
+
+def log_models_lineage(models: Iterable[ModelSpec]) -> None:
+    """:func:`log_model_lineage` for each model a flow loads."""
+    for m in models:
+        log_model_lineage(m.label, m.path)

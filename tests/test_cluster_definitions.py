@@ -435,15 +435,71 @@ def test_nothing_is_exposed_outside_the_cluster():
 
 
 # ------------------------------------------------------------------------------------------------ versions
+def dockerfile_args(path: Path) -> tuple[dict[str, str], str, list[str]]:
+    """(every ARG's default, the FROM image with its ARGs substituted, the RUN commands with ARGs substituted) of a
+    Dockerfile, as ``docker build`` resolves them without --build-arg."""
+    text = path.read_text().replace("\\\n", " ")
+    args = {m.group(1): m.group(2).strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+)", text, re.M)}
+
+    def sub(x: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], x)
+
+    image = sub(re.search(r"^FROM (\S+)", text, re.M).group(1))
+    runs = [sub(ln[4:]) for ln in text.splitlines() if ln.startswith("RUN ")]
+    return args, image, runs
+
+
 def test_images_match_the_installed_ray():
     import ray
 
-    tag = f"rayproject/ray:{ray.__version__}-py311-gpu"
-    assert f"FROM {tag}" in (CLUSTER / "Dockerfile").read_text()
-    assert load(LAUNCHER)["docker"]["image"] == tag
+    args, image, _ = dockerfile_args(CLUSTER / "Dockerfile")
+    assert image == f"rayproject/ray:{ray.__version__}-py311-{args['CUDA']}"
+    assert load(LAUNCHER)["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
     import mlflow
 
     assert f"mlflow[auth]=={mlflow.__version__}" in (CLUSTER / "mlflow" / "Dockerfile").read_text()
+
+
+def test_image_builds_torch_flash_attention_and_deepspeed_ops_for_its_cuda():
+    """The Dockerfile's build args: one CUDA for the base image and the torch index, the architectures kernels are
+    compiled for, flash-attn built against that torch, DeepSpeed's training ops compiled in (not JIT), pinned to the
+    versions tested here."""
+    import deepspeed
+    import torch
+
+    args, image, runs = dockerfile_args(CLUSTER / "Dockerfile")
+    assert re.fullmatch(r"cu\d{3}", args["CUDA"]) and image.endswith(f"-{args['CUDA']}")
+    assert args["TORCH_VERSION"] == torch.__version__.split("+")[0]
+    assert args["DEEPSPEED_VERSION"] == deepspeed.__version__
+    archs = args["TORCH_CUDA_ARCH_LIST"].split(";")
+    assert {"8.0", "9.0"} <= set(archs) and all(re.fullmatch(r"\d+\.\d+(\+PTX)?", a) for a in archs)
+    assert args["DS_BUILD_FUSED_ADAM"] == args["DS_BUILD_CPU_ADAM"] == "1" and args["INSTALL_FLASH_ATTN"] == "1"
+    torch_run = next(r for r in runs if "torch==" in r)
+    assert f"torch=={args['TORCH_VERSION']}" in torch_run
+    assert f"download.pytorch.org/whl/{args['CUDA']}" in torch_run
+    flash = next(r for r in runs if "flash-attn==" in r)
+    assert f"flash-attn=={args['FLASH_ATTN_VERSION']}" in flash and "--no-build-isolation" in flash
+    ds = next(r for r in runs if "deepspeed==" in r)
+    for flag in ("DS_BUILD_OPS", "DS_BUILD_FUSED_ADAM", "DS_BUILD_CPU_ADAM", "DS_BUILD_UTILS"):
+        assert f"{flag}={args[flag]}" in ds
+    assert "--no-build-isolation" in ds and ds.rstrip().endswith("ds_report")
+    order = [
+        i
+        for i, r in enumerate(runs)
+        for key in ("torch==", "flash-attn==", "deepspeed==", "/home/ray/raysafe")
+        if key in r
+    ]
+    assert order == sorted(order), "torch first, then the kernels built against it, then raysafe"
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" in text
+
+
+def test_dockerfile_arg_reader_catches_a_cuda_mismatch(tmp_path):
+    broken = tmp_path / "Dockerfile"
+    text = (CLUSTER / "Dockerfile").read_text()
+    broken.write_text(text.replace("download.pytorch.org/whl/${CUDA}", "download.pytorch.org/whl/cu118"))
+    args, _, runs = dockerfile_args(broken)
+    assert f"download.pytorch.org/whl/{args['CUDA']}" not in next(r for r in runs if "torch==" in r)
 
 
 # ----------------------------------------------------------------------------------------------------- docs

@@ -150,6 +150,9 @@ def test_end_to_end_with_bad_inputs_reported(ray_local, mlflow_local, tiny_llama
     # MLflow: one run with the findings and the artifacts
     run = mlflow.get_run(res.mlflow_run_id)
     assert run.data.tags["raysafe.flow"] == "concepts"
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"concept pairs", "neutral prompts (steering)", "concept pairs activations of tiny"}
+    assert inputs["concept pairs activations of tiny"].digest == res.activations["tiny"]["activations"]
     assert 0 <= run.data.metrics["tiny.recognition.test_acc_mean"] <= 1
     assert "tiny.transfer.high_minus_low" in run.data.metrics
     assert any(k.startswith("tiny.steering.toxicity.L2.sw.alpha2") for k in run.data.metrics)

@@ -126,6 +126,10 @@ def test_evaluate_end_to_end_resume_and_counts(tmp_path, tiny_gemma_dir, tiny_ll
     child = mlflow.get_run(res.mlflow_run_id)
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "sp.offline.safety_rate_mean" in child.data.metrics and "utility.accuracy_mean" in child.data.metrics
+    inputs = {d.dataset.name: d.dataset for d in child.inputs.dataset_inputs}
+    assert len(inputs) == 2 and "multiple-choice questions" in inputs
+    (prompts,) = [d for n, d in inputs.items() if n.endswith("(prompts)")]
+    assert json.loads(prompts.profile) == {"num_rows": 36} and len(prompts.digest) > 8
 
     # resume: a second run regenerates and rejudges nothing and reproduces the tables
     shard0 = tmp_path / "eval" / "tiny-gemma" / "generations" / "shard-00000.parquet"

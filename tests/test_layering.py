@@ -3,7 +3,8 @@
 - Shared machinery (config, errors, atomic, identity, locks, consistency, bootstrap, tables, plots, tracking, runtime, data/,
   models/) never imports a flow package.
 - A flow imports another flow only through that flow's ``config`` or ``flow`` module.
-- ``cli.py`` and ``bench.py`` (the registry of every flow's benches) may import anything.
+- ``cli.py``, ``bench.py`` (the registry of every flow's benches) and ``gpu_check.py`` (the GPU check over several
+  flows) may import anything.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ SHARED = {
     "tables",
     "plots",
     "tracking",
+    "kernels",
     "runtime",
     "data",
     "models",
 }
-TOP = {"cli", "bench"}
+TOP = {"cli", "bench", "gpu_check"}
 FLOW_DOORS = {"config", "flow"}
 
 

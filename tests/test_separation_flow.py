@@ -124,6 +124,10 @@ def test_mlflow_run_holds_metrics_per_layer_and_artifacts(flow_run):
     run = mlflow.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raysafe.flow"] == "separation"
     assert run.data.tags["raysafe.extract_run.safety"]  # the extraction's own run is linked
+    # the activations it read are its dataset inputs, each with the identity of what it holds
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"{k} activations of {m}" for k in ("safety", "detox") for m in ("base", "aligned")}
+    assert inputs["safety activations of base"].digest == res.activations["safety"]["models"]["base"]["activations"]
     hist = mlflow.MlflowClient().get_metric_history(res.mlflow_run_id, "bhattacharyya.base.en")
     assert sorted(m.step for m in hist) == [0, 1, 2, 3, 4]
     assert "shift.bhattacharyya.aligned.ru" in run.data.metrics and "best.probe_accuracy.base.zh" in run.data.metrics

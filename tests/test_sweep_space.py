@@ -368,44 +368,6 @@ def test_run_sweep_refuses_before_any_trial(tiny_llama_dir, tmp_path, space_kw, 
     assert not (tmp_path / "sweeps").exists()  # nothing was started
 
 
-# ------------------------------------------------------------------------------------------- intermediate reports
-def test_intermediate_steps_come_from_checkpoints_and_the_step_record(tmp_path):
-    """What a trial reports to ASHA while training runs: every step past the last one reported, with the full
-    metrics of steps that still have a checkpoint and the record's losses for steps whose checkpoint was rotated
-    away; a state file still being written is skipped."""
-    import json
-
-    from raysafe.sweep.trial import new_steps
-
-    record = [
-        {"step": s, "epoch": 0, "groups": [], "loss": 1.0 - s / 10, "loss_align": 0.7 - s / 10, "mlc_active": True}
-        for s in range(1, 5)
-    ]
-
-    def ckpt(name: str, step: int) -> None:
-        d = tmp_path / name
-        d.mkdir()
-        (d / "trainer_state.json").write_text(
-            json.dumps({"step": step, "record": record[:step], "metrics": {"loss/align": 0.7 - step / 10, "lr": 1e-3}})
-        )
-
-    assert new_steps(tmp_path, 0) == []
-    ckpt("checkpoint_2026-01-01_00-00-02", 2)
-    ckpt("checkpoint_2026-01-01_00-00-04", 4)
-    (tmp_path / "checkpoint_2026-01-01_00-00-05").mkdir()
-    (tmp_path / "checkpoint_2026-01-01_00-00-05" / "trainer_state.json").write_text('{"step": 5, "rec')  # mid-copy
-    steps = new_steps(tmp_path, 1)
-    assert [s for s, _ in steps] == [2, 3, 4]
-    assert steps[0][1] == {"loss/align": pytest.approx(0.5), "lr": 1e-3}  # its own checkpoint's metrics
-    assert steps[1][1] == {"loss/align": pytest.approx(0.4), "loss/total": pytest.approx(0.7)}  # from the record
-    assert M.train_metrics(steps[1][1], 3) == {
-        "train_loss_align": pytest.approx(0.4),
-        "train_loss_total": pytest.approx(0.7),
-        "train_step": 3.0,
-    }
-    assert new_steps(tmp_path, 4) == []
-
-
 def test_sweep_config_refuses_an_evaluation_set_or_judge_it_does_not_run():
     from raysafe.sweep.config import SweepConfig
 
@@ -422,15 +384,16 @@ def test_sweep_config_refuses_an_evaluation_set_or_judge_it_does_not_run():
 
 # ------------------------------------------------------------------------------------------- ASHA across a resume
 def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
-    """A resumed sweep unpickles the scheduler as it was when the sweep started (empty rungs): ResumableASHA reads
-    the records it wrote before the interruption, so a lagging trial is still stopped against earlier ones."""
+    """A resumed sweep unpickles the scheduler as it was when the sweep started (empty rungs): ResumableASHA
+    restores the state it saved (Tune's ``TrialScheduler.save``) before the interruption, so a lagging trial is
+    still stopped against earlier ones."""
     from types import SimpleNamespace
 
     from ray.tune.schedulers import TrialScheduler
 
     from raysafe.sweep.scheduler import ResumableASHA
 
-    state = tmp_path / "asha_state.json"
+    state = tmp_path / "asha_state.pkl"
 
     def asha():
         return ResumableASHA(
@@ -442,7 +405,7 @@ def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
     before.on_trial_add(None, a)
     assert before.on_trial_result(None, a, {"train_step": 1, "loss": 0.69}) == TrialScheduler.CONTINUE  # no rung
     assert before.on_trial_result(None, a, {"train_step": 2, "loss": 0.40}) == TrialScheduler.CONTINUE
-    assert before.rung_records()[0][-1] == (2.0, {"a": -0.40})  # milestones 2 (and 4 = max_t is not a rung)
+    assert state.exists()  # saved after every event
 
     after = asha()  # the interrupted sweep's scheduler, fresh from Tune's pickle
     after.on_trial_add(None, b)
@@ -452,7 +415,7 @@ def test_asha_rung_records_survive_a_new_scheduler_object(tmp_path):
     assert after.on_trial_result(None, c, {"train_step": 2, "loss": 0.69}) == TrialScheduler.STOP
 
     fresh = ResumableASHA(
-        str(tmp_path / "none.json"),
+        str(tmp_path / "none.pkl"),
         time_attr="train_step",
         metric="loss",
         mode="min",

@@ -150,3 +150,138 @@ def test_system_metrics_only_when_asked(mlflow_local, monkeypatch):
     keys = set(client.get_run(on.info.run_id).data.metrics)
     assert "system/cpu_utilization_percentage" in keys and "system/system_memory_usage_megabytes" in keys
     assert "system/rank0/cpu_utilization_percentage" in keys  # the worker's own series, apart from the driver's
+
+
+def test_system_metrics_gaps_name_what_to_install():
+    assert tracking.system_metrics_gaps(True, True, True) == []
+    assert tracking.system_metrics_gaps(True, False, False) == []  # no GPU: pynvml is not needed
+    assert tracking.system_metrics_gaps(True, False, True) == ["GPU metrics need pynvml (pip install nvidia-ml-py)"]
+    assert "psutil" in tracking.system_metrics_gaps(False, True, False)[0]
+
+
+def test_lineage_file_names_are_the_trainers():
+    from raysafe.train.checkpoint import STATE_FILE
+    from raysafe.train.identity import IDENTITY_FILE
+
+    assert (tracking.IDENTITY_FILE, tracking.STATE_FILE) == (IDENTITY_FILE, STATE_FILE)
+
+
+def _checkpoint(root, lr: float = 1e-5, step: int = 4):
+    ckpt = root / "run" / "checkpoint_000001"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "config.json").write_text("{}")
+    (ckpt / "run_identity.json").write_text(json.dumps({"optim.lr": lr, "weights: model": "abc"}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (ckpt / "train_config.yaml").write_text("model: {path: x}\n")
+    return ckpt
+
+
+def test_checkpoint_lineage_links_the_consumer_to_the_training_run_and_identity(mlflow_local, tmp_path):
+    from mlflow import MlflowClient
+
+    from raysafe.config import ModelSpec
+    from raysafe.identity import digest
+
+    ckpt = _checkpoint(tmp_path)
+    ident = digest({"optim.lr": 1e-5, "weights: model": "abc"})
+    with tracking.run(TrackingSpec(experiment="train"), "train") as producer:
+        tracking.log_checkpoint(ckpt, ("trainer_state.json", "train_config.yaml", "run_identity.json", "absent"))
+    client = MlflowClient(mlflow_local)
+    made = client.get_run(producer.info.run_id)
+    assert made.data.params["checkpoint"] == str(ckpt)
+    assert made.data.tags["raysafe.checkpoint.identity"] == ident and made.data.tags["raysafe.checkpoint.step"] == "4"
+    arts = {a.path for a in client.list_artifacts(producer.info.run_id)}
+    assert arts == {"trainer_state.json", "train_config.yaml", "run_identity.json"}
+    model = client.get_logged_model(made.data.tags["raysafe.checkpoint.model_id"])
+    assert model.source_run_id == producer.info.run_id and model.params["identity"] == ident
+
+    # a consumer in another experiment loads <checkpoint>/model: it names the run and identity its model came from
+    other = _checkpoint(tmp_path / "other", lr=2e-5)  # same layout, another identity: not made by that run
+    with tracking.run(TrackingSpec(experiment="evaluate"), "evaluate") as consumer:
+        got = tracking.log_model_lineage("policy", str(ckpt / "model"))
+        tracking.log_models_lineage([ModelSpec(path=str(other / "model"), name="stranger"), ModelSpec(path="org/m")])
+    assert got == {"checkpoint": str(ckpt), "identity": ident, "step": 4, "train_run": producer.info.run_id}
+    run = client.get_run(consumer.info.run_id)
+    tags = run.data.tags
+    assert tags["raysafe.model.policy.train_run"] == producer.info.run_id
+    assert tags["raysafe.model.policy.identity"] == ident
+    assert tags["raysafe.model.policy.checkpoint"] == str(ckpt)
+    assert [m.model_id for m in run.inputs.model_inputs] == [model.model_id]
+    assert "raysafe.model.stranger.train_run" not in tags  # its identity matches no training run in the store
+    assert tags["raysafe.model.stranger.identity"] == digest({"optim.lr": 2e-5, "weights: model": "abc"})
+    assert not any(k.startswith("raysafe.model.m.") for k in tags)  # a hub id has no lineage
+
+
+def test_lineage_of_models_that_are_not_checkpoints(tmp_path):
+    assert tracking.checkpoint_lineage("org/model") is None
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert tracking.checkpoint_lineage(plain) is None
+    broken = _checkpoint(tmp_path / "b")
+    (broken / "run_identity.json").write_text("{not json")
+    assert tracking.checkpoint_lineage(broken / "model") is None  # logged as a warning, never an error
+
+
+def test_log_dataset_records_stored_inputs_without_a_row_count(mlflow_local):
+    from mlflow import MlflowClient
+
+    with tracking.run(TrackingSpec(experiment="t"), "analysis") as r:
+        tracking.log_dataset("safety activations of m", {"store": "/x", "weights": "w1"}, "d1g35t", None, "analysis")
+    (inp,) = MlflowClient(mlflow_local).get_run(r.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "safety activations of m" and inp.dataset.digest == "d1g35t"
+    assert json.loads(inp.dataset.source) == {"store": "/x", "weights": "w1"} and not inp.dataset.profile
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "analysis")]
+
+
+def test_an_extraction_actor_samples_its_own_system_metrics_into_the_run(mlflow_local, monkeypatch, tiny_llama_dir):
+    """The model actors run on the GPU nodes, not the driver's: each samples its node into the extraction's run."""
+    import os
+    import socket
+    import time
+
+    from mlflow import MlflowClient
+
+    from raysafe.extract.stages import ExtractorStage
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    spec = TrackingSpec(experiment="t", log_system_metrics=True)
+    with tracking.run(TrackingSpec(experiment="t"), "extract") as r:
+        stage = ExtractorStage({"path": str(tiny_llama_dir)}, {}, [1], str(os.getcwd()), "tiny", "id", 1, None)
+        assert stage.run_log.run_id is None  # system metrics off: nothing attached
+        stage = ExtractorStage(
+            {"path": str(tiny_llama_dir)}, {}, [1], str(os.getcwd()), "tiny", "id", 1, tracking.attach_info(spec, r)
+        )
+        time.sleep(1.0)
+        stage.run_log.close()
+    keys = set(MlflowClient(mlflow_local).get_run(r.info.run_id).data.metrics)
+    assert f"system/extract-{socket.gethostname()}-{os.getpid()}/cpu_utilization_percentage" in keys
+
+
+def test_a_server_without_logged_models_still_gets_the_lineage_tags(mlflow_local, tmp_path, monkeypatch, caplog):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    def refuse(**kwargs):
+        raise MlflowException("logged models are not supported by this server")
+
+    monkeypatch.setattr(mlflow, "create_external_model", refuse)
+    ckpt = _checkpoint(tmp_path)
+    with tracking.run(TrackingSpec(experiment="train"), "train") as r:
+        tracking.log_checkpoint(ckpt)
+    run = MlflowClient(mlflow_local).get_run(r.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raysafe.checkpoint"] == str(ckpt)
+    assert "raysafe.checkpoint.model_id" not in run.data.tags and "tags only" in caplog.text
+
+
+def test_the_sweeps_heldout_rows_are_its_dataset_input(mlflow_local):
+    from mlflow import MlflowClient
+
+    from raysafe.sweep.heldout import log_heldout_input
+
+    rows = [{"group_id": "g0", "lang": "en", "text": "a"}, {"group_id": "g0", "lang": "de", "text": "b"}]
+    with tracking.run(TrackingSpec(experiment="t"), "sweep") as r:
+        log_heldout_input(SourceSpec(name="safety_prompts"), rows)
+    (inp,) = MlflowClient(mlflow_local).get_run(r.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "held-out prompt variants" and json.loads(inp.dataset.profile) == {"num_rows": 2}
+    assert json.loads(inp.dataset.source) == {"variants": {"name": "safety_prompts"}}

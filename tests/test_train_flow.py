@@ -76,6 +76,13 @@ def test_zero3_two_workers_loss_goes_down_and_checkpoint_round_trips(ray_local, 
     client = MlflowClient(mlflow_local)
     run = client.get_run(res.mlflow_run_id)
     assert run.data.params["checkpoint"] == str(res.checkpoint_dir)
+    # lineage: the checkpoint's identity and an external MLflow model whose source is this run
+    from raysafe.identity import digest
+
+    ident = digest(json.loads((res.checkpoint_dir / "run_identity.json").read_text()))
+    assert run.data.tags["raysafe.checkpoint.identity"] == ident and run.data.tags["raysafe.checkpoint.step"] == "8"
+    model = client.get_logged_model(run.data.tags["raysafe.checkpoint.model_id"])
+    assert model.source_run_id == res.mlflow_run_id and model.params["checkpoint"] == str(res.checkpoint_dir)
     history = client.get_metric_history(res.mlflow_run_id, "loss_total")
     assert [m.step for m in history] == list(range(1, 9))
     for key in ("loss_mlc", "mlc_rank1_energy", "align_rewards_accuracy", "tokens_per_s", "memory_mb"):

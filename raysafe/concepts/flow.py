@@ -48,7 +48,7 @@ from raysafe.config import (
 from raysafe.errors import ConfigError, RaysafeError
 from raysafe.extract.config import ExtractConfig, ExtractSpec
 from raysafe.extract.flow import Activations
-from raysafe.identity import analysis_identity
+from raysafe.identity import analysis_identity, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -457,6 +457,18 @@ def write_index(result: ConceptsResult, cfg: ConceptsConfig) -> Path:
     return path
 
 
+def _log_inputs(cfg: ConceptsConfig, pairs: pl.DataFrame, neutral: pl.DataFrame | None, acts: dict) -> None:
+    """The datasets the run reads (concept pairs, steering's neutral prompts, each model's activations) and where each
+    model came from (a raysafe checkpoint's training run) on the MLflow run."""
+    tracking.log_input("concept pairs", {"data": concept_source(cfg)}, fingerprint(pairs), pairs.height, "concepts")
+    if neutral is not None:
+        src = {"neutral": cfg.steering.neutral}
+        tracking.log_input("neutral prompts (steering)", src, fingerprint(neutral), neutral.height, "steering")
+    for a in acts.values():
+        a.log_inputs("concept pairs")
+    tracking.log_models_lineage(cfg.models)
+
+
 def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
     """Run the value-concept study for every model of ``cfg`` (see the module docstring)."""
     t_all = time.perf_counter()
@@ -487,6 +499,7 @@ def run_concepts(cfg: ConceptsConfig, progress: bool = True) -> ConceptsResult:
             {"config": cfg.model_dump(mode="json"), "analysis_identity": result.identity}
             | {k: v for a in acts.values() for k, v in a.params("acts").items()}
         )
+        _log_inputs(cfg, pairs, neutral, acts)
         for spec, n, wanted, _ in plans:
             m = ModelConcepts(spec.label, out_root / spec.label, num_layers=n)
             result.models[spec.label] = m

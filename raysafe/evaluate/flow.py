@@ -200,6 +200,19 @@ def _restrict_languages(df: pl.DataFrame, languages: list[str] | None, what: str
     return df.drop("row_id").with_row_index("row_id").with_columns(pl.col("row_id").cast(pl.Int64))
 
 
+def _log_inputs(cfg: EvaluateConfig, inputs: _Inputs) -> None:
+    """The datasets the run reads (prompt sets, multiple-choice questions) and where each model came from (the
+    training run and identity of a raysafe checkpoint) on the MLflow run."""
+    sources = {f"{s.name}[{i}]": src for s in cfg.sets for i, src in enumerate(s.sources)}
+    names = "+".join(s.name for s in cfg.sets)
+    tracking.log_input(f"{names} (prompts)", sources, inputs.prompts_fp, inputs.prompts.height, context="evaluation")
+    if inputs.mc is not None:
+        mc_sources = {f"utility[{i}]": src for i, src in enumerate(cfg.utility.sources)}
+        tracking.log_input("multiple-choice questions", mc_sources, inputs.mc_fp, inputs.mc.height, context="utility")
+    for m in cfg.models:
+        tracking.log_model_lineage(model_label(m), m.path)
+
+
 def _load_inputs(cfg: EvaluateConfig) -> _Inputs:
     """Prompts and (when utility is on) multiple-choice questions, validated before any model is loaded."""
     prompts = _restrict_languages(
@@ -410,6 +423,7 @@ def _run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None, progress: bool
     name = cfg.tracking.run_name or f"evaluate {'+'.join(model_label(m) for m in cfg.models)}"
     with tracking.run(cfg.tracking, name, parent_run_id=parent_run_id, tags={"raysafe.flow": "evaluate"}) as mlrun:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "prompts_fingerprint": inputs.prompts_fp})
+        _log_inputs(cfg, inputs)
         tables = _Tables()
         for spec in cfg.models:
             _evaluate_model(cfg, store, spec, inputs, result, tables, progress)

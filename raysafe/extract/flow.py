@@ -179,8 +179,11 @@ def extract_model(
     missing: list[int],
     identity: str,
     progress: bool = True,
+    mlflow: dict | None = None,
 ) -> list[dict]:
-    """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard."""
+    """Run the Ray Data pipeline over the ``missing`` shards of one model; returns one summary per shard.
+    ``mlflow``: :func:`raysafe.tracking.attach_info` of the run each model actor samples its system metrics into
+    (``system/extract-<host>-<pid>/…``: the GPUs the actors use are on other nodes than the driver)."""
     import ray
     from tqdm.auto import tqdm
 
@@ -209,6 +212,7 @@ def extract_model(
             "model_label": spec.label,
             "identity": identity,
             "torch_threads": _actor_threads(cfg),
+            "mlflow": mlflow,
         },
         batch_size=1,
         num_gpus=cfg.ray.num_gpus_per_actor or None,
@@ -279,12 +283,18 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> ExtractResult:
         tracking.log_params({"config": cfg.model_dump(mode="json"), "dataset_fingerprint": fp})
         name = f"{cfg.data.name or cfg.data.path} ({contract_name(cfg)})"
         tracking.log_input(name, {"data": cfg.data}, fp, rows.height, context="extraction")
+        tracking.log_models_lineage(cfg.models)  # the training run and identity of a raysafe checkpoint
         tracking.log_metrics({f"rows_{lang}": n for lang, n in rows_per_lang.items()})
         for spec, info, layers in plans:
             done = store.done_shards(spec.label)
             missing = [k for k in range(n_shards) if k not in done]
             t0 = time.perf_counter()
-            summaries = extract_model(cfg, spec, layers, store, missing, info["identity"], progress) if missing else []
+            metrics_into = tracking.attach_info(cfg.tracking, mlrun) if cfg.tracking.log_system_metrics else None
+            summaries = (
+                extract_model(cfg, spec, layers, store, missing, info["identity"], progress, metrics_into)
+                if missing
+                else []
+            )
             wall = time.perf_counter() - t0
             tokens = sum(int(s["tokens"]) for s in summaries)
             mr = ModelResult(
@@ -349,6 +359,16 @@ class Activations:
     def record(self) -> dict:
         """What the analysis outputs carry: the store and each model's identity."""
         return {"store": str(self.store.root.resolve()), "models": self.identities}
+
+    def log_inputs(self, kind: str) -> None:
+        """Each model's stored activations as a dataset input of the active MLflow run: the store, the weights and
+        texts fingerprints they were made from, their layers and positions; digest = their identity."""
+        root = str(self.store.root.resolve())
+        for label, ident in self.identities.items():
+            source = {"store": root, "model": label} | {
+                k: ident[k] for k in ("weights", "texts", "layers", "positions")
+            }
+            tracking.log_dataset(f"{kind} activations of {label}", source, ident["activations"], None, "analysis")
 
     def params(self, prefix: str) -> dict[str, str]:
         """Flat MLflow params: ``<prefix>.<model>.activations`` / ``.weights`` / ``.texts``."""

@@ -5,7 +5,8 @@ last index is the final state after the final norm) and are read with its :func:
 reader the MLC loss uses in training. The LM head is never run and the forward stops after the deepest requested layer (a forward hook raises once that
 layer's output is pooled), so asking for early layers costs only those layers. When only the ``last`` position is
 pooled, the deepest block's MLP runs on the last token of each row alone: no other position of that block's output is
-ever read. Pooling happens on the model's device; only the pooled [batch, hidden] vectors are returned, in float32.
+ever read. Pooling happens on the device of the layer read (a model split over an actor's GPUs puts later layers on
+later GPUs); only the pooled [batch, hidden] vectors are returned, in float32.
 """
 
 from __future__ import annotations
@@ -43,15 +44,18 @@ class _LastRowsOnly(nn.Module):
         if x.dim() != 3:
             return self.mlp(x, *args, **kwargs)
         rows = torch.arange(x.shape[0], device=x.device)
-        y = self.mlp(x[rows, self.last_index].unsqueeze(1), *args, **kwargs)
+        last = self.last_index.to(x.device)  # the block may sit on another GPU than the inputs (a split model)
+        y = self.mlp(x[rows, last].unsqueeze(1), *args, **kwargs)
         if not isinstance(y, torch.Tensor):  # e.g. an MoE block that also returns router logits
             return self.mlp(x, *args, **kwargs)
         out = x.new_zeros(x.shape[:2] + y.shape[2:])
-        out[rows, self.last_index] = y[:, 0]
+        out[rows, last] = y[:, 0]
         return out
 
 
 def _pool(h: torch.Tensor, mask: torch.Tensor, last_idx: torch.Tensor, position: str) -> torch.Tensor:
+    # A model split over several GPUs computes later layers on later devices than the inputs sit on.
+    mask, last_idx = mask.to(h.device), last_idx.to(h.device)
     if position == "last":
         return h[torch.arange(h.shape[0], device=h.device), last_idx].float()
     m = mask.to(h.dtype).unsqueeze(-1)

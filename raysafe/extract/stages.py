@@ -185,8 +185,16 @@ class ExtractorStage(Extractor):
         model_label: str,
         identity: str,
         torch_threads: int | None = None,
+        mlflow: dict | None = None,
     ):
+        import socket
+
+        from raysafe import tracking
+
         super().__init__(model, extract, layers, None, torch_threads)
+        # this actor's CPU/memory/GPU use, sampled into the extraction's run (None: system metrics are off); the
+        # sampler is a daemon thread that ends with the actor
+        self.run_log = tracking.attach(mlflow, node=f"extract-{socket.gethostname()}-{os.getpid()}")
         self.store = ActivationStore(store_root)
         self.label = model_label
         self.identity = identity

@@ -222,7 +222,9 @@ def load_tokenizer(spec: ModelSpec, resolved: ResolvedModel | None = None):
 
 
 def load_model(spec: ModelSpec, device: str | torch.device | None = None, resolved: ResolvedModel | None = None):
-    """(model in eval mode on ``device``, tokenizer). dtype from the spec (auto: bf16 on GPU, fp32 on CPU)."""
+    """(model in eval mode on ``device``, tokenizer). dtype from the spec (auto: bf16 on GPU, fp32 on CPU). ``cuda``
+    without an index (the default on a GPU actor) spreads the model over all of the actor's GPUs (see
+    :func:`gpu_placement`)."""
     resolved = resolved or resolve(spec)
     tok = load_tokenizer(spec, resolved)
     return load_causal_lm(spec, device, resolved), tok
@@ -236,17 +238,56 @@ def load_causal_lm(spec: ModelSpec, device: str | torch.device | None = None, re
     dev = pick_device(str(device) if device is not None else None)
     resolved = resolved or resolve(spec)
     attn = spec.attn_implementation
+    dtype = pick_dtype(spec, dev)
+    placement = gpu_placement(spec, resolved, dev, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path,
             revision=resolved.revision,
-            dtype=pick_dtype(spec, dev),
+            dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             attn_implementation=attn,
+            **placement,
         )
     except OSError as e:
         raise _load_error(spec, resolved, e) from None
-    return model.to(dev).eval()
+    return placed_for_inference(spec, model, dev, placement)
+
+
+def gpu_placement(spec: ModelSpec, resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> dict:
+    """``from_pretrained`` keyword arguments that spread the model over every GPU the actor sees (see
+    :mod:`raysafe.models.placement`), after checking that its weights fit them. Only for ``device`` ``cuda`` without
+    an index (an inference actor's GPUs); ``cuda:i`` (a training worker's one GPU) and CPU load as before: ``{}``."""
+    if device.type != "cuda" or device.index is not None:
+        return {}
+    from raysafe.models.placement import actor_gpus, config_numel, dtype_bytes, plan_placement, safetensors_numel
+
+    numel = safetensors_numel(Path(resolved.path)) if resolved.source != "hub" else None
+    if numel is None:
+        numel = config_numel(load_hf_config(spec, resolved))
+    gpus = actor_gpus(device)
+    plan = plan_placement(spec.label, numel * dtype_bytes(dtype), gpus)
+    if plan:
+        log.info("model %s spread over %d GPUs: max_memory %s", spec.label, len(gpus), plan["max_memory"])
+    return plan
+
+
+def placed_for_inference(spec: ModelSpec, model, device: torch.device, placement: dict):
+    """``model`` in eval mode where :func:`gpu_placement` said: already dispatched over several GPUs by
+    ``from_pretrained`` (checked that nothing went to CPU or disk), else moved to ``device``. Inputs go to the
+    device of the first parameter (the embeddings); accelerate's hooks move activations between GPUs."""
+    if placement.get("device_map") is not None:
+        from raysafe.models.placement import check_placed
+
+        check_placed(spec.label, model)
+        placed = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+        devices = sorted({str(d) for d in placed.values()})
+    else:
+        model = model.to(device)
+        devices = [str(device)]
+    attn = getattr(model.config, "_attn_implementation", None) or spec.attn_implementation
+    log.info("model %s loaded: attention %s, %s on %s", spec.label, attn, model.dtype, ", ".join(devices))
+    return model.eval()
 
 
 def load_hf_config(spec: ModelSpec, resolved: ResolvedModel | None = None):

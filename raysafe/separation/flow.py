@@ -398,6 +398,10 @@ def _run(cfg: SeparationConfig, progress: bool) -> SeparationResult:
             | safety.params("safety")
             | (detox.params("detox") if detox is not None else {})
         )
+        for kind, acts in (("safety", safety), ("detox", detox)):
+            if acts is not None:
+                acts.log_inputs(kind)
+        tracking.log_models_lineage(cfg.models)
         extract_runs = {
             f"raysafe.extract_run.{k}": ",".join(a.mlflow_run_ids)
             for k, a in (("safety", safety), ("detox", detox))

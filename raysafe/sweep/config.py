@@ -9,6 +9,7 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from raysafe.config import (
     Strict,
     TrackingSpec,
+    capacity_field,
     load_config,
 )
 from raysafe.errors import ConfigError
@@ -36,12 +37,18 @@ class SearchSpec(Strict):
 class SchedulerSpec(Strict):
     kind: Literal["none", "asha"] = "none"
     metric: Literal["train_loss_align", "train_loss_total"] = Field(
-        "train_loss_align", description="intermediate metric ASHA compares at each rung (from the trial's checkpoints)"
+        "train_loss_align",
+        description="intermediate metric ASHA compares at each rung (reported by Train at every step)",
     )
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1, description="training steps before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
-    report_every_n_steps: int = Field(1, ge=1, description="checkpoint (and report) interval of the trials, in steps")
+    report_every_n_steps: int = Field(
+        1,
+        ge=1,
+        description="checkpoint interval of the trials under ASHA, in steps (every step is reported to Tune, "
+        "checkpointed or not)",
+    )
 
 
 class TrialResources(Strict):
@@ -71,6 +78,7 @@ class SweepEvaluation(Strict):
 
 class SweepRaySpec(Strict):
     address: str | None = None
+    capacity: dict[str, float] | None = capacity_field()
 
 
 class SweepConfig(Strict):

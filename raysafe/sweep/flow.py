@@ -8,16 +8,17 @@
 2. open one MLflow parent run (continued when the sweep resumes) and evaluate the base model once (for
    ``utility_drop`` / ``safety_gain``);
 3. run the trials with Ray Tune (``raysafe.sweep.trial``: train → evaluate → held-out consistency), grid or random
-   search (``BasicVariantGenerator``), optionally ASHA on an intermediate training metric (its rung records kept
-   across a resume, ``raysafe.sweep.scheduler``), at most
-   ``max_concurrent_trials`` at once (default: as many as the cluster's CPUs/GPUs fit);
+   search (``BasicVariantGenerator``), optionally ASHA on an intermediate training metric, which Train reports to
+   Tune at every optimiser step (its state kept across a resume, ``raysafe.sweep.scheduler``), at most
+   ``max_concurrent_trials`` at once (default: as many as the full cluster's CPUs/GPUs fit — what its autoscaler can
+   grow it to, or ``ray.capacity``);
 4. write the results table, the Pareto plot and ``best_train_config.yaml`` and log them to the parent run.
 
 Re-running the same config resumes the sweep (``Tuner.restore``): finished trials are kept, unfinished ones run
 again (their training resumes from its own last checkpoint). Layout under ``output_dir/name``::
 
     sweep_config.yaml  sweep_state.json   the config and the MLflow parent run id
-    asha_state.json                        ASHA's rung records (read back when the sweep resumes)
+    asha_state.pkl                         ASHA's state (Tune's scheduler save format; restored on resume)
     tune/                                  the Tune experiment (what Tuner.restore reads)
     train/trial_<id>/                      each trial's Ray Train run (checkpoints, model/)
     trials/<id>/                           train_config.yaml, attempts.jsonl, evaluate/, result.json
@@ -150,41 +151,50 @@ def _identity(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _check_resources(cfg: SweepConfig, evaluate_cfg) -> int:
-    """Refuse trials the cluster can never run; returns the number of trials to run at once."""
-    import ray
+    """Refuse trials that even the full cluster can never run — what its autoscaler can grow it to, else
+    ``ray.capacity`` (:func:`raysafe.runtime.cluster_capacity`); returns the number of trials to run at once. Nodes
+    that are not up yet are left to Ray's autoscaler (each trial's Train workers ask for them)."""
+    from raysafe.runtime import cluster_capacity
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    cap = cluster_capacity(cfg.ray.capacity)
+    if cap.most is None:
+        log.warning("cannot tell what the cluster can grow to (%s): trials are not sized against it", cap.describe())
+    most = cap.most if cap.most is not None else {"CPU": math.inf, "GPU": math.inf}
+    cpus, gpus = most.get("CPU", 0.0), most.get("GPU", 0.0)
     r = cfg.resources
     need_cpu = r.num_workers * r.cpus_per_worker
+    grow = "run on a bigger cluster (RAY_ADDRESS) or, where it scales up and reports no limits, set ray.capacity"
     if need_cpu > cpus + 1e-9:
         raise ConfigError(
-            f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s) but the cluster has {cpus:g}",
+            f"a trial needs {need_cpu:g} CPUs for its {r.num_workers} train worker(s); the cluster: {cap.describe()}",
             where="resources.num_workers / resources.cpus_per_worker",
-            fix="lower resources.num_workers or resources.cpus_per_worker, or run on a bigger cluster (RAY_ADDRESS)",
+            fix=f"lower resources.num_workers or resources.cpus_per_worker, or {grow}",
         )
     if r.use_gpu and r.num_workers > gpus:
         raise ConfigError(
-            f"a trial needs {r.num_workers} GPUs (one per train worker) but the cluster has {gpus:g}",
+            f"a trial needs {r.num_workers} GPUs (one per train worker); the cluster: {cap.describe()}",
             where="resources.num_workers / resources.use_gpu",
-            fix="lower resources.num_workers or add GPUs",
+            fix=f"lower resources.num_workers, or {grow}",
         )
     if evaluate_cfg is not None and evaluate_cfg.ray.num_cpus_per_actor > cpus:
         raise ConfigError(
-            f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs, the cluster has {cpus:g}",
+            f"evaluation actors need {evaluate_cfg.ray.num_cpus_per_actor:g} CPUs; the cluster: {cap.describe()}",
             where="evaluation.evaluate.ray.num_cpus_per_actor",
-            fix="lower evaluation.evaluate.ray.num_cpus_per_actor, or run on a bigger cluster (RAY_ADDRESS)",
+            fix=f"lower evaluation.evaluate.ray.num_cpus_per_actor, or {grow}",
         )
     c = cfg.evaluation.consistency
     if cfg.evaluation.consistency.enabled and (c.cpus > cpus or c.gpus > gpus):
         raise ConfigError(
-            f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs, the cluster has {cpus:g} / {gpus:g}",
+            f"the consistency task needs {c.cpus:g} CPUs / {c.gpus:g} GPUs; the cluster: {cap.describe()}",
             where="evaluation.consistency.cpus / gpus",
-            fix="lower evaluation.consistency.cpus / evaluation.consistency.gpus",
+            fix=f"lower evaluation.consistency.cpus / evaluation.consistency.gpus, or {grow}",
         )
+    if cap.most is None:  # as many as fit on the nodes that are up (at least one)
+        cpus, gpus = cap.now.get("CPU", 0.0), cap.now.get("GPU", 0.0)
     fits = math.floor((cpus + 1e-9) / need_cpu)
     if r.use_gpu:
         fits = min(fits, math.floor(gpus / r.num_workers))
+    log.info("cluster for the sweep: %s; %d trial(s) fit at once", cap.describe(), fits)
     if cfg.search.max_concurrent_trials is not None:
         if cfg.search.max_concurrent_trials > fits:
             log.warning(
@@ -290,7 +300,7 @@ def _validate_combos(cfg: SweepConfig, base: TrainConfig, named: dict) -> int | 
 
 
 def _check_scheduler(cfg: SweepConfig, steps: int) -> None:
-    """ASHA needs a grace period and a report interval below the trials' training steps."""
+    """ASHA needs a grace period below the trials' training steps (it sees every step: Train reports each)."""
     sch = cfg.scheduler
     if sch.kind == "asha":
         if sch.grace_period >= steps:
@@ -298,13 +308,6 @@ def _check_scheduler(cfg: SweepConfig, steps: int) -> None:
                 f"ASHA grace period {sch.grace_period} is not below the trials' {steps} training steps",
                 where="scheduler.grace_period",
                 fix=f"use a grace period below {steps}",
-            )
-        if sch.report_every_n_steps >= steps:
-            raise ConfigError(
-                f"trials report every {sch.report_every_n_steps} steps but train only {steps}: ASHA "
-                "would never see an intermediate result",
-                where="scheduler.report_every_n_steps",
-                fix=f"report more often than every {steps} steps",
             )
 
 
@@ -421,13 +424,15 @@ def _baseline(cfg: SweepConfig, state: dict, state_path: Path, ev_template, pare
 
 
 def _fixed_train_settings(cfg: SweepConfig, sweep_dir: Path, tspec: dict) -> dict[str, Any]:
-    """The train config overrides every trial gets (resources, storage, tracking, ASHA's report interval)."""
+    """The train config overrides every trial gets (resources, capacity, storage, tracking, the checkpoint interval
+    under ASHA)."""
     r = cfg.resources
     fixed: dict[str, Any] = {
         "ray.num_workers": r.num_workers,
         "ray.cpus_per_worker": r.cpus_per_worker,
         "ray.use_gpu": r.use_gpu,
         "ray.address": None,
+        "ray.capacity": cfg.ray.capacity,
         "checkpoint.storage_path": str(sweep_dir / "train"),
         "tracking": tspec,
     }
@@ -476,7 +481,7 @@ def _new_tuner(cfg: SweepConfig, prep: dict, trainable, sweep_dir: Path, exp_pat
     from raysafe.sweep.scheduler import ResumableASHA
 
     scheduler = None
-    asha_state = sweep_dir / "asha_state.json"
+    asha_state = sweep_dir / "asha_state.pkl"
     asha_state.unlink(missing_ok=True)  # a new Tune experiment starts with empty rungs
     if cfg.scheduler.kind == "asha":
         s = cfg.scheduler
@@ -601,6 +606,12 @@ def _log_sweep_params(cfg: SweepConfig, prep: dict[str, Any], planned: int) -> N
             "model_depth": prep["depth"],
         }
     )
+    if prep["consistency"] is not None:  # the trials' training data are logged by their training runs
+        from raysafe.sweep.heldout import log_heldout_input
+
+        log_heldout_input(
+            cfg.evaluation.consistency.variants or prep["base"].data.variants, prep["consistency"]["rows"]
+        )
 
 
 def _run_sweep(cfg: SweepConfig, prep: dict[str, Any], progress: bool, t0: float) -> SweepResult:

@@ -15,7 +15,7 @@ from typing import Literal
 import polars as pl
 from pydantic import Field
 
-from raysafe.config import SourceSpec, Strict
+from raysafe.config import GpuCount, SourceSpec, Strict
 from raysafe.errors import DataError, remote_errors
 
 
@@ -33,7 +33,7 @@ class ConsistencySpec(Strict):
     max_length: int = Field(256, ge=8)
     chat_template: Literal["auto", "on", "off"] = Field("auto", description="auto: when the tokenizer has one")
     cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    gpus: GpuCount = Field(0.0, description="GPUs of the measuring task; N ≥ 2 spreads the model over them")
     torch_threads: int | None = Field(None, ge=1)
 
 
@@ -65,6 +65,15 @@ def heldout_rows(variants: SourceSpec, split: str | None, languages: list[str], 
         .select("group_id", "lang", "text")
         .sort(["group_id", "lang"])
     )
+
+
+def log_heldout_input(variants: SourceSpec, rows: list[dict]) -> None:
+    """The held-out rows the consistency measure reads, as a dataset input of the active MLflow run (the sweep's)."""
+    from raysafe import tracking
+    from raysafe.identity import fingerprint
+
+    table = pl.DataFrame(rows)
+    tracking.log_input("held-out prompt variants", {"variants": variants}, fingerprint(table), table.height, "held-out")
 
 
 def measure(

@@ -1,19 +1,18 @@
-"""ASHA whose rung records survive a resumed sweep.
+"""ASHA whose state survives a resumed sweep.
 
-Tune's saved experiment state holds the trials and the searcher, not the scheduler: after ``Tuner.restore`` an
-``ASHAScheduler`` starts with empty rungs, so the trials still to run would only be compared with each other. This
-subclass writes its rung records (per bracket: milestone → {trial id: signed metric}) to a JSON file after every
-event and reads them back on its first event after the sweep resumes.
+Ray 2.60's ``Tuner.restore`` restores the trials, the searcher and the callbacks, not the scheduler: a restored
+experiment starts from the ``ASHAScheduler`` it was created with (empty rungs), so the trials still to run would
+only be compared with each other. This subclass saves itself with Tune's public scheduler API
+(``TrialScheduler.save``, after every event, to a file beside the experiment) and restores from that file
+(``TrialScheduler.restore``) on its first event after the sweep resumes.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
-
-from raysafe.atomic import atomic_write_json
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
@@ -23,26 +22,20 @@ class ResumableASHA(AsyncHyperBandScheduler):
         self._loaded = False
 
     # --------------------------------------------------------------------------------------------- state file
-    def rung_records(self) -> list[list[tuple[float, dict[str, float]]]]:
-        """Per bracket, (milestone, {trial id: recorded value}) from the highest milestone down."""
-        return [[(float(m), dict(rec)) for m, rec in b._rungs] for b in self._brackets]
-
     def _write(self) -> None:
-        atomic_write_json(Path(self._state_path), {"rungs": self.rung_records(), "num_stopped": self._num_stopped})
+        """``save`` to a temporary file, then moved into place: a sweep killed mid-write keeps the last state."""
+        tmp = f"{self._state_path}.tmp-{os.getpid()}"
+        self.save(tmp)
+        os.replace(tmp, self._state_path)
 
     def _load(self) -> None:
         if self._loaded:
             return
         self._loaded = True
-        path = Path(self._state_path)
-        if not path.exists():
-            return
-        state = json.loads(path.read_text())
-        for bracket, saved in zip(self._brackets, state["rungs"]):
-            for (milestone, recorded), (saved_m, saved_rec) in zip(bracket._rungs, saved):
-                if float(milestone) == float(saved_m):
-                    recorded.update(saved_rec)
-        self._num_stopped = state.get("num_stopped", 0)
+        if Path(self._state_path).exists():
+            state_path = self._state_path
+            self.restore(state_path)
+            self._state_path, self._loaded = state_path, True
 
     # ------------------------------------------------------------------------------------------ scheduler API
     def on_trial_add(self, tune_controller, trial):

@@ -1,11 +1,12 @@
 """One trial of a sweep, as a Ray Tune function trainable: train → evaluate → held-out consistency → report.
 
-The trial process is only a driver (it reserves little CPU): ``run_train`` starts Ray Train workers with the
-trial's resources, ``run_evaluate`` its own actor pool, the consistency measure a Ray task. While training runs
-(in a thread of this process), every step that the run's checkpoints cover (``trainer_state.json``: the checkpoint's
-metrics and the per-step record of losses) is reported to Tune as an intermediate result (``train_step`` +
-``train_*`` metrics), which is what ASHA prunes on; when ASHA stops the trial, Tune ends this process and, with it,
-the Train run it owns.
+The trial process is only a driver (it reserves little CPU): ``run_train`` fits a Ray Train V2 ``TorchTrainer``
+with the trial's resources, ``run_evaluate`` starts its own actor pool, the consistency measure a Ray task. Tune
+learns about training through Ray's own Train → Tune path: the trainer's RunConfig carries a
+:class:`TrialReportCallback` (Ray's ``TuneReportCallback``), so every ``ray.train.report`` of the workers — one per
+optimiser step, checkpointed or not — reaches Tune as an intermediate result (``train_step`` + ``train_*``
+metrics), which is what ASHA prunes on; when ASHA stops the trial, Tune ends this process and, with it, the Train
+run it owns.
 
 The Train run is named after the Tune trial id (``trial_<id>`` under ``<sweep>/train``), so a trial restarted by
 ``Tuner.restore`` resumes its training from its own latest checkpoint. MLflow: one child run of the sweep's
@@ -17,16 +18,16 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from raysafe import tracking
 from raysafe.atomic import atomic_write_bytes, atomic_write_json
 from raysafe.config import TrackingSpec, dump_config
-from raysafe.errors import OutputError
 from raysafe.sweep import metrics as M
 from raysafe.sweep.objective import ObjectiveSpec, score, violations
 from raysafe.sweep.space import trial_train_config
@@ -57,57 +58,34 @@ class TrialContext:
     consistency: dict | None = None  # {"spec": ConsistencySpec JSON, "rows": [...], "languages": [...], "layer": int}
     total_steps: int = 0
     depth: int = 0  # decoder layers of the policy (for the resolved MLC layer in the params)
-    poll_s: float = 2.0
 
 
 def trial_dir(sweep_dir: str | Path, trial_id: str) -> Path:
     return Path(sweep_dir) / "trials" / trial_id
 
 
-def new_steps(run_dir: Path, after: int) -> list[tuple[int, dict]]:
-    """(step, step metrics) for every training step past ``after`` that the run's checkpoints cover, by step.
+class TrialReportCallback(TuneReportCallback):
+    """Ray's Train → Tune bridge, with the sweep's metric names: every report of rank 0 (one per optimiser step) is
+    renamed to ``train_step`` + ``train_*`` (:func:`raysafe.sweep.metrics.train_metrics`), logged to the trial's
+    MLflow run at its step and handed to Tune, except the last step, which the trial reports once, with its
+    evaluation, as the final result. Built in the Tune function (it takes the trial's result queue); runs in the
+    Train controller."""
 
-    The newest readable ``trainer_state.json`` carries the per-step record of the whole run (``loss_align``,
-    ``loss``), so steps whose own checkpoint was already rotated away (``checkpoint.keep``) are still reported with
-    the two loss metrics; a step that still has its checkpoint gets that checkpoint's full metrics. A checkpoint
-    being copied into place (state file missing or partly written) is skipped; the next poll picks it up.
-    """
-    states: dict[int, dict] = {}
-    for p in run_dir.glob("checkpoint_*/trainer_state.json"):
-        try:
-            state = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        states[int(state.get("step", 0))] = state
-    if not states or max(states) <= after:
-        return []
-    out = []
-    for rec in states[max(states)].get("record", []):
-        step = int(rec["step"])
-        if step <= after:
-            continue
-        if step in states:
-            out.append((step, states[step]["metrics"]))
-        else:
-            out.append((step, {"loss/align": rec["loss_align"], "loss/total": rec["loss"]}))
-    return out
+    def __init__(self, total_steps: int, mlflow: dict | None):
+        super().__init__()
+        self._total_steps = total_steps
+        self._mlflow = {**mlflow, "system_metrics": False} if mlflow else None  # the trial's process samples those
+        self._run = None
 
-
-def _train_thread(cfg: TrainConfig, parent: str | None, box: dict) -> None:
-    from raysafe.train.flow import run_train
-
-    try:
-        with tracking.parent_run(parent):
-            box["result"] = run_train(cfg, progress=False, lock=False)  # the sweep's lock covers its trials
-    except BaseException as e:  # handed to the trial thread, which raises it
-        box["error"] = e
-
-
-def _report(metrics: dict[str, float], step: int | None = None) -> None:
-    from ray import tune
-
-    tracking.log_metrics({k: v for k, v in metrics.items() if k != "final"}, step=step)
-    tune.report(metrics)
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        step = int(metrics[0]["step"])
+        if step >= self._total_steps:
+            return
+        out = M.train_metrics(metrics[0], step)
+        if self._run is None:
+            self._run = tracking.attach(self._mlflow)
+        self._run.log_metrics(out, step=step)
+        super().after_report(run_context, [{**out, "final": 0.0}], checkpoint)
 
 
 def _child_run_id(tdir: Path) -> str | None:
@@ -201,8 +179,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         child_id = child.info.run_id if child is not None else None
         if child_id:
             _attach_child_run(tdir, child_id, trial_id, params, cfg, ctx)
-        final = _train_and_watch(cfg, ctx, child_id)
-        res = final["result"]
+        res = _train(cfg, ctx, tracking.attach_info(spec, child), child_id)
         out = _trial_metrics(res, ctx, tdir, trial_id, child_id)
         out["objective"] = score(out, objective.primary, objective.terms)
         broken = violations(out, objective.constraints)
@@ -218,33 +195,19 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     tune.report({**out, "final": 1.0})
 
 
-def _train_and_watch(cfg: TrainConfig, ctx: TrialContext, child_id: str | None) -> dict:
-    """Train in a thread; report each new checkpoint's metrics to Tune (and the child run) while it runs."""
-    run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
-    box: dict = {}
-    th = threading.Thread(target=_train_thread, args=(cfg, child_id, box), name="raysafe-train", daemon=True)
-    th.start()
-    seen = 0
-    # When the scheduler stops the trial, tune.report raises SystemExit here and Tune ends this process (and the
-    # Train run it owns) at once; the driver then tags and closes the trial's MLflow runs.
-    while True:
-        th.join(timeout=ctx.poll_s)
-        alive = th.is_alive()
-        for step, metrics in new_steps(run_dir, seen):
-            seen = step
-            if step < ctx.total_steps:  # the last step is reported once, with the evaluation, as the final result
-                _report({**M.train_metrics(metrics, step), "final": 0.0}, step=step)
-        if not alive:
-            break
-    if "error" in box:
-        raise box["error"]
-    if "result" not in box:
-        raise OutputError(
-            "the training thread ended without a result",
-            where=str(run_dir),
-            fix="look at the trial's log above; re-running the sweep resumes it",
+def _train(cfg: TrainConfig, ctx: TrialContext, mlflow: dict | None, child_id: str | None):
+    """The trial's training run (a child of its MLflow run), every step reported to Tune as it finishes. When the
+    scheduler stops the trial, Tune ends this process and the Train run it owns; the sweep's driver then tags and
+    closes the trial's MLflow runs."""
+    from raysafe.train.flow import run_train
+
+    with tracking.parent_run(child_id):
+        return run_train(
+            cfg,
+            progress=False,
+            lock=False,  # the sweep's lock covers its trials
+            callbacks=[TrialReportCallback(ctx.total_steps, mlflow)],
         )
-    return box
 
 
 def _evaluate(model_dir: Path, ctx: TrialContext, tdir: Path, trial_id: str, child_id: str | None) -> dict:

@@ -17,6 +17,7 @@ from raysafe.config import (
     SourceSpec,
     Strict,
     TrackingSpec,
+    capacity_field,
     on_off,
 )
 
@@ -223,6 +224,7 @@ class TrainRaySpec(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1)
+    capacity: dict[str, float] | None = capacity_field()
 
 
 class TrainConfig(Strict):

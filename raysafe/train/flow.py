@@ -93,21 +93,43 @@ def _check_resume(cfg: TrainConfig) -> str | None:
     return str(p)
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What the run's Ray Train workers reserve together."""
+    need = {"CPU": cfg.ray.num_workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        need["GPU"] = float(cfg.ray.num_workers)
+    return need
+
+
+def check_cluster(cfg: TrainConfig) -> None:
+    """Refuse a run that even the full cluster cannot hold (what its autoscaler can grow it to, else
+    ``ray.capacity``: :func:`raysafe.runtime.cluster_capacity`); a run that only waits for nodes to come up starts,
+    and Ray's autoscaler adds the nodes its workers' placement group asks for. Ray must be initialised."""
+    from raysafe.runtime import cluster_capacity
+
+    cap = cluster_capacity(cfg.ray.capacity)
+    need = worker_resources(cfg)
+    if short := cap.shortfall(need):
+        raise ConfigError(
+            f"{cfg.ray.num_workers} train worker(s) need {' and '.join(short)}; the cluster: {cap.describe()}",
+            where="ray.num_workers / ray.cpus_per_worker / ray.use_gpu",
+            fix="lower ray.num_workers or ray.cpus_per_worker, run on a bigger cluster (RAY_ADDRESS), or, where the "
+            "cluster scales up and its autoscaler reports no limits, declare what it can grow to in ray.capacity",
+        )
+    if cap.most is None:
+        log.warning("cannot tell whether the cluster can ever hold %s: %s", need, cap.describe())
+    elif cap.waits_for_nodes(need):
+        log.info("the workers need more than the nodes up now hold (%s): Ray's autoscaler adds nodes", cap.describe())
+
+
 def validate(cfg: TrainConfig) -> tuple[pl.DataFrame, str | None]:
-    """All checks that need no worker. Returns the samples and the checkpoint to resume from."""
-    import torch
+    """All checks that need no worker (and, when Ray is up, the cluster's capacity). Returns the samples and the
+    checkpoint to resume from."""
+    import ray
 
     check_hardware(cfg.deepspeed, cfg.ray.use_gpu, cfg.lora.enabled)
-    if cfg.ray.use_gpu and not torch.cuda.is_available():
-        import ray
-
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) < cfg.ray.num_workers:
-            raise ConfigError(
-                f"ray.use_gpu is set but the cluster has {ray.cluster_resources().get('GPU', 0)} GPUs for "
-                f"{cfg.ray.num_workers} workers",
-                where="ray.use_gpu",
-                fix="lower ray.num_workers or add GPUs",
-            )
+    if ray.is_initialized():
+        check_cluster(cfg)
     samples = load_samples(cfg.data, cfg.mixture, cfg.seed)
     if cfg.mlc.weight > 0:
         from raysafe.models.loading import model_depth
@@ -193,24 +215,34 @@ def claim_run_dir(cfg: TrainConfig, identity: dict, restart: bool) -> None:
     atomic_write_json(d / IDENTITY_FILE, identity)
 
 
-def run_train(cfg: TrainConfig, progress: bool = True, restart: bool = False, lock: bool = True) -> TrainResult:
+def run_train(
+    cfg: TrainConfig, progress: bool = True, restart: bool = False, lock: bool = True, callbacks: list | None = None
+) -> TrainResult:
     """Train ``cfg.model`` with the alignment loss + λ·MLC on Ray Train workers; return the final checkpoint.
 
     The run directory (``storage_path/name``) is locked while the run writes it (``lock``: the sweep holds its own
     lock over its trials' runs). A run directory holding a run of the same identity is resumed from its latest
     checkpoint; one of another identity is refused with the differing fields named; ``restart`` moves the old
-    run aside first (``<name>.replaced-<time>``) and starts afresh."""
+    run aside first (``<name>.replaced-<time>``) and starts afresh. ``callbacks``: Ray Train ``UserCallback``s for
+    the trainer's RunConfig (the sweep's trials pass one that forwards every report to Tune)."""
     import contextlib
 
+    import ray
+
+    from raysafe.config import RaySpec
     from raysafe.locks import output_lock
+    from raysafe.runtime import ensure_ray
 
     samples, resume = validate(cfg)
+    if not ray.is_initialized():  # validate checks the cluster's capacity when Ray is up: join (or start) it now
+        ensure_ray(RaySpec(address=cfg.ray.address))
+        check_cluster(cfg)
     identity = identity_of(cfg, samples)
     d = run_dir(cfg)
     held = output_lock(d, f"training run {d}") if (lock and d is not None) else contextlib.nullcontext()
     with held:
         claim_run_dir(cfg, identity, restart)
-        return _fit(cfg, samples, resume, identity)
+        return _fit(cfg, samples, resume, identity, callbacks)
 
 
 def _log_run_inputs(cfg: TrainConfig, samples: pl.DataFrame, steps: int) -> None:
@@ -239,8 +271,11 @@ def _training_table(cfg: TrainConfig, samples: pl.DataFrame, steps: int, pre: bo
     return order.join(samples, on="sample_idx", how="left").sort("pos")
 
 
-def _torch_trainer(cfg: TrainConfig, ds, loop_config: dict, name: str, storage_path: str, resume: str | None):
-    """Ray Train's TorchTrainer over ``ds`` (in order, unsplit) running ``train_loop`` on the configured workers."""
+def _torch_trainer(
+    cfg: TrainConfig, ds, loop_config: dict, name: str, storage_path: str, resume: str | None, callbacks: list | None
+):
+    """Ray Train's TorchTrainer over ``ds`` (in order, unsplit) running ``train_loop`` on the configured workers,
+    with ``callbacks`` (Ray Train ``UserCallback``s) in its RunConfig."""
     from ray.data import ExecutionOptions
     from ray.train import (
         Checkpoint,
@@ -265,6 +300,7 @@ def _torch_trainer(cfg: TrainConfig, ds, loop_config: dict, name: str, storage_p
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets={"train": ds},
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
@@ -285,14 +321,12 @@ def _final_checkpoint(result, name: str, storage_path: str) -> tuple[Path, dict]
 
 
 def _log_checkpoint(ckpt_dir: Path) -> None:
-    """The final checkpoint's path (parameter and tag), state and config on the MLflow run."""
-    tracking.log_params({"checkpoint": str(ckpt_dir)})
-    tracking.set_tags({"raysafe.checkpoint": str(ckpt_dir)})
-    tracking.log_artifact(ckpt_dir / STATE_FILE)
-    tracking.log_artifact(ckpt_dir / CONFIG_FILE)
+    """The final checkpoint's lineage on the MLflow run: path and identity (parameter, tags, an external MLflow
+    model that runs loading it take as input), its state, config and identity files."""
+    tracking.log_checkpoint(ckpt_dir, (STATE_FILE, CONFIG_FILE, IDENTITY_FILE))
 
 
-def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict) -> TrainResult:
+def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: dict, callbacks=None) -> TrainResult:
     import ray
 
     from raysafe.config import RaySpec
@@ -319,7 +353,7 @@ def _fit(cfg: TrainConfig, samples: pl.DataFrame, resume: str | None, identity: 
             "mlflow": tracking.attach_info(cfg.tracking, mlrun),
             "identity": identity,
         }
-        trainer = _torch_trainer(cfg, ds, loop_config, name, storage_path, resume)
+        trainer = _torch_trainer(cfg, ds, loop_config, name, storage_path, resume, callbacks)
         with remote_errors():
             result = trainer.fit()
         ckpt_dir, state = _final_checkpoint(result, name, storage_path)

@@ -37,6 +37,7 @@ COSMETIC = (
     "checkpoint.max_failures",
     "checkpoint.stop_after_steps",
     "ray.address",
+    "ray.capacity",
     "ray.cpus_per_worker",
     "ray.torch_threads",
     "model.name",

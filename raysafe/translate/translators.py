@@ -135,7 +135,14 @@ class Seq2SeqTranslator:
         self._loaded: dict[tuple[str, str | None], LoadedMT] = {}
 
     def load(self, mspec: ModelSpec, with_model: bool = True) -> LoadedMT:
-        from raysafe.models.loading import load_tokenizer, pick_device, pick_dtype, resolve
+        from raysafe.models.loading import (
+            gpu_placement,
+            load_tokenizer,
+            pick_device,
+            pick_dtype,
+            placed_for_inference,
+            resolve,
+        )
 
         key = (mspec.path, mspec.revision)
         have = self._loaded.get(key)
@@ -149,12 +156,15 @@ class Seq2SeqTranslator:
             from transformers import AutoModelForSeq2SeqLM
 
             dev = pick_device(self.device)
+            dtype = pick_dtype(mspec, dev)
+            placement = gpu_placement(mspec, resolved, dev, dtype)  # all of the actor's GPUs
             try:
                 model = AutoModelForSeq2SeqLM.from_pretrained(
                     resolved.path,
                     revision=resolved.revision,
-                    dtype=pick_dtype(mspec, dev),
+                    dtype=dtype,
                     trust_remote_code=mspec.trust_remote_code,
+                    **placement,
                 )
             except (OSError, ValueError) as e:
                 raise ModelError(
@@ -162,7 +172,7 @@ class Seq2SeqTranslator:
                     where=f"translator model {mspec.label}: path",
                     fix="give a local directory of a seq2seq model (NLLB, M2M100, Marian) or, with network, a hub id",
                 ) from None
-            model = model.to(dev).eval()
+            model = placed_for_inference(mspec, model, dev, placement)
             model_type = model.config.model_type
         else:
             from transformers import AutoConfig

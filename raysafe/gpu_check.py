@@ -1,0 +1,290 @@
+"""`raysafe bench gpu` (`scripts/gpu_check.sh`): the prepared check of the GPU paths, one line of figures per part.
+
+Run it whenever a GPU machine is available (one H100: under 8 minutes) and copy its lines into docs/benchmarks.md:
+
+1. ``extract``: bf16 extraction of real multilingual prose (the `dataset_build` corpus) through the Ray Data CUDA
+   actor pool (`run_extract`), all layers; tokens/s end to end and in steady state, and MFU = the decoder's useful
+   matmul FLOPs / s over the bf16 matrix-multiply peak measured on the same GPU in the same run (and over the
+   card's datasheet peak where it is known);
+2. ``train-zero2`` / ``train-zero3``: a ~1.1B Llama (random weights, TinyLlama's shape) trained for a few
+   optimiser steps by `run_train` on one Ray Train GPU worker under DeepSpeed ZeRO-2 and ZeRO-3 in bf16
+   (ORPO + MLC, no reference model); peak GPU memory of the worker (`torch.cuda.max_memory_allocated`), the median
+   step time, tokens/s and MFU (6 x parameters x tokens / s over the measured peak);
+3. ``generate``: generation throughput of every installed backend on the packaged Gemma 3 270M
+   (`raysafe bench generate`), when that benchmark is present.
+
+``--cpu`` runs the same code paths on CPU at toy sizes (a tiny random Llama, float32): a check that the script
+itself works, run by the test suite; its figures say nothing about GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by device-name fragment.
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def datasheet_peak(name: str) -> float | None:
+    for fragment, tflops in DATASHEET_BF16_TFLOPS.items():
+        if fragment in name:
+            return tflops
+    return None
+
+
+def matmul_peak_tflops(device: str, dtype, n: int, reps: int) -> float:
+    """Measured dense matrix-multiply throughput (TFLOP/s) of ``device`` in ``dtype``: the MFU denominator."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.mm(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def line(part: str, figures: dict) -> str:
+    """``GPU_CHECK part key=value ...``: the one line a part prints (floats rounded for reading)."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    return "GPU_CHECK " + part + " " + " ".join(f"{k}={fmt(v)}" for k, v in figures.items())
+
+
+# ---------------------------------------------------------------------------------------------------- extract
+def check_extract(args, work: Path, peak: float) -> dict:
+    """bf16 (fp32 with --cpu) extraction through the Ray Data actor pool; tokens/s and MFU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raysafe.config import load_config
+    from raysafe.extract.bench import corpus_texts, forward_flops
+    from raysafe.extract.config import ExtractConfig
+    from raysafe.extract.flow import run_extract
+    from raysafe.extract.store import ActivationStore
+    from raysafe.models.loading import resolve
+
+    rows = corpus_texts(args.per_lang)
+    data = work / "corpus.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config(
+        ExtractConfig,
+        data={
+            "models": [{"path": args.model, "name": "m", "dtype": "float32" if args.cpu else "bfloat16"}],
+            "data": {"kind": "file", "path": str(data)},
+            "output_dir": str(work / "acts"),
+            "extract": {
+                "layers": "all",
+                "positions": ["last"],
+                "max_length": 256,
+                "shard_rows": args.shard_rows,
+                "max_tokens_per_batch": args.max_tokens,
+            },
+            "ray": {"num_actors": 1, "num_gpus_per_actor": 0 if args.cpu else 1, "num_cpus_per_actor": 1},
+            "tracking": {"enabled": False},
+        },
+    )
+    t0 = time.perf_counter()
+    res = run_extract(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    store = ActivationStore(res.output_dir)
+    shards = sorted(store.done_shards("m"))
+    done = [json.loads(store.done_path("m", k).read_text()) for k in shards]
+    marks = sorted(store.done_path("m", k).stat().st_mtime for k in shards)
+    tokens = res.models["m"].tokens
+    steady_tokens = sum(d["tokens"] for d in done) - done[0]["tokens"]
+    steady_secs = marks[-1] - marks[0]
+    steady = steady_tokens / steady_secs if steady_secs > 0 else float("nan")
+    # useful FLOPs per token of this corpus, from the model's shape (built on the meta device: no memory)
+    local = resolve(cfg.models[0]).path
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
+    from raysafe.models.layers import num_layers
+
+    n_layers = num_layers(shape)
+    lengths = [[0] * min(256, max(1, d["tokens"] // max(1, d["rows"]))) for d in done for _ in range(d["rows"])]
+    flops_per_token = forward_flops(shape, lengths, n_layers) / max(1, sum(len(x) for x in lengths))
+    figures = {
+        "device": args.device_name,
+        "dtype": "float32" if args.cpu else "bfloat16",
+        "rows": sum(d["rows"] for d in done),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s_e2e": tokens / wall,
+        "tok_s_steady": steady,
+        "mfu_measured_peak": steady * flops_per_token / (peak * 1e12),
+        "peak_tflops_measured": peak,
+    }
+    sheet = datasheet_peak(args.device_name)
+    if sheet:
+        figures["mfu_datasheet"] = steady * flops_per_token / (sheet * 1e12)
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def billion_llama(path: Path, cpu: bool) -> tuple[Path, int]:
+    """A random Llama saved as a Hugging Face dir: TinyLlama's 1.1B shape on GPU, a toy with --cpu.
+    Returns (path, parameters)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raysafe.models.tiny import tiny_tokenizer
+
+    if cpu:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        shape.update(num_key_value_heads=2, vocab_size=259)
+    else:
+        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32)
+        shape.update(num_key_value_heads=4, vocab_size=32000)
+    config = LlamaConfig(max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2, **shape)
+    torch.manual_seed(0)
+    with torch.device("cpu" if cpu else "cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if cpu else torch.bfloat16)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer(chat_template=True).save_pretrained(path)
+    del model
+    if not cpu:
+        torch.cuda.empty_cache()
+    return path, n
+
+
+def check_train(args, model_dir: Path, n_params: int, stage: int, work: Path, peak: float) -> dict:
+    """``args.steps`` optimiser steps of ORPO + MLC under ZeRO-``stage`` on one Ray Train worker."""
+    from raysafe.config import load_config
+    from raysafe.train.config import TrainConfig
+    from raysafe.train.flow import run_train
+
+    cfg = load_config(
+        TrainConfig,
+        data={
+            "model": {"path": str(model_dir), "name": "check", "dtype": "float32" if args.cpu else "bfloat16"},
+            "data": {"max_length": 256, "max_prompt_length": 128},
+            "mixture": {"languages": ["en", "zh", "ru", "ja"], "m": 4},
+            "loss": {"name": "orpo"},
+            "mlc": {"weight": 0.8, "layer": "final", "d": 64 if args.cpu else 512, "every_k": 1},
+            "optim": {"lr": 1e-5, "epochs": 4, "micro_batch": 2, "grad_accum": 1, "max_steps": args.steps},
+            "deepspeed": {"zero_stage": stage, "precision": "fp32" if args.cpu else "bf16"},
+            "checkpoint": {"every_n_steps": 10_000, "storage_path": str(work / f"train-zero{stage}")},
+            "ray": {"num_workers": 1, "use_gpu": not args.cpu, "cpus_per_worker": 1},
+            "tracking": {"enabled": False},
+        },
+    )
+    t0 = time.perf_counter()
+    res = run_train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    step_s = res.metrics["step_time_s"]  # the last step's (past DeepSpeed's first-step set-up)
+    tok_s = res.metrics["tokens_per_s"]
+    return {
+        "device": args.device_name,
+        "params_m": n_params / 1e6,
+        "zero_stage": stage,
+        "steps": res.steps,
+        "wall_s": wall,
+        "step_s": step_s,
+        "tok_s": tok_s,
+        "peak_mem_gib": res.metrics["memory_mb"] / 1024,
+        "mfu_measured_peak": 6 * n_params * tok_s / (peak * 1e12),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- generate
+def check_generate(args) -> int:
+    """`raysafe bench generate` on the packaged model, every backend that is installed (its own lines)."""
+    import importlib.util
+
+    from raysafe.bench import BENCHES, run_bench
+
+    if "generate" not in BENCHES:
+        print("GPU_CHECK generate skipped: this raysafe has no `raysafe bench generate`")
+        return 0
+    backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
+    if len(backends) == 1:
+        print("GPU_CHECK generate: vllm is not installed (pip install -e '.[vllm]'): hf only")
+    argv = ["--backend", ",".join(backends), "--model", args.gen_model, "--prompts", str(args.gen_prompts)]
+    argv += ["--max-new-tokens", str(args.gen_tokens), "--dtype", "float32" if args.cpu else "bfloat16"]
+    return run_bench("generate", argv)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+PARTS = ("extract", "train", "generate")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="raysafe bench gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--cpu", action="store_true", help="toy sizes on CPU: checks the script, not the GPU")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--model", default="gemma3-270m", help="extraction model (default: the packaged Gemma 3 270M)")
+    p.add_argument("--per-lang", type=int, default=None, help="corpus texts per language (10 languages)")
+    p.add_argument("--shard-rows", type=int, default=None, help="rows per extraction shard")
+    p.add_argument("--max-tokens", type=int, default=None, help="token budget per extraction batch")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per ZeRO stage")
+    p.add_argument("--stages", default="2,3", help="ZeRO stages to train (default 2,3)")
+    p.add_argument("--gen-model", default="gemma3-270m", help="generation model")
+    p.add_argument("--gen-prompts", type=int, default=None, help="prompts to generate for")
+    p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per prompt")
+    p.add_argument("--json", type=Path, help="also write every part's figures to this JSON file")
+    args = p.parse_args(argv)
+    toy = {"per_lang": 4, "shard_rows": 20, "max_tokens": 2048, "steps": 2, "gen_prompts": 8, "gen_tokens": 16}
+    full = {"per_lang": 400, "shard_rows": 500, "max_tokens": 32768, "steps": 6, "gen_prompts": 256, "gen_tokens": 128}
+    for k, v in (toy if args.cpu else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    return args
+
+
+def device_name(cpu: bool) -> str:
+    import torch
+
+    if cpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "raysafe bench gpu: torch sees no CUDA device (torch "
+            f"{torch.__version__}); run it on a GPU machine, or with --cpu to check the script on CPU"
+        )
+    return torch.cuda.get_device_name(0).replace(" ", "_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    args = parse(argv)
+    args.device_name = device_name(args.cpu)
+    parts = args.parts.split(",")
+    device, dtype = ("cpu", torch.float32) if args.cpu else ("cuda", torch.bfloat16)
+    peak = matmul_peak_tflops(device, dtype, n=1024 if args.cpu else 8192, reps=3 if args.cpu else 20)
+    print(line("peak", {"device": args.device_name, "dtype": str(dtype).removeprefix("torch."), "tflops": peak}))
+    out: dict = {"peak_tflops": peak, "device": args.device_name}
+    with tempfile.TemporaryDirectory(prefix="raysafe-gpu-check-") as tmp:
+        work = Path(tmp)
+        if "extract" in parts:
+            out["extract"] = check_extract(args, work, peak)
+            print(line("extract", out["extract"]), flush=True)
+        if "train" in parts:
+            model_dir, n = billion_llama(work / "llama", args.cpu)
+            for stage in (int(s) for s in args.stages.split(",")):
+                out[f"train-zero{stage}"] = check_train(args, model_dir, n, stage, work, peak)
+                print(line(f"train-zero{stage}", out[f"train-zero{stage}"]), flush=True)
+        rc = check_generate(args) if "generate" in parts else 0
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+    return rc
