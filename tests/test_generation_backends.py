@@ -247,3 +247,19 @@ def test_cpu_engines_asking_more_ram_than_is_free_are_refused(monkeypatch):
         gen.model_copy(update={"vllm": gen.vllm.model_copy(update={"gpu_memory_utilization": 0.2})}), RaySpec()
     )
     check_cpu_memory(gen, RaySpec(num_gpus_per_actor=1))  # GPU engines: vLLM checks GPU memory itself
+
+
+@pytest.mark.slow
+def test_bench_generate_runs_hf_and_writes_its_figures(tmp_path, tiny_gemma_dir, ray_local, capsys):
+    """`raysafe bench generate` on the evaluate code path (hf here; vllm where installed: GPU check, vllm env)."""
+    import json
+
+    from raysafe.evaluate.bench import main
+
+    out = tmp_path / "bench.json"
+    argv = ["--backend", "hf", "--model", str(tiny_gemma_dir), "--prompts", "6", "--max-new-tokens", "3"]
+    assert main([*argv, "--dtype", "float32", "--shard-rows", "4", "--threads", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["backend"] == "hf" and r["generations"] == 6 and 0 < r["new_tokens"] <= 18
+    assert r["tokens_per_s"] == pytest.approx(r["new_tokens"] / r["seconds"])
+    assert "hf: 6 generations" in capsys.readouterr().out

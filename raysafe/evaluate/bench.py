@@ -116,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--backend takes hf and/or vllm, got {args.backend!r}")
 
     from raysafe.config import RaySpec
+    from raysafe.evaluate.flow import check_generation_backend
     from raysafe.runtime import ensure_ray
 
+    for b in backends:  # every backend can run here, before the first one is timed
+        check_generation_backend({"backend": b})
     ensure_ray(RaySpec())
     prompts = _prompts(args.prompts)
     results = []
