@@ -71,6 +71,15 @@ def _held_elements(module) -> int:
     return total
 
 
+def _touch(module) -> None:
+    """Read every parameter byte this process holds (its ZeRO-3 partition, or the whole tensor)."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            (p.ds_tensor if hasattr(p, "ds_tensor") else p).float().sum()
+
+
 def measure_worker(config: dict) -> None:
     """One Ray Train worker: load (measured), ``deepspeed.initialize`` + one step (measured); JSON per rank."""
     import ctypes
@@ -103,6 +112,10 @@ def measure_worker(config: dict) -> None:
     load_s = time.perf_counter() - t0
     after_load, load_peak = _rss_mb(), _peak_mb()
     held = _held_elements(policy) + (_held_elements(reference) if reference is not None else 0)
+    _touch(policy)  # the first forward reads every weight: mmap-ed checkpoint pages become resident then
+    if reference is not None:
+        _touch(reference)
+    after_touch = _rss_mb()
 
     _reset_peak()
     module = AlignModule(policy, None, cfg, None)
@@ -124,6 +137,7 @@ def measure_worker(config: dict) -> None:
         "rank": rank,
         "before_mb": before,
         "load_delta_mb": after_load - before,
+        "touched_delta_mb": after_touch - before,
         "load_peak_delta_mb": load_peak - before,
         "step_peak_delta_mb": _peak_mb() - before,
         "held_param_elements": held,
@@ -195,8 +209,8 @@ def print_table(report: dict) -> None:
         + (", + on-worker reference model" if report["reference"] else "")
     )
     print(
-        f"{'ZeRO':<6}{'held params/worker':>22}{'load Δ (MiB)':>18}{'load peak Δ (MiB)':>22}{'step peak Δ (MiB)':>22}"
-        f"{'load s':>10}{'step s':>10}"
+        f"{'ZeRO':<6}{'held params/worker':>22}{'load Δ':>14}{'load+read Δ':>16}{'load peak Δ':>16}{'step peak Δ':>16}"
+        f"{'load s':>14}{'step s':>14}"
     )
     for stage, ws in report["stages"].items():
 
@@ -205,10 +219,13 @@ def print_table(report: dict) -> None:
 
         held = " | ".join(f"{w['held_param_elements'] / 1e6:.1f}M" for w in ws)
         print(
-            f"{stage:<6}{held:>22}{col('load_delta_mb'):>18}{col('load_peak_delta_mb'):>22}"
-            f"{col('step_peak_delta_mb'):>22}{col('load_s', '{:.1f}'):>10}{col('step_s', '{:.1f}'):>10}"
+            f"{stage:<6}{held:>22}{col('load_delta_mb'):>14}{col('touched_delta_mb'):>16}{col('load_peak_delta_mb'):>16}"
+            f"{col('step_peak_delta_mb'):>16}{col('load_s', '{:.1f}'):>14}{col('step_s', '{:.1f}'):>14}"
         )
-    print("  (rank 0 | rank 1 ...; Δ = against the worker's RSS before loading, libraries imported)")
+    print(
+        "  (MiB, rank 0 | rank 1 ...; Δ = against the worker's RSS before loading, libraries imported; load+read Δ: "
+        "after reading every held parameter once)"
+    )
     refs = [w["ref_chosen_logps"] for ws in report["stages"].values() for w in ws if w.get("ref_chosen_logps")]
     if refs:
         diff = max(abs(a - b) for r in refs for a, b in zip(r, refs[0]))
@@ -217,13 +234,12 @@ def print_table(report: dict) -> None:
         )
     stages = report["stages"]
     if "0" in stages and "3" in stages:
-        z0 = [w["load_delta_mb"] for w in stages["0"]]
-        z3 = [w["load_delta_mb"] for w in stages["3"]]
-        full = 4 * psi / 2**20
-        for r, (a, b) in enumerate(zip(z0, z3)):
+        for r, (a, b) in enumerate(zip(stages["0"], stages["3"])):
+            z0, z3 = a["touched_delta_mb"], b["touched_delta_mb"]
             print(
-                f"  rank {r}: load Δ ZeRO-3 / ZeRO-0 = {b / a:.3f} (1/N = {1 / n:.3f}); "
-                f"constant = ZeRO-3 load Δ − weights/N = {b - full / n:.0f} MiB"
+                f"  rank {r}: load+read Δ ZeRO-3 / ZeRO-0 = {z3 / z0:.3f} (1/N = {1 / n:.3f}); "
+                f"constant = ZeRO-3 − ZeRO-0/N = {z3 - z0 / n:.0f} MiB; held parameters ratio "
+                f"{b['held_param_elements'] / a['held_param_elements']:.3f}"
             )
 
 
