@@ -27,7 +27,7 @@ float32, saved once to a temporary directory), big enough that parameters domina
 Example::
 
     raysafe bench zero                                  # ~146M parameters, 2 workers, ZeRO 0 2 3
-    raysafe bench zero --hidden 2048 --layers 16        # ~640M parameters (needs ~25 GB for ZeRO-0's step)
+    raysafe bench zero --hidden 2048 --layers 16        # ~670M parameters (ZeRO-0 step: ~11 GB per worker)
 """
 
 from __future__ import annotations
