@@ -1,6 +1,8 @@
-"""LoRA end to end (issue 22 item 4) on a real local Ray instance: 2 Ray Train workers, DeepSpeed ZeRO-3 on the CPU
-(the policy partitioned at load, peft on the partitioned model): train, checkpoint, stop and resume, export at the
-end and on demand from an intermediate checkpoint (``raysafe export``), and reload equals."""
+"""LoRA end to end (issue 22 item 4) on a real local Ray instance: one Ray Train worker (kept to one so the test stays
+short; two workers under ZeRO-3 are tested by test_train_flow.py), DeepSpeed ZeRO-3 on the CPU (the policy
+partitioned at load, peft on the partitioned model): train, checkpoint, stop and resume, export at the end and on
+demand from an intermediate checkpoint (``raysafe export``), and reload equals. The reader of every stage's
+DeepSpeed files is tested against the live weights in test_zero3_load.py."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ def _cfg(model_dir, out, **over):
         "lora.alpha": 8,
         "lora.dropout": 0.0,
         "tracking.enabled": False,
+        "ray.num_workers": 1,
     }
     return tiny_config(model_dir, out, **{**base, **over})
 
@@ -81,15 +84,9 @@ def test_lora_zero3_train_resume_export_reload_equals(ray_local, tiny_llama_dir,
     assert set(report["written"]) == {"adapter", "model"} and report["step"] == 2
     assert max(report["max_abs_diff"].values()) < 1e-4
 
-    # from the final checkpoint's shards: equal, tensor for tensor, to the export written at the end of training
-    again = export_checkpoint(res.checkpoint_dir, tmp_path / "exp-final", merge=True)
-    a = load_file(str(again.out / "model" / "model.safetensors"))
-    b = load_file(str(res.model_dir / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-
     # the same export again is reused; another checkpoint into the same --out is refused, the directory named
     assert export_checkpoint(mid, out, merge=True).reused
     with pytest.raises(OutputError, match="another checkpoint"):
         export_checkpoint(res.checkpoint_dir, out, merge=True)
-    adapter_only = export_checkpoint(mid, tmp_path / "exp-adapter")
+    adapter_only = export_checkpoint(mid, tmp_path / "exp-adapter")  # without --merge: the adapter alone
     assert [d.name for d in adapter_only.written] == ["adapter"] and adapter_only.max_abs_diff["adapter"] < 1e-5
