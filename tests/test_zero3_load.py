@@ -68,7 +68,7 @@ import torch, torch.distributed as dist
 import deepspeed
 from raysafe.train.config import TrainConfig
 from raysafe.train.ds_config import deepspeed_config
-from raysafe.train.export import checkpoint_state_dict
+from raysafe.train.export import checkpoint_state_dict, export_state_dict
 from raysafe.train.mlc import MLCHead
 from raysafe.train.worker import AlignModule, load_models, param_groups
 
@@ -77,25 +77,31 @@ deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for stage in (0, 2, 3):
     cfg = TrainConfig.model_validate({"model": {"path": sys.argv[1]}, "deepspeed": {"zero_stage": stage},
-                                      "lora": {"enabled": stage == 2, "r": 2}, "mlc": {"d": 8}})
+                                      "lora": {"enabled": stage == 2, "r": 2}, "mlc": {"d": 160}})
     ds = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu=False)
     policy, tok, _, _ = load_models(cfg, torch.device("cpu"), ds, reference_on_worker=False)
-    module = AlignModule(policy, MLCHead(policy.config.hidden_size, 8), cfg, 1)
+    # hidden·d + d = 10,400 > stage3_param_persistence_threshold (1e4): ZeRO-3 partitions the head too
+    module = AlignModule(policy, MLCHead(policy.config.hidden_size, 160), cfg, 1)
     opt = torch.optim.AdamW(param_groups(module, cfg), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds, dist_init_required=False)
     live = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
     d = Path(tempfile.mkdtemp())
     engine.save_checkpoint(str(d / "deepspeed"), tag="ds")
     read = checkpoint_state_dict(d, stage)
+    export_state_dict(live, cfg, tok, d / "export")
+    head = MLCHead.load(d / "export" / "model")
     out[stage] = {"keys_equal": sorted(read) == sorted(live), "n": len(live),
-                  "max_diff": max(float((read[k].float() - live[k].float()).abs().max()) for k in live)}
+                  "max_diff": max(float((read[k].float() - live[k].float()).abs().max()) for k in live),
+                  "head_partitioned": hasattr(module.head.proj.weight, "ds_id"),
+                  "head_equal": torch.equal(head.proj.weight, live["head.proj.weight"].cpu())}
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_export_reads_every_stages_deepspeed_files_back_to_the_live_weights(tiny_llama_dir):
     """``raysafe export``'s reader: ZeRO-0 module states, ZeRO-2 (with LoRA's frozen base) and ZeRO-3 fp32 shards
-    give the engine's own weights, key for key."""
+    give the engine's own weights, key for key; the export writes the MLC head's gathered weights, also when ZeRO-3
+    partitioned it."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29732", "PYTHONPATH": os.getcwd()}
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     proc = subprocess.run(
@@ -106,3 +112,4 @@ def test_export_reads_every_stages_deepspeed_files_back_to_the_live_weights(tiny
     got = json.loads(line.removeprefix("RESULT"))
     for stage, r in got.items():
         assert r["keys_equal"] and r["n"] > 30 and r["max_diff"] == 0.0, (stage, r)
+        assert r["head_equal"] and r["head_partitioned"] == (stage == "3"), (stage, r)  # exported from any stage
