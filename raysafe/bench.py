@@ -10,6 +10,7 @@ BENCHES = {
     "separation": "raysafe.separation.bench",
     "train": "raysafe.train.bench",
     "translate": "raysafe.translate.bench",
+    "zero": "raysafe.train.bench_zero",
 }
 
 

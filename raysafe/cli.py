@@ -77,6 +77,19 @@ PREPARE_HELP = (
     "'gemma3-270m': the GGUF dequantisation takes minutes on a CPU); prints each model's directory"
 )
 
+EXPORT_HELP = (
+    "the Hugging Face export of a training checkpoint, built on the CPU from its DeepSpeed files (no GPU, no Ray): "
+    "model/ (a plain model), and adapter/ for LoRA runs; the probe round trip is checked. The last checkpoint of a "
+    "training call already holds model/"
+)
+
+
+def run_export(args) -> int:
+    from raysafe.train.export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, merge=args.merge).summary())
+    return 0
+
 
 def run_prepare(models: list[str]) -> int:
     from raysafe.config import ModelSpec
@@ -155,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help=BENCH_HELP, description=BENCH_HELP)
     sp.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (see its --help)")
+    sp = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
+    sp.add_argument("checkpoint", help="a checkpoint directory written by `raysafe train` (.../checkpoint_*)")
+    sp.add_argument("--out", default=None, help="where to write (default: <run dir>/exports/<checkpoint name>)")
+    sp.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA: also merge the adapter into the base weights on the CPU and write model/ (a plain model, what "
+        "evaluate/extract/study load); without it a LoRA checkpoint exports adapter/ only",
+    )
     sp = sub.add_parser("prepare", help=PREPARE_HELP, description=PREPARE_HELP)
     sp.add_argument("models", nargs="*", default=["gemma3-270m"], help="model paths or aliases (default: gemma3-270m)")
     return p
@@ -177,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args.name, args.rest)
         if args.flow == "prepare":
             return run_prepare(args.models)
+        if args.flow == "export":
+            return run_export(args)
         return run_flow(args.flow, args)
     except RaysafeError as e:
         if args.debug:

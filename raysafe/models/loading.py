@@ -184,6 +184,14 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
         fp = file_digest(path)[:20]
         return ResolvedModel(str(convert_gguf(path, cache_root() / "models" / f"{path.stem}-{fp}")), None, "gguf", fp)
     if path.exists() or p.startswith((".", "/", "~")):
+        ckpt = next((d for d in (path, path.parent) if (d / "trainer_state.json").is_file()), None)
+        if ckpt is not None and not (path / "config.json").is_file():  # a training checkpoint without its export
+            raise ModelError(
+                f"{ckpt} is a training checkpoint without an exported model: model/ is written for the last "
+                "checkpoint of a training call only",
+                where=f"model {spec.label}: path",
+                fix=f"run `raysafe export {ckpt} --merge` and give the model/ directory it prints",
+            )
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"model directory {path} does not exist or holds no config.json",

@@ -709,9 +709,9 @@ def run_memory(args) -> dict:
             tiny_config("llama", hidden=args.mem_hidden, num_layers=args.mem_layers)
         )
     # MLC head width: small enough that ZeRO-3 keeps the head whole (hidden·d + d below DeepSpeed's
-    # stage3_param_persistence_threshold of 1e4 set by raysafe.train.ds_config). A partitioned head fails when the
-    # final checkpoint is written (raysafe.train.checkpoint.save_hf loads the gathered head weights into the
-    # partitioned module); the head is negligible for memory either way.
+    # stage3_param_persistence_threshold of 1e4 set by raysafe.train.ds_config), as in the figures of
+    # docs/benchmarks.md (a partitioned head exports fine since raysafe.train.export builds the head afresh from the
+    # gathered weights); the head is negligible for memory either way.
     d = max(1, 9_999 // (args.mem_hidden + 1))
     psi = _n_params(meta) + (args.mem_hidden * d + d)  # policy + MLC head (hidden -> d, with bias)
     n = 2

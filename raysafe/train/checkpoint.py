@@ -1,9 +1,14 @@
-"""Training checkpoints: DeepSpeed shards for resuming, a Hugging Face directory for every other flow, and a probe.
+"""Training checkpoints: DeepSpeed shards for resuming, a probe for checking any export, and — at the end of a
+training call only — the Hugging Face export every other flow loads.
 
 A checkpoint directory holds::
 
-    deepspeed/            each rank's ZeRO shard + optimiser state (DeepSpeed's format; read back only on resume)
-    model/                consolidated safetensors + tokenizer + MLC head (mlc_head.safetensors, mlc_head.json)
+    deepspeed/            each rank's ZeRO shard + optimiser state (DeepSpeed's format; read back on resume and by
+                          `raysafe export`)
+    model/                the last checkpoint of a call only: consolidated safetensors + tokenizer + MLC head
+                          (mlc_head.safetensors, mlc_head.json); LoRA: the adapter merged into the base weights
+    adapter/              the last checkpoint of a LoRA call only: peft's adapter_config.json +
+                          adapter_model.safetensors (+ MLC head)
     trainer_state.json    step, per-step record (group ids consumed, losses), model path, last metrics, world size,
                           data position (global micro-batches consumed)
     probe.safetensors     the run's first micro-batch and the policy's log-probs on it when the checkpoint was taken
@@ -12,8 +17,9 @@ A checkpoint directory holds::
     rng/rank-NNNNN.safetensors   each worker's random-number state (torch, CUDA, numpy, Python)
     manifest/rank-NNNNN.json     SHA-256 of every file each worker wrote, checked before anything is loaded
 
-:func:`verify_checkpoint` reloads ``model/`` as a plain model and recomputes the probe's log-probs: a checkpoint
-that does not round-trip (wrong consolidation, a LoRA merge gone wrong, a dtype change) shows up as a difference.
+Any other checkpoint is exported on demand on the CPU: ``raysafe export CHECKPOINT_DIR`` (raysafe.train.export).
+:func:`verify_model` / :func:`verify_adapter` reload an export and recompute the probe's log-probs: an export that
+does not round-trip (wrong consolidation, a LoRA merge gone wrong, a dtype change) shows up as a difference.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 
 STATE_FILE = "trainer_state.json"
 HF_DIR = "model"
+ADAPTER_DIR = "adapter"
 DS_DIR = "deepspeed"
 PROBE_FILE = "probe.safetensors"
 CONFIG_FILE = "train_config.yaml"
@@ -69,48 +76,42 @@ def load_probe(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return probe, expected
 
 
-def verify_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> float:
-    """Reload ``model/`` as a plain model and return the largest |Δ log-prob| on the stored probe batch."""
+def verify_model(model_dir: str | Path, probe_file: str | Path, device: str = "cpu") -> float:
+    """Reload ``model_dir`` as a plain model; the largest |Δ log-prob| against the probe's stored log-probs."""
     from raysafe.config import ModelSpec
     from raysafe.models.loading import load_causal_lm
 
-    ckpt_dir = Path(ckpt_dir)
-    probe, expected = load_probe(ckpt_dir / PROBE_FILE)
-    model = load_causal_lm(ModelSpec(path=str(ckpt_dir / HF_DIR), dtype="float32"), torch.device(device))
+    model = load_causal_lm(ModelSpec(path=str(model_dir), dtype="float32"), torch.device(device))
+    return _probe_diff(model, probe_file, device)
+
+
+def verify_adapter(adapter_dir: str | Path, probe_file: str | Path, device: str = "cpu") -> float:
+    """Load the base model the adapter names plus the adapter with peft (not merged); the largest |Δ log-prob|
+    against the probe's stored log-probs."""
+    from peft import PeftConfig, PeftModel
+
+    from raysafe.config import ModelSpec
+    from raysafe.models.loading import load_causal_lm
+
+    base_path = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    base = load_causal_lm(ModelSpec(path=base_path, dtype="float32"), torch.device(device))
+    return _probe_diff(PeftModel.from_pretrained(base, str(adapter_dir)).eval(), probe_file, device)
+
+
+def _probe_diff(model: nn.Module, probe_file: str | Path, device: str) -> float:
+    probe, expected = load_probe(Path(probe_file))
     got = probe_logps(model, probe, torch.device(device))
     return max(float((got[k] - expected[k]).abs().max()) for k in expected)
 
 
-def save_hf(policy: nn.Module, head, tok, state_dict: dict | None, out: Path) -> None:
-    """A Hugging Face directory (safetensors) with the tokenizer and the MLC head beside it."""
-    out.mkdir(parents=True, exist_ok=True)
-    target = policy
-    if hasattr(policy, "merge_and_unload"):  # LoRA: export merged weights so the directory loads as a plain model
-        import copy
-
-        merged = copy.deepcopy(policy)
-        if state_dict is not None:
-            merged.load_state_dict(
-                {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
-            )
-        target, state_dict = merged.merge_and_unload(), None
-    if state_dict is not None:
-        sd = {k.removeprefix("policy."): v.detach().cpu() for k, v in state_dict.items() if k.startswith("policy.")}
-        target.save_pretrained(out, state_dict=sd, safe_serialization=True)
-    else:
-        target.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    if head is not None:
-        if state_dict is not None:
-            head_sd = {k.removeprefix("head."): v for k, v in state_dict.items() if k.startswith("head.")}
-            if head_sd:
-                head.load_state_dict(head_sd)
-        head.save(out)
+def verify_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> float:
+    """:func:`verify_model` of a checkpoint's own ``model/`` (the last checkpoint of a training call)."""
+    ckpt_dir = Path(ckpt_dir)
+    return verify_model(ckpt_dir / HF_DIR, ckpt_dir / PROBE_FILE, device)
 
 
 def write_checkpoint(
     engine,
-    module,
     tok,
     cfg,
     step: int,
@@ -122,10 +123,13 @@ def write_checkpoint(
     identity: dict,
     world: int,
     micro_batches: int,
+    export: bool = False,
 ) -> None:
-    """Every rank saves its DeepSpeed shard and random-number state; rank 0 adds the HF directory, the trainer
-    state, the run identity and the probe; each rank lists its files' digests in a manifest; then
-    ``ray.train.report(checkpoint=...)`` persists the union of the ranks' files as one checkpoint."""
+    """Every rank saves its DeepSpeed shard and random-number state; rank 0 adds the trainer state, the run identity
+    and the probe, and with ``export`` (the last checkpoint of a call) the Hugging Face export built on the CPU from
+    the gathered weights (ZeRO-3: DeepSpeed's consolidation, a collective every rank joins); each rank lists its
+    files' digests in a manifest; then ``ray.train.report(checkpoint=...)`` persists the union of the ranks' files
+    as one checkpoint."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -138,12 +142,17 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix="raysafe-ckpt-"))
     save_rng(rng_file(tmp, rank))  # first: nothing below draws random numbers, but keep the state of the step
     engine.save_checkpoint(str(tmp / DS_DIR), tag="ds")
-    if cfg.deepspeed.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
-    else:
-        state_dict = engine.module.state_dict() if rank == 0 else None
+    if export:
+        if cfg.deepspeed.zero_stage == 3:
+            state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
+        else:
+            state_dict = engine.module.state_dict() if rank == 0 else None
+        if rank == 0:
+            from raysafe.train.export import export_state_dict
+
+            export_state_dict(state_dict, cfg, tok, tmp, merge=True)
+        del state_dict
     if rank == 0:
-        save_hf(module.policy, module.head, tok, state_dict, tmp / HF_DIR)
         save_probe(tmp / PROBE_FILE, probe, expected)
         (tmp / STATE_FILE).write_text(
             json.dumps(
@@ -155,6 +164,7 @@ def write_checkpoint(
                     "metrics": metrics,
                     "world_size": world,
                     "micro_batches": micro_batches,
+                    "exported": export,
                 },
                 default=float,
             )

@@ -6,6 +6,7 @@ without the CPU Adam op, parameter offload below ZeRO-3, ...) fails at once with
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -45,6 +46,14 @@ def check_hardware(spec: DeepSpeedSpec, on_gpu: bool, lora: bool) -> None:
         )
     if on_gpu and spec.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bf16", where=f"{where}.precision", fix="use precision fp32")
+    if lora and spec.offload_optimizer:
+        # LoRA trains only the adapters: their Adam state is a fraction of a percent of the model's, so moving it to
+        # the CPU frees next to nothing and costs a host round trip (and CPU Adam) every step
+        logging.getLogger(__name__).warning(
+            "deepspeed.offload_optimizer with LoRA: the optimiser holds only the adapters' state (small); offload "
+            "saves little memory and slows every step. Parameter offload (ZeRO-3, offload_params) is what moves the "
+            "frozen base weights"
+        )
     if spec.offload_optimizer:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 

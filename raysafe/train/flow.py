@@ -317,6 +317,12 @@ def _final_checkpoint(result, name: str, storage_path: str) -> tuple[Path, dict]
             fix="look at the worker logs above; re-running resumes from the latest checkpoint",
         )
     ckpt_dir = Path(result.checkpoint.path)
+    if not (ckpt_dir / HF_DIR / "config.json").is_file():  # the last checkpoint of a call carries the export
+        raise OutputError(
+            f"the last checkpoint of training run {name} holds no exported model ({HF_DIR}/)",
+            where=str(ckpt_dir),
+            fix=f"run `raysafe export {ckpt_dir} --merge` to build it from the checkpoint's DeepSpeed files",
+        )
     return ckpt_dir, json.loads((ckpt_dir / STATE_FILE).read_text())
 
 

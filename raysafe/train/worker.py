@@ -7,10 +7,16 @@ covers, so no batch is lost or repeated. The checkpoint's ``trainer_state.json``
 worker's random-number state is saved with it and restored just before training continues, so a killed and resumed
 run is bit-identical (on CPU) to an uninterrupted one. A checkpoint is verified against its manifest of digests
 before DeepSpeed loads it.
+
+Under ZeRO-3 the policy (and the on-worker reference model) are partitioned as they are built
+(:func:`zero3_construction`: transformers' ``HfDeepSpeedConfig`` makes ``from_pretrained`` run under
+``deepspeed.zero.Init`` and load each layer's weights into its partitions), so no worker ever holds the whole model;
+the reference model becomes a ZeRO-3 inference engine whose forward gathers the parameters layer by layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -106,7 +112,40 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+@contextlib.contextmanager
+def zero3_construction(ds_cfg: dict):
+    """Inside: under ZeRO-3, ``from_pretrained`` builds the model under ``deepspeed.zero.Init`` (each rank allocates
+    only its partition of every parameter) and copies the checkpoint into the partitions layer by layer (transformers
+    reads ``is_deepspeed_zero3_enabled()`` from the live ``HfDeepSpeedConfig``). Outside, transformers builds plain
+    models again (the CPU export of the final checkpoint needs that). Below ZeRO-3: nothing changes."""
+    if ds_cfg["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    live = HfDeepSpeedConfig(ds_cfg)  # transformers keeps only a weak reference: it must stay alive while loading
+    try:
+        yield
+    finally:
+        del live
+        unset_hf_deepspeed_config()
+
+
+def lora_config(cfg: TrainConfig):
+    """The peft ``LoraConfig`` of ``cfg.lora`` (training and the CPU export rebuild the same adapter)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 def build_policy(cfg: TrainConfig, device: torch.device):
+    """(policy in train mode, tokenizer); call it inside :func:`zero3_construction` to partition it at load."""
     from raysafe.models.loading import load_model
 
     model, tok = load_model(cfg.model, device)
@@ -115,19 +154,42 @@ def build_policy(cfg: TrainConfig, device: torch.device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, lora_config(cfg))
     return model, tok
+
+
+def reference_ds_config(ds_cfg: dict) -> dict:
+    """DeepSpeed config of the frozen reference model: ZeRO-3 without an optimiser (parameters stay partitioned and
+    are gathered layer by layer in the forward); below ZeRO-3 the reference is a plain module and needs none."""
+    zero = {k: v for k, v in ds_cfg["zero_optimization"].items() if k != "offload_optimizer"}
+    return {**ds_cfg, "zero_optimization": zero}
+
+
+def build_reference(cfg: TrainConfig, device: torch.device, ds_cfg: dict):
+    """The on-worker reference model (frozen, eval mode) and, under ZeRO-3, the inference engine that keeps its
+    partitions gathered for each forward (the engine must stay alive as long as the model is used). Call it inside
+    :func:`zero3_construction`."""
+    from raysafe.models.loading import load_causal_lm
+
+    reference = load_causal_lm(cfg.reference or cfg.model, device)
+    reference.eval().requires_grad_(False)
+    if ds_cfg["zero_optimization"]["stage"] != 3:
+        return reference, None
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=reference, config=reference_ds_config(ds_cfg), dist_init_required=False)
+    engine.eval()
+    return engine.module, engine
+
+
+def load_models(cfg: TrainConfig, device: torch.device, ds_cfg: dict, reference_on_worker: bool):
+    """(policy, tokenizer, reference or None, reference engine or None), partitioned at construction under ZeRO-3."""
+    with zero3_construction(ds_cfg):
+        policy, tok = build_policy(cfg, device)
+        reference, ref_engine = build_reference(cfg, device, ds_cfg) if reference_on_worker else (None, None)
+    return policy, tok, reference, ref_engine
 
 
 def make_collator(cfg: TrainConfig, tok) -> PreferenceCollator:
@@ -156,7 +218,8 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", ray.train.torch.get_device().index or 0) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
-    policy, tok = build_policy(cfg, device)
+    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
+    policy, tok, reference, _ref_engine = load_models(cfg, device, ds_cfg, config["reference_on_worker"])
     from raysafe.models.layers import num_layers
 
     n_layers = num_layers(policy.get_base_model() if hasattr(policy, "get_base_model") else policy)
@@ -167,7 +230,6 @@ def train_loop(config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.schedule, total_steps, cfg.optim.warmup_ratio, cfg.optim.warmup_shape)
     )
-    ds_cfg = deepspeed_config(cfg.deepspeed, cfg.optim, on_gpu)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False
     )
@@ -191,12 +253,6 @@ def train_loop(config: dict) -> None:
 
     collator = make_collator(cfg, tok)
     schedule = cfg.mlc.schedule()
-    reference = None
-    if config["reference_on_worker"]:
-        from raysafe.models.loading import load_causal_lm
-
-        reference = load_causal_lm(cfg.reference or cfg.model, device)
-        reference.eval().requires_grad_(False)
 
     mb, ga = cfg.optim.micro_batch, cfg.optim.grad_accum
     group = mb * world  # rows per global micro-batch
@@ -213,7 +269,7 @@ def train_loop(config: dict) -> None:
     step_tokens = 0
     t_step = time.perf_counter()
     micro = 0
-    probe = None  # the run's first micro-batch: its log-probs are stored with every checkpoint (round-trip check)
+    probe = None  # the run's first micro-batch: its log-probs are stored with every checkpoint (checks any export)
     for gbatch in shard.iter_batches(batch_size=group, batch_format="numpy", drop_last=True):
         if probe is None:
             probe = collator(to_collator_samples({k: v[:mb] for k, v in gbatch.items()}))
@@ -279,7 +335,19 @@ def train_loop(config: dict) -> None:
             expected = probe_logps(module.policy, probe, device)
             state = {**last_mlc, **out}  # a checkpoint after a step without MLC still shows the last MLC metrics
             write_checkpoint(
-                engine, module, tok, cfg, step, record, state, rank, probe, expected, config["identity"], world, micro
+                engine,
+                tok,
+                cfg,
+                step,
+                record,
+                state,
+                rank,
+                probe,
+                expected,
+                config["identity"],
+                world,
+                micro,
+                export=last,  # the Hugging Face export: at the end of the call only (`raysafe export` for others)
             )
         else:
             ray.train.report({k: float(v) for k, v in out.items()})
