@@ -107,7 +107,8 @@ def check_extract(args, work: Path, peak: float) -> dict:
     tokens = res.models["m"].tokens
     steady_tokens = sum(d["tokens"] for d in done) - done[0]["tokens"]
     steady_secs = marks[-1] - marks[0]
-    steady = steady_tokens / steady_secs if steady_secs > 0 else float("nan")
+    # steady state: between the first and the last shard's done mark (actor start-up left out); one shard: end to end
+    steady = steady_tokens / steady_secs if steady_secs > 0 and len(shards) > 1 else tokens / wall
     # useful FLOPs per token of this corpus, from the model's shape (built on the meta device: no memory)
     local = resolve(cfg.models[0]).path
     with torch.device("meta"):
@@ -251,7 +252,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per prompt")
     p.add_argument("--json", type=Path, help="also write every part's figures to this JSON file")
     args = p.parse_args(argv)
-    toy = {"per_lang": 4, "shard_rows": 20, "max_tokens": 2048, "steps": 2, "gen_prompts": 8, "gen_tokens": 16}
+    toy = {"per_lang": 4, "shard_rows": 5, "max_tokens": 2048, "steps": 2, "gen_prompts": 8, "gen_tokens": 16}
     full = {"per_lang": 400, "shard_rows": 500, "max_tokens": 32768, "steps": 6, "gen_prompts": 256, "gen_tokens": 128}
     for k, v in (toy if args.cpu else full).items():
         if getattr(args, k) is None:

@@ -142,6 +142,11 @@ def autoscaling_cluster():
             capture_output=True,
         )
         ray.init(address=gcs, log_to_driver=False)
+        from raysafe.runtime import autoscaler_running
+
+        deadline = time.time() + 60  # the autoscaler publishes its first status after its first update loop
+        while not autoscaler_running() and time.time() < deadline:
+            time.sleep(0.5)
         yield gcs
     finally:
         ray.shutdown()
