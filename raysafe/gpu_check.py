@@ -210,8 +210,11 @@ def check_generate(args, work: Path) -> list[dict]:
 
     from raysafe.bench import run_bench
 
-    backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
-    if len(backends) == 1:
+    if args.gen_backends != "auto":
+        backends = args.gen_backends.split(",")
+    else:
+        backends = ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
+    if backends == ["hf"] and args.gen_backends == "auto":
         print("gpu check: vllm is not installed (pip install -e '.[vllm]'): hf only", flush=True)
     figures = work / "generate.json"
     argv = ["--backend", ",".join(backends), "--model", args.gen_model, "--prompts", str(args.gen_prompts)]
@@ -248,6 +251,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per ZeRO stage")
     p.add_argument("--stages", default="2,3", help="ZeRO stages to train (default 2,3)")
     p.add_argument("--gen-model", default="gemma3-270m", help="generation model")
+    p.add_argument("--gen-backends", default="auto", help="hf, vllm or hf,vllm (default auto: hf + vllm if installed)")
     p.add_argument("--gen-prompts", type=int, default=None, help="prompts to generate for")
     p.add_argument("--gen-tokens", type=int, default=None, help="new tokens per prompt")
     p.add_argument("--json", type=Path, help="also write every part's figures to this JSON file")

@@ -40,22 +40,11 @@ def test_without_a_gpu_it_says_so_and_how_to_check_the_script():
 def test_cpu_mode_runs_extraction_zero3_training_and_generation(tmp_path, tiny_llama_dir):
     figures = tmp_path / "figures.json"
     cmd = [str(ROOT / "scripts" / "gpu_check.sh"), "--cpu", "--parts", "extract,train,generate", "--stages", "3"]
-    cmd += [
-        "--model",
-        str(tiny_llama_dir),
-        "--gen-model",
-        str(tiny_llama_dir),
-        "--per-lang",
-        "2",
-        "--json",
-        str(figures),
-    ]
-    out = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env=ENV,
-    )
+    cmd += ["--model", str(tiny_llama_dir), "--per-lang", "2", "--json", str(figures)]
+    # generation on hf only: vLLM's CPU attention has no kernel for the tiny model's head size (16); the vllm
+    # backend's own test (tests/test_vllm_backend.py) compares it with hf on Gemma 3 270M
+    cmd += ["--gen-model", str(tiny_llama_dir), "--gen-backends", "hf"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = [x for x in out.stdout.splitlines() if x.startswith("GPU_CHECK ")]
     assert [x.split()[1] for x in lines][:4] == ["peak", "extract", "train-zero3", "generate-hf"]

@@ -80,3 +80,30 @@ def test_hf_and_vllm_give_the_same_greedy_generations(tmp_path, ray_local):
     again = generate_shards(gen, model, RaySpec(num_cpus_per_actor=1), store, "m", missing, False)
     assert [s["shard_id"] for s in again] == [1] and shards.info(0)["token"] == kept
     assert store.generations("m").read(n).sort("row_id")["response"].to_list() == [o.text for o in want]
+
+
+def test_an_engine_that_cannot_run_the_model_fails_with_a_model_error_instead_of_restarting_forever(
+    tmp_path, ray_local, tiny_llama_dir
+):
+    """vLLM's CPU attention has no kernel for head size 16 (the tiny Llama): the engine dies at its first request.
+    Ray Data restarts actors forever by default; the backend bounds the restarts and names the cause's place."""
+    from raysafe.atomic import write_inputs
+    from raysafe.config import ModelSpec, RaySpec
+    from raysafe.errors import ModelError
+    from raysafe.evaluate.config import GenerationSpec
+    from raysafe.evaluate.store import EvalStore
+    from raysafe.evaluate.vllm_backend import ENGINE_RESTARTS, generate_shards
+
+    prompts = pl.DataFrame(
+        {"row_id": [0, 1], "set": ["s", "s"], "group_id": ["g0", "g1"], "lang": ["en", "en"], "text": ["a b", "c d"]}
+    )
+    store = EvalStore(tmp_path / "eval")
+    n = write_inputs(store.prompts.root, prompts, 2, "test", "prompts")
+    gen = GenerationSpec(
+        backend="vllm", max_new_tokens=4, vllm={"gpu_memory_utilization": 0.05, "enforce_eager": True, "batch_size": 2}
+    )
+    model = ModelSpec(path=str(tiny_llama_dir), dtype="float32")
+    with pytest.raises(ModelError) as e:
+        generate_shards(gen, model, RaySpec(num_cpus_per_actor=1), store, "tiny", list(range(n)), False)
+    assert f"died {ENGINE_RESTARTS + 1} times" in str(e.value) and "generation.backend: hf" in str(e.value)
+    assert not store.generations("tiny").done()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from contextlib import contextmanager
 
 import pyarrow.parquet as pq
 
@@ -176,6 +177,37 @@ def model_eos_ids(path: str, revision: str | None, tok) -> list[int]:
     return eos_ids(gc, tok)
 
 
+ENGINE_RESTARTS = 2  # a vLLM engine that dies this many more times in a row is a fault of the setup, not a fluke
+
+
+def bound_engine_restarts(processor) -> None:
+    """Ray Data LLM restarts an engine actor whose vLLM engine died, and Ray Data's default is to restart actors
+    forever: an engine that cannot run the model (an unsupported attention configuration, too little memory) then
+    restarts in a loop and the run never ends. Bound it to :data:`ENGINE_RESTARTS`."""
+    for stage in processor.stages.values():
+        if type(stage).__name__ == "vLLMEngineStage":
+            stage.map_batches_kwargs["max_restarts"] = ENGINE_RESTARTS
+
+
+@contextmanager
+def engine_deaths(label: str):
+    """An engine actor that died past its restarts becomes a ModelError saying where the cause is logged."""
+    from ray.exceptions import ActorDiedError, RayActorError
+
+    from raysafe.errors import ModelError
+
+    try:
+        yield
+    except (ActorDiedError, RayActorError) as e:
+        raise ModelError(
+            f"the vLLM engine for {label!r} died {ENGINE_RESTARTS + 1} times in a row ({type(e).__name__}); its own "
+            "error (e.g. 'Unsupported CPU attention configuration', out of memory) is in the engine log above",
+            where="generation.backend: vllm",
+            fix="fix what the engine log names (generation.vllm settings, ray.num_gpus_per_actor), or generate with "
+            "generation.backend: hf",
+        ) from e
+
+
 def generate_shards(
     gen: GenerationSpec,
     model: ModelSpec,
@@ -210,11 +242,13 @@ def generate_shards(
     processor = build_processor(
         processor_config(gen, model, ray_spec, resolved.path, resolved.revision), postprocess=_keep_outputs
     )
+    bound_engine_restarts(processor)
     ds = processor(ray.data.from_items(requests))
     got: dict[int, dict[int, dict]] = {k: {} for k in shards}
     summaries = []
     t0 = time.perf_counter()
     with (
+        engine_deaths(label),
         remote_errors(),
         tqdm(total=len(shards), desc=f"generate {label} (vllm)", unit="shard", disable=not progress) as bar,
     ):
