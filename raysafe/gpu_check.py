@@ -1,6 +1,6 @@
 """`raysafe bench gpu` (`scripts/gpu_check.sh`): the prepared check of the GPU paths, one line of figures per part.
 
-Run it whenever a GPU machine is available (one H100: under 8 minutes) and copy its lines into docs/benchmarks.md:
+Run it whenever a GPU machine is available (sized for under 8 minutes on one H100; not yet timed on one) and copy its lines into docs/benchmarks.md:
 
 1. ``extract``: bf16 extraction of real multilingual prose (the `dataset_build` corpus) through the Ray Data CUDA
    actor pool (`run_extract`), all layers; tokens/s end to end and in steady state, and MFU = the decoder's useful
