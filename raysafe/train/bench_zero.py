@@ -40,13 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return 0
+from raysafe.train.bench import _status_kib  # /proc/self/status fields, the training bench's reader
 
 
 def _rss_mb() -> float:
