@@ -314,24 +314,44 @@ def _rows_for(
 ) -> list[dict]:
     """Rows with no value (skipped cells)."""
     return [
-        dict(
-            model=model,
-            lang=lang,
-            layer=layer,
-            metric=m,
-            value=None,
-            ci_low=None,
-            ci_high=None,
-            n_pos=n_pos,
-            n_neg=n_neg,
-            status=status,
-            message=_located(model, lang, layer, message),
-            pca_fit=pca_fit,
-            k=k,
-            unit=metric_unit(m),
-        )
-        for m in metrics
+        _metric_row(model, lang, layer, m, None, None, None, n_pos, n_neg, status, message, pca_fit, k) for m in metrics
     ]
+
+
+def _metric_row(
+    model: str,
+    lang: str,
+    layer: int,
+    metric: str,
+    value: float | None,
+    ci_low: float | None,
+    ci_high: float | None,
+    n_pos: int | None,
+    n_neg: int | None,
+    status: str,
+    message: str,
+    pca_fit: str,
+    k: int | None,
+    **extra,
+) -> dict:
+    """One row of the metrics table (its columns, in order; ``extra`` columns after them), the message located."""
+    return dict(
+        model=model,
+        lang=lang,
+        layer=layer,
+        metric=metric,
+        value=value,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        n_pos=n_pos,
+        n_neg=n_neg,
+        status=status,
+        message=_located(model, lang, layer, message),
+        pca_fit=pca_fit,
+        k=k,
+        unit=metric_unit(metric),
+        **extra,
+    )
 
 
 def _located(model: str, lang: str, layer: int, message: str) -> str:
@@ -480,23 +500,23 @@ def _cell_rows(
     worst_msg = ""
     for m, mv in res.items():
         status, msg = _combine(mv, notes)
+        shrinkage = shrinkage_label(opts.shrinkage) if m == "bhattacharyya" else None
         rows.append(
-            dict(
-                model=model,
-                lang=lg,
-                layer=layer,
-                metric=m,
-                value=mv.value,
-                ci_low=mv.ci_low,
-                ci_high=mv.ci_high,
-                n_pos=n_pos,
-                n_neg=n_neg,
-                status=status,
-                message=_located(model, lg, layer, msg),
-                pca_fit=opts.pca_fit,
-                k=k,
-                unit=metric_unit(m),
-                shrinkage=shrinkage_label(opts.shrinkage) if m == "bhattacharyya" else None,
+            _metric_row(
+                model,
+                lg,
+                layer,
+                m,
+                mv.value,
+                mv.ci_low,
+                mv.ci_high,
+                n_pos,
+                n_neg,
+                status,
+                msg,
+                opts.pca_fit,
+                k,
+                shrinkage=shrinkage,
             )
         )
         if _RANK[status] > _RANK[worst]:
@@ -854,23 +874,7 @@ def _detox_metric_row(
             msgs.append("not finite (zero-length displacement or direction)")
         status = "degraded" if msgs else "ok"
     msg = "; ".join(msgs)
-    row = dict(
-        model=model,
-        lang=lg,
-        layer=layer,
-        metric=name,
-        value=value,
-        ci_low=lo,
-        ci_high=hi,
-        n_pos=m,
-        n_neg=m,
-        status=status,
-        message=_located(model, lg, layer, msg),
-        pca_fit="none",
-        k=None,
-        unit=metric_unit(name),
-    )
-    return row, msg
+    return _metric_row(model, lg, layer, name, value, lo, hi, m, m, status, msg, "none", None), msg
 
 
 def _detox_values(V: Tensor, d_en: Tensor | None, d_own: Tensor | None, W: Tensor) -> dict[str, Tensor]:
