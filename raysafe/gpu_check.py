@@ -67,61 +67,41 @@ def line(part: str, figures: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- extract
 def check_extract(args, work: Path, peak: float) -> dict:
     """bf16 (fp32 with --cpu) extraction through the Ray Data actor pool; tokens/s and MFU."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import math
 
-    from raysafe.config import load_config
-    from raysafe.extract.bench import corpus_texts, forward_flops
-    from raysafe.extract.config import ExtractConfig
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from raysafe.extract.bench import bench_config, corpus_texts, forward_flops, steady_tok_s
     from raysafe.extract.flow import run_extract
-    from raysafe.extract.store import ActivationStore
+    from raysafe.models.layers import num_layers
     from raysafe.models.loading import resolve
 
     rows = corpus_texts(args.per_lang)
     data = work / "corpus.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    cfg = load_config(
-        ExtractConfig,
-        data={
-            "models": [{"path": args.model, "name": "m", "dtype": "float32" if args.cpu else "bfloat16"}],
-            "data": {"kind": "file", "path": str(data)},
-            "output_dir": str(work / "acts"),
-            "extract": {
-                "layers": "all",
-                "positions": ["last"],
-                "max_length": 256,
-                "shard_rows": args.shard_rows,
-                "max_tokens_per_batch": args.max_tokens,
-            },
-            "ray": {"num_actors": 1, "num_gpus_per_actor": 0 if args.cpu else 1, "num_cpus_per_actor": 1},
-            "tracking": {"enabled": False},
-        },
+    dtype = "float32" if args.cpu else "bfloat16"
+    gpus = 0 if args.cpu else 1
+    cfg = bench_config(
+        args.model, data, work, args.shard_rows, args.max_tokens, ray={"num_gpus_per_actor": gpus}, dtype=dtype
     )
     t0 = time.perf_counter()
     res = run_extract(cfg, progress=False)
     wall = time.perf_counter() - t0
-    store = ActivationStore(res.output_dir)
-    shards = sorted(store.done_shards("m"))
-    done = [json.loads(store.done_path("m", k).read_text()) for k in shards]
-    marks = sorted(store.done_path("m", k).stat().st_mtime for k in shards)
     tokens = res.models["m"].tokens
-    steady_tokens = sum(d["tokens"] for d in done) - done[0]["tokens"]
-    steady_secs = marks[-1] - marks[0]
-    # steady state: between the first and the last shard's done mark (actor start-up left out); one shard: end to end
-    steady = steady_tokens / steady_secs if steady_secs > 0 and len(shards) > 1 else tokens / wall
-    # useful FLOPs per token of this corpus, from the model's shape (built on the meta device: no memory)
+    steady = steady_tok_s(res.output_dir)
+    if not math.isfinite(steady):  # one shard: no steady state to measure, end to end instead
+        steady = tokens / wall
+    # useful FLOPs of this corpus as the extractor runs it (cut to max_length), from the model's shape (meta device)
     local = resolve(cfg.models[0]).path
     with torch.device("meta"):
         shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local))
-    from raysafe.models.layers import num_layers
-
-    n_layers = num_layers(shape)
-    lengths = [[0] * min(256, max(1, d["tokens"] // max(1, d["rows"]))) for d in done for _ in range(d["rows"])]
-    flops_per_token = forward_flops(shape, lengths, n_layers) / max(1, sum(len(x) for x in lengths))
+    ids = AutoTokenizer.from_pretrained(local)([r["text"] for r in rows], truncation=True, max_length=256)["input_ids"]
+    flops_per_token = forward_flops(shape, ids, num_layers(shape)) / sum(len(x) for x in ids)
     figures = {
         "device": args.device_name,
-        "dtype": "float32" if args.cpu else "bfloat16",
-        "rows": sum(d["rows"] for d in done),
+        "dtype": dtype,
+        "rows": len(rows),
         "tokens": tokens,
         "wall_s": wall,
         "tok_s_e2e": tokens / wall,

@@ -111,34 +111,66 @@ def naive_loop(model, tok, texts: list[str], batch: int = 16) -> tuple[float, in
     return time.perf_counter() - t0, tokens
 
 
-def _bench_config(args, data: Path, work: Path):
-    """The ExtractConfig of the pipeline run: all layers, last position, one model actor (a flat list of settings)."""
+def bench_config(
+    model: str,
+    data: Path,
+    work: Path,
+    shard_rows: int,
+    max_tokens: int,
+    extract: dict | None = None,
+    ray: dict | None = None,
+    dtype: str = "auto",
+):
+    """The ExtractConfig of a benchmark pipeline run over the corpus file ``data``: all layers, last position, one
+    model actor (model label ``m``), no MLflow; ``extract`` / ``ray`` add settings."""
     from raysafe.config import load_config
     from raysafe.extract.config import ExtractConfig
 
     return load_config(
         ExtractConfig,
         data={
-            "models": [{"path": args.model, "name": "m"}],
+            "models": [{"path": model, "name": "m", "dtype": dtype}],
             "data": {"kind": "file", "path": str(data)},
             "output_dir": str(work / "acts"),
             "extract": {
                 "layers": "all",
                 "positions": ["last"],
                 "max_length": 256,
-                "shard_rows": args.shard_rows,
-                "max_tokens_per_batch": args.max_tokens,
-                "batch_overhead_tokens": args.batch_overhead_tokens,
+                "shard_rows": shard_rows,
+                "max_tokens_per_batch": max_tokens,
+                **(extract or {}),
             },
-            "ray": {
-                "num_actors": 1,
-                "num_cpus_per_actor": 1,
-                "torch_threads": args.threads,
-                "omp_wait_policy": args.omp_wait_policy,
-            },
+            "ray": {"num_actors": 1, "num_cpus_per_actor": 1, **(ray or {})},
             "tracking": {"enabled": False},
         },
     )
+
+
+def _bench_config(args, data: Path, work: Path):
+    """The ExtractConfig of this benchmark's pipeline run (CPU threads and wait policy from the command line)."""
+    return bench_config(
+        args.model,
+        data,
+        work,
+        args.shard_rows,
+        args.max_tokens,
+        extract={"batch_overhead_tokens": args.batch_overhead_tokens},
+        ray={"torch_threads": args.threads, "omp_wait_policy": args.omp_wait_policy},
+    )
+
+
+def steady_tok_s(output_dir: Path, label: str = "m") -> float:
+    """Tokens/s of a finished extraction between its first and its last shard's done mark (actor start-up left
+    out); NaN with fewer than two shards."""
+    from raysafe.extract.store import ActivationStore
+
+    store = ActivationStore(output_dir)
+    shards = sorted(store.done_shards(label))
+    done = [json.loads(store.done_path(label, k).read_text()) for k in shards]
+    marks = sorted(store.done_path(label, k).stat().st_mtime for k in shards)
+    if len(shards) < 2 or marks[-1] <= marks[0]:
+        return float("nan")
+    return (sum(d["tokens"] for d in done) - done[0]["tokens"]) / (marks[-1] - marks[0])
 
 
 def _measure_naive(model_path: str, rows: list[dict], results: dict) -> None:
@@ -175,19 +207,15 @@ def _measure_pipeline(args, cfg, results: dict) -> None:
     t0 = time.perf_counter()
     res = run_extract(cfg, progress=False)
     wall = time.perf_counter() - t0
-    store = ActivationStore(res.output_dir)
-    done = [json.loads(store.done_path("m", k).read_text()) for k in sorted(store.done_shards("m"))]
-    marks = sorted(store.done_path("m", k).stat().st_mtime for k in store.done_shards("m"))
-    steady_tokens = sum(d["tokens"] for d in done) - done[0]["tokens"]
-    steady_secs = marks[-1] - marks[0]
     results["pipeline_e2e_tok_s"] = res.models["m"].tokens / wall
-    results["pipeline_steady_tok_s"] = steady_tokens / steady_secs if steady_secs > 0 else float("nan")
+    results["pipeline_steady_tok_s"] = steady_tok_s(res.output_dir)
+    n_shards = len(ActivationStore(res.output_dir).done_shards("m"))
     ray.shutdown()
     print(
         f"raysafe pipeline, end to end incl. Ray + actor start-up: {res.models['m'].tokens:,} tokens in {wall:.1f} s "
         f"= {results['pipeline_e2e_tok_s']:,.0f} tok/s"
     )
-    print(f"raysafe pipeline, steady state (shards 2..{len(done)}): {results['pipeline_steady_tok_s']:,.0f} tok/s")
+    print(f"raysafe pipeline, steady state (shards 2..{n_shards}): {results['pipeline_steady_tok_s']:,.0f} tok/s")
 
 
 def _time_layers(ext, ids: list, layers: list[int]) -> float:
